@@ -1,0 +1,272 @@
+/*
+ * sparrow.h - the public C API of the Sparrow runtime.
+ *
+ * This header is the only boundary between the runtime and the world: the CLI, the Python
+ * bindings (whose cffi declarations are generated from the block between SPARROW_CDEF_BEGIN and
+ * SPARROW_CDEF_END below) and any desktop app embedding Sparrow use nothing else.
+ *
+ * Conventions
+ *   - Every fallible call returns a sparrow_status. SPARROW_OK is 0; errors are negative.
+ *     On error, sparrow_last_error() returns a human-readable message for the calling thread.
+ *   - Objects are opaque handles created by *_load / *_init and released by the matching *_free.
+ *     *_free accepts NULL.
+ *   - Parameter structs come from *_default_params() by value; change only what you need.
+ *   - The runtime never aborts, exits or prints to stdout on bad input.
+ *
+ * Thread safety
+ *   - A sparrow_model is immutable once loaded: any number of contexts, on any threads, may share
+ *     it. Free it only after every context created from it has been freed.
+ *   - A sparrow_context must be used by one thread at a time (callers serialise access).
+ *     Contexts are independent of each other.
+ *   - sparrow_last_error() is thread-local: it reports the last failure on the calling thread.
+ *   - The tokenizer functions only read the model and may be called from any thread.
+ */
+#ifndef SPARROW_H
+#define SPARROW_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32) && defined(SPARROW_BUILD)
+#define SPARROW_API __declspec(dllexport)
+#elif defined(_WIN32)
+#define SPARROW_API __declspec(dllimport)
+#elif defined(__GNUC__)
+#define SPARROW_API __attribute__((visibility("default")))
+#else
+#define SPARROW_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* SPARROW_CDEF_BEGIN (the cffi bindings parse from here to SPARROW_CDEF_END: plain C only) */
+
+/* ---- status codes ---------------------------------------------------------------------- */
+typedef int32_t sparrow_status;
+
+enum {
+    SPARROW_OK                  =  0,
+    SPARROW_ERR_INVALID_ARGUMENT = -1,  /* a NULL handle, a value out of range, bad UTF-8 ...  */
+    SPARROW_ERR_IO              = -2,  /* a file could not be opened, mapped or read           */
+    SPARROW_ERR_FORMAT          = -3,  /* a file is malformed (truncated, corrupted, hostile)  */
+    SPARROW_ERR_UNSUPPORTED     = -4,  /* a valid file uses an arch/type/vocab we do not run   */
+    SPARROW_ERR_OUT_OF_MEMORY   = -5,
+    SPARROW_ERR_CONTEXT_FULL    = -6,  /* the tokens do not fit in the context window          */
+    SPARROW_ERR_ABORTED         = -7,  /* a progress or abort callback asked to stop           */
+    SPARROW_ERR_BUFFER_TOO_SMALL = -8, /* the output buffer is too small; the size is reported */
+    SPARROW_ERR_STATE           = -9,  /* the call is not valid in the object's current state  */
+    SPARROW_ERR_INTERNAL        = -10
+};
+
+/* The message for the last failed call on this thread ("" if none). Valid until the next call. */
+SPARROW_API const char * sparrow_last_error(void);
+/* A short constant name for a status code, e.g. "SPARROW_ERR_FORMAT". */
+SPARROW_API const char * sparrow_status_name(sparrow_status status);
+/* The runtime version, e.g. "0.1.0", and a description of the compiled backends / CPU features. */
+SPARROW_API const char * sparrow_version(void);
+SPARROW_API const char * sparrow_system_info(void);
+
+typedef int32_t sparrow_token;
+
+/* Tensor types, numbered as ggml numbers them (the values appear in GGUF files). */
+enum {
+    SPARROW_TYPE_F32  = 0,
+    SPARROW_TYPE_F16  = 1,
+    SPARROW_TYPE_Q4_0 = 2,
+    SPARROW_TYPE_Q4_1 = 3,
+    SPARROW_TYPE_Q8_0 = 8,
+    SPARROW_TYPE_Q4_K = 12,
+    SPARROW_TYPE_Q5_K = 13,
+    SPARROW_TYPE_Q6_K = 14,
+    SPARROW_TYPE_BF16 = 30
+};
+
+/* ---- models ---------------------------------------------------------------------------- */
+typedef struct sparrow_model sparrow_model;
+
+/* Called during loading with progress in [0, 1]; return false to cancel (SPARROW_ERR_ABORTED). */
+typedef bool (*sparrow_progress_callback)(float progress, void * user_data);
+
+typedef struct sparrow_model_params {
+    bool vocab_only;                        /* load only the tokenizer (vocab-only GGUFs)   */
+    bool use_mmap;                          /* map the file instead of reading it (default) */
+    sparrow_progress_callback progress_callback;
+    void * progress_user_data;
+} sparrow_model_params;
+
+SPARROW_API sparrow_model_params sparrow_model_default_params(void);
+SPARROW_API sparrow_status sparrow_model_load(const char * path, sparrow_model_params params,
+                                              sparrow_model ** out_model);
+SPARROW_API void sparrow_model_free(sparrow_model * model);
+
+/* general.architecture, e.g. "qwen2". */
+SPARROW_API const char * sparrow_model_arch(const sparrow_model * model);
+SPARROW_API int32_t sparrow_model_n_vocab(const sparrow_model * model);
+SPARROW_API int32_t sparrow_model_n_embd(const sparrow_model * model);    /* 0 if vocab-only */
+SPARROW_API int32_t sparrow_model_n_layer(const sparrow_model * model);   /* 0 if vocab-only */
+SPARROW_API int32_t sparrow_model_n_ctx_train(const sparrow_model * model);
+
+/* A string-valued metadata entry (e.g. "tokenizer.chat_template") copied into buf with a NUL.
+ * *out_len receives the length without the NUL. SPARROW_ERR_INVALID_ARGUMENT if the key is
+ * missing or not a string; SPARROW_ERR_BUFFER_TOO_SMALL if buf cannot hold it. */
+SPARROW_API sparrow_status sparrow_model_meta_string(const sparrow_model * model, const char * key,
+                                                     char * buf, size_t buf_size, size_t * out_len);
+
+/* Dequantize a weight tensor to float32 (for inspection and tests). n_floats must equal the
+ * tensor's element count, which sparrow_model_tensor_numel reports (-1 if there is no such
+ * tensor). */
+SPARROW_API int64_t sparrow_model_tensor_numel(const sparrow_model * model, const char * name);
+SPARROW_API sparrow_status sparrow_model_tensor_f32(const sparrow_model * model, const char * name,
+                                                    float * out, int64_t n_floats);
+
+/* ---- tokenizer ------------------------------------------------------------------------- */
+/* Special tokens; -1 when the model has none. */
+SPARROW_API sparrow_token sparrow_token_bos(const sparrow_model * model);
+SPARROW_API sparrow_token sparrow_token_eos(const sparrow_model * model);
+SPARROW_API sparrow_token sparrow_token_eot(const sparrow_model * model);
+/* True for tokens that end generation (eos, eot and other end-of-generation tokens). */
+SPARROW_API bool sparrow_token_is_eog(const sparrow_model * model, sparrow_token token);
+
+/* Tokenize UTF-8 text. add_special: prepend BOS where the model asks for it.
+ * parse_special: recognise special tokens written in the text (e.g. "<|im_start|>").
+ * On SPARROW_ERR_BUFFER_TOO_SMALL, *n_out holds the number of tokens needed. */
+SPARROW_API sparrow_status sparrow_tokenize(const sparrow_model * model, const char * text,
+                                            size_t text_len, bool add_special, bool parse_special,
+                                            sparrow_token * tokens, int32_t n_tokens_max,
+                                            int32_t * n_out);
+
+/* The raw bytes of one token (may be part of a UTF-8 character). special: render control
+ * tokens as their text instead of nothing. On SPARROW_ERR_BUFFER_TOO_SMALL *out_len holds the
+ * size needed. No NUL is written. */
+SPARROW_API sparrow_status sparrow_token_to_piece(const sparrow_model * model, sparrow_token token,
+                                                  bool special, char * buf, size_t buf_size,
+                                                  size_t * out_len);
+
+/* Bytes of a token sequence, concatenated (no NUL). Same size protocol as above. */
+SPARROW_API sparrow_status sparrow_detokenize(const sparrow_model * model,
+                                              const sparrow_token * tokens, int32_t n_tokens,
+                                              bool special, char * buf, size_t buf_size,
+                                              size_t * out_len);
+
+/* ---- contexts -------------------------------------------------------------------------- */
+typedef struct sparrow_context sparrow_context;
+
+/* Called between steps of long work (a layer, a chunk); return true to abort the current call
+ * with SPARROW_ERR_ABORTED. The context stays usable: the KV cache keeps what was complete. */
+typedef bool (*sparrow_abort_callback)(void * user_data);
+
+typedef struct sparrow_context_params {
+    int32_t n_ctx;          /* context window in tokens; 0 = the model's training context     */
+    int32_t n_batch;        /* most tokens one forward pass processes; longer prompts chunk   */
+    int32_t n_threads;      /* CPU threads; 0 = all available cores                           */
+    int32_t kv_type;        /* SPARROW_TYPE_F16 (default) or SPARROW_TYPE_F32                  */
+    uint64_t seed;          /* default sampling seed                                           */
+    sparrow_abort_callback abort_callback;
+    void * abort_user_data;
+} sparrow_context_params;
+
+SPARROW_API sparrow_context_params sparrow_context_default_params(void);
+SPARROW_API sparrow_status sparrow_context_init(sparrow_model * model, sparrow_context_params params,
+                                                sparrow_context ** out_ctx);
+SPARROW_API void sparrow_context_free(sparrow_context * ctx);
+SPARROW_API int32_t sparrow_context_n_ctx(const sparrow_context * ctx);
+
+/* ---- low-level forward passes ---------------------------------------------------------- */
+/* One forward pass over n_tokens tokens appended to the KV cache.
+ *   pos:     position of each token; NULL means consecutive positions after the cache.
+ *   outputs: non-zero for each token whose logits (and captured hidden states) are wanted;
+ *            NULL means the last token only.
+ * Results stay valid until the next forward pass on the context. */
+typedef struct sparrow_batch {
+    const sparrow_token * tokens;
+    int32_t n_tokens;
+    const int32_t * pos;
+    const int8_t * outputs;
+} sparrow_batch;
+
+SPARROW_API sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch);
+
+/* Logits (n_vocab floats) of the i-th output row of the last forward (rows are counted in the
+ * order of the tokens flagged in `outputs`). NULL if i is out of range. */
+SPARROW_API const float * sparrow_get_logits(sparrow_context * ctx, int32_t i);
+SPARROW_API int32_t sparrow_n_outputs(const sparrow_context * ctx);
+
+/* Hidden-state capture, for speculative decoding and inspection. Layer index l captures the
+ * input of transformer layer l; l == n_layer captures the final hidden state before the
+ * output norm. Captured at output rows only. Pass n_layers = 0 to stop capturing. */
+SPARROW_API sparrow_status sparrow_set_capture_layers(sparrow_context * ctx, const int32_t * layers,
+                                                      int32_t n_layers);
+/* n_embd floats: capture slot k (index into the list given above) at output row i. */
+SPARROW_API const float * sparrow_get_hidden(sparrow_context * ctx, int32_t k, int32_t i);
+
+/* Number of tokens in the KV cache, and rollback to the first n_keep of them. */
+SPARROW_API int32_t sparrow_kv_size(const sparrow_context * ctx);
+SPARROW_API sparrow_status sparrow_kv_truncate(sparrow_context * ctx, int32_t n_keep);
+
+/* ---- sampling and generation ----------------------------------------------------------- */
+typedef struct sparrow_sampler_params {
+    float temperature;      /* 0 = greedy                                                    */
+    int32_t top_k;          /* 0 = off                                                       */
+    float top_p;            /* 1 = off                                                       */
+    float min_p;            /* 0 = off                                                       */
+    uint64_t seed;          /* 0 = the context's seed                                        */
+} sparrow_sampler_params;
+
+SPARROW_API sparrow_sampler_params sparrow_sampler_default_params(void);
+
+enum {
+    SPARROW_FINISH_NONE   = 0,  /* more pieces follow                          */
+    SPARROW_FINISH_EOG    = 1,  /* the model emitted an end-of-generation token */
+    SPARROW_FINISH_LENGTH = 2,  /* max_tokens reached                          */
+    SPARROW_FINISH_STOP   = 3,  /* a stop string matched (it is not returned)  */
+    SPARROW_FINISH_CONTEXT = 4  /* the context window is full                  */
+};
+
+typedef struct sparrow_generate_params {
+    int32_t max_tokens;                 /* < 0: until EOG or the context is full          */
+    sparrow_sampler_params sampling;
+    const char * const * stop;          /* stop strings (UTF-8), n_stop of them            */
+    int32_t n_stop;
+    bool ignore_eog;                    /* keep going past end-of-generation tokens        */
+} sparrow_generate_params;
+
+SPARROW_API sparrow_generate_params sparrow_generate_default_params(void);
+
+/* Start generating after a prompt. The KV cache keeps its longest common prefix with the
+ * prompt, so follow-up prompts that extend the previous text skip work. The prompt is
+ * processed by the first sparrow_generate_next call. The stop strings are copied. */
+SPARROW_API sparrow_status sparrow_generate_begin(sparrow_context * ctx, const sparrow_token * prompt,
+                                                  int32_t n_prompt, sparrow_generate_params params);
+
+/* Produce the next piece of text: valid UTF-8 (never a split character), copied into buf
+ * (no NUL), its length in *out_len; *out_finish is SPARROW_FINISH_NONE while more follows.
+ * A piece may be empty when a token completes nothing yet. buf_size must be at least 256.
+ * *out_token receives the last token sampled (may be NULL). */
+SPARROW_API sparrow_status sparrow_generate_next(sparrow_context * ctx, char * buf, size_t buf_size,
+                                                 size_t * out_len, int32_t * out_finish,
+                                                 sparrow_token * out_token);
+
+/* Statistics of the current/last generation. */
+typedef struct sparrow_stats {
+    int32_t n_prompt;           /* prompt tokens                                              */
+    int32_t n_prompt_cached;    /* of which reused from the KV cache                          */
+    int32_t n_generated;        /* tokens produced                                            */
+    int32_t n_target_forwards;  /* target forward passes after the prompt                     */
+    double t_prefill_ms;
+    double t_decode_ms;
+    double prefill_tokens_per_s;
+    double decode_tokens_per_s;
+} sparrow_stats;
+
+SPARROW_API sparrow_status sparrow_get_stats(const sparrow_context * ctx, sparrow_stats * out);
+
+/* SPARROW_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SPARROW_H */

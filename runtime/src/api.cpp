@@ -1,0 +1,583 @@
+// api.cpp - the C API of sparrow.h.
+//
+// Every entry point runs its body inside guard(), which turns sparrow::Error, std::bad_alloc
+// and anything else thrown into a status code and the thread-local message. Nothing thrown
+// inside the runtime can cross the C boundary.
+#include "sparrow.h"
+
+#include "common.h"
+#include "context.h"
+#include "models/llm.h"
+#include "quant.h"
+#include "text-stream.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <new>
+#include <thread>
+
+using namespace sparrow;
+
+namespace {
+
+thread_local std::string g_last_error;
+
+template <typename F> sparrow_status guard(F && body) {
+    try {
+        body();
+        g_last_error.clear();
+        return SPARROW_OK;
+    } catch (const Error & e) {
+        g_last_error = e.what();
+        return e.status();
+    } catch (const std::bad_alloc &) {
+        g_last_error = "out of memory";
+        return SPARROW_ERR_OUT_OF_MEMORY;
+    } catch (const std::exception & e) {
+        g_last_error = std::string("internal error: ") + e.what();
+        return SPARROW_ERR_INTERNAL;
+    } catch (...) {
+        g_last_error = "internal error";
+        return SPARROW_ERR_INTERNAL;
+    }
+}
+
+void require(bool cond, const char * message) {
+    if (!cond) fail(SPARROW_ERR_INVALID_ARGUMENT, message);
+}
+
+double now_ms() {
+    using namespace std::chrono;
+    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+const sparrow_model & model_of(const sparrow_model * model) {
+    require(model != nullptr, "model is NULL");
+    return *model;
+}
+
+void require_weights(const sparrow_model & m) {
+    if (m.vocab_only) fail(SPARROW_ERR_STATE, "the model was loaded vocab-only; it has no weights to run");
+}
+
+// Copy bytes into a caller buffer with the size protocol of sparrow.h.
+void copy_out(const std::string & s, char * buf, size_t buf_size, size_t * out_len, bool nul) {
+    if (out_len) *out_len = s.size();
+    if (s.size() + (nul ? 1 : 0) > buf_size) {
+        fail(SPARROW_ERR_BUFFER_TOO_SMALL, format("buffer of %zu bytes is too small for %zu", buf_size, s.size() + (nul ? 1 : 0)));
+    }
+    require(buf != nullptr || s.empty(), "buf is NULL");
+    if (!s.empty()) memcpy(buf, s.data(), s.size());
+    if (nul) buf[s.size()] = '\0';
+}
+
+// Touch every page of the weights once, reporting progress: it turns the first token's page
+// faults into a visible load step and lets the progress callback cancel a long load.
+void prefault(const GGUFFile & f, const sparrow_model_params & params) {
+    uint64_t total = 0, done = 0;
+    for (const auto & t : f.tensors()) total += t.nbytes;
+    volatile uint8_t sink = 0;
+    for (const auto & t : f.tensors()) {
+        const uint8_t * p = f.tensor_data(t);
+        for (uint64_t off = 0; off < t.nbytes; off += 4096) sink ^= p[off];
+        done += t.nbytes;
+        if (params.progress_callback && !params.progress_callback(total ? (float) done / total : 1.0f, params.progress_user_data)) {
+            fail(SPARROW_ERR_ABORTED, "loading cancelled by the progress callback");
+        }
+    }
+    (void) sink;
+}
+
+// Run tokens through the model in chunks of n_batch, collecting the flagged rows' logits and
+// captured hidden states. On abort the cache keeps the chunks that completed.
+void forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const int32_t * pos_in, const int8_t * outputs) {
+    const sparrow_model & m = *ctx.model;
+    const LMHparams & hp = m.hparams;
+    for (int32_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= hp.n_vocab) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("token id %d at index %d is outside the vocabulary [0, %d)", tokens[i], i, hp.n_vocab));
+        }
+    }
+    const int64_t have = ctx.cache->size();
+    if (have + n > ctx.cache->capacity()) {
+        fail(SPARROW_ERR_CONTEXT_FULL, format("%d tokens do not fit: the context holds %lld of %lld", n, (long long) have,
+                                              (long long) ctx.cache->capacity()));
+    }
+    int32_t n_out = 0;
+    for (int32_t i = 0; i < n; ++i) n_out += outputs ? (outputs[i] != 0) : (i == n - 1);
+    const size_t n_capture = ctx.capture_layers.size();
+    ctx.logits.resize((size_t) n_out * hp.n_vocab);
+    ctx.hidden.resize(n_capture * (size_t) n_out * hp.n_embd);
+    ctx.n_outputs = 0;
+
+    const int32_t n_batch = (int32_t) ctx.scratch.n_batch;
+    std::vector<int32_t> out_rows;
+    std::vector<float> chunk_hidden;
+    int32_t next_pos = ctx.cache_pos.empty() ? 0 : ctx.cache_pos.back() + 1;
+    int32_t out_done = 0;
+    for (int32_t c0 = 0; c0 < n; c0 += n_batch) {
+        const int32_t cn = std::min(n_batch, n - c0);
+        out_rows.clear();
+        for (int32_t i = 0; i < cn; ++i) {
+            const int32_t g = c0 + i;
+            if (outputs ? outputs[g] != 0 : g == n - 1) out_rows.push_back(i);
+        }
+        // positions: text-only, so every M-RoPE stream carries the same value
+        int32_t * pos = ctx.scratch.pos.data();
+        for (int32_t i = 0; i < cn; ++i) {
+            const int32_t p = pos_in ? pos_in[c0 + i] : next_pos + c0 + i;
+            for (int s = 0; s < hp.n_pos_streams; ++s) pos[(size_t) s * cn + i] = s < 3 ? p : 0;
+        }
+        LMForwardRequest req;
+        req.tokens = tokens + c0;
+        req.n_tokens = cn;
+        req.pos = pos;
+        req.out_rows = out_rows.data();
+        req.n_out = (int64_t) out_rows.size();
+        req.capture_layers = ctx.capture_layers.data();
+        req.n_capture = (int32_t) n_capture;
+        req.logits = ctx.logits.data() + (size_t) out_done * hp.n_vocab;
+        chunk_hidden.resize(n_capture * out_rows.size() * hp.n_embd);
+        req.hidden = chunk_hidden.data();
+        req.abort = ctx.params.abort_callback;
+        req.abort_data = ctx.params.abort_user_data;
+        if (!lm_forward(*ctx.backend, hp, m.weights, *ctx.cache, ctx.scratch, req)) {
+            fail(SPARROW_ERR_ABORTED, "aborted by the abort callback");
+        }
+        for (int32_t i = 0; i < cn; ++i) {
+            ctx.cache_tokens.push_back(tokens[c0 + i]);
+            ctx.cache_pos.push_back(pos[i]);
+        }
+        for (size_t c = 0; c < n_capture; ++c) {
+            memcpy(ctx.hidden.data() + (c * n_out + out_done) * hp.n_embd,
+                   chunk_hidden.data() + c * out_rows.size() * hp.n_embd, out_rows.size() * hp.n_embd * sizeof(float));
+        }
+        out_done += (int32_t) out_rows.size();
+        ctx.n_outputs = out_done;
+    }
+}
+
+void truncate_cache(sparrow_context & ctx, int32_t n_keep) {
+    ctx.cache->set_size(n_keep);
+    ctx.cache_tokens.resize(n_keep);
+    ctx.cache_pos.resize(n_keep);
+}
+
+}  // namespace
+
+// ---- basics ------------------------------------------------------------------------------
+
+const char * sparrow_last_error(void) { return g_last_error.c_str(); }
+
+const char * sparrow_status_name(sparrow_status status) {
+    switch (status) {
+        case SPARROW_OK: return "SPARROW_OK";
+        case SPARROW_ERR_INVALID_ARGUMENT: return "SPARROW_ERR_INVALID_ARGUMENT";
+        case SPARROW_ERR_IO: return "SPARROW_ERR_IO";
+        case SPARROW_ERR_FORMAT: return "SPARROW_ERR_FORMAT";
+        case SPARROW_ERR_UNSUPPORTED: return "SPARROW_ERR_UNSUPPORTED";
+        case SPARROW_ERR_OUT_OF_MEMORY: return "SPARROW_ERR_OUT_OF_MEMORY";
+        case SPARROW_ERR_CONTEXT_FULL: return "SPARROW_ERR_CONTEXT_FULL";
+        case SPARROW_ERR_ABORTED: return "SPARROW_ERR_ABORTED";
+        case SPARROW_ERR_BUFFER_TOO_SMALL: return "SPARROW_ERR_BUFFER_TOO_SMALL";
+        case SPARROW_ERR_STATE: return "SPARROW_ERR_STATE";
+        case SPARROW_ERR_INTERNAL: return "SPARROW_ERR_INTERNAL";
+        default: return "SPARROW_ERR_UNKNOWN";
+    }
+}
+
+const char * sparrow_version(void) { return SPARROW_VERSION; }
+
+const char * sparrow_system_info(void) {
+    static std::string info = format("backends: CPU; simd: %s; threads available: %u", simd_level(),
+                                     std::max(1u, std::thread::hardware_concurrency()));
+    return info.c_str();
+}
+
+// ---- models ------------------------------------------------------------------------------
+
+sparrow_model_params sparrow_model_default_params(void) {
+    sparrow_model_params p;
+    p.vocab_only = false;
+    p.use_mmap = true;
+    p.progress_callback = nullptr;
+    p.progress_user_data = nullptr;
+    return p;
+}
+
+sparrow_status sparrow_model_load(const char * path, sparrow_model_params params, sparrow_model ** out_model) {
+    return guard([&] {
+        require(out_model != nullptr, "out_model is NULL");
+        *out_model = nullptr;
+        require(path != nullptr, "path is NULL");
+        std::unique_ptr<sparrow_model> m(new sparrow_model());
+        m->file = GGUFFile::open(path, params.use_mmap);
+        m->arch = m->file->get_string("general.architecture", "");
+        try {
+            m->tokenizer = Tokenizer::from_gguf(*m->file);
+            m->vocab_only = params.vocab_only;
+            if (!m->vocab_only) {
+                if (!lm_supports_arch(m->arch)) {
+                    fail(SPARROW_ERR_UNSUPPORTED, format("architecture '%s' is not supported (llama, qwen2 and qwen2vl are)",
+                                                         m->arch.c_str()));
+                }
+                lm_load(*m->file, m->hparams, m->weights);
+                if (m->tokenizer->n_vocab() > m->hparams.n_vocab) {
+                    fail(SPARROW_ERR_FORMAT, format("the tokenizer has %d tokens but the embedding only %d rows",
+                                                    m->tokenizer->n_vocab(), m->hparams.n_vocab));
+                }
+                if (params.use_mmap) prefault(*m->file, params);
+            }
+        } catch (const Error & e) {
+            fail(e.status(), format("%s: %s", path, e.what()));
+        }
+        if (params.progress_callback && !params.progress_callback(1.0f, params.progress_user_data)) {
+            fail(SPARROW_ERR_ABORTED, "loading cancelled by the progress callback");
+        }
+        *out_model = m.release();
+    });
+}
+
+void sparrow_model_free(sparrow_model * model) { delete model; }
+
+const char * sparrow_model_arch(const sparrow_model * model) { return model ? model->arch.c_str() : ""; }
+int32_t sparrow_model_n_vocab(const sparrow_model * model) {
+    if (!model) return 0;
+    return model->vocab_only ? model->tokenizer->n_vocab() : model->hparams.n_vocab;
+}
+int32_t sparrow_model_n_embd(const sparrow_model * model) { return model && !model->vocab_only ? model->hparams.n_embd : 0; }
+int32_t sparrow_model_n_layer(const sparrow_model * model) { return model && !model->vocab_only ? model->hparams.n_layer : 0; }
+int32_t sparrow_model_n_ctx_train(const sparrow_model * model) { return model && !model->vocab_only ? model->hparams.n_ctx_train : 0; }
+
+sparrow_status sparrow_model_meta_string(const sparrow_model * model, const char * key, char * buf, size_t buf_size,
+                                         size_t * out_len) {
+    return guard([&] {
+        const sparrow_model & m = model_of(model);
+        require(key != nullptr, "key is NULL");
+        const GGUFValue * v = m.file->find(key);
+        if (!v || v->type != GGUFType::STRING) fail(SPARROW_ERR_INVALID_ARGUMENT, format("no string metadata '%s'", key));
+        copy_out(v->str, buf, buf_size, out_len, true);
+    });
+}
+
+int64_t sparrow_model_tensor_numel(const sparrow_model * model, const char * name) {
+    if (!model || !name) return -1;
+    const GGUFTensorInfo * t = model->file->find_tensor(name);
+    return t ? t->numel() : -1;
+}
+
+sparrow_status sparrow_model_tensor_f32(const sparrow_model * model, const char * name, float * out, int64_t n_floats) {
+    return guard([&] {
+        const sparrow_model & m = model_of(model);
+        require(name != nullptr && out != nullptr, "name or out is NULL");
+        const GGUFTensorInfo * t = m.file->find_tensor(name);
+        if (!t) fail(SPARROW_ERR_INVALID_ARGUMENT, format("no tensor '%s'", name));
+        if (n_floats != t->numel()) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("tensor '%s' has %lld elements, not %lld", name, (long long) t->numel(),
+                                                      (long long) n_floats));
+        }
+        const int64_t rows = t->numel() / t->ne[0];
+        const size_t rb = row_size((DType) t->type, t->ne[0]);
+        for (int64_t r = 0; r < rows; ++r) {
+            dequantize_row((DType) t->type, m.file->tensor_data(*t) + r * rb, out + r * t->ne[0], t->ne[0]);
+        }
+    });
+}
+
+// ---- tokenizer ---------------------------------------------------------------------------
+
+sparrow_token sparrow_token_bos(const sparrow_model * model) { return model ? model->tokenizer->bos() : -1; }
+sparrow_token sparrow_token_eos(const sparrow_model * model) { return model ? model->tokenizer->eos() : -1; }
+sparrow_token sparrow_token_eot(const sparrow_model * model) { return model ? model->tokenizer->eot() : -1; }
+bool sparrow_token_is_eog(const sparrow_model * model, sparrow_token token) {
+    return model && model->tokenizer->is_eog(token);
+}
+
+sparrow_status sparrow_tokenize(const sparrow_model * model, const char * text, size_t text_len, bool add_special,
+                                bool parse_special, sparrow_token * tokens, int32_t n_tokens_max, int32_t * n_out) {
+    return guard([&] {
+        const sparrow_model & m = model_of(model);
+        require(text != nullptr || text_len == 0, "text is NULL");
+        require(n_tokens_max >= 0, "n_tokens_max is negative");
+        std::vector<int32_t> ids = m.tokenizer->encode(std::string_view(text ? text : "", text_len), add_special, parse_special);
+        if (n_out) *n_out = (int32_t) ids.size();
+        if ((int64_t) ids.size() > n_tokens_max) {
+            fail(SPARROW_ERR_BUFFER_TOO_SMALL, format("%zu tokens do not fit in a buffer of %d", ids.size(), n_tokens_max));
+        }
+        require(tokens != nullptr || ids.empty(), "tokens is NULL");
+        std::copy(ids.begin(), ids.end(), tokens);
+    });
+}
+
+sparrow_status sparrow_token_to_piece(const sparrow_model * model, sparrow_token token, bool special, char * buf,
+                                      size_t buf_size, size_t * out_len) {
+    return guard([&] {
+        const sparrow_model & m = model_of(model);
+        copy_out(m.tokenizer->token_to_piece(token, special), buf, buf_size, out_len, false);
+    });
+}
+
+sparrow_status sparrow_detokenize(const sparrow_model * model, const sparrow_token * tokens, int32_t n_tokens,
+                                  bool special, char * buf, size_t buf_size, size_t * out_len) {
+    return guard([&] {
+        const sparrow_model & m = model_of(model);
+        require(n_tokens >= 0 && (tokens != nullptr || n_tokens == 0), "bad token array");
+        std::string text;
+        for (int32_t i = 0; i < n_tokens; ++i) text += m.tokenizer->token_to_piece(tokens[i], special);
+        copy_out(text, buf, buf_size, out_len, false);
+    });
+}
+
+// ---- contexts ----------------------------------------------------------------------------
+
+sparrow_context_params sparrow_context_default_params(void) {
+    sparrow_context_params p;
+    p.n_ctx = 0;
+    p.n_batch = 256;
+    p.n_threads = 0;
+    p.kv_type = SPARROW_TYPE_F16;
+    p.seed = 0x5EED;
+    p.abort_callback = nullptr;
+    p.abort_user_data = nullptr;
+    return p;
+}
+
+sparrow_status sparrow_context_init(sparrow_model * model, sparrow_context_params params, sparrow_context ** out_ctx) {
+    return guard([&] {
+        require(out_ctx != nullptr, "out_ctx is NULL");
+        *out_ctx = nullptr;
+        const sparrow_model & m = model_of(model);
+        require_weights(m);
+        require(params.n_ctx >= 0, "n_ctx must be >= 0");
+        require(params.n_batch >= 1 && params.n_batch <= 65536, "n_batch must be in [1, 65536]");
+        require(params.n_threads >= 0 && params.n_threads <= 1024, "n_threads must be in [0, 1024]");
+        require(params.kv_type == SPARROW_TYPE_F16 || params.kv_type == SPARROW_TYPE_F32,
+                "kv_type must be SPARROW_TYPE_F16 or SPARROW_TYPE_F32");
+        std::unique_ptr<sparrow_context> ctx(new sparrow_context());
+        ctx->model = model;
+        ctx->params = params;
+        if (ctx->params.n_ctx == 0) ctx->params.n_ctx = std::min(m.hparams.n_ctx_train, 32768);
+        const int n_threads = params.n_threads > 0 ? params.n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
+        ctx->params.n_threads = n_threads;
+        ctx->params.n_batch = std::min(params.n_batch, ctx->params.n_ctx);
+        ctx->backend = make_cpu_backend(n_threads);
+        const LMHparams & hp = m.hparams;
+        ctx->cache.reset(new KVCache(*ctx->backend, hp.n_layer, ctx->params.n_ctx, (int64_t) hp.n_head_kv * hp.head_dim,
+                                     (DType) params.kv_type));
+        lm_scratch_init(*ctx->backend, hp, ctx->params.n_batch, ctx->scratch);
+        *out_ctx = ctx.release();
+    });
+}
+
+void sparrow_context_free(sparrow_context * ctx) { delete ctx; }
+
+int32_t sparrow_context_n_ctx(const sparrow_context * ctx) { return ctx ? ctx->params.n_ctx : 0; }
+
+// ---- forward passes ----------------------------------------------------------------------
+
+sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch) {
+    return guard([&] {
+        require(ctx != nullptr, "ctx is NULL");
+        require(batch.n_tokens > 0 && batch.tokens != nullptr, "the batch has no tokens");
+        ctx->gen.active = false;  // a manual forward ends any generation in progress
+        forward(*ctx, batch.tokens, batch.n_tokens, batch.pos, batch.outputs);
+    });
+}
+
+const float * sparrow_get_logits(sparrow_context * ctx, int32_t i) {
+    if (!ctx || i < 0 || i >= ctx->n_outputs) return nullptr;
+    return ctx->logits.data() + (size_t) i * ctx->model->hparams.n_vocab;
+}
+
+int32_t sparrow_n_outputs(const sparrow_context * ctx) { return ctx ? ctx->n_outputs : 0; }
+
+sparrow_status sparrow_set_capture_layers(sparrow_context * ctx, const int32_t * layers, int32_t n_layers) {
+    return guard([&] {
+        require(ctx != nullptr, "ctx is NULL");
+        require(n_layers >= 0 && (layers != nullptr || n_layers == 0), "bad layer list");
+        for (int32_t i = 0; i < n_layers; ++i) {
+            if (layers[i] < 0 || layers[i] > ctx->model->hparams.n_layer) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("capture layer %d is outside [0, %d]", layers[i], ctx->model->hparams.n_layer));
+            }
+        }
+        ctx->capture_layers.assign(layers, layers + n_layers);
+        ctx->hidden.clear();
+        ctx->n_outputs = 0;
+    });
+}
+
+const float * sparrow_get_hidden(sparrow_context * ctx, int32_t k, int32_t i) {
+    if (!ctx || k < 0 || k >= (int32_t) ctx->capture_layers.size() || i < 0 || i >= ctx->n_outputs) return nullptr;
+    const size_t H = ctx->model->hparams.n_embd;
+    return ctx->hidden.data() + ((size_t) k * ctx->n_outputs + i) * H;
+}
+
+int32_t sparrow_kv_size(const sparrow_context * ctx) { return ctx ? (int32_t) ctx->cache->size() : 0; }
+
+sparrow_status sparrow_kv_truncate(sparrow_context * ctx, int32_t n_keep) {
+    return guard([&] {
+        require(ctx != nullptr, "ctx is NULL");
+        if (n_keep < 0 || n_keep > ctx->cache->size()) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_keep %d is outside [0, %lld]", n_keep, (long long) ctx->cache->size()));
+        }
+        ctx->gen.active = false;
+        truncate_cache(*ctx, n_keep);
+    });
+}
+
+// ---- generation --------------------------------------------------------------------------
+
+sparrow_sampler_params sparrow_sampler_default_params(void) {
+    sparrow_sampler_params p;
+    p.temperature = 0.0f;
+    p.top_k = 0;
+    p.top_p = 1.0f;
+    p.min_p = 0.0f;
+    p.seed = 0;
+    return p;
+}
+
+sparrow_generate_params sparrow_generate_default_params(void) {
+    sparrow_generate_params p;
+    p.max_tokens = 256;
+    p.sampling = sparrow_sampler_default_params();
+    p.stop = nullptr;
+    p.n_stop = 0;
+    p.ignore_eog = false;
+    return p;
+}
+
+sparrow_status sparrow_generate_begin(sparrow_context * ctx, const sparrow_token * prompt, int32_t n_prompt,
+                                      sparrow_generate_params params) {
+    return guard([&] {
+        require(ctx != nullptr, "ctx is NULL");
+        require(n_prompt > 0 && prompt != nullptr, "the prompt is empty");
+        validate_sampler_params(params.sampling);
+        require(params.n_stop >= 0 && (params.stop != nullptr || params.n_stop == 0), "bad stop string list");
+        const int32_t n_vocab = ctx->model->hparams.n_vocab;
+        for (int32_t i = 0; i < n_prompt; ++i) {
+            if (prompt[i] < 0 || prompt[i] >= n_vocab) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("prompt token %d at index %d is outside the vocabulary [0, %d)", prompt[i], i, n_vocab));
+            }
+        }
+        if (n_prompt >= ctx->params.n_ctx) {
+            fail(SPARROW_ERR_CONTEXT_FULL, format("the prompt has %d tokens but the context holds %d (leave room to generate)",
+                                                  n_prompt, ctx->params.n_ctx));
+        }
+        auto & g = ctx->gen;
+        g = sparrow_context::Generation();
+        g.params = params;
+        for (int32_t i = 0; i < params.n_stop; ++i) {
+            require(params.stop[i] != nullptr, "a stop string is NULL");
+            g.stop_storage.emplace_back(params.stop[i]);
+        }
+        g.params.stop = nullptr;
+        g.params.n_stop = 0;
+        g.text.reset(g.stop_storage);
+        g.rng.seed(params.sampling.seed ? params.sampling.seed : ctx->params.seed);
+        g.prompt.assign(prompt, prompt + n_prompt);
+        g.active = true;
+
+        // Keep the longest cached prefix laid out at consecutive positions; at least the last
+        // prompt token is always fed again, since its logits start the generation.
+        int32_t common = 0;
+        const int32_t limit = std::min<int32_t>((int32_t) ctx->cache_tokens.size(), n_prompt - 1);
+        while (common < limit && ctx->cache_tokens[common] == prompt[common] && ctx->cache_pos[common] == common) ++common;
+        truncate_cache(*ctx, common);
+        ctx->stats = sparrow_stats();
+        ctx->stats.n_prompt = n_prompt;
+        ctx->stats.n_prompt_cached = common;
+    });
+}
+
+sparrow_status sparrow_generate_next(sparrow_context * ctx, char * buf, size_t buf_size, size_t * out_len,
+                                     int32_t * out_finish, sparrow_token * out_token) {
+    return guard([&] {
+        require(ctx != nullptr, "ctx is NULL");
+        require(buf != nullptr && buf_size >= 256, "buf must hold at least 256 bytes");
+        require(out_len != nullptr && out_finish != nullptr, "out_len and out_finish are required");
+        if (out_token) *out_token = -1;
+        auto & g = ctx->gen;
+        if (!g.active && g.outbox.empty()) fail(SPARROW_ERR_STATE, "no generation in progress: call sparrow_generate_begin first");
+        // Hand out, at most buf_size bytes at a time and never splitting a character, what an
+        // earlier call produced but could not fit.
+        auto emit = [&](int32_t finish_when_drained) {
+            size_t n = g.outbox.size();
+            if (n > buf_size) n = utf8_complete_prefix(g.outbox.substr(0, buf_size));
+            copy_out(g.outbox.substr(0, n), buf, buf_size, out_len, false);
+            g.outbox.erase(0, n);
+            *out_finish = g.outbox.empty() ? finish_when_drained : SPARROW_FINISH_NONE;
+        };
+        if (!g.outbox.empty()) {
+            emit(g.final_finish);
+            return;
+        }
+        const sparrow_model & m = *ctx->model;
+        const int32_t n_vocab = m.hparams.n_vocab;
+        std::string piece;
+        int32_t finish = SPARROW_FINISH_NONE;
+        auto finish_with = [&](int32_t reason) {
+            finish = reason;
+            piece += g.text.flush();
+            g.finished = true;
+            g.active = false;
+        };
+
+        if (!g.prompt_done) {
+            const int32_t cached = (int32_t) ctx->cache->size();
+            const double t0 = now_ms();
+            forward(*ctx, g.prompt.data() + cached, (int32_t) g.prompt.size() - cached, nullptr, nullptr);
+            ctx->stats.t_prefill_ms = now_ms() - t0;
+            const int32_t fed = (int32_t) g.prompt.size() - cached;
+            ctx->stats.prefill_tokens_per_s = ctx->stats.t_prefill_ms > 0 ? fed / (ctx->stats.t_prefill_ms / 1000.0) : 0.0;
+            g.prompt_done = true;
+            g.logits_ready = true;
+        } else if (!g.logits_ready) {
+            if (ctx->cache->size() >= ctx->cache->capacity()) {
+                finish_with(SPARROW_FINISH_CONTEXT);
+            } else {
+                const double t0 = now_ms();
+                forward(*ctx, &g.last_token, 1, nullptr, nullptr);
+                ctx->stats.t_decode_ms += now_ms() - t0;
+                ctx->stats.n_target_forwards += 1;
+                g.logits_ready = true;
+            }
+        }
+
+        if (finish == SPARROW_FINISH_NONE && g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) {
+            finish_with(SPARROW_FINISH_LENGTH);
+        }
+        if (finish == SPARROW_FINISH_NONE) {
+            const int32_t token = sample_token(ctx->logits.data() + (size_t) (ctx->n_outputs - 1) * n_vocab, n_vocab,
+                                               g.params.sampling, g.rng, g.dist);
+            g.last_token = token;
+            g.logits_ready = false;
+            if (out_token) *out_token = token;
+            if (!g.params.ignore_eog && m.tokenizer->is_eog(token)) {
+                finish_with(SPARROW_FINISH_EOG);
+            } else {
+                ctx->stats.n_generated += 1;
+                if (g.text.push(m.tokenizer->token_to_piece(token, false))) {
+                    piece = g.text.take();
+                    finish_with(SPARROW_FINISH_STOP);
+                } else {
+                    piece = g.text.take();
+                    if (g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) finish_with(SPARROW_FINISH_LENGTH);
+                }
+            }
+        }
+        const double decode_s = ctx->stats.t_decode_ms / 1000.0;
+        ctx->stats.decode_tokens_per_s = decode_s > 0 ? ctx->stats.n_target_forwards / decode_s : 0.0;
+        g.outbox = std::move(piece);
+        g.final_finish = finish;
+        emit(finish);
+    });
+}
+
+sparrow_status sparrow_get_stats(const sparrow_context * ctx, sparrow_stats * out) {
+    return guard([&] {
+        require(ctx != nullptr && out != nullptr, "ctx or out is NULL");
+        *out = ctx->stats;
+    });
+}

@@ -1,0 +1,112 @@
+// backend.h - the op interface model code is written against.
+//
+// Model files (models/*.cpp) describe a forward pass as a sequence of these ops on Tensor
+// views; a backend (cpu/ always, cuda/ optionally) executes them. Ops run eagerly and in
+// order, like a tape: there is no graph to build, which keeps the decode loop free of
+// allocation and makes every op testable on its own (each CUDA op is checked against the
+// CPU op on the same inputs).
+//
+// Memory: a Tensor's data pointer lives in the executing backend's memory (host memory for the
+// CPU backend; device memory for CUDA). Index arrays (token ids, positions, row lists) are host
+// pointers, since they come from the caller. Activations are F32 and contiguous; weights may
+// be any supported type (see quant.h). Shapes follow ggml: ne[0] is the contiguous row length,
+// ne[1] the number of rows.
+#pragma once
+
+#include "quant.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+namespace sparrow {
+
+struct Tensor {
+    DType type = DType::F32;
+    int64_t ne[4] = {1, 1, 1, 1};
+    void * data = nullptr;
+
+    int64_t cols() const { return ne[0]; }
+    int64_t rows() const { return ne[1] * ne[2] * ne[3]; }
+    size_t row_bytes() const { return row_size(type, ne[0]); }
+    size_t nbytes() const { return row_bytes() * (size_t) rows(); }
+    float * f32() const { return (float *) data; }
+    // A view of rows [first, first + count) of a 2-D tensor.
+    Tensor row_slice(int64_t first, int64_t count) const {
+        Tensor t = *this;
+        t.ne[1] = count; t.ne[2] = 1; t.ne[3] = 1;
+        t.data = (uint8_t *) data + (size_t) first * row_bytes();
+        return t;
+    }
+    static Tensor matrix(DType type, int64_t cols, int64_t rows, void * data) {
+        Tensor t;
+        t.type = type; t.ne[0] = cols; t.ne[1] = rows; t.data = data;
+        return t;
+    }
+};
+
+enum class RopeMode {
+    Norm,   // rotate adjacent pairs (x[2i], x[2i+1]): llama as llama.cpp stores it
+    Neox,   // rotate halves (x[i], x[i + n/2]): qwen2, GPT-NeoX
+    MRope,  // Neox pairs whose frequency bands take positions from t/h/w/extra sections (qwen2vl)
+};
+
+struct RopeParams {
+    RopeMode mode = RopeMode::Neox;
+    int n_dims = 0;            // rotated dimensions per head (== head_dim for these models)
+    float freq_base = 10000.0f;
+    float freq_scale = 1.0f;   // linear position scaling (1 = none)
+    int sections[4] = {0, 0, 0, 0};  // MRope: frequency pairs taking positions from stream s
+};
+
+struct AttentionParams {
+    int n_head = 0;
+    int n_head_kv = 0;
+    int head_dim = 0;
+    float scale = 1.0f;
+    int64_t n_kv = 0;          // attend over cache rows [0, n_kv)
+    int64_t q_first = 0;       // cache row of query 0: causal mask lets query i see rows <= q_first + i
+    // Optional extra mask (e.g. a draft tree): n_q x n_kv bytes, non-zero = may attend. When
+    // set it replaces the causal rule.
+    const uint8_t * mask = nullptr;
+};
+
+class Backend {
+public:
+    virtual ~Backend() = default;
+    virtual const char * name() const = 0;
+    virtual int n_threads() const = 0;
+    // True when tensor data is ordinary host memory (the CPU backend).
+    virtual bool is_host() const = 0;
+
+    // Zero-initialised backend memory, 64-byte aligned.
+    virtual void * alloc(size_t bytes) = 0;
+    virtual void free(void * ptr) = 0;
+    virtual void to_host(void * dst, const void * src, size_t bytes) = 0;
+    virtual void from_host(void * dst, const void * src, size_t bytes) = 0;
+
+    // out[i, :] = table[ids[i], :] converted to f32.
+    virtual void get_rows(const Tensor & table, const int32_t * ids, int64_t n, Tensor & out) = 0;
+    // out[i, :] = x[rows[i], :]
+    virtual void gather_rows(const Tensor & x, const int32_t * rows, int64_t n, Tensor & out) = 0;
+    // out[n, m] = x[n, k] . w[m, k]^T (+ bias[m]); w of any type, x and out f32.
+    virtual void matmul(const Tensor & w, const Tensor & x, Tensor & out, const Tensor * bias) = 0;
+    // out = x / rms(x) * weight, per row.
+    virtual void rms_norm(const Tensor & x, const Tensor & weight, float eps, Tensor & out) = 0;
+    // In place on x[n, n_head * head_dim]. pos holds n positions (4 * n for MRope, stream-major:
+    // t positions, then h, then w, then extra).
+    virtual void rope(Tensor & x, int n_head, int head_dim, const int32_t * pos, const RopeParams & p) = 0;
+    // Copy f32 rows into a KV cache (f32 or f16) starting at cache row first_row.
+    virtual void store_rows(const Tensor & src, Tensor & cache, int64_t first_row) = 0;
+    // out[n_q, n_head * head_dim] = softmax(q k^T * scale + mask) v over cache rows [0, n_kv).
+    virtual void attention(const Tensor & q, const Tensor & k_cache, const Tensor & v_cache,
+                           const AttentionParams & p, Tensor & out) = 0;
+    // out = silu(gate) * up
+    virtual void swiglu(const Tensor & gate, const Tensor & up, Tensor & out) = 0;
+    // out = a + b (same shapes; out may alias a)
+    virtual void add(const Tensor & a, const Tensor & b, Tensor & out) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(int n_threads);
+
+}  // namespace sparrow

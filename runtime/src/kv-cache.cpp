@@ -1,0 +1,35 @@
+// kv-cache.cpp - see kv-cache.h.
+#include "kv-cache.h"
+
+#include "common.h"
+
+namespace sparrow {
+
+KVCache::KVCache(Backend & be, int n_layer, int64_t n_ctx, int64_t kv_dim, DType type)
+    : be_(be), n_ctx_(n_ctx) {
+    if (type != DType::F16 && type != DType::F32) {
+        fail(SPARROW_ERR_INVALID_ARGUMENT, "kv_type must be SPARROW_TYPE_F16 or SPARROW_TYPE_F32");
+    }
+    for (int l = 0; l < n_layer; ++l) {
+        Tensor k = Tensor::matrix(type, kv_dim, n_ctx, nullptr);
+        Tensor v = k;
+        k.data = be_.alloc(k.nbytes());
+        k_.push_back(k);
+        v.data = be_.alloc(v.nbytes());
+        v_.push_back(v);
+    }
+}
+
+KVCache::~KVCache() {
+    for (auto & t : k_) be_.free(t.data);
+    for (auto & t : v_) be_.free(t.data);
+}
+
+size_t KVCache::bytes() const {
+    size_t total = 0;
+    for (const auto & t : k_) total += t.nbytes();
+    for (const auto & t : v_) total += t.nbytes();
+    return total;
+}
+
+}  // namespace sparrow

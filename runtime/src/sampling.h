@@ -1,0 +1,50 @@
+// sampling.h - turning logits into a token: greedy, or sampling from the distribution that
+// temperature, top-k, top-p and min-p define (applied in that order, as transformers does).
+//
+// sampling_distribution() is separate from drawing a token because speculative acceptance
+// needs the target's filtered distribution p itself, not just a sample of it.
+#pragma once
+
+#include "sparrow.h"
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace sparrow {
+
+struct TokenProb {
+    int32_t id;
+    float p;
+};
+
+// Throws INVALID_ARGUMENT for NaN/negative temperature, top_k < 0, top_p outside (0, 1],
+// min_p outside [0, 1].
+void validate_sampler_params(const sparrow_sampler_params & params);
+
+int32_t argmax(const float * logits, int32_t n_vocab);
+
+// The filtered distribution, most probable first, probabilities summing to 1.
+// Requires temperature > 0.
+void sampling_distribution(const float * logits, int32_t n_vocab, const sparrow_sampler_params & params,
+                           std::vector<TokenProb> & out);
+
+class Rng {
+public:
+    explicit Rng(uint64_t seed = 0) : engine_(seed) {}
+    void seed(uint64_t s) { engine_.seed(s); }
+    // uniform in [0, 1)
+    double uniform() { return std::uniform_real_distribution<double>(0.0, 1.0)(engine_); }
+
+private:
+    std::mt19937_64 engine_;
+};
+
+// Draw from a distribution produced by sampling_distribution.
+int32_t draw(const std::vector<TokenProb> & dist, Rng & rng);
+
+// Greedy when temperature == 0, otherwise draw from the filtered distribution.
+int32_t sample_token(const float * logits, int32_t n_vocab, const sparrow_sampler_params & params, Rng & rng,
+                     std::vector<TokenProb> & scratch);
+
+}  // namespace sparrow

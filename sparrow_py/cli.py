@@ -1,0 +1,75 @@
+"""The `sparrow` command: `sparrow run` streams a model's output, llama.cpp style."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="generate text with a GGUF model", description="Stream a model's continuation of a prompt.")
+    p.add_argument("-m", "--model", required=True, help="GGUF model file")
+    p.add_argument("-p", "--prompt", help="prompt text (default: read stdin)")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1: until end of text; default 128)")
+    p.add_argument("-c", "--ctx-size", type=int, default=0, help="context window (default: the model's, at most 32768)")
+    p.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature (default 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k filter (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="top-p filter (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0 = off)")
+    p.add_argument("-s", "--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the model's chat template")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _run(args) -> int:
+    from sparrow_py import Engine, SparrowError
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    try:
+        with Engine(args.model, n_ctx=args.ctx_size, n_threads=args.threads) as engine:
+            gen_kwargs = dict(
+                max_tokens=args.n_predict,
+                temperature=args.temp,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                min_p=args.min_p,
+                seed=args.seed,
+                stop=args.stop,
+            )
+            if args.chat:
+                stream = engine.chat([{"role": "user", "content": prompt}], **gen_kwargs)
+            else:
+                sys.stdout.write(prompt)
+                stream = engine.generate(prompt, **gen_kwargs)
+            t0 = time.perf_counter()
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            s = engine.last_stats
+            print(
+                f"prompt: {s['n_prompt']} tokens, {s['prefill_tokens_per_s']:.1f} tokens/s | "
+                f"decode: {s['n_generated']} tokens, {s['decode_tokens_per_s']:.1f} tokens/s | "
+                f"total {time.perf_counter() - t0:.2f} s",
+                file=sys.stderr,
+            )
+    except SparrowError as exc:
+        print(f"sparrow: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sparrow", description="Sparrow: fast, lossless speculative decoding for video LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

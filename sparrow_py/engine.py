@@ -1,0 +1,370 @@
+"""Engine: a loaded model plus one context, with streaming generation.
+
+The Engine owns its C handles and releases them deterministically (close(), or a with-block);
+every runtime error raises SparrowError with the runtime's message. Runtime calls release the
+GIL (cffi does so for every call), so other Python threads keep running during generation.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from sparrow_py._native import check, ffi, lib
+from sparrow_py.chat import render_chat_template
+from sparrow_py.errors import SparrowError
+
+_KV_TYPES = {"f16": lib.SPARROW_TYPE_F16, "f32": lib.SPARROW_TYPE_F32}
+_FINISH_NAMES = {
+    lib.SPARROW_FINISH_EOG: "eog",
+    lib.SPARROW_FINISH_LENGTH: "length",
+    lib.SPARROW_FINISH_STOP: "stop",
+    lib.SPARROW_FINISH_CONTEXT: "context",
+}
+
+
+class Engine:
+    """Run a GGUF language model.
+
+    Args:
+        model: path to a GGUF file.
+        n_ctx: context window in tokens (0: the model's training context, at most 32768).
+        n_threads: CPU threads (0: all cores).
+        seed: default sampling seed.
+        n_batch: prompt tokens per forward pass.
+        kv_type: "f16" (default) or "f32" key/value cache.
+        progress: a callable(progress: float) -> bool|None called while loading; return False
+            to cancel.
+    """
+
+    def __init__(
+        self,
+        model: Union[str, os.PathLike],
+        n_ctx: int = 0,
+        n_threads: int = 0,
+        seed: int = 0x5EED,
+        n_batch: int = 256,
+        kv_type: str = "f16",
+        progress=None,
+    ):
+        self._model = ffi.NULL
+        self._ctx = ffi.NULL
+        self.last_finish_reason: Optional[str] = None
+        if kv_type not in _KV_TYPES:
+            raise SparrowError(f"kv_type must be one of {sorted(_KV_TYPES)}, not {kv_type!r}")
+        for name, value in (("n_ctx", n_ctx), ("n_threads", n_threads), ("n_batch", n_batch), ("seed", seed)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SparrowError(f"{name} must be a non-negative integer, not {value!r}")
+        path = os.fspath(model)
+        if not os.path.exists(path):
+            raise SparrowError(f"model file not found: {path}", "SPARROW_ERR_IO")
+
+        mparams = lib.sparrow_model_default_params()
+        callback = None
+        if progress is not None:
+
+            def on_progress(fraction, _user_data):
+                try:
+                    return progress(fraction) is not False
+                except Exception:  # an exception in a callback cannot cross C: treat as cancel
+                    return False
+
+            callback = ffi.callback("bool(float, void *)", on_progress)
+            mparams.progress_callback = callback
+        out_model = ffi.new("sparrow_model **")
+        check(lib.sparrow_model_load(path.encode(), mparams, out_model), f"cannot load {path}")
+        self._model = out_model[0]
+
+        cparams = lib.sparrow_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_threads = n_threads
+        cparams.n_batch = n_batch
+        cparams.kv_type = _KV_TYPES[kv_type]
+        cparams.seed = seed
+        out_ctx = ffi.new("sparrow_context **")
+        try:
+            check(lib.sparrow_context_init(self._model, cparams, out_ctx), "cannot create a context")
+        except SparrowError:
+            self.close()
+            raise
+        self._ctx = out_ctx[0]
+
+    # ---- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the context and the model. Safe to call twice."""
+        if self._ctx != ffi.NULL:
+            lib.sparrow_context_free(self._ctx)
+            self._ctx = ffi.NULL
+        if self._model != ffi.NULL:
+            lib.sparrow_model_free(self._model)
+            self._model = ffi.NULL
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _live(self):
+        if self._ctx == ffi.NULL:
+            raise SparrowError("the engine is closed", "SPARROW_ERR_STATE")
+        return self._ctx
+
+    # ---- model info ----------------------------------------------------------------------
+    @property
+    def arch(self) -> str:
+        self._live()
+        return ffi.string(lib.sparrow_model_arch(self._model)).decode()
+
+    @property
+    def n_vocab(self) -> int:
+        self._live()
+        return lib.sparrow_model_n_vocab(self._model)
+
+    @property
+    def n_embd(self) -> int:
+        self._live()
+        return lib.sparrow_model_n_embd(self._model)
+
+    @property
+    def n_layer(self) -> int:
+        self._live()
+        return lib.sparrow_model_n_layer(self._model)
+
+    @property
+    def n_ctx(self) -> int:
+        return lib.sparrow_context_n_ctx(self._live())
+
+    @property
+    def bos_token(self) -> int:
+        self._live()
+        return lib.sparrow_token_bos(self._model)
+
+    @property
+    def eos_token(self) -> int:
+        self._live()
+        return lib.sparrow_token_eos(self._model)
+
+    def is_eog(self, token: int) -> bool:
+        self._live()
+        return bool(lib.sparrow_token_is_eog(self._model, token))
+
+    def metadata(self, key: str) -> Optional[str]:
+        """A string metadata value of the GGUF (e.g. "general.name"), or None."""
+        self._live()
+        size = ffi.new("size_t *")
+        buf = ffi.new("char[]", 256)
+        status = lib.sparrow_model_meta_string(self._model, key.encode(), buf, 256, size)
+        if status == lib.SPARROW_ERR_BUFFER_TOO_SMALL:
+            buf = ffi.new("char[]", size[0] + 1)
+            status = lib.sparrow_model_meta_string(self._model, key.encode(), buf, size[0] + 1, size)
+        if status == lib.SPARROW_ERR_INVALID_ARGUMENT:
+            return None
+        check(status)
+        return ffi.unpack(buf, size[0]).decode("utf-8", "replace")
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A weight tensor dequantized to float32, shape (rows..., cols) as numpy orders it."""
+        self._live()
+        numel = lib.sparrow_model_tensor_numel(self._model, name.encode())
+        if numel < 0:
+            raise SparrowError(f"no tensor {name!r}")
+        out = np.empty(numel, dtype=np.float32)
+        check(lib.sparrow_model_tensor_f32(self._model, name.encode(), ffi.from_buffer("float[]", out), numel))
+        return out
+
+    # ---- tokens --------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of text. add_special adds BOS where the model wants one; parse_special
+        recognises special tokens written in the text."""
+        self._live()
+        data = text.encode("utf-8")
+        n_out = ffi.new("int32_t *")
+        cap = len(data) + 8
+        buf = ffi.new("sparrow_token[]", cap)
+        status = lib.sparrow_tokenize(self._model, data, len(data), add_special, parse_special, buf, cap, n_out)
+        if status == lib.SPARROW_ERR_BUFFER_TOO_SMALL:
+            cap = n_out[0]
+            buf = ffi.new("sparrow_token[]", cap)
+            status = lib.sparrow_tokenize(self._model, data, len(data), add_special, parse_special, buf, cap, n_out)
+        check(status, "tokenize")
+        return list(ffi.unpack(buf, n_out[0]))
+
+    def detokenize_bytes(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        self._live()
+        tokens = list(tokens)
+        arr = ffi.new("sparrow_token[]", tokens) if tokens else ffi.NULL
+        size = ffi.new("size_t *")
+        cap = 16 * len(tokens) + 16
+        buf = ffi.new("char[]", cap)
+        status = lib.sparrow_detokenize(self._model, arr, len(tokens), special, buf, cap, size)
+        if status == lib.SPARROW_ERR_BUFFER_TOO_SMALL:
+            cap = size[0]
+            buf = ffi.new("char[]", cap)
+            status = lib.sparrow_detokenize(self._model, arr, len(tokens), special, buf, cap, size)
+        check(status, "detokenize")
+        return ffi.unpack(buf, size[0])
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """Text of a token sequence (invalid UTF-8, e.g. a cut character, becomes U+FFFD)."""
+        return self.detokenize_bytes(tokens, special).decode("utf-8", "replace")
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: Union[str, Sequence[int]],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        stop: Optional[Sequence[str]] = None,
+        seed: Optional[int] = None,
+        add_special: bool = True,
+        ignore_eos: bool = False,
+    ) -> Iterator[str]:
+        """Yield the continuation of prompt (text or token ids) piece by piece, as produced.
+
+        temperature 0 is greedy. Stops at an end-of-generation token, a stop string (not
+        included in the output), max_tokens (-1: no limit) or a full context.
+        ``last_finish_reason`` and ``last_stats`` describe the generation afterwards.
+        """
+        ctx = self._live()
+        tokens = self.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(stop, str):
+            stop = [stop]
+        params = lib.sparrow_generate_default_params()
+        params.max_tokens = int(max_tokens)
+        params.sampling.temperature = float(temperature)
+        params.sampling.top_k = int(top_k)
+        params.sampling.top_p = float(top_p)
+        params.sampling.min_p = float(min_p)
+        if seed is not None:
+            if seed < 0:
+                raise SparrowError(f"seed must be >= 0, not {seed}")
+            params.sampling.seed = int(seed)
+        params.ignore_eog = bool(ignore_eos)
+        keep_alive = [ffi.new("char[]", s.encode("utf-8")) for s in (stop or [])]
+        stop_array = ffi.new("char *[]", keep_alive) if keep_alive else ffi.NULL
+        params.stop = stop_array
+        params.n_stop = len(keep_alive)
+        prompt_arr = ffi.new("sparrow_token[]", tokens) if tokens else ffi.NULL
+        check(lib.sparrow_generate_begin(ctx, prompt_arr, len(tokens), params), "generate")
+        self.last_finish_reason = None
+        return self._stream(ctx)
+
+    def _stream(self, ctx) -> Iterator[str]:
+        buf = ffi.new("char[]", 4096)
+        size = ffi.new("size_t *")
+        finish = ffi.new("int32_t *")
+        while True:
+            if self._ctx != ctx:
+                raise SparrowError("the engine was closed during generation", "SPARROW_ERR_STATE")
+            check(lib.sparrow_generate_next(ctx, buf, 4096, size, finish, ffi.NULL), "generate")
+            if size[0]:
+                yield ffi.unpack(buf, size[0]).decode("utf-8", "replace")
+            if finish[0] != lib.SPARROW_FINISH_NONE:
+                self.last_finish_reason = _FINISH_NAMES.get(finish[0], "unknown")
+                return
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt text the model's own chat template makes of messages."""
+        template = self.metadata("tokenizer.chat_template")
+        if template is None:
+            raise SparrowError("the model has no chat template (tokenizer.chat_template)")
+        bos = self.detokenize([self.bos_token], special=True) if self.bos_token >= 0 else ""
+        eos = self.detokenize([self.eos_token], special=True) if self.eos_token >= 0 else ""
+        return render_chat_template(template, messages, add_generation_prompt, bos_token=bos, eos_token=eos)
+
+    def chat(self, messages: Sequence[dict[str, Any]], **kwargs) -> Iterator[str]:
+        """generate() on the chat template's rendering of messages (special tokens parsed)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        # the template writes BOS itself where the model wants one
+        tokens = self.tokenize(text, add_special=False, parse_special=True)
+        return self.generate(tokens, **kwargs)
+
+    @property
+    def last_stats(self) -> dict:
+        """Statistics of the last generation: token counts, times and speeds."""
+        out = ffi.new("sparrow_stats *")
+        check(lib.sparrow_get_stats(self._live(), out))
+        s = out[0]
+        return {
+            "n_prompt": s.n_prompt,
+            "n_prompt_cached": s.n_prompt_cached,
+            "n_generated": s.n_generated,
+            "n_target_forwards": s.n_target_forwards,
+            "prefill_ms": s.t_prefill_ms,
+            "decode_ms": s.t_decode_ms,
+            "prefill_tokens_per_s": s.prefill_tokens_per_s,
+            "decode_tokens_per_s": s.decode_tokens_per_s,
+        }
+
+    # ---- low level -----------------------------------------------------------------------
+    def decode(
+        self,
+        tokens: Sequence[int],
+        positions: Optional[Sequence[int]] = None,
+        outputs: Optional[Sequence[bool]] = None,
+    ) -> np.ndarray:
+        """One forward pass appending tokens to the KV cache; returns the logits of the rows
+        flagged in outputs (default: the last), shape (n_outputs, n_vocab)."""
+        ctx = self._live()
+        tokens = [int(t) for t in tokens]
+        n = len(tokens)
+        if n == 0:
+            raise SparrowError("decode needs at least one token")
+        if positions is not None and len(positions) != n:
+            raise SparrowError("positions must have one entry per token")
+        if outputs is not None and len(outputs) != n:
+            raise SparrowError("outputs must have one entry per token")
+        batch = ffi.new("sparrow_batch *")
+        tok = ffi.new("sparrow_token[]", tokens)
+        batch.tokens = tok
+        batch.n_tokens = n
+        pos = ffi.new("int32_t[]", [int(p) for p in positions]) if positions is not None else ffi.NULL
+        outs = ffi.new("int8_t[]", [1 if o else 0 for o in outputs]) if outputs is not None else ffi.NULL
+        batch.pos = pos
+        batch.outputs = outs
+        check(lib.sparrow_decode(ctx, batch[0]), "decode")
+        n_out = lib.sparrow_n_outputs(ctx)
+        result = np.empty((n_out, self.n_vocab), dtype=np.float32)
+        for i in range(n_out):
+            ptr = lib.sparrow_get_logits(ctx, i)
+            result[i] = np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32)
+        return result
+
+    def set_capture_layers(self, layers: Sequence[int]) -> None:
+        """Record the input of these layers (n_layer = final hidden state) at output rows."""
+        layers = [int(x) for x in layers]
+        arr = ffi.new("int32_t[]", layers) if layers else ffi.NULL
+        check(lib.sparrow_set_capture_layers(self._live(), arr, len(layers)), "set_capture_layers")
+        self._capture = layers
+
+    def hidden(self, slot: int) -> np.ndarray:
+        """Captured hidden states of capture slot `slot` for every output row of the last
+        decode, shape (n_outputs, n_embd)."""
+        ctx = self._live()
+        n_out = lib.sparrow_n_outputs(ctx)
+        out = np.empty((n_out, self.n_embd), dtype=np.float32)
+        for i in range(n_out):
+            ptr = lib.sparrow_get_hidden(ctx, slot, i)
+            if ptr == ffi.NULL:
+                raise SparrowError(f"no captured hidden state for slot {slot}")
+            out[i] = np.frombuffer(ffi.buffer(ptr, 4 * self.n_embd), dtype=np.float32)
+        return out
+
+    @property
+    def kv_size(self) -> int:
+        return lib.sparrow_kv_size(self._live())
+
+    def kv_truncate(self, n_keep: int) -> None:
+        """Roll the KV cache back to its first n_keep tokens."""
+        check(lib.sparrow_kv_truncate(self._live(), int(n_keep)), "kv_truncate")
