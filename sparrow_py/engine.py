@@ -34,6 +34,8 @@ class Engine:
         seed: default sampling seed.
         n_batch: prompt tokens per forward pass.
         kv_type: "f16" (default) or "f32" key/value cache.
+        vocab_only: load only the tokenizer (works with vocab-only GGUFs); tokenize and
+            detokenize work, generation does not.
         progress: a callable(progress: float) -> bool|None called while loading; return False
             to cancel.
     """
@@ -46,11 +48,13 @@ class Engine:
         seed: int = 0x5EED,
         n_batch: int = 256,
         kv_type: str = "f16",
+        vocab_only: bool = False,
         progress=None,
     ):
         self._model = ffi.NULL
         self._ctx = ffi.NULL
         self.last_finish_reason: Optional[str] = None
+        self.last_tokens: list[int] = []
         if kv_type not in _KV_TYPES:
             raise SparrowError(f"kv_type must be one of {sorted(_KV_TYPES)}, not {kv_type!r}")
         for name, value in (("n_ctx", n_ctx), ("n_threads", n_threads), ("n_batch", n_batch), ("seed", seed)):
@@ -61,6 +65,7 @@ class Engine:
             raise SparrowError(f"model file not found: {path}", "SPARROW_ERR_IO")
 
         mparams = lib.sparrow_model_default_params()
+        mparams.vocab_only = bool(vocab_only)
         callback = None
         if progress is not None:
 
@@ -75,6 +80,9 @@ class Engine:
         out_model = ffi.new("sparrow_model **")
         check(lib.sparrow_model_load(path.encode(), mparams, out_model), f"cannot load {path}")
         self._model = out_model[0]
+        self.vocab_only = bool(vocab_only)
+        if self.vocab_only:
+            return
 
         cparams = lib.sparrow_context_default_params()
         cparams.n_ctx = n_ctx
@@ -113,29 +121,36 @@ class Engine:
             pass
 
     def _live(self):
+        """The context handle; raises if the engine is closed or vocab-only."""
+        self._live_model()
         if self._ctx == ffi.NULL:
-            raise SparrowError("the engine is closed", "SPARROW_ERR_STATE")
+            raise SparrowError("the engine was loaded vocab-only: it can tokenize but not run", "SPARROW_ERR_STATE")
         return self._ctx
+
+    def _live_model(self):
+        if self._model == ffi.NULL:
+            raise SparrowError("the engine is closed", "SPARROW_ERR_STATE")
+        return self._model
 
     # ---- model info ----------------------------------------------------------------------
     @property
     def arch(self) -> str:
-        self._live()
+        self._live_model()
         return ffi.string(lib.sparrow_model_arch(self._model)).decode()
 
     @property
     def n_vocab(self) -> int:
-        self._live()
+        self._live_model()
         return lib.sparrow_model_n_vocab(self._model)
 
     @property
     def n_embd(self) -> int:
-        self._live()
+        self._live_model()
         return lib.sparrow_model_n_embd(self._model)
 
     @property
     def n_layer(self) -> int:
-        self._live()
+        self._live_model()
         return lib.sparrow_model_n_layer(self._model)
 
     @property
@@ -144,21 +159,21 @@ class Engine:
 
     @property
     def bos_token(self) -> int:
-        self._live()
+        self._live_model()
         return lib.sparrow_token_bos(self._model)
 
     @property
     def eos_token(self) -> int:
-        self._live()
+        self._live_model()
         return lib.sparrow_token_eos(self._model)
 
     def is_eog(self, token: int) -> bool:
-        self._live()
+        self._live_model()
         return bool(lib.sparrow_token_is_eog(self._model, token))
 
     def metadata(self, key: str) -> Optional[str]:
         """A string metadata value of the GGUF (e.g. "general.name"), or None."""
-        self._live()
+        self._live_model()
         size = ffi.new("size_t *")
         buf = ffi.new("char[]", 256)
         status = lib.sparrow_model_meta_string(self._model, key.encode(), buf, 256, size)
@@ -171,8 +186,8 @@ class Engine:
         return ffi.unpack(buf, size[0]).decode("utf-8", "replace")
 
     def tensor(self, name: str) -> np.ndarray:
-        """A weight tensor dequantized to float32, shape (rows..., cols) as numpy orders it."""
-        self._live()
+        """A weight tensor dequantized to float32, flattened (ggml order: rows of ne[0])."""
+        self._live_model()
         numel = lib.sparrow_model_tensor_numel(self._model, name.encode())
         if numel < 0:
             raise SparrowError(f"no tensor {name!r}")
@@ -184,7 +199,7 @@ class Engine:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of text. add_special adds BOS where the model wants one; parse_special
         recognises special tokens written in the text."""
-        self._live()
+        self._live_model()
         data = text.encode("utf-8")
         n_out = ffi.new("int32_t *")
         cap = len(data) + 8
@@ -198,7 +213,7 @@ class Engine:
         return list(ffi.unpack(buf, n_out[0]))
 
     def detokenize_bytes(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        self._live()
+        self._live_model()
         tokens = list(tokens)
         arr = ffi.new("sparrow_token[]", tokens) if tokens else ffi.NULL
         size = ffi.new("size_t *")
@@ -234,7 +249,8 @@ class Engine:
 
         temperature 0 is greedy. Stops at an end-of-generation token, a stop string (not
         included in the output), max_tokens (-1: no limit) or a full context.
-        ``last_finish_reason`` and ``last_stats`` describe the generation afterwards.
+        ``last_finish_reason``, ``last_tokens`` (the token ids produced) and ``last_stats``
+        describe the generation afterwards.
         """
         ctx = self._live()
         tokens = self.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -258,16 +274,20 @@ class Engine:
         prompt_arr = ffi.new("sparrow_token[]", tokens) if tokens else ffi.NULL
         check(lib.sparrow_generate_begin(ctx, prompt_arr, len(tokens), params), "generate")
         self.last_finish_reason = None
+        self.last_tokens = []
         return self._stream(ctx)
 
     def _stream(self, ctx) -> Iterator[str]:
         buf = ffi.new("char[]", 4096)
         size = ffi.new("size_t *")
         finish = ffi.new("int32_t *")
+        token = ffi.new("sparrow_token *")
         while True:
             if self._ctx != ctx:
                 raise SparrowError("the engine was closed during generation", "SPARROW_ERR_STATE")
-            check(lib.sparrow_generate_next(ctx, buf, 4096, size, finish, ffi.NULL), "generate")
+            check(lib.sparrow_generate_next(ctx, buf, 4096, size, finish, token), "generate")
+            if token[0] >= 0 and finish[0] != lib.SPARROW_FINISH_EOG:
+                self.last_tokens.append(token[0])
             if size[0]:
                 yield ffi.unpack(buf, size[0]).decode("utf-8", "replace")
             if finish[0] != lib.SPARROW_FINISH_NONE:

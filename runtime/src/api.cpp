@@ -218,6 +218,9 @@ sparrow_status sparrow_model_load(const char * path, sparrow_model_params params
             m->tokenizer = Tokenizer::from_gguf(*m->file);
             m->vocab_only = params.vocab_only;
             if (!m->vocab_only) {
+                if (m->file->tensors().empty()) {
+                    fail(SPARROW_ERR_INVALID_ARGUMENT, "the file has no tensors (a vocab-only GGUF): load it with vocab_only");
+                }
                 if (!lm_supports_arch(m->arch)) {
                     fail(SPARROW_ERR_UNSUPPORTED, format("architecture '%s' is not supported (llama, qwen2 and qwen2vl are)",
                                                          m->arch.c_str()));

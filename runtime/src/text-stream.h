@@ -1,5 +1,6 @@
 // text-stream.h - turns the bytes of generated tokens into pieces of valid UTF-8, holding back
-// bytes that may still complete a character or begin a stop string.
+// bytes that may still complete a character or begin a stop string. Bytes that can never form
+// a character (a random model can emit any byte token) come out as U+FFFD.
 #pragma once
 
 #include <string>
@@ -23,6 +24,10 @@ private:
     std::string pending_;
     size_t ready_ = 0;  // pending_[0, ready_) may be emitted
 };
+
+// s with every invalid UTF-8 sequence (stray or missing continuation bytes, overlong forms,
+// surrogates) replaced by U+FFFD, so that what the runtime hands out always decodes.
+std::string utf8_sanitize(const std::string & s);
 
 // Length of the longest prefix of s that ends on a complete UTF-8 character.
 size_t utf8_complete_prefix(const std::string & s);

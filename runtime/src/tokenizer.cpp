@@ -17,9 +17,14 @@
 #include "unicode.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
-#include <utility>
+#include <functional>
+#include <string>
+#include <string_view>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace sparrow {
 
@@ -45,8 +50,8 @@ uint64_t pair_key(int32_t left, int32_t right) {
 // time it is popped (either side already merged into something else); the ids say.
 struct MergeCandidate {
     int32_t rank;
-    int32_t result;
-    int32_t left;
+    int32_t result;    // id of the merged symbol
+    int32_t left;      // position of the left symbol (its first byte in the piece)
     int32_t left_id;
     int32_t right_id;
     bool operator>(const MergeCandidate & o) const {
@@ -125,7 +130,8 @@ struct Tokenizer::Impl {
 
     SpecialTokenTrie special_tokens;
 
-    int32_t bos = -1, eos = -1, eot = -1, eom = -1, pad = -1, unk = -1;
+    int32_t bos = -1, eos = -1, eot = -1, eom = -1, unk = -1;
+    int32_t pad = -1;  // read for completeness; encoding never emits it
     bool add_bos = false, add_eos = false;
     std::vector<int32_t> end_of_generation;
 

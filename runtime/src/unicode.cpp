@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <utility>
 
 namespace sparrow {
@@ -266,14 +267,30 @@ void nfc_in_place(std::vector<uint32_t> & cps) {
     for (uint32_t cp : cps) decompose_canonical(cp, out);
 
     // 2. canonical ordering: a stable sort of each run of non-starters by combining class
+    //    (a real sort, not insertion: hostile text can carry thousands of marks in a row)
     std::vector<uint8_t> ccc(out.size());
     for (size_t i = 0; i < out.size(); ++i) ccc[i] = combining_class(out[i]);
-    for (size_t i = 1; i < out.size(); ++i) {
-        if (ccc[i] == 0) continue;
-        for (size_t j = i; j > 0 && ccc[j - 1] > ccc[j]; --j) {
-            std::swap(out[j - 1], out[j]);
-            std::swap(ccc[j - 1], ccc[j]);
+    std::vector<std::pair<uint8_t, uint32_t>> run;
+    for (size_t i = 0; i < out.size();) {
+        if (ccc[i] == 0) {
+            ++i;
+            continue;
         }
+        size_t end = i;
+        while (end < out.size() && ccc[end] != 0) ++end;
+        if (end - i > 1) {
+            run.clear();
+            for (size_t k = i; k < end; ++k) run.emplace_back(ccc[k], out[k]);
+            std::stable_sort(run.begin(), run.end(),
+                             [](const std::pair<uint8_t, uint32_t> & a, const std::pair<uint8_t, uint32_t> & b) {
+                                 return a.first < b.first;
+                             });
+            for (size_t k = i; k < end; ++k) {
+                ccc[k] = run[k - i].first;
+                out[k] = run[k - i].second;
+            }
+        }
+        i = end;
     }
 
     // 3. canonical composition: each character combines with the last starter if nothing
@@ -364,9 +381,10 @@ struct Subject {
     size_t end;
 
     bool has(size_t i, CharClass c) const { return i < end && classes[i] == c; }
-    size_t run(size_t i, CharClass c) const {
+    // length of the run of class c starting at i, counting no further than max_len
+    size_t run(size_t i, CharClass c, size_t max_len = SIZE_MAX) const {
         size_t j = i;
-        while (j < end && classes[j] == c) ++j;
+        while (j < end && classes[j] == c && j - i < max_len) ++j;
         return j - i;
     }
     // cps[i] equals the ASCII letter `lower`, or (ignore_case) its case variant: uppercase,
@@ -424,7 +442,7 @@ size_t match_llama3(const Subject & s, size_t i, size_t max_digits) {
     if (cls != CLASS_NUMBER && !is_newline(s.cps[i]) && s.has(i + 1, CLASS_LETTER)) {
         return 1 + s.run(i + 1, CLASS_LETTER);  // one leading space or symbol joins the word
     }
-    if (cls == CLASS_NUMBER) return std::min(s.run(i, CLASS_NUMBER), max_digits);
+    if (cls == CLASS_NUMBER) return s.run(i, CLASS_NUMBER, max_digits);
 
     const size_t start = s.cps[i] == ' ' && s.has(i + 1, CLASS_OTHER) ? i + 1 : i;
     if (s.classes[start] == CLASS_OTHER) {
