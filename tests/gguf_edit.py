@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def copy_gguf(src, dst, *, drop_tensors=(), replace_kv=None, replace_tensors=None):
+def copy_gguf(src, dst, *, drop_tensors=(), replace_kv=None, replace_tensors=None, raw_types=None):
     """Rewrite a GGUF with gguf-py, optionally dropping tensors, changing metadata values or
-    replacing tensor data (to make structurally valid files with wrong content)."""
+    replacing tensor data (to make structurally valid files with wrong content). raw_types gives
+    the ggml type of replacement data that is already quantized bytes."""
     import gguf
 
     replace_kv = replace_kv or {}
@@ -24,7 +25,8 @@ def copy_gguf(src, dst, *, drop_tensors=(), replace_kv=None, replace_tensors=Non
         if t.name in drop_tensors:
             continue
         if t.name in replace_tensors:
-            w.add_tensor(t.name, replace_tensors[t.name])
+            raw_type = (raw_types or {}).get(t.name)
+            w.add_tensor(t.name, replace_tensors[t.name], raw_dtype=raw_type)
         else:
             w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()

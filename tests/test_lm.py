@@ -223,3 +223,32 @@ def test_explicit_positions(converted, hf_models):
         e.kv_truncate(0)
         explicit = e.decode(ids, positions=list(range(10)), outputs=[True] * 10)
         assert np.array_equal(implicit, explicit)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama3_scaled_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """Llama with Llama 3.1 rope scaling: the converter writes rope_freqs.weight."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=336, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    out = tmp_path_factory.mktemp("llama3") / "tiny-llama3"
+    LlamaForCausalLM(config).eval().save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_tokenizer_dir / name, out / name)
+    return out
+
+
+def test_llama3_rope_scaling_matches_transformers(tiny_llama3_scaled_dir, tmp_path):
+    hf = load_hf(tiny_llama3_scaled_dir)
+    path = tmp_path / "llama3.gguf"
+    convert(tiny_llama3_scaled_dir, path, outtype="f32", progress=False)
+    ids = prompt_ids(336, n=150, seed=8)  # long enough for the scaled low frequencies to matter
+    ref = hf_logits(hf, ids)
+    assert rel_err(engine_logits(path, ids), ref) < 1e-4

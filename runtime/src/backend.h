@@ -57,6 +57,9 @@ struct RopeParams {
     float freq_base = 10000.0f;
     float freq_scale = 1.0f;   // linear position scaling (1 = none)
     int sections[4] = {0, 0, 0, 0};  // MRope: frequency pairs taking positions from stream s
+    // Optional per-pair divisors of the frequencies (n_dims / 2 floats, llama3 rope scaling);
+    // a host pointer, like the position arrays.
+    const float * freq_factors = nullptr;
 };
 
 struct AttentionParams {

@@ -141,7 +141,7 @@ public:
                     while (stream < 3 && sector >= section_end[stream]) ++stream;
                 }
                 const double position = (double) pos[(int64_t) stream * n + t] * p.freq_scale;
-                const double theta = position * inv_freq_[i];
+                const double theta = position * inv_freq_[i] / (p.freq_factors ? p.freq_factors[i] : 1.0f);
                 const float c = (float) std::cos(theta), s = (float) std::sin(theta);
                 for (int h = 0; h < n_head; ++h) {
                     float * v = row + h * head_dim;

@@ -143,7 +143,10 @@ void lm_load(const GGUFFile & f, LMHparams & hp, LMWeights & w) {
     } else if (scaling != "none") {
         fail(SPARROW_ERR_UNSUPPORTED, format("rope scaling '%s' is not supported", scaling.c_str()));
     }
-    if (f.find_tensor(kRopeFreqs)) fail(SPARROW_ERR_UNSUPPORTED, "rope frequency factors (llama3 rope scaling) are not supported yet");
+    if (f.find_tensor(kRopeFreqs)) {  // llama3 rope scaling: per-pair frequency divisors
+        Tensor factors = bind(f, kRopeFreqs, hp.rope.n_dims / 2, 1, true, true);
+        hp.rope.freq_factors = factors.f32();
+    }
     if (ai->rope_mode == RopeMode::MRope) {
         std::vector<int64_t> sec = f.get_int_array(key(kKeyRopeSections, a));
         if (sec.empty() || sec.size() > 4) fail(SPARROW_ERR_FORMAT, "rope.dimension_sections must have 1 to 4 entries");
