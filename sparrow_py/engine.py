@@ -333,9 +333,14 @@ class Engine:
         tokens: Sequence[int],
         positions: Optional[Sequence[int]] = None,
         outputs: Optional[Sequence[bool]] = None,
+        parents: Optional[Sequence[int]] = None,
     ) -> np.ndarray:
         """One forward pass appending tokens to the KV cache; returns the logits of the rows
-        flagged in outputs (default: the last), shape (n_outputs, n_vocab)."""
+        flagged in outputs (default: the last), shape (n_outputs, n_vocab).
+
+        parents makes the batch a token tree (speculative verification): parents[i] is the index
+        of token i's parent in the batch, or -1; each token attends to the cache, its ancestors
+        and itself."""
         ctx = self._live()
         tokens = [int(t) for t in tokens]
         n = len(tokens)
@@ -351,8 +356,12 @@ class Engine:
         batch.n_tokens = n
         pos = ffi.new("int32_t[]", [int(p) for p in positions]) if positions is not None else ffi.NULL
         outs = ffi.new("int8_t[]", [1 if o else 0 for o in outputs]) if outputs is not None else ffi.NULL
+        if parents is not None and len(parents) != n:
+            raise SparrowError("parents must have one entry per token")
+        par = ffi.new("int32_t[]", [int(p) for p in parents]) if parents is not None else ffi.NULL
         batch.pos = pos
         batch.outputs = outs
+        batch.parents = par
         check(lib.sparrow_decode(ctx, batch[0]), "decode")
         n_out = lib.sparrow_n_outputs(ctx)
         result = np.empty((n_out, self.n_vocab), dtype=np.float32)
@@ -388,3 +397,9 @@ class Engine:
     def kv_truncate(self, n_keep: int) -> None:
         """Roll the KV cache back to its first n_keep tokens."""
         check(lib.sparrow_kv_truncate(self._live(), int(n_keep)), "kv_truncate")
+
+    def kv_compact(self, n_keep: int, rows: Sequence[int]) -> None:
+        """Keep cache rows [0, n_keep) followed by `rows` (increasing), e.g. an accepted tree path."""
+        rows = [int(r) for r in rows]
+        arr = ffi.new("int32_t[]", rows) if rows else ffi.NULL
+        check(lib.sparrow_kv_compact(self._live(), int(n_keep), arr, len(rows)), "kv_compact")

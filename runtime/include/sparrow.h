@@ -176,15 +176,21 @@ SPARROW_API int32_t sparrow_context_n_ctx(const sparrow_context * ctx);
 
 /* ---- low-level forward passes ---------------------------------------------------------- */
 /* One forward pass over n_tokens tokens appended to the KV cache.
- *   pos:     position of each token; NULL means consecutive positions after the cache.
+ *   pos:     position of each token; NULL means consecutive positions after the cache (for a
+ *            tree: the position after the cache plus the token's depth in the tree).
  *   outputs: non-zero for each token whose logits (and captured hidden states) are wanted;
  *            NULL means the last token only.
+ *   parents: NULL for a sequence (each token sees the cache and the tokens before it). For a
+ *            token tree, as speculative verification feeds one: parents[i] is the batch index of
+ *            token i's parent (< i), or -1 for a root; a token sees the cache before the batch,
+ *            its ancestors and itself. A tree must fit in one forward pass (n_batch tokens).
  * Results stay valid until the next forward pass on the context. */
 typedef struct sparrow_batch {
     const sparrow_token * tokens;
     int32_t n_tokens;
     const int32_t * pos;
     const int8_t * outputs;
+    const int32_t * parents;
 } sparrow_batch;
 
 SPARROW_API sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch);
@@ -205,6 +211,11 @@ SPARROW_API const float * sparrow_get_hidden(sparrow_context * ctx, int32_t k, i
 /* Number of tokens in the KV cache, and rollback to the first n_keep of them. */
 SPARROW_API int32_t sparrow_kv_size(const sparrow_context * ctx);
 SPARROW_API sparrow_status sparrow_kv_truncate(sparrow_context * ctx, int32_t n_keep);
+/* Keep the first n_keep cache rows, then the rows listed (increasing, all >= n_keep) moved
+ * down to follow them in order; drop the rest. After a tree verification this keeps the
+ * accepted path, so the cache is what a plain prefill of the accepted tokens would give. */
+SPARROW_API sparrow_status sparrow_kv_compact(sparrow_context * ctx, int32_t n_keep, const int32_t * rows,
+                                              int32_t n_rows);
 
 /* ---- sampling and generation ----------------------------------------------------------- */
 typedef struct sparrow_sampler_params {

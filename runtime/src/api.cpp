@@ -91,7 +91,32 @@ void prefault(const GGUFFile & f, const sparrow_model_params & params) {
 
 // Run tokens through the model in chunks of n_batch, collecting the flagged rows' logits and
 // captured hidden states. On abort the cache keeps the chunks that completed.
-void forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const int32_t * pos_in, const int8_t * outputs) {
+// For a token tree: check the parent links, and build each token's depth and its attention
+// mask over the cache rows before the batch plus the batch itself.
+void build_tree(const int32_t * parents, int32_t n, int64_t n_past, std::vector<int32_t> & depth,
+                std::vector<uint8_t> & mask) {
+    depth.assign(n, 0);
+    const int64_t n_kv = n_past + n;
+    mask.assign((size_t) n * n_kv, 0);
+    for (int32_t i = 0; i < n; ++i) {
+        const int32_t p = parents[i];
+        if (p < -1 || p >= i) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("parents[%d] = %d: a parent must be -1 or an earlier index", i, p));
+        }
+        uint8_t * row = mask.data() + (size_t) i * n_kv;
+        std::fill(row, row + n_past, 1);
+        if (p >= 0) {
+            depth[i] = depth[p] + 1;
+            // a token sees what its parent sees within the batch, and the parent itself
+            const uint8_t * parent_row = mask.data() + (size_t) p * n_kv;
+            std::copy(parent_row + n_past, parent_row + n_kv, row + n_past);
+        }
+        row[n_past + i] = 1;
+    }
+}
+
+void forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const int32_t * pos_in, const int8_t * outputs,
+             const int32_t * parents = nullptr) {
     const sparrow_model & m = *ctx.model;
     const LMHparams & hp = m.hparams;
     for (int32_t i = 0; i < n; ++i) {
@@ -112,6 +137,13 @@ void forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const int
     ctx.n_outputs = 0;
 
     const int32_t n_batch = (int32_t) ctx.scratch.n_batch;
+    std::vector<int32_t> depth;
+    if (parents) {
+        if (n > n_batch) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("a tree of %d tokens must fit in one forward pass (n_batch %d)", n, n_batch));
+        }
+        build_tree(parents, n, have, depth, ctx.tree_mask);
+    }
     std::vector<int32_t> out_rows;
     std::vector<float> chunk_hidden;
     int32_t next_pos = ctx.cache_pos.empty() ? 0 : ctx.cache_pos.back() + 1;
@@ -126,7 +158,7 @@ void forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const int
         // positions: text-only, so every M-RoPE stream carries the same value
         int32_t * pos = ctx.scratch.pos.data();
         for (int32_t i = 0; i < cn; ++i) {
-            const int32_t p = pos_in ? pos_in[c0 + i] : next_pos + c0 + i;
+            const int32_t p = pos_in ? pos_in[c0 + i] : parents ? next_pos + depth[i] : next_pos + c0 + i;
             for (int s = 0; s < hp.n_pos_streams; ++s) pos[(size_t) s * cn + i] = s < 3 ? p : 0;
         }
         LMForwardRequest req;
@@ -135,6 +167,7 @@ void forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const int
         req.pos = pos;
         req.out_rows = out_rows.data();
         req.n_out = (int64_t) out_rows.size();
+        req.mask = parents ? ctx.tree_mask.data() : nullptr;
         req.capture_layers = ctx.capture_layers.data();
         req.n_capture = (int32_t) n_capture;
         req.logits = ctx.logits.data() + (size_t) out_done * hp.n_vocab;
@@ -384,7 +417,7 @@ sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch) {
         require(ctx != nullptr, "ctx is NULL");
         require(batch.n_tokens > 0 && batch.tokens != nullptr, "the batch has no tokens");
         ctx->gen.active = false;  // a manual forward ends any generation in progress
-        forward(*ctx, batch.tokens, batch.n_tokens, batch.pos, batch.outputs);
+        forward(*ctx, batch.tokens, batch.n_tokens, batch.pos, batch.outputs, batch.parents);
     });
 }
 
@@ -426,6 +459,29 @@ sparrow_status sparrow_kv_truncate(sparrow_context * ctx, int32_t n_keep) {
         }
         ctx->gen.active = false;
         truncate_cache(*ctx, n_keep);
+    });
+}
+
+sparrow_status sparrow_kv_compact(sparrow_context * ctx, int32_t n_keep, const int32_t * rows, int32_t n_rows) {
+    return guard([&] {
+        require(ctx != nullptr, "ctx is NULL");
+        const int64_t size = ctx->cache->size();
+        if (n_keep < 0 || n_keep > size) fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_keep %d is outside [0, %lld]", n_keep, (long long) size));
+        require(n_rows >= 0 && (rows != nullptr || n_rows == 0), "bad row list");
+        std::vector<int32_t> dst((size_t) n_rows);
+        for (int32_t i = 0; i < n_rows; ++i) {
+            if (rows[i] < n_keep || rows[i] >= size || (i > 0 && rows[i] <= rows[i - 1])) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("rows must increase within [n_keep, %lld): rows[%d] = %d", (long long) size, i, rows[i]));
+            }
+            dst[i] = n_keep + i;
+        }
+        ctx->gen.active = false;
+        ctx->cache->move_rows(rows, dst.data(), n_rows);
+        for (int32_t i = 0; i < n_rows; ++i) {
+            ctx->cache_tokens[dst[i]] = ctx->cache_tokens[rows[i]];
+            ctx->cache_pos[dst[i]] = ctx->cache_pos[rows[i]];
+        }
+        truncate_cache(*ctx, n_keep + n_rows);
     });
 }
 

@@ -101,6 +101,9 @@ public:
     virtual void rope(Tensor & x, int n_head, int head_dim, const int32_t * pos, const RopeParams & p) = 0;
     // Copy f32 rows into a KV cache (f32 or f16) starting at cache row first_row.
     virtual void store_rows(const Tensor & src, Tensor & cache, int64_t first_row) = 0;
+    // Within one tensor, copy row src[i] to row dst[i] for i in order (dst[i] <= src[i], so
+    // rows move down and a later source is never overwritten before it is read).
+    virtual void move_rows(Tensor & t, const int32_t * src, const int32_t * dst, int64_t n) = 0;
     // out[n_q, n_head * head_dim] = softmax(q k^T * scale + mask) v over cache rows [0, n_kv).
     virtual void attention(const Tensor & q, const Tensor & k_cache, const Tensor & v_cache,
                            const AttentionParams & p, Tensor & out) = 0;

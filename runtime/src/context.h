@@ -28,6 +28,7 @@ struct sparrow_context {
     std::vector<float> hidden;          // n_capture x n_outputs x n_embd
     int32_t n_outputs = 0;
     std::vector<int32_t> capture_layers;
+    std::vector<uint8_t> tree_mask;     // attention mask of the last tree batch
 
     // streaming generation
     struct Generation {

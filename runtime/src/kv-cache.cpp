@@ -25,6 +25,11 @@ KVCache::~KVCache() {
     for (auto & t : v_) be_.free(t.data);
 }
 
+void KVCache::move_rows(const int32_t * src, const int32_t * dst, int64_t n) {
+    for (auto & t : k_) be_.move_rows(t, src, dst, n);
+    for (auto & t : v_) be_.move_rows(t, src, dst, n);
+}
+
 size_t KVCache::bytes() const {
     size_t total = 0;
     for (const auto & t : k_) total += t.nbytes();

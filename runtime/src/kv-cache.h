@@ -23,6 +23,8 @@ public:
     Tensor & k(int layer) { return k_[layer]; }
     Tensor & v(int layer) { return v_[layer]; }
     size_t bytes() const;
+    // Move rows src[i] -> dst[i] in every layer (see Backend::move_rows).
+    void move_rows(const int32_t * src, const int32_t * dst, int64_t n);
 
 private:
     Backend & be_;

@@ -163,6 +163,13 @@ public:
         }
     }
 
+    void move_rows(Tensor & t, const int32_t * src, const int32_t * dst, int64_t n) override {
+        const size_t rb = t.row_bytes();
+        for (int64_t i = 0; i < n; ++i) {
+            if (src[i] != dst[i]) memmove((uint8_t *) t.data + (size_t) dst[i] * rb, (uint8_t *) t.data + (size_t) src[i] * rb, rb);
+        }
+    }
+
     void attention(const Tensor & q, const Tensor & k_cache, const Tensor & v_cache,
                    const AttentionParams & p, Tensor & out) override {
         const int64_t n_q = q.rows();

@@ -60,6 +60,7 @@ struct LMForwardRequest {
     const int32_t * pos = nullptr;      // n_pos_streams * n_tokens positions (stream-major)
     const int32_t * out_rows = nullptr; // batch rows whose logits are wanted
     int64_t n_out = 0;
+    const uint8_t * mask = nullptr;     // n_tokens x (cache rows + n_tokens): tree attention; null = causal
     const int32_t * capture_layers = nullptr;  // layer inputs to record at out_rows
     int32_t n_capture = 0;
     float * logits = nullptr;           // host: n_out x n_vocab

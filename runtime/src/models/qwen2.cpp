@@ -242,6 +242,7 @@ bool lm_forward(Backend & be, const LMHparams & hp, const LMWeights & w, KVCache
     ap.scale = 1.0f / std::sqrt((float) hp.head_dim);
     ap.n_kv = kv_first + n;
     ap.q_first = kv_first;
+    ap.mask = req.mask;
 
     auto capture = [&](int32_t layer_index) {
         for (int32_t c = 0; c < req.n_capture; ++c) {

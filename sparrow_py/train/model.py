@@ -1,0 +1,492 @@
+"""The Sparrow draft of spec v1 as a plain torch module (DESIGN.md section 4, docs/draft.md).
+
+One decoder layer, EAGLE-3 style, that reads the target's hidden states:
+
+    g_t     = fc(concat(taps_t))                                 taps: target layer inputs at t
+    x_t     = concat(embed_norm(E[y_{t+1}]), hidden_norm(g_t))   width 2H
+    a_t     = o_proj(attn(q(x_t), k(x_t), v(x_t)))               VATA mask, RoPE at the target's text position
+    r_t     = g_t + a_t                                          the residual stream is g
+    h_t     = r_t + down(silu(gate(ffn_norm(r_t))) * up(ffn_norm(r_t)))
+    logits  = head(output_norm(h_t))                             target's frozen head, or reduced head + d2t
+
+h_t (before the final norm) replaces g at the next drafted position. Glimpses are G vectors
+pooled from the target's ivsb_layer outputs at visual positions; each enters the KV once as
+x = concat(0, hidden_norm(glimpse_proj(pool))) at the position of its segment's first visual token.
+
+Two ways to run the same math, which tests/test_train_model.py holds equal to 1e-5:
+  forward_mtp()  training over whole sequences, k MTP steps unrolled, VATA as a dense mask;
+  step()         inference one entry at a time with a DraftCache (glimpses + S anchors + ring
+                 of W + the current speculative chain), the path the C++ runtime mirrors.
+Both decide visibility with the one function vata_visible().
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The draft's own config.json carries this in "model_type" / "architectures" so the converter can
+# tell a draft folder from a Hugging Face model folder.
+DRAFT_MODEL_TYPE = "sparrow-draft"
+DRAFT_ARCHITECTURE = "SparrowDraft"
+
+
+class DraftConfigError(ValueError):
+    """A draft configuration that is inconsistent, or that does not fit the target."""
+
+
+@dataclass
+class DraftConfig:
+    # --- the target this draft reads (checked by check_fits) ---
+    target_arch: str                 # GGUF architecture of the target LM: llama, qwen2, qwen2vl
+    target_num_layers: int           # L
+    vocab_size: int                  # V, the target's vocabulary
+    hidden_size: int                 # H (the target's; the draft works at the same width)
+    # --- the draft layer (GQA like the target's) ---
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    # --- spec v1 knobs ---
+    taps: list[int] = field(default_factory=list)  # target layer inputs; L = final hidden state before the norm
+    ivsb_layer: int = 0              # output of target decoder layer ivsb_layer (0-based) feeds the glimpses
+    glimpses: int = 8                # G; 0 turns glimpsing off
+    anchors: int = 32                # S
+    window: int = 256                # W; 0 = unbounded (EAGLE-3)
+    draft_vocab_size: int = 0        # N; 0 or V = the target's full head (no d2t)
+    target_tie_word_embeddings: bool = True
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return 0 < self.draft_vocab_size < self.vocab_size
+
+    @property
+    def n_draft_vocab(self) -> int:
+        return self.draft_vocab_size if self.reduced_vocab else self.vocab_size
+
+    def validate(self) -> None:
+        L, H = self.target_num_layers, self.hidden_size
+        if not self.taps:
+            raise DraftConfigError("taps: at least one target layer is needed")
+        for t in self.taps:
+            if not 0 <= t <= L:
+                raise DraftConfigError(f"tap {t} is outside 0..{L} (the target has {L} layers)")
+        if not 0 <= self.ivsb_layer < L:
+            raise DraftConfigError(f"ivsb_layer {self.ivsb_layer} is outside 0..{L - 1}")
+        if self.glimpses < 0 or self.anchors < 0 or self.window < 0:
+            raise DraftConfigError("glimpses, anchors and window must be >= 0")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise DraftConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            raise DraftConfigError(f"head_dim {self.head_dim} is odd (RoPE rotates pairs)")
+        if self.draft_vocab_size < 0 or self.draft_vocab_size > self.vocab_size:
+            raise DraftConfigError(f"draft_vocab_size {self.draft_vocab_size} is outside 0..{self.vocab_size}")
+        if H <= 0:
+            raise DraftConfigError("hidden_size must be positive")
+
+    # --- (de)serialisation: config.json of an exported draft folder ---
+    def to_dict(self) -> dict[str, Any]:
+        d = {"model_type": DRAFT_MODEL_TYPE, "architectures": [DRAFT_ARCHITECTURE], "spec_version": 1}
+        d.update(asdict(self))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DraftConfig":
+        if d.get("model_type") != DRAFT_MODEL_TYPE:
+            raise DraftConfigError(f"not a Sparrow draft config (model_type {d.get('model_type')!r})")
+        names = cls.__dataclass_fields__.keys()
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg.taps = [int(t) for t in cfg.taps]
+        cfg.validate()
+        return cfg
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "DraftConfig":
+        return cls.from_dict(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")))
+
+    # --- building from, and checking against, a target ---
+    @classmethod
+    def for_target(cls, target: "TargetShape", *, taps: list[int] | None = None, ivsb_layer: int | None = None,
+                   glimpses: int = 8, anchors: int = 32, window: int = 256, draft_vocab_size: int = 0) -> "DraftConfig":
+        L = target.num_layers
+        cfg = cls(target_arch=target.arch, target_num_layers=L, vocab_size=target.vocab_size,
+                  hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
+                  num_attention_heads=target.num_attention_heads, num_key_value_heads=target.num_key_value_heads,
+                  head_dim=target.head_dim, rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
+                  taps=list(taps) if taps is not None else default_taps(L),
+                  ivsb_layer=default_ivsb_layer(L) if ivsb_layer is None else ivsb_layer,
+                  glimpses=glimpses, anchors=anchors, window=window, draft_vocab_size=draft_vocab_size,
+                  target_tie_word_embeddings=target.tie_word_embeddings)
+        cfg.validate()
+        return cfg
+
+    def check_fits(self, target: "TargetShape") -> None:
+        """Refuse a target this draft was not made for (arch, H, vocab, layer count)."""
+        wrong = []
+        for what, mine, theirs in (("architecture", self.target_arch, target.arch),
+                                   ("hidden size", self.hidden_size, target.hidden_size),
+                                   ("vocab size", self.vocab_size, target.vocab_size),
+                                   ("layer count", self.target_num_layers, target.num_layers)):
+            if mine != theirs:
+                wrong.append(f"{what} {theirs} (draft expects {mine})")
+        if wrong:
+            raise DraftConfigError("draft does not fit this target: " + ", ".join(wrong))
+
+
+def default_taps(num_layers: int) -> list[int]:
+    """llama.cpp's eagle3 convention: inputs of layers 2, L/2, L-3 (clamped and deduplicated for tiny L)."""
+    L = num_layers
+    taps = sorted({min(max(t, 0), L) for t in (2, L // 2, L - 3)})
+    return taps
+
+
+def default_ivsb_layer(num_layers: int) -> int:
+    return min(max(int(round(0.7 * num_layers)), 0), num_layers - 1)
+
+
+@dataclass
+class TargetShape:
+    """What a draft needs to know about its target (see sparrow_py.train.target.target_shape)."""
+    arch: str
+    num_layers: int
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+
+
+# --- VATA: the one visibility rule ------------------------------------------------------------
+
+def vata_visible(q_index: torch.Tensor, k_index: torch.Tensor, anchor_start: torch.Tensor | int,
+                 n_anchors: int, window: int) -> torch.Tensor:
+    """May the draft entry with index q_index attend to the entry with index k_index?
+
+    Indices count draft text entries (0, 1, 2, ... over the text positions of the sequence, the
+    speculative chain continuing the count). Visible: k <= q, and k is an anchor (one of the first
+    n_anchors entries from anchor_start, the first text position after the video) or k is one of
+    the last `window` entries up to q (window 0: no limit). Glimpses are always visible and are not
+    passed through here. Broadcasts over its tensor arguments.
+    """
+    causal = k_index <= q_index
+    is_anchor = (k_index >= anchor_start) & (k_index < anchor_start + n_anchors)
+    if window > 0:
+        in_window = (q_index - k_index) < window
+    else:
+        in_window = torch.ones_like(causal)
+    return causal & (is_anchor | in_window)
+
+
+# --- building blocks --------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in float32 like the HF targets, whatever the autocast dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NEOX ("rotate half", HF layout) RoPE tables for integer positions [...]: returns [..., head_dim]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim))
+    ang = positions.to(torch.float64)[..., None] * inv_freq
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., n_heads, head_dim]; cos/sin [..., head_dim] (broadcast over heads)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """q [B, Q, nh, hd], k/v [B, K, nkv, hd], visible [B, Q, K] bool -> [B, Q, nh*hd]. GQA by repetition."""
+    nh, nkv = q.shape[-2], k.shape[-2]
+    if nh != nkv:
+        k = k.repeat_interleave(nh // nkv, dim=-2)
+        v = v.repeat_interleave(nh // nkv, dim=-2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # a row with nothing visible (padding) would be NaN: make it zero instead
+    probs = torch.nan_to_num(probs, nan=0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float()).to(q.dtype)
+    return out.flatten(-2)
+
+
+# --- the step-by-step KV cache (what the runtime mirrors) ---------------------------------------
+
+class DraftCache:
+    """The draft's KV for one sequence: G glimpses, S anchors, a ring of W, the speculative chain.
+
+    Committed entries carry the target's real features; the chain holds the entries drafted from
+    the draft's own hidden states since the last commit and is dropped by drop_speculative().
+    Nothing here depends on the number of visual tokens.
+    """
+
+    def __init__(self, config: DraftConfig, anchor_start: int):
+        self.config = config
+        self.anchor_start = anchor_start
+        self.n_committed = 0
+        self.glimpse_k: list[torch.Tensor] = []
+        self.glimpse_v: list[torch.Tensor] = []
+        self.anchor: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (index, k, v)
+        self.ring: list[tuple[int, torch.Tensor, torch.Tensor]] = []    # oldest first, at most W (unbounded if W = 0)
+        self.chain: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def next_index(self) -> int:
+        return self.n_committed + len(self.chain)
+
+    def n_entries(self) -> int:
+        return len(self.glimpse_k) + len(self.anchor) + len(self.ring) + len(self.chain)
+
+    def add(self, index: int, k: torch.Tensor, v: torch.Tensor, speculative: bool) -> None:
+        if speculative:
+            self.chain.append((index, k, v))
+            return
+        assert not self.chain, "commit entries only after drop_speculative()"
+        assert index == self.n_committed
+        S, W = self.config.anchors, self.config.window
+        if self.anchor_start <= index < self.anchor_start + S:
+            self.anchor.append((index, k, v))
+        else:
+            self.ring.append((index, k, v))
+            if W > 0 and len(self.ring) > W:
+                # the oldest ring entry has index <= index - W: no later query can see it
+                self.ring.pop(0)
+        self.n_committed += 1
+
+    def drop_speculative(self) -> None:
+        self.chain.clear()
+
+    def keys(self, q_index: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All cached K, V and their visibility for a query with draft index q_index."""
+        entries = self.anchor + self.ring + self.chain
+        ks = self.glimpse_k + [e[1] for e in entries]
+        vs = self.glimpse_v + [e[2] for e in entries]
+        idx = torch.tensor([e[0] for e in entries], dtype=torch.long, device=device)
+        text_visible = vata_visible(torch.tensor(q_index, device=device), idx, self.anchor_start,
+                                    self.config.anchors, self.config.window)
+        visible = torch.cat([torch.ones(len(self.glimpse_k), dtype=torch.bool, device=device), text_visible])
+        return torch.stack(ks), torch.stack(vs), visible
+
+
+# --- the module -----------------------------------------------------------------------------
+
+class SparrowDraft(nn.Module):
+    """The spec v1 draft. Parameters are the draft's own; E and the full head are frozen buffers
+    taken from the target (set_target_weights) and are never saved with the draft."""
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        H, nT = c.hidden_size, len(c.taps)
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.fc = nn.Linear(nT * H, H, bias=False)
+        self.embed_norm = RMSNorm(H, c.rms_norm_eps)      # GGUF blk.0.attn_norm
+        self.hidden_norm = RMSNorm(H, c.rms_norm_eps)     # GGUF blk.0.attn_norm_2
+        self.q_proj = nn.Linear(2 * H, q_dim, bias=False)
+        self.k_proj = nn.Linear(2 * H, kv_dim, bias=False)
+        self.v_proj = nn.Linear(2 * H, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, H, bias=False)
+        self.ffn_norm = RMSNorm(H, c.rms_norm_eps)
+        self.gate_proj = nn.Linear(H, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, H, bias=False)
+        self.output_norm = RMSNorm(H, c.rms_norm_eps)
+        self.glimpse_proj = nn.Linear(H, H, bias=False)
+        if c.reduced_vocab:
+            self.lm_head = nn.Linear(H, c.draft_vocab_size, bias=False)   # trained; GGUF "output"
+            self.register_buffer("d2t", torch.arange(c.draft_vocab_size, dtype=torch.long))  # draft id -> target id
+        else:
+            self.lm_head = None
+            self.d2t = None
+        # frozen, shared with the target: not in state_dict
+        self.register_buffer("target_embed", torch.zeros(c.vocab_size, H), persistent=False)
+        self.register_buffer("target_head", torch.zeros(0, H), persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        gen = torch.Generator().manual_seed(0)
+        std = 0.02
+        for lin in (self.fc, self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.gate_proj, self.up_proj,
+                    self.down_proj, self.glimpse_proj):
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * std)
+
+    def set_target_weights(self, embed: torch.Tensor, head: torch.Tensor) -> None:
+        """E [V, H] and the LM head W [V, H] of the target (frozen; tied models pass E twice)."""
+        c = self.config
+        if embed.shape != (c.vocab_size, c.hidden_size) or head.shape != (c.vocab_size, c.hidden_size):
+            raise DraftConfigError(f"target embedding/head shapes {tuple(embed.shape)}/{tuple(head.shape)} do not match "
+                                   f"the draft's vocab {c.vocab_size} x hidden {c.hidden_size}")
+        self.target_embed = embed.detach().to(self.fc.weight.device, torch.float32).clone()
+        self.target_head = head.detach().to(self.fc.weight.device, torch.float32).clone()
+
+    # --- pieces shared by both paths ---
+    def fuse_taps(self, taps: torch.Tensor) -> torch.Tensor:
+        """g = fc(concat(taps)); taps [..., len(taps)*H]."""
+        return self.fc(taps.to(self.fc.weight.dtype))
+
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        c = self.config
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+        q = self.q_proj(x).unflatten(-1, (c.num_attention_heads, c.head_dim))
+        k = self.k_proj(x).unflatten(-1, (c.num_key_value_heads, c.head_dim))
+        v = self.v_proj(x).unflatten(-1, (c.num_key_value_heads, c.head_dim))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _layer_input(self, tokens: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        e = F.embedding(tokens, self.target_embed).to(g.dtype)
+        return torch.cat([self.embed_norm(e), self.hidden_norm(g)], dim=-1)
+
+    def _glimpse_input(self, pooled: torch.Tensor) -> torch.Tensor:
+        p = self.glimpse_proj(pooled.to(self.glimpse_proj.weight.dtype))
+        return torch.cat([torch.zeros_like(p), self.hidden_norm(p)], dim=-1)
+
+    def _finish(self, attn_out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        r = g + self.o_proj(attn_out)
+        n = self.ffn_norm(r)
+        return r + self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits (N = draft_vocab_size if reduced, else V) from the pre-norm state h."""
+        n = self.output_norm(h)
+        if self.lm_head is not None:
+            return self.lm_head(n)
+        return n @ self.target_head.to(n.dtype).t()
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return self.d2t[draft_ids] if self.d2t is not None else draft_ids
+
+    # --- (a) training: whole sequences, k MTP steps ---
+    def forward_mtp(self, taps: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                    n_entries: torch.Tensor, anchor_start: torch.Tensor, steps: int,
+                    glimpses: torch.Tensor | None = None, glimpse_positions: torch.Tensor | None = None,
+                    glimpse_valid: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run steps+1 unrolled draft steps over a padded batch of draft sequences.
+
+        taps [B, M, nT*H]: target tap inputs at the M draft entries (text positions p_j)
+        tokens [B, M, steps+1]: tokens[b, j, s] = the token at target position p_j + 1 + s
+        positions [B, M]: RoPE position of entry j (the target's text position id of p_j)
+        n_entries [B]: valid entries per row (the rest is padding); anchor_start [B]: first entry after the video
+        glimpses [B, G, H] (pooled ivsb outputs, before glimpse_proj), glimpse_positions [B, G], glimpse_valid [B, G]
+
+        Step s is the chain that started at entry j0 = j after s drafted tokens: query index j0 + s,
+        position positions[j0] + s, input (tokens[j0, s], h^{s-1}[j0]) with h^{-1} = fc(taps). It sees
+        the glimpses, the committed (step 0) entries j' <= j0 and its own chain entries 1..s, all
+        filtered by vata_visible: exactly what step() sees at inference.
+        Returns (logits per step [B, M, N], pre-norm hidden states per step [B, M, H]).
+        """
+        c = self.config
+        B, M = tokens.shape[:2]
+        dev = tokens.device
+        j = torch.arange(M, device=dev)
+        entry_valid = j[None, :] < n_entries[:, None]                      # [B, M]
+        a0 = anchor_start[:, None, None]
+
+        if glimpses is not None and glimpses.shape[1] > 0:
+            gk, gv = self._qkv_glimpses(glimpses, glimpse_positions)
+            g_vis = glimpse_valid[:, None, :].expand(B, M, -1)
+        else:
+            gk = gv = None
+
+        g = self.fuse_taps(taps)
+        ks, vs = [], []          # step-0 K/V, then each chain step's K/V
+        all_logits, all_h = [], []
+        for s in range(steps + 1):
+            x = self._layer_input(tokens[:, :, s], g)
+            q, k, v = self._qkv(x, positions + s)
+            ks.append(k)
+            vs.append(v)
+            q_idx = (j + s)[None, :, None]                                 # [1, M, 1]
+            # committed entries j' <= j0
+            k0 = j[None, None, :]
+            vis0 = vata_visible(q_idx, k0, a0, c.anchors, c.window) & (k0 <= j[None, :, None]) & entry_valid[:, None, :]
+            vis_parts, k_parts, v_parts = [vis0], [ks[0]], [vs[0]]
+            # chain entries r = 1..s of the same chain: diagonal blocks
+            for r in range(1, s + 1):
+                diag = torch.eye(M, dtype=torch.bool, device=dev)[None]
+                vis_r = diag & vata_visible(q_idx, (j + r)[None, :, None], a0, c.anchors, c.window)
+                vis_parts.append(vis_r.expand(B, M, M))
+                k_parts.append(ks[r])
+                v_parts.append(vs[r])
+            if gk is not None:
+                vis_parts.insert(0, g_vis)
+                k_parts.insert(0, gk)
+                v_parts.insert(0, gv)
+            out = attend(q, torch.cat(k_parts, 1), torch.cat(v_parts, 1), torch.cat(vis_parts, 2))
+            h = self._finish(out, g)
+            all_h.append(h)
+            all_logits.append(self.logits(h))
+            g = h
+        return all_logits, all_h
+
+    def _qkv_glimpses(self, pooled: torch.Tensor, positions: torch.Tensor):
+        _, k, v = self._qkv(self._glimpse_input(pooled), positions)
+        return k, v
+
+    # --- (b) inference: one entry at a time ---
+    def add_glimpses(self, cache: DraftCache, pooled: torch.Tensor, positions: torch.Tensor) -> None:
+        """Enter the G pooled glimpses [G, H] (positions [G]) into the cache, once, after prefill."""
+        if pooled.shape[0] == 0:
+            return
+        k, v = self._qkv_glimpses(pooled[None], positions[None])
+        cache.glimpse_k.extend(k[0])
+        cache.glimpse_v.extend(v[0])
+
+    def step(self, cache: DraftCache, token: int, g: torch.Tensor, position: int,
+             speculative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draft entry: input token y (the token after this entry's text position) and g [H]
+        (fc(taps) for a committed entry, the previous step's h for a speculative one), at RoPE
+        position `position`. Adds the entry to the cache and returns (logits [N], h [H])."""
+        dev = g.device
+        index = cache.next_index
+        x = self._layer_input(torch.tensor([[token]], device=dev), g.reshape(1, 1, -1))
+        q, k, v = self._qkv(x, torch.tensor([[position]], device=dev))
+        cache.add(index, k[0, 0], v[0, 0], speculative)
+        kk, vv, visible = cache.keys(index, dev)
+        out = attend(q, kk[None], vv[None], visible[None, None])
+        h = self._finish(out, g.reshape(1, 1, -1))
+        return self.logits(h)[0, 0], h[0, 0]
+
+
+def pool_glimpses(visual_states: torch.Tensor, visual_positions: torch.Tensor, n_glimpses: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pool the ivsb outputs at the visual positions [n_vis, H] (in sequence = temporal order)
+    into min(G, n_vis) contiguous segments; segment i covers [floor(i*n/G), floor((i+1)*n/G)).
+    Returns (pooled [G', H], position of each segment's first visual token [G'])."""
+    n = visual_states.shape[0]
+    if n == 0 or n_glimpses == 0:
+        return visual_states.new_zeros(0, visual_states.shape[-1]), visual_positions.new_zeros(0)
+    G = min(n_glimpses, n)
+    bounds = [(i * n) // G for i in range(G + 1)]
+    pooled = torch.stack([visual_states[bounds[i]:bounds[i + 1]].float().mean(0) for i in range(G)])
+    return pooled, visual_positions[torch.tensor(bounds[:G], device=visual_positions.device)]
