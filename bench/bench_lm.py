@@ -22,12 +22,33 @@ import numpy as np
 SHAPES = dict(hidden=896, layers=24, heads=14, kv_heads=2, ffn=4864, vocab=151936, ctx=32768, rope_base=1_000_000.0)
 
 
+def random_k_quant_blocks(rng, rows: int, cols: int, qtype) -> np.ndarray:
+    """Random but valid k-quant blocks (gguf-py has no k-quant quantizer): every bit pattern of
+    the quants and 6-bit scales is a valid block, so only the fp16 super-block scales are chosen,
+    small enough that weights come out with a spread like the float models' (~0.02)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if cols % block:
+        raise ValueError(f"{qtype.name} needs rows that are whole blocks of {block}, not {cols}")
+    nb = rows * (cols // block)
+    blocks = rng.integers(0, 256, size=(nb, size), dtype=np.uint8)
+    d = np.full(nb, 3e-5, dtype=np.float16).view(np.uint8).reshape(nb, 2)
+    if qtype == gguf.GGMLQuantizationType.Q6_K:  # ql, qh, scales, then d
+        blocks[:, size - 2:] = d
+    else:  # q4_K / q5_K: d, dmin, scales, ...
+        blocks[:, 0:2] = d
+        blocks[:, 2:4] = d
+    return blocks.reshape(rows, (cols // block) * size)
+
+
 def write_random_model(path: Path, outtype: str, shapes=SHAPES, seed: int = 0) -> None:
     import gguf
 
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
-             "q4_1": gguf.GGMLQuantizationType.Q4_1}[outtype]
+             "q4_1": gguf.GGMLQuantizationType.Q4_1, "q4_k": gguf.GGMLQuantizationType.Q4_K,
+             "q6_k": gguf.GGMLQuantizationType.Q6_K}[outtype]
     rng = np.random.default_rng(seed)
     h, ff, v = shapes["hidden"], shapes["ffn"], shapes["vocab"]
     hd = h // shapes["heads"]
@@ -53,6 +74,9 @@ def write_random_model(path: Path, outtype: str, shapes=SHAPES, seed: int = 0) -
     w.add_eos_token_id(len(byte_chars))
 
     def add(name, rows, cols, kind="weight"):
+        if kind == "weight" and qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
+            w.add_tensor(name, random_k_quant_blocks(rng, rows, cols, qtype), raw_dtype=qtype)
+            return
         if kind == "norm":
             data = np.ones(cols, dtype=np.float32)
         elif kind == "bias":

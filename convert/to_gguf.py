@@ -3,6 +3,7 @@
 
     python convert/to_gguf.py path/to/Qwen2.5-0.5B-Instruct --outtype q8_0 -o qwen.gguf
     python convert/to_gguf.py path/to/model --vocab-only -o vocab.gguf
+    python convert/to_gguf.py path/to/Qwen2.5-VL-7B-Instruct --mmproj -o mmproj.gguf
 
 Supported: Qwen2ForCausalLM, LlamaForCausalLM, and the language model of
 Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration. The logic lives in
@@ -19,7 +20,7 @@ from pathlib import Path
 # Run from a checkout without installing: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sparrow_py.convert import OUTTYPES, ConvertError, convert  # noqa: E402
+from sparrow_py.convert import OUTTYPES, ConvertError, convert, convert_mmproj  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output file (default: <model folder name>-<outtype>.gguf in the current directory)")
     p.add_argument("--vocab-only", action="store_true",
                    help="write only the metadata and the tokenizer, no tensors")
+    p.add_argument("--mmproj", action="store_true",
+                   help="write the vision tower + projector instead (a clip/mmproj GGUF, as llama.cpp); "
+                        "Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision")
     p.add_argument("--quiet", action="store_true",
                    help="print nothing but errors (no progress, no summary)")
     return p.parse_args(argv)
@@ -49,10 +53,14 @@ def main(argv: list[str] | None = None) -> int:
                         level=logging.WARNING if args.quiet else logging.INFO)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer chatter adds nothing here
 
-    outfile = args.outfile or Path(f"{args.model.resolve().name}-{args.outtype}.gguf")
+    prefix = "mmproj-" if args.mmproj else ""
+    outfile = args.outfile or Path(f"{prefix}{args.model.resolve().name}-{args.outtype}.gguf")
     try:
-        summary = convert(args.model, outfile, args.outtype, vocab_only=args.vocab_only,
-                          progress=not args.quiet)
+        if args.mmproj:
+            summary = convert_mmproj(args.model, outfile, args.outtype, progress=not args.quiet)
+        else:
+            summary = convert(args.model, outfile, args.outtype, vocab_only=args.vocab_only,
+                              progress=not args.quiet)
     except ConvertError as e:
         print(f"to_gguf.py: error: {e}", file=sys.stderr)
         return 1

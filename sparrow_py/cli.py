@@ -64,9 +64,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sparrow", description="Sparrow: fast, lossless speculative decoding for video LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
+    from sparrow_py.train.cli import add_train_commands  # torch is imported only when they run
+    add_train_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if hasattr(args, "func"):
+        return args.func(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

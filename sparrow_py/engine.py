@@ -36,6 +36,8 @@ class Engine:
         kv_type: "f16" (default) or "f32" key/value cache.
         vocab_only: load only the tokenizer (works with vocab-only GGUFs); tokenize and
             detokenize work, generation does not.
+        draft: a Sparrow draft GGUF made for this model: generate() then decodes speculatively
+            (the output is still exactly the model's own).
         progress: a callable(progress: float) -> bool|None called while loading; return False
             to cancel.
     """
@@ -49,10 +51,12 @@ class Engine:
         n_batch: int = 256,
         kv_type: str = "f16",
         vocab_only: bool = False,
+        draft: Optional[Union[str, os.PathLike]] = None,
         progress=None,
     ):
         self._model = ffi.NULL
         self._ctx = ffi.NULL
+        self._draft = ffi.NULL
         self.last_finish_reason: Optional[str] = None
         self.last_tokens: list[int] = []
         if kv_type not in _KV_TYPES:
@@ -97,6 +101,20 @@ class Engine:
             self.close()
             raise
         self._ctx = out_ctx[0]
+        if draft is not None:
+            try:
+                self._attach_draft(os.fspath(draft))
+            except SparrowError:
+                self.close()
+                raise
+
+    def _attach_draft(self, path: str) -> None:
+        if not os.path.exists(path):
+            raise SparrowError(f"draft file not found: {path}", "SPARROW_ERR_IO")
+        out = ffi.new("sparrow_model **")
+        check(lib.sparrow_model_load(path.encode(), lib.sparrow_model_default_params(), out), f"cannot load {path}")
+        self._draft = out[0]
+        check(lib.sparrow_context_set_draft(self._ctx, self._draft), "cannot use the draft")
 
     # ---- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
@@ -104,6 +122,9 @@ class Engine:
         if self._ctx != ffi.NULL:
             lib.sparrow_context_free(self._ctx)
             self._ctx = ffi.NULL
+        if self._draft != ffi.NULL:
+            lib.sparrow_model_free(self._draft)
+            self._draft = ffi.NULL
         if self._model != ffi.NULL:
             lib.sparrow_model_free(self._model)
             self._model = ffi.NULL
@@ -244,11 +265,15 @@ class Engine:
         seed: Optional[int] = None,
         add_special: bool = True,
         ignore_eos: bool = False,
+        speculative: Optional[str] = None,
+        n_draft: int = 4,
     ) -> Iterator[str]:
         """Yield the continuation of prompt (text or token ids) piece by piece, as produced.
 
         temperature 0 is greedy. Stops at an end-of-generation token, a stop string (not
         included in the output), max_tokens (-1: no limit) or a full context.
+        With a draft attached, decoding is speculative ("chain", the default then; "none" turns it
+        off); n_draft is the number of tokens drafted per target forward.
         ``last_finish_reason``, ``last_tokens`` (the token ids produced) and ``last_stats``
         describe the generation afterwards.
         """
@@ -267,6 +292,11 @@ class Engine:
                 raise SparrowError(f"seed must be >= 0, not {seed}")
             params.sampling.seed = int(seed)
         params.ignore_eog = bool(ignore_eos)
+        modes = {None: -1, "none": lib.SPARROW_SPEC_NONE, "chain": lib.SPARROW_SPEC_CHAIN}
+        if speculative not in modes:
+            raise SparrowError(f"speculative must be one of 'none', 'chain' (or None for the default), not {speculative!r}")
+        params.speculative = modes[speculative]
+        params.n_draft = int(n_draft)
         keep_alive = [ffi.new("char[]", s.encode("utf-8")) for s in (stop or [])]
         stop_array = ffi.new("char *[]", keep_alive) if keep_alive else ffi.NULL
         params.stop = stop_array
@@ -281,17 +311,18 @@ class Engine:
         buf = ffi.new("char[]", 4096)
         size = ffi.new("size_t *")
         finish = ffi.new("int32_t *")
-        token = ffi.new("sparrow_token *")
         while True:
             if self._ctx != ctx:
                 raise SparrowError("the engine was closed during generation", "SPARROW_ERR_STATE")
-            check(lib.sparrow_generate_next(ctx, buf, 4096, size, finish, token), "generate")
-            if token[0] >= 0 and finish[0] != lib.SPARROW_FINISH_EOG:
-                self.last_tokens.append(token[0])
+            check(lib.sparrow_generate_next(ctx, buf, 4096, size, finish, ffi.NULL), "generate")
             if size[0]:
                 yield ffi.unpack(buf, size[0]).decode("utf-8", "replace")
             if finish[0] != lib.SPARROW_FINISH_NONE:
                 self.last_finish_reason = _FINISH_NAMES.get(finish[0], "unknown")
+                tokens = ffi.new("sparrow_token **")
+                n = ffi.new("int32_t *")
+                check(lib.sparrow_generated_tokens(ctx, tokens, n))
+                self.last_tokens = list(ffi.unpack(tokens[0], n[0]))
                 return
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
@@ -325,6 +356,15 @@ class Engine:
             "decode_ms": s.t_decode_ms,
             "prefill_tokens_per_s": s.prefill_tokens_per_s,
             "decode_tokens_per_s": s.decode_tokens_per_s,
+            "n_drafted": s.n_drafted,
+            "n_accepted": s.n_accepted,
+            "mean_accepted_length": s.mean_accepted_length,
+            "acceptance_by_depth": [
+                s.accepted_by_depth[d] / s.drafted_by_depth[d] for d in range(32) if s.drafted_by_depth[d]
+            ],
+            "draft_ms": s.t_draft_ms,
+            "verify_ms": s.t_verify_ms,
+            "draft_kv_entries": s.draft_kv_entries,
         }
 
     # ---- low level -----------------------------------------------------------------------

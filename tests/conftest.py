@@ -196,3 +196,65 @@ def tiny_qwen2vl_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen25vl_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("qwen25vl") / "tiny-qwen25vl", tiny_tokenizer_dir, v25=True)
+
+
+# --- LLaVA-OneVision (tests/test_mmproj.py, tests/test_video_*.py) ----------------------------
+
+# <image> and <video> placeholders the LLaVA-OneVision processor needs, added after the tiny
+# tokenizer's own tokens (ids TINY_VOCAB_SIZE and TINY_VOCAB_SIZE + 1, below TINY_MODEL_VOCAB).
+LLAVA_OV_ADDED_TOKENS = ("<image>", "<video>")
+LLAVA_OV_IMAGE_TOKEN_ID = TINY_VOCAB_SIZE
+LLAVA_OV_VIDEO_TOKEN_ID = TINY_VOCAB_SIZE + 1
+LLAVA_OV_IMAGE_SIZE = 56  # 4x4 patches of 14: tiny frames
+
+
+def _tiny_tokenizer_with_media_tokens(src: Path, out: Path) -> Path:
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok.add_tokens([AddedToken(text, special=True, normalized=False) for text in LLAVA_OV_ADDED_TOKENS])
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for i, text in enumerate(LLAVA_OV_ADDED_TOKENS):
+        config["added_tokens_decoder"][str(TINY_VOCAB_SIZE + i)] = {
+            "content": text, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True}
+    config["image_token"], config["video_token"] = LLAVA_OV_ADDED_TOKENS
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out
+
+
+def build_tiny_llava_ov(out: Path, tokenizer_dir: Path, **save_kwargs) -> Path:
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=LLAVA_OV_IMAGE_SIZE, patch_size=14,
+                  hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False)
+    text = dict(model_type="qwen2", **_lm_sizes(rope_theta=1e6))
+    s = LLAVA_OV_IMAGE_SIZE
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=LLAVA_OV_IMAGE_TOKEN_ID,
+        video_token_index=LLAVA_OV_VIDEO_TOKEN_ID, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]], tie_word_embeddings=False)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the newline embedding is initialised to zeros-ish; make it informative
+        model.model.image_newline.normal_()
+    model.save_pretrained(out, **save_kwargs)
+    _tiny_tokenizer_with_media_tokens(tokenizer_dir, out)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "LlavaOnevisionImageProcessor", "do_resize": True, "resample": 3,
+        "size": {"height": s, "width": s}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "rescale_factor": 1 / 255, "image_grid_pinpoints": config.image_grid_pinpoints}, indent=2), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_ov_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """LlavaOnevisionForConditionalGeneration: SigLIP (2 layers, hidden 32, 56x56 images), 2-layer GELU
+    projector, image_newline, Qwen2 LM like tiny_qwen2 (untied); the tiny tokenizer plus <image> and
+    <video>; a preprocessor_config.json with llava-hf's 0.5 mean/std."""
+    return build_tiny_llava_ov(tmp_path_factory.mktemp("llava-ov") / "tiny-llava-ov", tiny_tokenizer_dir)

@@ -174,6 +174,12 @@ SPARROW_API sparrow_status sparrow_context_init(sparrow_model * model, sparrow_c
 SPARROW_API void sparrow_context_free(sparrow_context * ctx);
 SPARROW_API int32_t sparrow_context_n_ctx(const sparrow_context * ctx);
 
+/* Attach a draft model (a "sparrow-draft" GGUF loaded with sparrow_model_load) for speculative
+ * decoding; NULL detaches. A draft made for another target (architecture, hidden size,
+ * vocabulary, layer count) is refused with SPARROW_ERR_INVALID_ARGUMENT. The draft model must
+ * outlive the context (or be detached first). */
+SPARROW_API sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_model * draft);
+
 /* ---- low-level forward passes ---------------------------------------------------------- */
 /* One forward pass over n_tokens tokens appended to the KV cache.
  *   pos:     position of each token; NULL means consecutive positions after the cache (for a
@@ -236,12 +242,20 @@ enum {
     SPARROW_FINISH_CONTEXT = 4  /* the context window is full                  */
 };
 
+/* Speculative decoding modes (need a draft attached with sparrow_context_set_draft). */
+enum {
+    SPARROW_SPEC_NONE  = 0,  /* plain autoregressive decoding                            */
+    SPARROW_SPEC_CHAIN = 1   /* the draft proposes n_draft tokens, the target verifies them */
+};
+
 typedef struct sparrow_generate_params {
     int32_t max_tokens;                 /* < 0: until EOG or the context is full          */
     sparrow_sampler_params sampling;
     const char * const * stop;          /* stop strings (UTF-8), n_stop of them            */
     int32_t n_stop;
     bool ignore_eog;                    /* keep going past end-of-generation tokens        */
+    int32_t speculative;                /* SPARROW_SPEC_*; default CHAIN when a draft is attached */
+    int32_t n_draft;                    /* tokens drafted per verification (chain), 1..32  */
 } sparrow_generate_params;
 
 SPARROW_API sparrow_generate_params sparrow_generate_default_params(void);
@@ -265,14 +279,28 @@ typedef struct sparrow_stats {
     int32_t n_prompt;           /* prompt tokens                                              */
     int32_t n_prompt_cached;    /* of which reused from the KV cache                          */
     int32_t n_generated;        /* tokens produced                                            */
-    int32_t n_target_forwards;  /* target forward passes after the prompt                     */
+    int32_t n_target_forwards;  /* target forward passes after the prompt (decode or verify)  */
     double t_prefill_ms;
-    double t_decode_ms;
+    double t_decode_ms;         /* everything after the prompt: drafting + verification       */
     double prefill_tokens_per_s;
-    double decode_tokens_per_s;
+    double decode_tokens_per_s; /* tokens produced per second after the prompt                */
+    /* speculative decoding */
+    int32_t n_drafted;          /* draft tokens proposed                                      */
+    int32_t n_accepted;         /* of which the target accepted                               */
+    double mean_accepted_length;/* tokens per target forward, the bonus token included        */
+    int32_t accepted_by_depth[32]; /* drafts accepted at depth d+1                             */
+    int32_t drafted_by_depth[32];  /* drafts proposed at depth d+1                             */
+    double t_draft_ms;
+    double t_verify_ms;
+    int32_t draft_kv_entries;   /* draft KV entries in use (at most G + S + W + the chain)    */
 } sparrow_stats;
 
 SPARROW_API sparrow_status sparrow_get_stats(const sparrow_context * ctx, sparrow_stats * out);
+
+/* The tokens produced so far by the current/last generation (end-of-generation token excluded).
+ * The array stays valid until the next sparrow_generate_begin on the context. */
+SPARROW_API sparrow_status sparrow_generated_tokens(const sparrow_context * ctx, const sparrow_token ** out_tokens,
+                                                    int32_t * out_n);
 
 /* SPARROW_CDEF_END */
 

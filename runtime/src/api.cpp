@@ -9,6 +9,7 @@
 #include "context.h"
 #include "models/llm.h"
 #include "quant.h"
+#include "speculative.h"
 #include "text-stream.h"
 
 #include <algorithm>
@@ -57,7 +58,13 @@ const sparrow_model & model_of(const sparrow_model * model) {
     return *model;
 }
 
+const Tokenizer & tokenizer_of(const sparrow_model & m) {
+    if (!m.tokenizer) fail(SPARROW_ERR_INVALID_ARGUMENT, "a draft model has no tokenizer: use its target's");
+    return *m.tokenizer;
+}
+
 void require_weights(const sparrow_model & m) {
+    if (m.is_draft) fail(SPARROW_ERR_INVALID_ARGUMENT, "this is a draft model: attach it to a target context with sparrow_context_set_draft");
     if (m.vocab_only) fail(SPARROW_ERR_STATE, "the model was loaded vocab-only; it has no weights to run");
 }
 
@@ -87,114 +94,6 @@ void prefault(const GGUFFile & f, const sparrow_model_params & params) {
         }
     }
     (void) sink;
-}
-
-// Run tokens through the model in chunks of n_batch, collecting the flagged rows' logits and
-// captured hidden states. On abort the cache keeps the chunks that completed.
-// For a token tree: check the parent links, and build each token's depth and its attention
-// mask over the cache rows before the batch plus the batch itself.
-void build_tree(const int32_t * parents, int32_t n, int64_t n_past, std::vector<int32_t> & depth,
-                std::vector<uint8_t> & mask) {
-    depth.assign(n, 0);
-    const int64_t n_kv = n_past + n;
-    mask.assign((size_t) n * n_kv, 0);
-    for (int32_t i = 0; i < n; ++i) {
-        const int32_t p = parents[i];
-        if (p < -1 || p >= i) {
-            fail(SPARROW_ERR_INVALID_ARGUMENT, format("parents[%d] = %d: a parent must be -1 or an earlier index", i, p));
-        }
-        uint8_t * row = mask.data() + (size_t) i * n_kv;
-        std::fill(row, row + n_past, 1);
-        if (p >= 0) {
-            depth[i] = depth[p] + 1;
-            // a token sees what its parent sees within the batch, and the parent itself
-            const uint8_t * parent_row = mask.data() + (size_t) p * n_kv;
-            std::copy(parent_row + n_past, parent_row + n_kv, row + n_past);
-        }
-        row[n_past + i] = 1;
-    }
-}
-
-void forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const int32_t * pos_in, const int8_t * outputs,
-             const int32_t * parents = nullptr) {
-    const sparrow_model & m = *ctx.model;
-    const LMHparams & hp = m.hparams;
-    for (int32_t i = 0; i < n; ++i) {
-        if (tokens[i] < 0 || tokens[i] >= hp.n_vocab) {
-            fail(SPARROW_ERR_INVALID_ARGUMENT, format("token id %d at index %d is outside the vocabulary [0, %d)", tokens[i], i, hp.n_vocab));
-        }
-    }
-    const int64_t have = ctx.cache->size();
-    if (have + n > ctx.cache->capacity()) {
-        fail(SPARROW_ERR_CONTEXT_FULL, format("%d tokens do not fit: the context holds %lld of %lld", n, (long long) have,
-                                              (long long) ctx.cache->capacity()));
-    }
-    int32_t n_out = 0;
-    for (int32_t i = 0; i < n; ++i) n_out += outputs ? (outputs[i] != 0) : (i == n - 1);
-    const size_t n_capture = ctx.capture_layers.size();
-    ctx.logits.resize((size_t) n_out * hp.n_vocab);
-    ctx.hidden.resize(n_capture * (size_t) n_out * hp.n_embd);
-    ctx.n_outputs = 0;
-
-    const int32_t n_batch = (int32_t) ctx.scratch.n_batch;
-    std::vector<int32_t> depth;
-    if (parents) {
-        if (n > n_batch) {
-            fail(SPARROW_ERR_INVALID_ARGUMENT, format("a tree of %d tokens must fit in one forward pass (n_batch %d)", n, n_batch));
-        }
-        build_tree(parents, n, have, depth, ctx.tree_mask);
-    }
-    std::vector<int32_t> out_rows;
-    std::vector<float> chunk_hidden;
-    int32_t next_pos = ctx.cache_pos.empty() ? 0 : ctx.cache_pos.back() + 1;
-    int32_t out_done = 0;
-    for (int32_t c0 = 0; c0 < n; c0 += n_batch) {
-        const int32_t cn = std::min(n_batch, n - c0);
-        out_rows.clear();
-        for (int32_t i = 0; i < cn; ++i) {
-            const int32_t g = c0 + i;
-            if (outputs ? outputs[g] != 0 : g == n - 1) out_rows.push_back(i);
-        }
-        // positions: text-only, so every M-RoPE stream carries the same value
-        int32_t * pos = ctx.scratch.pos.data();
-        for (int32_t i = 0; i < cn; ++i) {
-            const int32_t p = pos_in ? pos_in[c0 + i] : parents ? next_pos + depth[i] : next_pos + c0 + i;
-            for (int s = 0; s < hp.n_pos_streams; ++s) pos[(size_t) s * cn + i] = s < 3 ? p : 0;
-        }
-        LMForwardRequest req;
-        req.tokens = tokens + c0;
-        req.n_tokens = cn;
-        req.pos = pos;
-        req.out_rows = out_rows.data();
-        req.n_out = (int64_t) out_rows.size();
-        req.mask = parents ? ctx.tree_mask.data() : nullptr;
-        req.capture_layers = ctx.capture_layers.data();
-        req.n_capture = (int32_t) n_capture;
-        req.logits = ctx.logits.data() + (size_t) out_done * hp.n_vocab;
-        chunk_hidden.resize(n_capture * out_rows.size() * hp.n_embd);
-        req.hidden = chunk_hidden.data();
-        req.abort = ctx.params.abort_callback;
-        req.abort_data = ctx.params.abort_user_data;
-        if (!lm_forward(*ctx.backend, hp, m.weights, *ctx.cache, ctx.scratch, req)) {
-            fail(SPARROW_ERR_ABORTED, "aborted by the abort callback");
-        }
-        for (int32_t i = 0; i < cn; ++i) {
-            ctx.cache_tokens.push_back(tokens[c0 + i]);
-            ctx.cache_pos.push_back(pos[i]);
-        }
-        for (size_t c = 0; c < n_capture; ++c) {
-            memcpy(ctx.hidden.data() + (c * n_out + out_done) * hp.n_embd,
-                   chunk_hidden.data() + c * out_rows.size() * hp.n_embd, out_rows.size() * hp.n_embd * sizeof(float));
-        }
-        out_done += (int32_t) out_rows.size();
-        ctx.n_outputs = out_done;
-    }
-}
-
-void truncate_cache(sparrow_context & ctx, int32_t n_keep) {
-    ctx.cache->set_size(n_keep);
-    ctx.cache_tokens.resize(n_keep);
-    ctx.cache_pos.resize(n_keep);
 }
 
 }  // namespace
@@ -248,6 +147,12 @@ sparrow_status sparrow_model_load(const char * path, sparrow_model_params params
         m->file = GGUFFile::open(path, params.use_mmap);
         m->arch = m->file->get_string("general.architecture", "");
         try {
+            if (draft_supports_arch(m->arch)) {  // a draft: no tokenizer, it runs on its target's
+                m->is_draft = true;
+                draft_load(*m->file, m->draft_hparams, m->draft_weights);
+                *out_model = m.release();
+                return;
+            }
             m->tokenizer = Tokenizer::from_gguf(*m->file);
             m->vocab_only = params.vocab_only;
             if (!m->vocab_only) {
@@ -280,10 +185,17 @@ void sparrow_model_free(sparrow_model * model) { delete model; }
 const char * sparrow_model_arch(const sparrow_model * model) { return model ? model->arch.c_str() : ""; }
 int32_t sparrow_model_n_vocab(const sparrow_model * model) {
     if (!model) return 0;
+    if (model->is_draft) return model->draft_hparams.n_vocab;
     return model->vocab_only ? model->tokenizer->n_vocab() : model->hparams.n_vocab;
 }
-int32_t sparrow_model_n_embd(const sparrow_model * model) { return model && !model->vocab_only ? model->hparams.n_embd : 0; }
-int32_t sparrow_model_n_layer(const sparrow_model * model) { return model && !model->vocab_only ? model->hparams.n_layer : 0; }
+int32_t sparrow_model_n_embd(const sparrow_model * model) {
+    if (!model) return 0;
+    return model->is_draft ? model->draft_hparams.n_embd : model->vocab_only ? 0 : model->hparams.n_embd;
+}
+int32_t sparrow_model_n_layer(const sparrow_model * model) {
+    if (!model) return 0;
+    return model->is_draft ? 1 : model->vocab_only ? 0 : model->hparams.n_layer;
+}
 int32_t sparrow_model_n_ctx_train(const sparrow_model * model) { return model && !model->vocab_only ? model->hparams.n_ctx_train : 0; }
 
 sparrow_status sparrow_model_meta_string(const sparrow_model * model, const char * key, char * buf, size_t buf_size,
@@ -309,6 +221,7 @@ sparrow_status sparrow_model_tensor_f32(const sparrow_model * model, const char 
         require(name != nullptr && out != nullptr, "name or out is NULL");
         const GGUFTensorInfo * t = m.file->find_tensor(name);
         if (!t) fail(SPARROW_ERR_INVALID_ARGUMENT, format("no tensor '%s'", name));
+        if (!type_traits(t->type)) fail(SPARROW_ERR_INVALID_ARGUMENT, format("tensor '%s' holds integers, not floats", name));
         if (n_floats != t->numel()) {
             fail(SPARROW_ERR_INVALID_ARGUMENT, format("tensor '%s' has %lld elements, not %lld", name, (long long) t->numel(),
                                                       (long long) n_floats));
@@ -323,11 +236,11 @@ sparrow_status sparrow_model_tensor_f32(const sparrow_model * model, const char 
 
 // ---- tokenizer ---------------------------------------------------------------------------
 
-sparrow_token sparrow_token_bos(const sparrow_model * model) { return model ? model->tokenizer->bos() : -1; }
-sparrow_token sparrow_token_eos(const sparrow_model * model) { return model ? model->tokenizer->eos() : -1; }
-sparrow_token sparrow_token_eot(const sparrow_model * model) { return model ? model->tokenizer->eot() : -1; }
+sparrow_token sparrow_token_bos(const sparrow_model * model) { return model && model->tokenizer ? model->tokenizer->bos() : -1; }
+sparrow_token sparrow_token_eos(const sparrow_model * model) { return model && model->tokenizer ? model->tokenizer->eos() : -1; }
+sparrow_token sparrow_token_eot(const sparrow_model * model) { return model && model->tokenizer ? model->tokenizer->eot() : -1; }
 bool sparrow_token_is_eog(const sparrow_model * model, sparrow_token token) {
-    return model && model->tokenizer->is_eog(token);
+    return model && model->tokenizer && model->tokenizer->is_eog(token);
 }
 
 sparrow_status sparrow_tokenize(const sparrow_model * model, const char * text, size_t text_len, bool add_special,
@@ -336,7 +249,7 @@ sparrow_status sparrow_tokenize(const sparrow_model * model, const char * text, 
         const sparrow_model & m = model_of(model);
         require(text != nullptr || text_len == 0, "text is NULL");
         require(n_tokens_max >= 0, "n_tokens_max is negative");
-        std::vector<int32_t> ids = m.tokenizer->encode(std::string_view(text ? text : "", text_len), add_special, parse_special);
+        std::vector<int32_t> ids = tokenizer_of(m).encode(std::string_view(text ? text : "", text_len), add_special, parse_special);
         if (n_out) *n_out = (int32_t) ids.size();
         if ((int64_t) ids.size() > n_tokens_max) {
             fail(SPARROW_ERR_BUFFER_TOO_SMALL, format("%zu tokens do not fit in a buffer of %d", ids.size(), n_tokens_max));
@@ -350,7 +263,7 @@ sparrow_status sparrow_token_to_piece(const sparrow_model * model, sparrow_token
                                       size_t buf_size, size_t * out_len) {
     return guard([&] {
         const sparrow_model & m = model_of(model);
-        copy_out(m.tokenizer->token_to_piece(token, special), buf, buf_size, out_len, false);
+        copy_out(tokenizer_of(m).token_to_piece(token, special), buf, buf_size, out_len, false);
     });
 }
 
@@ -360,7 +273,8 @@ sparrow_status sparrow_detokenize(const sparrow_model * model, const sparrow_tok
         const sparrow_model & m = model_of(model);
         require(n_tokens >= 0 && (tokens != nullptr || n_tokens == 0), "bad token array");
         std::string text;
-        for (int32_t i = 0; i < n_tokens; ++i) text += m.tokenizer->token_to_piece(tokens[i], special);
+        const Tokenizer & tok = tokenizer_of(m);
+        for (int32_t i = 0; i < n_tokens; ++i) text += tok.token_to_piece(tokens[i], special);
         copy_out(text, buf, buf_size, out_len, false);
     });
 }
@@ -410,6 +324,24 @@ void sparrow_context_free(sparrow_context * ctx) { delete ctx; }
 
 int32_t sparrow_context_n_ctx(const sparrow_context * ctx) { return ctx ? ctx->params.n_ctx : 0; }
 
+// Drafts longer than this per round buy nothing (acceptance falls geometrically with depth).
+constexpr int32_t kMaxDraftTokens = 32;
+
+sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_model * draft) {
+    return guard([&] {
+        require(ctx != nullptr, "ctx is NULL");
+        ctx->gen.active = false;
+        ctx->spec.state.reset();
+        ctx->spec.draft = nullptr;
+        if (!draft) return;
+        if (!draft->is_draft) fail(SPARROW_ERR_INVALID_ARGUMENT, format("'%s' is not a draft model", draft->arch.c_str()));
+        draft_check_fits(draft->draft_hparams, ctx->model->hparams);
+        ctx->spec.state.reset(new DraftState(*ctx->backend, draft->draft_hparams, draft->draft_weights, ctx->model->weights,
+                                             ctx->params.n_ctx, kMaxDraftTokens));
+        ctx->spec.draft = draft;
+    });
+}
+
 // ---- forward passes ----------------------------------------------------------------------
 
 sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch) {
@@ -417,7 +349,11 @@ sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch) {
         require(ctx != nullptr, "ctx is NULL");
         require(batch.n_tokens > 0 && batch.tokens != nullptr, "the batch has no tokens");
         ctx->gen.active = false;  // a manual forward ends any generation in progress
-        forward(*ctx, batch.tokens, batch.n_tokens, batch.pos, batch.outputs, batch.parents);
+        ForwardOptions opt;
+        opt.pos = batch.pos;
+        opt.outputs = batch.outputs;
+        opt.parents = batch.parents;
+        context_forward(*ctx, batch.tokens, batch.n_tokens, opt);
     });
 }
 
@@ -440,13 +376,14 @@ sparrow_status sparrow_set_capture_layers(sparrow_context * ctx, const int32_t *
         ctx->capture_layers.assign(layers, layers + n_layers);
         ctx->hidden.clear();
         ctx->n_outputs = 0;
+        ctx->n_hidden_rows = 0;
     });
 }
 
 const float * sparrow_get_hidden(sparrow_context * ctx, int32_t k, int32_t i) {
-    if (!ctx || k < 0 || k >= (int32_t) ctx->capture_layers.size() || i < 0 || i >= ctx->n_outputs) return nullptr;
+    if (!ctx || k < 0 || k >= (int32_t) ctx->capture_layers.size() || i < 0 || i >= ctx->n_hidden_rows) return nullptr;
     const size_t H = ctx->model->hparams.n_embd;
-    return ctx->hidden.data() + ((size_t) k * ctx->n_outputs + i) * H;
+    return ctx->hidden.data() + ((size_t) k * ctx->n_hidden_rows + i) * H;
 }
 
 int32_t sparrow_kv_size(const sparrow_context * ctx) { return ctx ? (int32_t) ctx->cache->size() : 0; }
@@ -458,7 +395,7 @@ sparrow_status sparrow_kv_truncate(sparrow_context * ctx, int32_t n_keep) {
             fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_keep %d is outside [0, %lld]", n_keep, (long long) ctx->cache->size()));
         }
         ctx->gen.active = false;
-        truncate_cache(*ctx, n_keep);
+        context_truncate(*ctx, n_keep);
     });
 }
 
@@ -481,7 +418,7 @@ sparrow_status sparrow_kv_compact(sparrow_context * ctx, int32_t n_keep, const i
             ctx->cache_tokens[dst[i]] = ctx->cache_tokens[rows[i]];
             ctx->cache_pos[dst[i]] = ctx->cache_pos[rows[i]];
         }
-        truncate_cache(*ctx, n_keep + n_rows);
+        context_truncate(*ctx, n_keep + n_rows);
     });
 }
 
@@ -504,6 +441,8 @@ sparrow_generate_params sparrow_generate_default_params(void) {
     p.stop = nullptr;
     p.n_stop = 0;
     p.ignore_eog = false;
+    p.speculative = -1;  // chain when a draft is attached, none otherwise
+    p.n_draft = 4;
     return p;
 }
 
@@ -524,9 +463,22 @@ sparrow_status sparrow_generate_begin(sparrow_context * ctx, const sparrow_token
             fail(SPARROW_ERR_CONTEXT_FULL, format("the prompt has %d tokens but the context holds %d (leave room to generate)",
                                                   n_prompt, ctx->params.n_ctx));
         }
+        if (params.speculative == -1) params.speculative = ctx->spec.draft ? SPARROW_SPEC_CHAIN : SPARROW_SPEC_NONE;
+        if (params.speculative != SPARROW_SPEC_NONE && params.speculative != SPARROW_SPEC_CHAIN) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("speculative mode %d is not supported (none or chain)", params.speculative));
+        }
+        if (params.speculative != SPARROW_SPEC_NONE) {
+            if (!ctx->spec.draft) fail(SPARROW_ERR_STATE, "speculative decoding needs a draft: attach one with sparrow_context_set_draft");
+            if (params.n_draft < 1 || params.n_draft > kMaxDraftTokens) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_draft must be in [1, %d] (got %d)", kMaxDraftTokens, params.n_draft));
+            }
+        }
         auto & g = ctx->gen;
         g = sparrow_context::Generation();
         g.params = params;
+        ctx->spec.active = params.speculative != SPARROW_SPEC_NONE;
+        ctx->spec.n_draft = params.n_draft;
+        ctx->generated.clear();
         for (int32_t i = 0; i < params.n_stop; ++i) {
             require(params.stop[i] != nullptr, "a stop string is NULL");
             g.stop_storage.emplace_back(params.stop[i]);
@@ -541,9 +493,10 @@ sparrow_status sparrow_generate_begin(sparrow_context * ctx, const sparrow_token
         // Keep the longest cached prefix laid out at consecutive positions; at least the last
         // prompt token is always fed again, since its logits start the generation.
         int32_t common = 0;
-        const int32_t limit = std::min<int32_t>((int32_t) ctx->cache_tokens.size(), n_prompt - 1);
+        // the draft needs the target's hidden states at every prompt position: no reuse then
+        const int32_t limit = ctx->spec.active ? 0 : std::min<int32_t>((int32_t) ctx->cache_tokens.size(), n_prompt - 1);
         while (common < limit && ctx->cache_tokens[common] == prompt[common] && ctx->cache_pos[common] == common) ++common;
-        truncate_cache(*ctx, common);
+        context_truncate(*ctx, common);
         ctx->stats = sparrow_stats();
         ctx->stats.n_prompt = n_prompt;
         ctx->stats.n_prompt_cached = common;
@@ -583,54 +536,79 @@ sparrow_status sparrow_generate_next(sparrow_context * ctx, char * buf, size_t b
             g.active = false;
         };
 
+        // produce the next token(s): after the prompt, by plain decoding or by a speculative round
+        std::vector<int32_t> produced;
         if (!g.prompt_done) {
             const int32_t cached = (int32_t) ctx->cache->size();
-            const double t0 = now_ms();
-            forward(*ctx, g.prompt.data() + cached, (int32_t) g.prompt.size() - cached, nullptr, nullptr);
-            ctx->stats.t_prefill_ms = now_ms() - t0;
             const int32_t fed = (int32_t) g.prompt.size() - cached;
-            ctx->stats.prefill_tokens_per_s = ctx->stats.t_prefill_ms > 0 ? fed / (ctx->stats.t_prefill_ms / 1000.0) : 0.0;
-            g.prompt_done = true;
-            g.logits_ready = true;
-        } else if (!g.logits_ready) {
-            if (ctx->cache->size() >= ctx->cache->capacity()) {
-                finish_with(SPARROW_FINISH_CONTEXT);
-            } else {
-                const double t0 = now_ms();
-                forward(*ctx, &g.last_token, 1, nullptr, nullptr);
-                ctx->stats.t_decode_ms += now_ms() - t0;
-                ctx->stats.n_target_forwards += 1;
-                g.logits_ready = true;
+            const double t0 = now_ms();
+            ForwardOptions opt;
+            if (ctx->spec.active) {
+                opt.capture_layers = &spec_capture_layers(*ctx);
+                opt.capture_all_rows = true;
             }
+            context_forward(*ctx, g.prompt.data() + cached, fed, opt);
+            g.prompt_done = true;
+            if (!(g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens)) {
+                produced.push_back(sample_token(ctx->logits.data(), n_vocab, g.params.sampling, g.rng, g.dist));
+                if (ctx->spec.active) spec_begin(*ctx, fed, produced.back());
+            }
+            ctx->stats.t_prefill_ms = now_ms() - t0;
+            ctx->stats.prefill_tokens_per_s = ctx->stats.t_prefill_ms > 0 ? fed / (ctx->stats.t_prefill_ms / 1000.0) : 0.0;
+        } else if (g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) {
+            // nothing more to produce
+        } else if (ctx->cache->size() >= ctx->cache->capacity()) {
+            finish_with(SPARROW_FINISH_CONTEXT);
+        } else {
+            const double t0 = now_ms();
+            if (ctx->spec.active) {
+                spec_round(*ctx, produced);
+            } else {
+                context_forward(*ctx, &g.last_token, 1, ForwardOptions());
+                ctx->stats.n_target_forwards += 1;
+                produced.push_back(sample_token(ctx->logits.data(), n_vocab, g.params.sampling, g.rng, g.dist));
+            }
+            ctx->stats.t_decode_ms += now_ms() - t0;
         }
 
-        if (finish == SPARROW_FINISH_NONE && g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) {
-            finish_with(SPARROW_FINISH_LENGTH);
-        }
-        if (finish == SPARROW_FINISH_NONE) {
-            const int32_t token = sample_token(ctx->logits.data() + (size_t) (ctx->n_outputs - 1) * n_vocab, n_vocab,
-                                               g.params.sampling, g.rng, g.dist);
+        // hand the tokens out in order, stopping at the first that ends the generation
+        for (int32_t token : produced) {
+            if (finish != SPARROW_FINISH_NONE) break;
+            if (g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) break;
             g.last_token = token;
-            g.logits_ready = false;
             if (out_token) *out_token = token;
             if (!g.params.ignore_eog && m.tokenizer->is_eog(token)) {
                 finish_with(SPARROW_FINISH_EOG);
-            } else {
-                ctx->stats.n_generated += 1;
-                if (g.text.push(m.tokenizer->token_to_piece(token, false))) {
-                    piece = g.text.take();
-                    finish_with(SPARROW_FINISH_STOP);
-                } else {
-                    piece = g.text.take();
-                    if (g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) finish_with(SPARROW_FINISH_LENGTH);
-                }
+                break;
             }
+            ctx->stats.n_generated += 1;
+            ctx->generated.push_back(token);
+            if (g.text.push(m.tokenizer->token_to_piece(token, false))) {
+                piece += g.text.take();
+                finish_with(SPARROW_FINISH_STOP);
+                break;
+            }
+            piece += g.text.take();
+        }
+        if (finish == SPARROW_FINISH_NONE && g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) {
+            finish_with(SPARROW_FINISH_LENGTH);
+        }
+        if (ctx->stats.n_target_forwards > 0) {  // every forward yields its accepted drafts plus one
+            ctx->stats.mean_accepted_length = (double) (ctx->stats.n_accepted + ctx->stats.n_target_forwards) / ctx->stats.n_target_forwards;
         }
         const double decode_s = ctx->stats.t_decode_ms / 1000.0;
-        ctx->stats.decode_tokens_per_s = decode_s > 0 ? ctx->stats.n_target_forwards / decode_s : 0.0;
+        ctx->stats.decode_tokens_per_s = decode_s > 0 ? (ctx->stats.n_generated - 1) / decode_s : 0.0;
         g.outbox = std::move(piece);
         g.final_finish = finish;
         emit(finish);
+    });
+}
+
+sparrow_status sparrow_generated_tokens(const sparrow_context * ctx, const sparrow_token ** out_tokens, int32_t * out_n) {
+    return guard([&] {
+        require(ctx != nullptr && out_tokens != nullptr && out_n != nullptr, "ctx or an output is NULL");
+        *out_tokens = ctx->generated.data();
+        *out_n = (int32_t) ctx->generated.size();
     });
 }
 

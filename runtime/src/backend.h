@@ -111,6 +111,8 @@ public:
     virtual void swiglu(const Tensor & gate, const Tensor & up, Tensor & out) = 0;
     // out = a + b (same shapes; out may alias a)
     virtual void add(const Tensor & a, const Tensor & b, Tensor & out) = 0;
+    // out[i, :] = concat(a[i, :], b[i, :])
+    virtual void concat_cols(const Tensor & a, const Tensor & b, Tensor & out) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int n_threads);

@@ -5,6 +5,7 @@
 #include "backend.h"
 #include "kv-cache.h"
 #include "model.h"
+#include "models/draft.h"
 #include "sampling.h"
 #include "text-stream.h"
 
@@ -25,8 +26,9 @@ struct sparrow_context {
 
     // outputs of the last forward pass
     std::vector<float> logits;          // n_outputs x n_vocab
-    std::vector<float> hidden;          // n_capture x n_outputs x n_embd
+    std::vector<float> hidden;          // n_capture x n_hidden_rows x n_embd
     int32_t n_outputs = 0;
+    int32_t n_hidden_rows = 0;          // rows of `hidden` per capture slot
     std::vector<int32_t> capture_layers;
     std::vector<uint8_t> tree_mask;     // attention mask of the last tree batch
 
@@ -38,7 +40,6 @@ struct sparrow_context {
         std::vector<std::string> stop_storage;
         std::vector<int32_t> prompt;
         bool prompt_done = false;
-        bool logits_ready = false;
         int32_t last_token = -1;
         sparrow::TextStream text;
         sparrow::Rng rng;
@@ -47,8 +48,41 @@ struct sparrow_context {
         int32_t final_finish = 0;      // finish reason to report once the outbox is empty
     } gen;
     sparrow_stats stats{};
+    std::vector<int32_t> generated;    // tokens produced by the current/last generation
+
+    // speculative decoding
+    struct Speculation {
+        const sparrow_model * draft = nullptr;
+        std::unique_ptr<sparrow::DraftState> state;
+        bool active = false;                     // this generation speculates
+        int32_t n_draft = 4;
+        std::vector<sparrow::DraftEntry> pending;  // committed entries the draft has yet to run
+        std::vector<float> pending_g;            // their features, n_embd each
+        std::vector<float> scratch_g, scratch_h, scratch_logits;
+        std::vector<sparrow::TokenProb> p_dist, q_dist;
+        std::vector<float> p_dense, q_dense;
+    } spec;
 
     ~sparrow_context() {
+        spec.state.reset();
         if (backend) sparrow::lm_scratch_free(*backend, scratch);
     }
 };
+
+namespace sparrow {
+
+struct ForwardOptions {
+    const int32_t * pos = nullptr;       // positions (NULL: after the cache / by tree depth)
+    const int8_t * outputs = nullptr;    // rows whose logits are wanted (NULL: the last)
+    const int32_t * parents = nullptr;   // token tree (NULL: a sequence)
+    const std::vector<int32_t> * capture_layers = nullptr;  // NULL: the context's list
+    bool capture_all_rows = false;       // capture hidden states at every row, not only outputs
+};
+
+// Run tokens through the target in chunks of n_batch, appending them to the KV cache; logits of
+// the output rows land in ctx.logits, captured hidden states in ctx.hidden. On abort the cache
+// keeps the chunks that completed.
+void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const ForwardOptions & opt);
+void context_truncate(sparrow_context & ctx, int32_t n_keep);
+
+}  // namespace sparrow

@@ -25,6 +25,9 @@ constexpr uint64_t kMaxStringLength = 1ull << 30;
 constexpr uint64_t kMaxTensors = 1ull << 20;
 constexpr uint64_t kMaxKV = 1ull << 20;
 constexpr int kMaxDims = 4;
+// ggml's integer tensor types I8, I16, I32, I64 (ids 24..27): element size 1 << (id - 24)
+constexpr uint32_t kTypeI8 = 24;
+constexpr uint32_t kTypeI64 = 27;
 
 size_t scalar_size(GGUFType type) {
     switch (type) {
@@ -258,15 +261,26 @@ void GGUFFile::parse() {
         }
         t.type = cur.read<uint32_t>(nm);
         t.offset = cur.read<uint64_t>(nm);
-        const TypeTraits * tt = type_traits(t.type);
-        if (!tt) fail(SPARROW_ERR_UNSUPPORTED, format("tensor '%s': tensor type %u is not supported", nm, t.type));
-        if (t.ne[0] % tt->block_size != 0) {
+        int64_t block_size = 1;
+        size_t block_bytes = 0;
+        const char * type_name = "";
+        if (const TypeTraits * tt = type_traits(t.type)) {
+            block_size = tt->block_size;
+            block_bytes = tt->type_size;
+            type_name = tt->name;
+        } else if (t.type >= kTypeI8 && t.type <= kTypeI64) {  // index tensors, e.g. a draft's d2t
+            block_bytes = (size_t) 1 << (t.type - kTypeI8);
+            type_name = "int";
+        } else {
+            fail(SPARROW_ERR_UNSUPPORTED, format("tensor '%s': tensor type %u is not supported", nm, t.type));
+        }
+        if (t.ne[0] % block_size != 0) {
             fail(SPARROW_ERR_FORMAT, format("tensor '%s': row of %lld elements is not a multiple of the %s block size %lld",
-                                            nm, (long long) t.ne[0], tt->name, (long long) tt->block_size));
+                                            nm, (long long) t.ne[0], type_name, (long long) block_size));
         }
         // overflow-safe size: every factor is < 2^40, check the running product
         unsigned __int128 rows = (unsigned __int128) t.ne[1] * t.ne[2] * t.ne[3];
-        unsigned __int128 bytes = rows * (unsigned __int128) ((t.ne[0] / tt->block_size) * tt->type_size);
+        unsigned __int128 bytes = rows * (unsigned __int128) ((t.ne[0] / block_size) * block_bytes);
         if (bytes > (unsigned __int128) size_) {
             fail(SPARROW_ERR_FORMAT, format("tensor '%s' is larger than the file", nm));
         }

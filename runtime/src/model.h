@@ -1,8 +1,10 @@
 // model.h - what a loaded sparrow_model holds: the mapped GGUF, its tokenizer and, unless the
-// file is vocab-only, the language model's hyperparameters and weight views.
+// file is vocab-only, the language model's hyperparameters and weight views; or, for a draft
+// model, the draft's.
 #pragma once
 
 #include "gguf.h"
+#include "models/draft.h"
 #include "models/llm.h"
 #include "tokenizer.h"
 
@@ -16,4 +18,8 @@ struct sparrow_model {
     bool vocab_only = false;
     sparrow::LMHparams hparams;
     sparrow::LMWeights weights;
+    // a draft model (arch sparrow-draft) has these instead of a tokenizer and LM weights
+    bool is_draft = false;
+    sparrow::DraftHparams draft_hparams;
+    sparrow::DraftWeights draft_weights;
 };

@@ -48,6 +48,14 @@ void quantize_row_f16(const float * src, void * dst, int64_t n);
 void quantize_row_bf16(const float * src, void * dst, int64_t n);
 void dequantize_row_f16(const void * src, float * dst, int64_t n);
 void dequantize_row_bf16(const void * src, float * dst, int64_t n);
+void mul_mat_f32(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_f16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_bf16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_q8_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_q4_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_q4_1(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_q4_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_q6_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 }  // namespace avx2
 #endif
 
@@ -516,6 +524,8 @@ namespace {
 using VecDotFn = float (*)(int64_t n, const void * w, const void * x);
 using QuantizeFn = void (*)(const float * src, void * dst, int64_t n);
 using DequantizeFn = void (*)(const void * src, float * dst, int64_t n);
+using MulMatFn = void (*)(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc,
+                          float * y, int64_t ys);
 
 constexpr size_t kMaxTypeId = 32;  // type ids index the tables directly
 
@@ -523,6 +533,7 @@ struct Kernels {
     VecDotFn vec_dot[kMaxTypeId] = {};
     QuantizeFn quantize[kMaxTypeId] = {};
     DequantizeFn dequantize[kMaxTypeId] = {};
+    MulMatFn mul_mat[kMaxTypeId] = {};  // nullptr: vec_dot per (row, column) pair
     const char * level = "scalar";
 };
 
@@ -566,6 +577,14 @@ Kernels select_kernels() {
         k.quantize[(size_t) DType::BF16] = avx2::quantize_row_bf16;
         k.dequantize[(size_t) DType::F16] = avx2::dequantize_row_f16;
         k.dequantize[(size_t) DType::BF16] = avx2::dequantize_row_bf16;
+        k.mul_mat[(size_t) DType::F32] = avx2::mul_mat_f32;
+        k.mul_mat[(size_t) DType::F16] = avx2::mul_mat_f16;
+        k.mul_mat[(size_t) DType::BF16] = avx2::mul_mat_bf16;
+        k.mul_mat[(size_t) DType::Q8_0] = avx2::mul_mat_q8_0;
+        k.mul_mat[(size_t) DType::Q4_0] = avx2::mul_mat_q4_0;
+        k.mul_mat[(size_t) DType::Q4_1] = avx2::mul_mat_q4_1;
+        k.mul_mat[(size_t) DType::Q4_K] = avx2::mul_mat_q4_K;
+        k.mul_mat[(size_t) DType::Q6_K] = avx2::mul_mat_q6_K;
         k.level = "AVX2";
     }
 #endif
@@ -613,17 +632,43 @@ float run_vec_dot(const Kernels & k, DType t, int64_t n, const void * w, const v
     return fn(n, w, x);
 }
 
+// The scalar reference of mul_mat is the definition: one vec_dot per (weight row, activation
+// row). Types without a tiled kernel take the same path with the SIMD vec_dot.
+void run_mul_mat(const Kernels & k, DType t, int64_t n, const void * w, size_t ws, int64_t nr, const void * x,
+                 size_t xs, int64_t nc, float * y, int64_t ys) {
+    const size_t id = (size_t) t;
+    MulMatFn tiled = id < kMaxTypeId ? k.mul_mat[id] : nullptr;
+    if (tiled) {
+        tiled(n, w, ws, nr, x, xs, nc, y, ys);
+        return;
+    }
+    VecDotFn dot = id < kMaxTypeId ? k.vec_dot[id] : nullptr;
+    if (!dot) dot = lookup(k.vec_dot, t, "mul_mat");
+    for (int64_t c = 0; c < nc; c++) {
+        const uint8_t * xc = (const uint8_t *) x + c * xs;
+        for (int64_t r = 0; r < nr; r++) y[c * ys + r] = dot(n, (const uint8_t *) w + r * ws, xc);
+    }
+}
+
 }  // namespace
 
 void dequantize_row(DType t, const void * src, float * dst, int64_t n) { run_dequantize(active_kernels(), t, src, dst, n); }
 void quantize_row(DType t, const float * src, void * dst, int64_t n) { run_quantize(active_kernels(), t, src, dst, n); }
 float vec_dot(DType t, int64_t n, const void * w, const void * x) { return run_vec_dot(active_kernels(), t, n, w, x); }
+void mul_mat(DType t, int64_t k, const void * w, size_t w_stride, int64_t nr, const void * x, size_t x_stride,
+             int64_t nc, float * y, int64_t y_stride) {
+    run_mul_mat(active_kernels(), t, k, w, w_stride, nr, x, x_stride, nc, y, y_stride);
+}
 const char * simd_level() { return active_kernels().level; }
 
 namespace ref {
 void dequantize_row(DType t, const void * src, float * dst, int64_t n) { run_dequantize(reference_kernels(), t, src, dst, n); }
 void quantize_row(DType t, const float * src, void * dst, int64_t n) { run_quantize(reference_kernels(), t, src, dst, n); }
 float vec_dot(DType t, int64_t n, const void * w, const void * x) { return run_vec_dot(reference_kernels(), t, n, w, x); }
+void mul_mat(DType t, int64_t k, const void * w, size_t w_stride, int64_t nr, const void * x, size_t x_stride,
+             int64_t nc, float * y, int64_t y_stride) {
+    run_mul_mat(reference_kernels(), t, k, w, w_stride, nr, x, x_stride, nc, y, y_stride);
+}
 }  // namespace ref
 
 }  // namespace sparrow

@@ -38,6 +38,15 @@ void quantize_row(DType t, const float * src, void * dst, int64_t n);
 // Dot product of a weight row of type t with an activation row already in traits(t).dot_type.
 float vec_dot(DType t, int64_t n, const void * w, const void * x);
 
+// A block of a matrix product: y[c * y_stride + r] = dot(w row r, x row c) for r < nr, c < nc.
+// Weight rows are w_stride bytes apart, activation rows (already in traits(t).dot_type) x_stride
+// bytes apart. The SIMD kernels register-tile this (several weight rows x several activation
+// rows per micro-kernel) so each weight load serves several tokens: what makes prefill and
+// verify batches cheaper than that many decodes. Results match nr * nc vec_dot calls within
+// float rounding.
+void mul_mat(DType t, int64_t k, const void * w, size_t w_stride, int64_t nr, const void * x, size_t x_stride,
+             int64_t nc, float * y, int64_t y_stride);
+
 // Name of the SIMD level vec_dot uses on this CPU, e.g. "AVX2" or "scalar".
 const char * simd_level();
 
@@ -45,6 +54,8 @@ namespace ref {  // scalar reference kernels
 void dequantize_row(DType t, const void * src, float * dst, int64_t n);
 void quantize_row(DType t, const float * src, void * dst, int64_t n);
 float vec_dot(DType t, int64_t n, const void * w, const void * x);
+void mul_mat(DType t, int64_t k, const void * w, size_t w_stride, int64_t nr, const void * x, size_t x_stride,
+             int64_t nc, float * y, int64_t y_stride);
 }  // namespace ref
 
 // fp16 / bf16 scalar conversion (exact IEEE round-to-nearest-even)

@@ -26,6 +26,8 @@ HF_ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": ARCH_QWEN2,
     "Qwen2VLForConditionalGeneration": ARCH_QWEN2VL,
     "Qwen2_5_VLForConditionalGeneration": ARCH_QWEN2VL,
+    # LLaVA-OneVision's language model is a plain Qwen2 (M-RoPE is not used: 1-D positions)
+    "LlavaOnevisionForConditionalGeneration": ARCH_QWEN2,
 }
 
 
@@ -164,7 +166,8 @@ LM_HEAD_NAMES = ("lm_head.", "model.lm_head.", "language_model.lm_head.")
 # Vision-tower and projector weights of the VLMs: skipped by the LM conversion (a later --mmproj
 # conversion writes them into the clip/mmproj file).
 VISION_PREFIXES = ("visual.", "model.visual.", "vision_tower.", "model.vision_tower.",
-                   "multi_modal_projector.", "model.multi_modal_projector.")
+                   "multi_modal_projector.", "model.multi_modal_projector.",
+                   "image_newline", "model.image_newline")  # LLaVA-OneVision's newline embedding
 
 # Buffers some checkpoints carry that are not weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)

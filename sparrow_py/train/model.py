@@ -449,6 +449,8 @@ class SparrowDraft(nn.Module):
             g = h
         return all_logits, all_h
 
+    forward = forward_mtp  # nn.Module.__call__ (and DDP) run the training path
+
     def _qkv_glimpses(self, pooled: torch.Tensor, positions: torch.Tensor):
         _, k, v = self._qkv(self._glimpse_input(pooled), positions)
         return k, v

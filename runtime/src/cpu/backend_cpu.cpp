@@ -1,30 +1,35 @@
 // backend_cpu.cpp - the CPU backend: every op of backend.h on host memory, multithreaded.
 //
 // This is the reference backend: always built, and what the CUDA ops are tested against.
-// The heavy lifting (quantized dot products) lives in quant.h's vec_dot, which picks the best
-// SIMD kernel for the CPU at run time; this file decides how work is split across threads.
+// The heavy lifting lives in kernels that pick the best SIMD code for the CPU at run time:
+// quant.h's mul_mat (register-tiled matrix products) and cpu/ops.h (fused attention, silu);
+// this file decides how work is split across threads. Nothing here allocates once the
+// scratch buffers have grown to the largest batch seen, so the decode loop does not.
 #include "backend.h"
 #include "common.h"
+#include "cpu/ops.h"
 #include "cpu/threadpool.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <vector>
 
 namespace sparrow {
 
 namespace {
 
-// Weight rows handled per inner block of a matmul: each block of weight rows is reused for
-// every activation row while it is still in cache (what makes a verify batch cheaper than
-// that many decodes).
-constexpr int64_t kMatmulRowBlock = 16;
 // Below this many multiply-adds a matmul runs on the calling thread: waking the pool costs
 // more than the work (tiny models, small projections).
 constexpr double kMatmulMinParallelWork = 1 << 16;
+// Activation rows of one matmul job are sized to stay in L2 (typically 512 KiB - 2 MiB per
+// core) while the job's weight rows stream past them in register tiles.
+constexpr size_t kMatmulColChunkBytes = 256 << 10;
+// Jobs per thread and column chunk: enough to even out threads that get descheduled or run
+// slower, few enough that handing them out stays negligible.
+constexpr int64_t kMatmulJobsPerThread = 4;
 
 class CpuBackend final : public Backend {
 public:
@@ -66,6 +71,7 @@ public:
         const int64_t k = w.cols(), m = w.rows(), n = x.rows();
         const DType dot_type = traits(w.type).dot_type;
         const size_t x_row_bytes = row_size(dot_type, k);
+        const bool parallel = (double) m * k * n >= kMatmulMinParallelWork && pool_.size() > 1;
 
         // Activations go into the weight type's dot type once, not once per weight row.
         const uint8_t * xq;
@@ -81,27 +87,39 @@ public:
             xq = scratch_.data();
         }
 
+        // Jobs are (block of weight rows) x (chunk of activation rows), chunk-major so that all
+        // threads work on the same activation rows (shared in L3) while the weights stream by;
+        // within a job the tiled kernel reuses every weight load across the chunk's rows.
+        const int nth = parallel ? pool_.size() : 1;
+        const int64_t col_chunk = std::min<int64_t>(n, std::max<int64_t>(16, (int64_t) (kMatmulColChunkBytes / x_row_bytes)));
+        const int64_t n_chunks = (n + col_chunk - 1) / col_chunk;
+        int64_t row_block = (m + nth * kMatmulJobsPerThread - 1) / (nth * kMatmulJobsPerThread);
+        row_block = std::max<int64_t>(16, (row_block + 15) / 16 * 16);  // whole register tiles
+        const int64_t n_row_blocks = (m + row_block - 1) / row_block;
+        const int64_t n_jobs = n_chunks * n_row_blocks;
+
         const size_t w_row_bytes = w.row_bytes();
-        const int64_t n_blocks = (m + kMatmulRowBlock - 1) / kMatmulRowBlock;
         float * y = out.f32();
         const float * b_data = bias ? bias->f32() : nullptr;
-        auto dispatch = [&](const std::function<void(int, int)> & fn) {
-            if ((double) m * k * n < kMatmulMinParallelWork) fn(0, 1); else pool_.run(fn);
-        };
-        dispatch([&](int ith, int nth) {
-            int64_t bb, be;
-            split_range(n_blocks, ith, nth, &bb, &be);
-            for (int64_t blk = bb; blk < be; ++blk) {
-                const int64_t j0 = blk * kMatmulRowBlock, j1 = std::min(m, j0 + kMatmulRowBlock);
-                for (int64_t i = 0; i < n; ++i) {
-                    const uint8_t * xi = xq + i * x_row_bytes;
-                    float * yi = y + i * m;
-                    for (int64_t j = j0; j < j1; ++j) {
-                        float v = vec_dot(w.type, k, (const uint8_t *) w.data + j * w_row_bytes, xi);
-                        yi[j] = b_data ? v + b_data[j] : v;
-                    }
+        auto run_job = [&](int64_t job) {
+            const int64_t c0 = (job / n_row_blocks) * col_chunk, nc = std::min(col_chunk, n - c0);
+            const int64_t r0 = (job % n_row_blocks) * row_block, nr = std::min(row_block, m - r0);
+            mul_mat(w.type, k, (const uint8_t *) w.data + r0 * w_row_bytes, w_row_bytes, nr, xq + c0 * x_row_bytes,
+                    x_row_bytes, nc, y + c0 * m + r0, m);
+            if (b_data) {
+                for (int64_t c = c0; c < c0 + nc; ++c) {
+                    float * yc = y + c * m;
+                    for (int64_t r = r0; r < r0 + nr; ++r) yc[r] += b_data[r];
                 }
             }
+        };
+        if (!parallel || n_jobs == 1) {
+            for (int64_t job = 0; job < n_jobs; ++job) run_job(job);
+            return;
+        }
+        next_job_.store(0, std::memory_order_relaxed);
+        pool_.run([&](int, int) {
+            for (int64_t job; (job = next_job_.fetch_add(1, std::memory_order_relaxed)) < n_jobs;) run_job(job);
         });
     }
 
@@ -175,61 +193,51 @@ public:
         const int64_t n_q = q.rows();
         const int hd = p.head_dim;
         const int group = p.n_head / p.n_head_kv;
-        const int64_t tasks = n_q * p.n_head;
-        const size_t k_row = k_cache.row_bytes(), v_row = v_cache.row_bytes();
+        const int64_t tasks = n_q * p.n_head_kv;
         const bool k_f16 = k_cache.type == DType::F16, v_f16 = v_cache.type == DType::F16;
-        if ((int64_t) attn_scratch_.size() < (int64_t) pool_.size() * 3 * hd) attn_scratch_.resize((size_t) pool_.size() * 3 * hd);
+        const size_t per_thread = attention_scratch_floats(group, hd);
+        if (attn_scratch_.size() < per_thread * pool_.size()) attn_scratch_.resize(per_thread * pool_.size());
+        const OpsKernels & kernels = ops_kernels();
 
-        pool_.run([&](int ith, int nth) {
-            float * kbuf = attn_scratch_.data() + (size_t) ith * 3 * hd;
-            float * vbuf = kbuf + hd;
-            float * acc = vbuf + hd;
-            int64_t tb, te;
-            split_range(tasks, ith, nth, &tb, &te);
-            for (int64_t task = tb; task < te; ++task) {
-                const int64_t i = task / p.n_head;
-                const int h = (int) (task % p.n_head);
-                const int hkv = h / group;
-                const float * qv = q.f32() + i * (int64_t) p.n_head * hd + (int64_t) h * hd;
-                const int64_t last = p.mask ? p.n_kv - 1 : std::min<int64_t>(p.n_kv - 1, p.q_first + i);
-                const uint8_t * mask_row = p.mask ? p.mask + i * p.n_kv : nullptr;
-                // streaming softmax: running max and normaliser, never an n_q x n_kv matrix
-                float m_run = -INFINITY, l_run = 0.0f;
-                std::fill(acc, acc + hd, 0.0f);
-                for (int64_t j = 0; j <= last; ++j) {
-                    if (mask_row && !mask_row[j]) continue;
-                    const uint8_t * kp = (const uint8_t *) k_cache.data + j * k_row + (size_t) hkv * hd * (k_f16 ? 2 : 4);
-                    const float * kv = k_f16 ? (dequantize_row(DType::F16, kp, kbuf, hd), kbuf) : (const float *) kp;
-                    float s = 0.0f;
-                    for (int d = 0; d < hd; ++d) s += qv[d] * kv[d];
-                    s *= p.scale;
-                    const uint8_t * vp = (const uint8_t *) v_cache.data + j * v_row + (size_t) hkv * hd * (v_f16 ? 2 : 4);
-                    const float * vv = v_f16 ? (dequantize_row(DType::F16, vp, vbuf, hd), vbuf) : (const float *) vp;
-                    if (s > m_run) {
-                        const float correction = std::exp(m_run - s);
-                        for (int d = 0; d < hd; ++d) acc[d] *= correction;
-                        l_run *= correction;
-                        m_run = s;
-                    }
-                    const float w = std::exp(s - m_run);
-                    l_run += w;
-                    for (int d = 0; d < hd; ++d) acc[d] += w * vv[d];
-                }
-                float * o = out.f32() + i * (int64_t) p.n_head * hd + (int64_t) h * hd;
-                const float inv = l_run > 0.0f ? 1.0f / l_run : 0.0f;
-                for (int d = 0; d < hd; ++d) o[d] = acc[d] * inv;
-            }
+        // One task = one query token x one KV head (its whole GQA group of query heads, so each
+        // key/value row is loaded once for the group). Handed out dynamically, latest query
+        // first: under the causal mask those see the most rows, so the longest tasks start
+        // early and the short ones fill in at the end.
+        auto run_task = [&](int64_t task, float * scratch) {
+            const int64_t i = n_q - 1 - task / p.n_head_kv;
+            const int hkv = (int) (task % p.n_head_kv);
+            AttnTask t;
+            const size_t head_offset = (size_t) i * p.n_head * hd + (size_t) hkv * group * hd;
+            t.q = q.f32() + head_offset;
+            t.out = out.f32() + head_offset;
+            t.n_group = group;
+            t.head_dim = hd;
+            t.scale = p.scale;
+            t.k = (const uint8_t *) k_cache.data + (size_t) hkv * hd * (k_f16 ? 2 : 4);
+            t.v = (const uint8_t *) v_cache.data + (size_t) hkv * hd * (v_f16 ? 2 : 4);
+            t.k_stride = k_cache.row_bytes();
+            t.v_stride = v_cache.row_bytes();
+            t.k_f16 = k_f16;
+            t.v_f16 = v_f16;
+            t.n_kv = p.mask ? p.n_kv : std::min<int64_t>(p.n_kv, p.q_first + i + 1);
+            t.mask = p.mask ? p.mask + i * p.n_kv : nullptr;
+            kernels.attention(t, scratch);
+        };
+        if (tasks == 1) {
+            run_task(0, attn_scratch_.data());
+            return;
+        }
+        next_job_.store(0, std::memory_order_relaxed);
+        pool_.run([&](int ith, int) {
+            float * scratch = attn_scratch_.data() + per_thread * ith;
+            for (int64_t task; (task = next_job_.fetch_add(1, std::memory_order_relaxed)) < tasks;) run_task(task, scratch);
         });
     }
 
     void swiglu(const Tensor & gate, const Tensor & up, Tensor & out) override {
         const int64_t d = gate.cols();
-        for_rows(gate.rows(), [&](int64_t i) {
-            const float * g = gate.f32() + i * d;
-            const float * u = up.f32() + i * d;
-            float * o = out.f32() + i * d;
-            for (int64_t j = 0; j < d; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
-        });
+        const OpsKernels & kernels = ops_kernels();
+        for_rows(gate.rows(), [&](int64_t i) { kernels.silu_mul(gate.f32() + i * d, up.f32() + i * d, out.f32() + i * d, d); });
     }
 
     void add(const Tensor & a, const Tensor & b, Tensor & out) override {
@@ -240,6 +248,14 @@ public:
             float * o = out.f32() + i * d;
             for (int64_t j = 0; j < d; ++j) o[j] = x[j] + y[j];
         });
+    }
+
+    void concat_cols(const Tensor & a, const Tensor & b, Tensor & out) override {
+        const int64_t da = a.cols(), db = b.cols();
+        for (int64_t i = 0; i < a.rows(); ++i) {
+            memcpy(out.f32() + i * (da + db), a.f32() + i * da, da * sizeof(float));
+            memcpy(out.f32() + i * (da + db) + da, b.f32() + i * db, db * sizeof(float));
+        }
     }
 
 private:
@@ -262,6 +278,7 @@ private:
     }
 
     ThreadPool pool_;
+    std::atomic<int64_t> next_job_{0};  // dynamic work counter of the op in flight
     std::vector<uint8_t> scratch_;
     std::vector<float> attn_scratch_;
     std::vector<double> inv_freq_;

@@ -1,6 +1,7 @@
 // threadpool.cpp - see threadpool.h.
 #include "cpu/threadpool.h"
 
+#include <algorithm>
 #include <chrono>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -14,8 +15,9 @@ namespace sparrow {
 
 namespace {
 // How long an idle worker spins before sleeping: long enough to cover the gap between
-// consecutive ops in a forward pass, short enough not to burn a core between tokens.
-constexpr auto kSpinTime = std::chrono::microseconds(200);
+// consecutive ops in a forward pass and between the tokens of a decode loop driven from
+// Python, short enough not to burn a core for long once generation stops.
+constexpr auto kSpinTime = std::chrono::microseconds(1000);
 }
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
@@ -32,21 +34,23 @@ ThreadPool::~ThreadPool() {
     for (auto & t : threads_) t.join();
 }
 
-void ThreadPool::run(const std::function<void(int, int)> & fn) {
+void ThreadPool::run_raw(RawFn fn, void * ctx) {
     if (n_threads_ == 1) {
-        fn(0, 1);
+        fn(ctx, 0, 1);
         return;
     }
-    job_ = &fn;
+    job_fn_ = fn;
+    job_ctx_ = ctx;
     pending_.store(n_threads_ - 1, std::memory_order_relaxed);
-    {
-        std::lock_guard<std::mutex> lock(mutex_);
-        generation_.fetch_add(1, std::memory_order_release);
+    // seq_cst pairs with the worker's sleepers_ increment then generation_ check: either the
+    // worker sees the new generation, or this thread sees it asleep and wakes it.
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+        { std::lock_guard<std::mutex> lock(mutex_); }
+        wake_.notify_all();
     }
-    wake_.notify_all();
-    fn(0, n_threads_);
+    fn(ctx, 0, n_threads_);
     while (pending_.load(std::memory_order_acquire) != 0) SPARROW_PAUSE();
-    job_ = nullptr;
 }
 
 void ThreadPool::worker(int ith) {
@@ -56,14 +60,16 @@ void ThreadPool::worker(int ith) {
         int spins = 0;
         while (generation_.load(std::memory_order_acquire) == seen) {
             SPARROW_PAUSE();
-            if (++spins % 64 == 0 && std::chrono::steady_clock::now() > spin_until) {
+            if (++spins % 128 == 0 && std::chrono::steady_clock::now() > spin_until) {
                 std::unique_lock<std::mutex> lock(mutex_);
-                wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+                sleepers_.fetch_add(1, std::memory_order_seq_cst);
+                wake_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });
+                sleepers_.fetch_sub(1, std::memory_order_relaxed);
             }
         }
         seen = generation_.load(std::memory_order_acquire);
         if (stop_.load()) return;
-        (*job_)(ith, n_threads_);
+        job_fn_(job_ctx_, ith, n_threads_);
         pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
 }

@@ -1,16 +1,19 @@
 // threadpool.h - a persistent pool for the CPU backend's data-parallel ops.
 //
 // run(fn) calls fn(ith, nth) on every thread (the caller is thread 0) and returns when all are
-// done. Workers spin briefly on a generation counter before sleeping, because ops arrive back
-// to back during a forward pass and a condition-variable wake per op would cost more than
-// the small ops themselves.
+// done. Ops arrive back to back during a forward pass, so dispatch must cost well under a
+// microsecond: workers spin on a generation counter for a while before sleeping, the caller
+// takes the mutex and signals only when some worker is actually asleep, and the job is passed
+// as a plain function pointer plus context (no std::function, so no allocation per op).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <functional>
+#include <cstdint>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace sparrow {
@@ -23,16 +26,27 @@ public:
     ThreadPool & operator=(const ThreadPool &) = delete;
 
     int size() const { return n_threads_; }
-    void run(const std::function<void(int ith, int nth)> & fn);
+
+    // fn(int ith, int nth) on all threads; returns when every call has returned.
+    template <typename F>
+    void run(F && fn) {
+        using Fn = std::remove_reference_t<F>;
+        run_raw([](void * ctx, int ith, int nth) { (*(Fn *) ctx)(ith, nth); }, (void *) &fn);
+    }
 
 private:
+    using RawFn = void (*)(void * ctx, int ith, int nth);
+    void run_raw(RawFn fn, void * ctx);
     void worker(int ith);
 
     int n_threads_;
     std::vector<std::thread> threads_;
-    const std::function<void(int, int)> * job_ = nullptr;
-    std::atomic<uint64_t> generation_{0};
-    std::atomic<int> pending_{0};
+    RawFn job_fn_ = nullptr;
+    void * job_ctx_ = nullptr;
+    // Each on its own cache line: workers poll generation_ while the caller counts pending_ down.
+    alignas(64) std::atomic<uint64_t> generation_{0};
+    alignas(64) std::atomic<int> pending_{0};
+    alignas(64) std::atomic<int> sleepers_{0};
     std::atomic<bool> stop_{false};
     std::mutex mutex_;
     std::condition_variable wake_;

@@ -39,6 +39,11 @@ struct LMWeights {
     std::vector<LMLayer> layers;
 };
 
+// A view of a tensor in the mapped file with its shape checked (cols = ne[0], rows = the
+// rest); f32_only refuses other types. Missing and not required: an empty Tensor.
+Tensor bind_tensor(const GGUFFile & f, const std::string & name, int64_t cols, int64_t rows, bool required,
+                   bool f32_only = false);
+
 // Is `arch` a decoder this file runs?
 bool lm_supports_arch(const std::string & arch);
 // Read hparams and bind weight views into the mapped file; validates every shape and type.
@@ -61,10 +66,12 @@ struct LMForwardRequest {
     const int32_t * out_rows = nullptr; // batch rows whose logits are wanted
     int64_t n_out = 0;
     const uint8_t * mask = nullptr;     // n_tokens x (cache rows + n_tokens): tree attention; null = causal
-    const int32_t * capture_layers = nullptr;  // layer inputs to record at out_rows
+    const int32_t * capture_layers = nullptr;  // layer inputs to record
     int32_t n_capture = 0;
+    const int32_t * capture_rows = nullptr;    // rows to record them at (null: out_rows)
+    int64_t n_capture_rows = 0;
     float * logits = nullptr;           // host: n_out x n_vocab
-    float * hidden = nullptr;           // host: n_capture x n_out x n_embd
+    float * hidden = nullptr;           // host: n_capture x n_capture_rows (or n_out) x n_embd
     bool (*abort)(void *) = nullptr;
     void * abort_data = nullptr;
 };

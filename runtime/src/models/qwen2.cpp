@@ -73,10 +73,16 @@ const ArchInfo * find_arch(const std::string & arch) {
 
 std::string key(const char * pattern, const std::string & arch) { return format(pattern, arch.c_str()); }
 
-// Bind a view of a tensor in the mapped file, checking its shape (cols, rows) and that its
-// type is one of the float types when `float_only` (norms and biases are read as f32 arrays).
-Tensor bind(const GGUFFile & f, const std::string & name, int64_t cols, int64_t rows, bool required,
-            bool f32_only = false) {
+int32_t positive(const GGUFFile & f, const std::string & k, int64_t limit) {
+    int64_t v = f.get_int(k);
+    if (v <= 0 || v > limit) fail(SPARROW_ERR_FORMAT, format("metadata '%s' = %lld is out of range", k.c_str(), (long long) v));
+    return (int32_t) v;
+}
+
+}  // namespace
+
+Tensor bind_tensor(const GGUFFile & f, const std::string & name, int64_t cols, int64_t rows, bool required,
+                   bool f32_only) {
     const GGUFTensorInfo * info = f.find_tensor(name);
     if (!info) {
         if (required) fail(SPARROW_ERR_FORMAT, format("missing tensor '%s'", name.c_str()));
@@ -87,6 +93,9 @@ Tensor bind(const GGUFFile & f, const std::string & name, int64_t cols, int64_t 
                                         (long long) info->ne[0], (long long) (info->ne[1] * info->ne[2] * info->ne[3]),
                                         (long long) cols, (long long) rows));
     }
+    if (!type_traits(info->type)) {
+        fail(SPARROW_ERR_FORMAT, format("tensor '%s' has integer type %u, expected floats", name.c_str(), info->type));
+    }
     if (f32_only && info->type != (uint32_t) DType::F32) {
         fail(SPARROW_ERR_UNSUPPORTED, format("tensor '%s' must be f32 (it is %s)", name.c_str(),
                                              type_traits(info->type)->name));
@@ -94,14 +103,6 @@ Tensor bind(const GGUFFile & f, const std::string & name, int64_t cols, int64_t 
     Tensor t = Tensor::matrix((DType) info->type, cols, rows, const_cast<uint8_t *>(f.tensor_data(*info)));
     return t;
 }
-
-int32_t positive(const GGUFFile & f, const std::string & k, int64_t limit) {
-    int64_t v = f.get_int(k);
-    if (v <= 0 || v > limit) fail(SPARROW_ERR_FORMAT, format("metadata '%s' = %lld is out of range", k.c_str(), (long long) v));
-    return (int32_t) v;
-}
-
-}  // namespace
 
 bool lm_supports_arch(const std::string & arch) { return find_arch(arch) != nullptr; }
 
@@ -144,7 +145,7 @@ void lm_load(const GGUFFile & f, LMHparams & hp, LMWeights & w) {
         fail(SPARROW_ERR_UNSUPPORTED, format("rope scaling '%s' is not supported", scaling.c_str()));
     }
     if (f.find_tensor(kRopeFreqs)) {  // llama3 rope scaling: per-pair frequency divisors
-        Tensor factors = bind(f, kRopeFreqs, hp.rope.n_dims / 2, 1, true, true);
+        Tensor factors = bind_tensor(f, kRopeFreqs, hp.rope.n_dims / 2, 1, true, true);
         hp.rope.freq_factors = factors.f32();
     }
     if (ai->rope_mode == RopeMode::MRope) {
@@ -166,31 +167,31 @@ void lm_load(const GGUFFile & f, LMHparams & hp, LMWeights & w) {
     hp.n_vocab = (int32_t) embd->ne[1];
 
     const int64_t H = hp.n_embd, q_dim = (int64_t) hp.n_head * hp.head_dim, kv_dim = (int64_t) hp.n_head_kv * hp.head_dim;
-    w.tok_embd = bind(f, kTokEmbd, H, hp.n_vocab, true);
-    w.output_norm = bind(f, kOutputNorm, H, 1, true, true);
-    w.output = bind(f, kOutput, H, hp.n_vocab, false);
+    w.tok_embd = bind_tensor(f, kTokEmbd, H, hp.n_vocab, true);
+    w.output_norm = bind_tensor(f, kOutputNorm, H, 1, true, true);
+    w.output = bind_tensor(f, kOutput, H, hp.n_vocab, false);
     if (!w.output.data) w.output = w.tok_embd;  // tied embeddings
 
     w.layers.resize(hp.n_layer);
     for (int l = 0; l < hp.n_layer; ++l) {
         LMLayer & L = w.layers[l];
         auto name = [l](const char * pattern) { return format(pattern, l); };
-        L.attn_norm = bind(f, name(kAttnNorm), H, 1, true, true);
-        L.wq = bind(f, name(kAttnQ), H, q_dim, true);
-        L.wk = bind(f, name(kAttnK), H, kv_dim, true);
-        L.wv = bind(f, name(kAttnV), H, kv_dim, true);
-        L.bq = bind(f, name(kAttnQBias), q_dim, 1, ai->qkv_bias, true);
-        L.bk = bind(f, name(kAttnKBias), kv_dim, 1, ai->qkv_bias, true);
-        L.bv = bind(f, name(kAttnVBias), kv_dim, 1, ai->qkv_bias, true);
+        L.attn_norm = bind_tensor(f, name(kAttnNorm), H, 1, true, true);
+        L.wq = bind_tensor(f, name(kAttnQ), H, q_dim, true);
+        L.wk = bind_tensor(f, name(kAttnK), H, kv_dim, true);
+        L.wv = bind_tensor(f, name(kAttnV), H, kv_dim, true);
+        L.bq = bind_tensor(f, name(kAttnQBias), q_dim, 1, ai->qkv_bias, true);
+        L.bk = bind_tensor(f, name(kAttnKBias), kv_dim, 1, ai->qkv_bias, true);
+        L.bv = bind_tensor(f, name(kAttnVBias), kv_dim, 1, ai->qkv_bias, true);
         L.has_qkv_bias = L.bq.data && L.bk.data && L.bv.data;
         if (!L.has_qkv_bias && (L.bq.data || L.bk.data || L.bv.data)) {
             fail(SPARROW_ERR_FORMAT, format("layer %d has some but not all of the q/k/v biases", l));
         }
-        L.wo = bind(f, name(kAttnOut), q_dim, H, true);
-        L.ffn_norm = bind(f, name(kFfnNorm), H, 1, true, true);
-        L.ffn_gate = bind(f, name(kFfnGate), H, hp.n_ff, true);
-        L.ffn_up = bind(f, name(kFfnUp), H, hp.n_ff, true);
-        L.ffn_down = bind(f, name(kFfnDown), hp.n_ff, H, true);
+        L.wo = bind_tensor(f, name(kAttnOut), q_dim, H, true);
+        L.ffn_norm = bind_tensor(f, name(kFfnNorm), H, 1, true, true);
+        L.ffn_gate = bind_tensor(f, name(kFfnGate), H, hp.n_ff, true);
+        L.ffn_up = bind_tensor(f, name(kFfnUp), H, hp.n_ff, true);
+        L.ffn_down = bind_tensor(f, name(kFfnDown), hp.n_ff, H, true);
     }
 }
 
@@ -244,11 +245,14 @@ bool lm_forward(Backend & be, const LMHparams & hp, const LMWeights & w, KVCache
     ap.q_first = kv_first;
     ap.mask = req.mask;
 
+    const int32_t * cap_rows = req.capture_rows ? req.capture_rows : req.out_rows;
+    const int64_t n_cap = req.capture_rows ? req.n_capture_rows : req.n_out;
+    Tensor cap_sel = s.out_rows.row_slice(0, n_cap);
     auto capture = [&](int32_t layer_index) {
         for (int32_t c = 0; c < req.n_capture; ++c) {
             if (req.capture_layers[c] != layer_index) continue;
-            be.gather_rows(x, req.out_rows, req.n_out, sel);
-            be.to_host(req.hidden + (size_t) c * req.n_out * H, sel.data, (size_t) req.n_out * H * sizeof(float));
+            be.gather_rows(x, cap_rows, n_cap, cap_sel);
+            be.to_host(req.hidden + (size_t) c * n_cap * H, cap_sel.data, (size_t) n_cap * H * sizeof(float));
         }
     };
 

@@ -1,0 +1,136 @@
+// context.cpp - forward passes of a context's target model: chunking, positions, tree masks,
+// output rows and hidden-state capture, shared by the C API and the speculative loop.
+#include "context.h"
+
+#include "common.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace sparrow {
+
+namespace {
+
+// For a token tree: check the parent links, and build each token's depth and its attention
+// mask over the cache rows before the batch plus the batch itself.
+void build_tree(const int32_t * parents, int32_t n, int64_t n_past, std::vector<int32_t> & depth,
+                std::vector<uint8_t> & mask) {
+    depth.assign(n, 0);
+    const int64_t n_kv = n_past + n;
+    mask.assign((size_t) n * n_kv, 0);
+    for (int32_t i = 0; i < n; ++i) {
+        const int32_t p = parents[i];
+        if (p < -1 || p >= i) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("parents[%d] = %d: a parent must be -1 or an earlier index", i, p));
+        }
+        uint8_t * row = mask.data() + (size_t) i * n_kv;
+        std::fill(row, row + n_past, 1);
+        if (p >= 0) {
+            depth[i] = depth[p] + 1;
+            // a token sees what its parent sees within the batch, and the parent itself
+            const uint8_t * parent_row = mask.data() + (size_t) p * n_kv;
+            std::copy(parent_row + n_past, parent_row + n_kv, row + n_past);
+        }
+        row[n_past + i] = 1;
+    }
+}
+
+}  // namespace
+
+void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const ForwardOptions & opt) {
+    const int32_t * pos_in = opt.pos;
+    const int8_t * outputs = opt.outputs;
+    const int32_t * parents = opt.parents;
+    const std::vector<int32_t> & capture_layers = opt.capture_layers ? *opt.capture_layers : ctx.capture_layers;
+    const sparrow_model & m = *ctx.model;
+    const LMHparams & hp = m.hparams;
+    for (int32_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= hp.n_vocab) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("token id %d at index %d is outside the vocabulary [0, %d)", tokens[i], i, hp.n_vocab));
+        }
+    }
+    const int64_t have = ctx.cache->size();
+    if (have + n > ctx.cache->capacity()) {
+        fail(SPARROW_ERR_CONTEXT_FULL, format("%d tokens do not fit: the context holds %lld of %lld", n, (long long) have,
+                                              (long long) ctx.cache->capacity()));
+    }
+    int32_t n_out = 0;
+    for (int32_t i = 0; i < n; ++i) n_out += outputs ? (outputs[i] != 0) : (i == n - 1);
+    const size_t n_capture = capture_layers.size();
+    // hidden states are captured at the output rows, or at every row when asked
+    const int32_t n_cap_rows = opt.capture_all_rows ? n : n_out;
+    ctx.logits.resize((size_t) n_out * hp.n_vocab);
+    ctx.hidden.resize(n_capture * (size_t) n_cap_rows * hp.n_embd);
+    ctx.n_outputs = 0;
+
+    const int32_t n_batch = (int32_t) ctx.scratch.n_batch;
+    std::vector<int32_t> depth;
+    if (parents) {
+        if (n > n_batch) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("a tree of %d tokens must fit in one forward pass (n_batch %d)", n, n_batch));
+        }
+        build_tree(parents, n, have, depth, ctx.tree_mask);
+    }
+    std::vector<int32_t> out_rows, all_rows;
+    std::vector<float> chunk_hidden;
+    int32_t next_pos = ctx.cache_pos.empty() ? 0 : ctx.cache_pos.back() + 1;
+    int32_t out_done = 0;
+    for (int32_t c0 = 0; c0 < n; c0 += n_batch) {
+        const int32_t cn = std::min(n_batch, n - c0);
+        out_rows.clear();
+        for (int32_t i = 0; i < cn; ++i) {
+            const int32_t g = c0 + i;
+            if (outputs ? outputs[g] != 0 : g == n - 1) out_rows.push_back(i);
+        }
+        // positions: text-only, so every M-RoPE stream carries the same value
+        int32_t * pos = ctx.scratch.pos.data();
+        for (int32_t i = 0; i < cn; ++i) {
+            const int32_t p = pos_in ? pos_in[c0 + i] : parents ? next_pos + depth[i] : next_pos + c0 + i;
+            for (int s = 0; s < hp.n_pos_streams; ++s) pos[(size_t) s * cn + i] = s < 3 ? p : 0;
+        }
+        LMForwardRequest req;
+        req.tokens = tokens + c0;
+        req.n_tokens = cn;
+        req.pos = pos;
+        req.out_rows = out_rows.data();
+        req.n_out = (int64_t) out_rows.size();
+        req.mask = parents ? ctx.tree_mask.data() : nullptr;
+        req.capture_layers = capture_layers.data();
+        req.n_capture = (int32_t) n_capture;
+        if (opt.capture_all_rows) {
+            all_rows.resize(cn);
+            for (int32_t i = 0; i < cn; ++i) all_rows[i] = i;
+            req.capture_rows = all_rows.data();
+            req.n_capture_rows = cn;
+        }
+        const int64_t cap_rows = opt.capture_all_rows ? cn : (int64_t) out_rows.size();
+        req.logits = ctx.logits.data() + (size_t) out_done * hp.n_vocab;
+        chunk_hidden.resize(n_capture * cap_rows * hp.n_embd);
+        req.hidden = chunk_hidden.data();
+        req.abort = ctx.params.abort_callback;
+        req.abort_data = ctx.params.abort_user_data;
+        if (!lm_forward(*ctx.backend, hp, m.weights, *ctx.cache, ctx.scratch, req)) {
+            fail(SPARROW_ERR_ABORTED, "aborted by the abort callback");
+        }
+        for (int32_t i = 0; i < cn; ++i) {
+            ctx.cache_tokens.push_back(tokens[c0 + i]);
+            ctx.cache_pos.push_back(pos[i]);
+        }
+        const int64_t cap_done = opt.capture_all_rows ? c0 : out_done;
+        for (size_t c = 0; c < n_capture; ++c) {
+            memcpy(ctx.hidden.data() + (c * n_cap_rows + cap_done) * hp.n_embd,
+                   chunk_hidden.data() + c * cap_rows * hp.n_embd, cap_rows * hp.n_embd * sizeof(float));
+        }
+        out_done += (int32_t) out_rows.size();
+        ctx.n_outputs = out_done;
+        ctx.n_hidden_rows = opt.capture_all_rows ? c0 + cn : out_done;
+    }
+}
+
+void context_truncate(sparrow_context & ctx, int32_t n_keep) {
+    ctx.cache->set_size(n_keep);
+    ctx.cache_tokens.resize(n_keep);
+    ctx.cache_pos.resize(n_keep);
+}
+
+}  // namespace sparrow

@@ -1,0 +1,107 @@
+// ops.cpp - scalar references of ops.h and the run-time choice of SIMD versions.
+#include "cpu/ops.h"
+
+#include "quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define SPARROW_HAVE_AVX2_KERNELS 1
+#endif
+
+namespace sparrow {
+
+#if SPARROW_HAVE_AVX2_KERNELS
+namespace avx2 {  // cpu/ops_avx2.cpp
+void attention(const AttnTask & t, float * scratch);
+void silu_mul(const float * gate, const float * up, float * out, int64_t n);
+}  // namespace avx2
+#endif
+
+// Enough for either implementation: the SIMD one converts blocks of K and V rows to f32 and
+// keeps a block of scores, the accumulators and the running max / sum per head of the group.
+size_t attention_scratch_floats(int n_group, int head_dim) {
+    constexpr size_t kBlock = 64;
+    return (size_t) n_group * (kBlock + (size_t) head_dim + 2) + 2 * kBlock * (size_t) head_dim + 64;
+}
+
+namespace ref {
+namespace {
+
+const float * row_f32(const void * base, size_t stride, int64_t j, bool f16, int n, float * buf) {
+    const uint8_t * p = (const uint8_t *) base + (size_t) j * stride;
+    if (!f16) return (const float *) p;
+    for (int d = 0; d < n; d++) buf[d] = fp16_to_fp32(((const uint16_t *) p)[d]);
+    return buf;
+}
+
+// The definition, one head at a time: running max m and normaliser l; when a score raises the
+// max, what was accumulated is rescaled by exp(m_old - m_new).
+void attention(const AttnTask & t, float * scratch) {
+    const int hd = t.head_dim;
+    float * kbuf = scratch;
+    float * vbuf = kbuf + hd;
+    float * acc = vbuf + hd;
+    for (int g = 0; g < t.n_group; g++) {
+        const float * q = t.q + (size_t) g * hd;
+        float m = -INFINITY, l = 0.0f;
+        std::fill(acc, acc + hd, 0.0f);
+        for (int64_t j = 0; j < t.n_kv; j++) {
+            if (t.mask && !t.mask[j]) continue;
+            const float * k = row_f32(t.k, t.k_stride, j, t.k_f16, hd, kbuf);
+            float s = 0.0f;
+            for (int d = 0; d < hd; d++) s += q[d] * k[d];
+            s *= t.scale;
+            const float * v = row_f32(t.v, t.v_stride, j, t.v_f16, hd, vbuf);
+            if (s > m) {
+                const float correction = std::exp(m - s);
+                for (int d = 0; d < hd; d++) acc[d] *= correction;
+                l *= correction;
+                m = s;
+            }
+            const float w = std::exp(s - m);
+            l += w;
+            for (int d = 0; d < hd; d++) acc[d] += w * v[d];
+        }
+        float * o = t.out + (size_t) g * hd;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int d = 0; d < hd; d++) o[d] = acc[d] * inv;
+    }
+}
+
+void silu_mul(const float * gate, const float * up, float * out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+}  // namespace
+
+const OpsKernels & ops_kernels() {
+    static const OpsKernels k = {attention, silu_mul, "scalar"};
+    return k;
+}
+
+}  // namespace ref
+
+namespace {
+OpsKernels select_ops() {
+    OpsKernels k = ref::ops_kernels();
+#if SPARROW_HAVE_AVX2_KERNELS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        k.attention = avx2::attention;
+        k.silu_mul = avx2::silu_mul;
+        k.level = "AVX2";
+    }
+#endif
+    return k;
+}
+}  // namespace
+
+const OpsKernels & ops_kernels() {
+    static const OpsKernels k = select_ops();
+    return k;
+}
+
+}  // namespace sparrow

@@ -1,0 +1,211 @@
+// ops_avx2.cpp - AVX2 + FMA + F16C versions of cpu/ops.h's kernels.
+//
+// Attention walks the cache in blocks of kBlock rows, flash-attention style: scores for the
+// block (every query head of the GQA group against each key row, f16 keys converted in
+// registers), one max / rescale / vector exp per head and block instead of per row, then the
+// probabilities times the block's value rows (converted to f32 once per block, shared by the
+// group). Memory stays O(block), never O(n_q x n_kv).
+
+#if defined(__x86_64__) || defined(__i386__)
+
+#include "cpu/ops.h"
+#include "cpu/simd_avx2.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace sparrow {
+
+namespace ref {
+const OpsKernels & ops_kernels();
+}
+
+namespace avx2 {
+namespace {
+
+constexpr int kBlock = 64;  // cache rows per block; see attention_scratch_floats
+
+// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6
+// polynomial (about 1 ulp), 2^n built in the exponent bits. Inputs below -87.3 (including
+// -inf, a masked score) give exactly 0; above 88 they saturate at exp(88).
+inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.0f);
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);  // ln2 split in two for accuracy
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+    return _mm256_and_ps(result, _mm256_cmp_ps(x, lo, _CMP_GE_OQ));
+}
+
+template <bool kF16>
+inline __m256 load_row8(const void * row, int d) {
+    if (kF16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const uint16_t *) row + d)));
+    return _mm256_loadu_ps((const float *) row + d);
+}
+
+// scores[g * kBlock] = scale * q[g] . k for NG heads of the group: the key row is loaded (and
+// converted) once per 8 elements for all NG heads, which also gives NG independent FMA chains.
+template <bool kF16, int NG>
+inline void dot_heads(const float * q, int hd, const void * k, float scale, float * scores) {
+    __m256 acc[NG];
+    for (int g = 0; g < NG; g++) acc[g] = _mm256_setzero_ps();
+    for (int d = 0; d < hd; d += 8) {
+        const __m256 kv = load_row8<kF16>(k, d);
+        for (int g = 0; g < NG; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t) g * hd + d), kv, acc[g]);
+    }
+    for (int g = 0; g < NG; g++) scores[g * kBlock] = hsum(acc[g]) * scale;
+}
+
+template <bool kF16>
+void block_scores(const float * q, int n_group, int hd, const void * k, float scale, float * scores) {
+    int g = 0;
+    for (; g + 4 <= n_group; g += 4) dot_heads<kF16, 4>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock);
+    switch (n_group - g) {
+        case 3: dot_heads<kF16, 3>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock); break;
+        case 2: dot_heads<kF16, 2>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock); break;
+        case 1: dot_heads<kF16, 1>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock); break;
+        default: break;
+    }
+}
+
+// acc[0 .. 8 NV) += sum over the visible rows of p[row] * v[row][0 .. 8 NV), in registers.
+template <int NV>
+inline void accumulate_values(float * acc, const float * p, const float * vrows, int hd, const int * visible, int n_visible) {
+    __m256 a[NV];
+    for (int i = 0; i < NV; i++) a[i] = _mm256_loadu_ps(acc + 8 * i);
+    for (int t = 0; t < n_visible; t++) {
+        const int jj = visible[t];
+        const __m256 pv = _mm256_broadcast_ss(p + jj);
+        const float * v = vrows + (size_t) jj * hd;
+        for (int i = 0; i < NV; i++) a[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * i), a[i]);
+    }
+    for (int i = 0; i < NV; i++) _mm256_storeu_ps(acc + 8 * i, a[i]);
+}
+
+template <bool kKF16, bool kVF16>
+void attention_impl(const AttnTask & t, float * scratch) {
+    const int G = t.n_group, hd = t.head_dim;
+    float * scores = scratch;                          // G x kBlock
+    float * acc = scores + (size_t) G * kBlock;        // G x hd
+    float * m_run = acc + (size_t) G * hd;             // G
+    float * l_run = m_run + G;                         // G
+    float * vbuf = l_run + G;                          // kBlock x hd (f16 values as f32)
+    int visible[kBlock];
+
+    std::fill(acc, acc + (size_t) G * hd, 0.0f);
+    std::fill(m_run, m_run + G, -INFINITY);
+    std::fill(l_run, l_run + G, 0.0f);
+
+    for (int64_t j0 = 0; j0 < t.n_kv; j0 += kBlock) {
+        const int nb = (int) std::min<int64_t>(kBlock, t.n_kv - j0);
+        int n_visible = 0;
+        for (int jj = 0; jj < nb; jj++) {
+            if (!t.mask || t.mask[j0 + jj]) visible[n_visible++] = jj;
+        }
+        if (n_visible == 0) continue;
+        // scores; hidden rows and the padding up to a whole vector stay -inf (exp -> 0)
+        const int nb8 = (nb + 7) & ~7;
+        for (int g = 0; g < G; g++) std::fill(scores + g * kBlock, scores + g * kBlock + nb8, -INFINITY);
+        for (int vi = 0; vi < n_visible; vi++) {
+            const int jj = visible[vi];
+            const void * krow = (const uint8_t *) t.k + (size_t) (j0 + jj) * t.k_stride;
+            block_scores<kKF16>(t.q, G, hd, krow, t.scale, scores + jj);
+        }
+        // value rows of the block as f32, once for the whole group
+        const float * vrows;
+        if (kVF16) {
+            for (int vi = 0; vi < n_visible; vi++) {
+                const int jj = visible[vi];
+                const uint16_t * src = (const uint16_t *) ((const uint8_t *) t.v + (size_t) (j0 + jj) * t.v_stride);
+                float * dst = vbuf + (size_t) jj * hd;
+                for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (src + d))));
+            }
+            vrows = vbuf;
+        } else {
+            vrows = (const float *) ((const uint8_t *) t.v + (size_t) j0 * t.v_stride);
+        }
+        const int v_row_floats = kVF16 ? hd : (int) (t.v_stride / sizeof(float));
+        for (int g = 0; g < G; g++) {
+            float * s = scores + g * kBlock;
+            __m256 mx = _mm256_set1_ps(-INFINITY);
+            for (int jj = 0; jj < nb8; jj += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + jj));
+            const float block_max = hmax(mx);
+            float * a = acc + (size_t) g * hd;
+            if (block_max > m_run[g]) {
+                // rescale what was accumulated under the old max (exp(-inf) = 0 the first time)
+                const float correction = std::exp(m_run[g] - block_max);
+                const __m256 cv = _mm256_set1_ps(correction);
+                for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(a + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), cv));
+                l_run[g] *= correction;
+                m_run[g] = block_max;
+            }
+            const __m256 m = _mm256_set1_ps(m_run[g]);
+            __m256 sum = _mm256_setzero_ps();
+            for (int jj = 0; jj < nb8; jj += 8) {
+                const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + jj), m));
+                _mm256_storeu_ps(s + jj, p);
+                sum = _mm256_add_ps(sum, p);
+            }
+            l_run[g] += hsum(sum);
+            int d = 0;
+            for (; d + 32 <= hd; d += 32) accumulate_values<4>(a + d, s, vrows + d, v_row_floats, visible, n_visible);
+            switch ((hd - d) / 8) {
+                case 3: accumulate_values<3>(a + d, s, vrows + d, v_row_floats, visible, n_visible); break;
+                case 2: accumulate_values<2>(a + d, s, vrows + d, v_row_floats, visible, n_visible); break;
+                case 1: accumulate_values<1>(a + d, s, vrows + d, v_row_floats, visible, n_visible); break;
+                default: break;
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const __m256 inv = _mm256_set1_ps(l_run[g] > 0.0f ? 1.0f / l_run[g] : 0.0f);
+        const float * a = acc + (size_t) g * hd;
+        float * o = t.out + (size_t) g * hd;
+        for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), inv));
+    }
+}
+
+}  // namespace
+
+void attention(const AttnTask & t, float * scratch) {
+    // f32 value rows are read in place, so their stride must be whole floats; head sizes that
+    // are not whole vectors (only tiny test models) take the reference path
+    if (t.head_dim % 8 != 0 || (!t.v_f16 && t.v_stride % sizeof(float) != 0)) {
+        ref::ops_kernels().attention(t, scratch);
+        return;
+    }
+    if (t.k_f16) {
+        if (t.v_f16) attention_impl<true, true>(t, scratch); else attention_impl<true, false>(t, scratch);
+    } else {
+        if (t.v_f16) attention_impl<false, true>(t, scratch); else attention_impl<false, false>(t, scratch);
+    }
+}
+
+void silu_mul(const float * gate, const float * up, float * out, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp8(_mm256_xor_ps(g, sign));  // exp(-g)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+}  // namespace avx2
+}  // namespace sparrow
+
+#endif  // x86

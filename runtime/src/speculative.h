@@ -1,0 +1,32 @@
+// speculative.h - the draft/verify/accept/hand-off loop of Sparrow's speculative decoding.
+//
+// A round: the draft runs the committed entries that are pending (the text the target accepted
+// since the last round, each with the target's own hidden states as its feature), then drafts
+// n_draft tokens from its own hidden states; the target verifies them in one forward pass; the
+// longest acceptable prefix plus one token from the target (the bonus) is kept. The target's
+// KV cache is cut back to the accepted tokens and the draft forgets its speculative entries, so
+// both end exactly where plain decoding of the produced tokens would have left them.
+//
+// Acceptance keeps the output the target's own: greedy, a draft token is kept only if it is the
+// target's argmax; sampling, it is kept with probability min(1, p/q) and a rejection resamples
+// from max(0, p - q), so every produced token is distributed as the target's (filtered) p.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+struct sparrow_context;
+
+namespace sparrow {
+
+// Layers of the target the draft reads, in the order of the draft's taps.
+const std::vector<int32_t> & spec_capture_layers(const sparrow_context & ctx);
+// After the prompt's prefill (hidden states captured at every prompt row with
+// spec_capture_layers, rows [0, n_prompt)): queue the prompt's entries for the draft.
+// first_token is the token the target produced after the prompt.
+void spec_begin(sparrow_context & ctx, int32_t n_prompt, int32_t first_token);
+// One round; appends the tokens produced (accepted drafts, then the target's bonus token).
+// Needs room for at least one token in the target cache.
+void spec_round(sparrow_context & ctx, std::vector<int32_t> & produced);
+
+}  // namespace sparrow

@@ -1,0 +1,179 @@
+"""`sparrow train` and `sparrow eval-draft`. This module imports no torch at import time: the
+`sparrow` command must start without it; the commands import the training code when they run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (self-distillation)")
+    g.add_argument("--cache-dir", help="feature cache folder (default: <out or draft>/features); reused and "
+                                       "resumed when the settings match")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="target response length limit (default 128)")
+    g.add_argument("--sample", action="store_true", help="sample the target's responses (default: greedy)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --sample (default 1)")
+    g.add_argument("--max-len", type=int, default=2048, help="skip samples longer than this many tokens (default 2048)")
+    g.add_argument("--topk", type=int, default=0, help="keep the target's top-k logits per position (0 = full "
+                                                       "distribution; default 0)")
+    g.add_argument("--cache-dtype", choices=["bf16", "f32"], default="bf16", help="storage of the taps (default bf16)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def add_train_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a Sparrow draft for a Hugging Face target",
+                       description="Train a Sparrow draft (spec v1: IVSB glimpses, VATA, MTP) on the target's own "
+                                   "responses. Under torchrun it uses every GPU (DDP). See docs/draft.md.")
+    p.add_argument("--target", required=True, help="Hugging Face target folder (Qwen2, Llama, Qwen2-VL, Qwen2.5-VL)")
+    p.add_argument("--data", required=True, action="append",
+                   help="JSONL manifest ({video|images|prompt} or ShareGPT records); repeatable")
+    p.add_argument("--eval-data", action="append", default=[], help="held-out JSONL for acceptance (repeatable)")
+    p.add_argument("--out", required=True, help="output folder: checkpoint.pt, model.safetensors, config.json")
+    g = p.add_argument_group("draft (spec v1 knobs)")
+    g.add_argument("--taps", help="comma-separated target layers whose inputs feed fc (default 2,L/2,L-3; L = "
+                                  "final hidden state)")
+    g.add_argument("--ivsb-layer", type=int, default=None, help="target layer whose outputs are pooled into "
+                                                                "glimpses (default round(0.7 L))")
+    g.add_argument("--glimpses", type=int, default=8, help="G, pooled visual glimpses (0 = off; default 8)")
+    g.add_argument("--anchors", type=int, default=32, help="S, anchor text positions after the video (default 32)")
+    g.add_argument("--window", type=int, default=256, help="W, recent text positions attended (0 = all; default 256)")
+    g.add_argument("--draft-vocab", type=int, default=0, help="reduced draft vocabulary: the N most frequent "
+                                                              "tokens of the data (0 = target's head; default 0)")
+    t = p.add_argument_group("training")
+    t.add_argument("--mtp-steps", type=int, default=3, help="k, steps unrolled on the draft's own hidden state "
+                                                            "(default 3)")
+    t.add_argument("--step-weight", type=float, default=0.8, help="loss weight base: sum_s w^s CE_s (default 0.8)")
+    t.add_argument("--steps", type=int, default=0, help="optimizer steps (default: from --epochs)")
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0 (default 1)")
+    t.add_argument("--batch-size", type=int, default=1, help="samples per micro-batch, per process (default 1)")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    t.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr (default 0.1)")
+    t.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off; default 1)")
+    t.add_argument("--position-jitter", type=int, default=0, help="max random offset added to text RoPE "
+                                                                  "positions per sample (default 0)")
+    t.add_argument("--seed", type=int, default=0, help="seed for data order, jitter, sampling and init (default 0)")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every n steps (default: at the end)")
+    t.add_argument("--eval-every", type=int, default=0, help="held-out acceptance in the progress bar every n steps")
+    t.add_argument("--eval-depth", type=int, default=4, help="chain length for held-out acceptance (default 4)")
+    t.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
+    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on CUDA)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_data_options(p)
+    p.set_defaults(func=_train)
+
+    e = sub.add_parser("eval-draft", help="mean accepted length of a draft on held-out data",
+                       description="Simulate greedy chain drafting against the target on held-out prompts "
+                                   "(the target's greedy responses): mean accepted length (bonus token "
+                                   "included) and acceptance by depth.")
+    e.add_argument("--target", required=True, help="Hugging Face target folder")
+    e.add_argument("--draft", required=True, help="exported draft folder (model.safetensors + config.json)")
+    e.add_argument("--data", required=True, action="append", help="held-out JSONL manifest (repeatable)")
+    e.add_argument("--depth", type=int, default=4, help="chain length k (default 4)")
+    _add_data_options(e)
+    e.set_defaults(func=_eval_draft, sample=False)
+
+
+def _device(name):
+    import torch
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _data_options(args):
+    from .data import DataOptions
+    return DataOptions(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                       max_len=args.max_len, topk=args.topk, cache_dtype=args.cache_dtype,
+                       seed=getattr(args, "seed", 0))
+
+
+def _train(args) -> int:
+    from pathlib import Path
+
+    from .data import build_cache, load_sample
+    from .model import DraftConfig, DraftConfigError, SparrowDraft
+    from .target import Target
+    from .trainer import TrainOptions, choose_draft_vocab, init_from_target, train
+
+    import torch
+    device = _device(args.device)
+    try:
+        target = Target(args.target, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        taps = [int(x) for x in args.taps.split(",")] if args.taps else None
+        config = DraftConfig.for_target(target.shape, taps=taps, ivsb_layer=args.ivsb_layer, glimpses=args.glimpses,
+                                        anchors=args.anchors, window=args.window, draft_vocab_size=args.draft_vocab)
+    except DraftConfigError as e:
+        print(f"sparrow train: error: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "features"
+    opts = _data_options(args)
+    from .trainer import _ddp
+    rank, world = _ddp()
+    files, summary = build_cache(target, args.data, cache_dir, config, opts, progress=not args.quiet,
+                                 rank=rank, world_size=world)
+    if world > 1:  # every rank needs every feature file
+        torch.distributed.barrier()
+        files, summary = build_cache(target, args.data, cache_dir, config, opts, progress=False)
+    if rank == 0:
+        for line in summary.lines():
+            print(line)
+    eval_samples = []
+    if args.eval_data:
+        eval_opts = _data_options(args)
+        eval_opts.sample = False
+        ef, es = build_cache(target, args.eval_data, cache_dir.with_name(cache_dir.name + "-eval"), config,
+                             eval_opts, progress=not args.quiet)
+        for line in es.lines():
+            print("held-out " + line)
+        eval_samples = [load_sample(f) for f in ef]
+    if not files:
+        print("sparrow train: error: no usable training samples", file=sys.stderr)
+        return 1
+    model = SparrowDraft(config)
+    model.set_target_weights(*target.embed_and_head())
+    if config.reduced_vocab:
+        with torch.no_grad():
+            model.d2t.copy_(choose_draft_vocab(files, config.vocab_size, config.draft_vocab_size))
+    init_from_target(model, target)
+    target.model.to("cpu")  # features are cached: free the device for the draft
+    topt = TrainOptions(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
+                        weight_decay=args.weight_decay, clip=args.clip, mtp_steps=args.mtp_steps,
+                        step_weight=args.step_weight, position_jitter=args.position_jitter, seed=args.seed,
+                        save_every=args.save_every, eval_every=args.eval_every, eval_depth=args.eval_depth,
+                        device=device, bf16=None if args.bf16 == "auto" else args.bf16 == "on",
+                        progress=not args.quiet)
+    result = train(model, files, eval_samples, topt, out, resume=not args.no_resume)
+    if rank == 0 and result.losses:
+        print(f"loss: first {result.losses[0]:.4f}, last {result.losses[-1]:.4f}; "
+              f"{result.seconds_per_step * 1000:.1f} ms/step; draft written to {out}")
+    return 0
+
+
+def _eval_draft(args) -> int:
+    from pathlib import Path
+
+    from .data import build_cache, load_sample
+    from .evaluate import evaluate
+    from .export import load_draft
+    from .model import DraftConfigError
+    from .target import Target
+
+    device = _device(args.device)
+    target = Target(args.target, device=device)
+    try:
+        model = load_draft(args.draft, target).to(device)
+    except DraftConfigError as e:
+        print(f"sparrow eval-draft: error: {e}", file=sys.stderr)
+        return 1
+    cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.draft) / "features-eval"
+    files, summary = build_cache(target, args.data, cache_dir, model.config, _data_options(args), progress=False)
+    for line in summary.lines():
+        print(line)
+    stats = evaluate(model, [load_sample(f) for f in files], args.depth)
+    for line in stats.lines():
+        print(line)
+    return 0

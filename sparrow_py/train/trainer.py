@@ -1,0 +1,290 @@
+"""The training loop: MTP loss, AdamW with warmup + cosine, clipping, accumulation, checkpoints.
+
+Determinism: everything random is a function of (seed, position in the run), never of how the
+run got there: the sample order of epoch e is a permutation seeded by (seed, e), and the
+position jitter of micro-step i comes from a generator seeded by (seed, i). A checkpoint holds the
+draft's parameters, the optimizer, the step counter and the losses so far, so a resumed run
+computes the same losses as an uninterrupted one (tests/test_train_loop.py checks it).
+
+DDP: under torchrun (WORLD_SIZE > 1) each rank takes every world_size-th micro-batch of the same
+global order and gradients are averaged; rank 0 writes checkpoints and prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import collate, load_sample, sample_to_rows
+from .evaluate import evaluate
+from .export import save_draft
+from .model import DraftConfig, SparrowDraft
+
+
+@dataclass
+class TrainOptions:
+    steps: int = 0                  # optimizer steps; 0: from epochs
+    epochs: float = 1.0
+    batch_size: int = 1             # samples per micro-batch
+    grad_accum: int = 1             # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip: float = 1.0               # max gradient norm (0: off)
+    mtp_steps: int = 3              # k: steps unrolled after the first (loss has k + 1 terms)
+    step_weight: float = 0.8        # loss = sum_s step_weight**s * CE_s
+    position_jitter: int = 0        # max random offset added to text RoPE positions per sample
+    seed: int = 0
+    save_every: int = 0             # checkpoint every n optimizer steps (0: only at the end)
+    eval_every: int = 0             # held-out acceptance every n steps (0: only at the end)
+    eval_depth: int = 4             # chain length simulated in held-out evaluation
+    eval_samples: int = 16          # held-out samples used for the progress-bar acceptance
+    device: str = "cpu"
+    bf16: bool | None = None        # autocast to bf16; None: on for CUDA
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)   # per optimizer step
+    step_losses: list[list[float]] = field(default_factory=list)  # per optimizer step, CE of each MTP step
+    eval: dict | None = None
+    seconds_per_step: float = 0.0
+
+
+def mtp_loss(logits: list[torch.Tensor], batch: dict[str, torch.Tensor], model: SparrowDraft,
+             step_weight: float) -> tuple[torch.Tensor, list[float]]:
+    """sum_s step_weight^s * mean over valid (entry, step) of KL(target distribution || draft).
+
+    The target distribution is softmax over the stored (top-k) logits, renormalised over the
+    kept ids; with a reduced draft vocabulary, target ids outside it are dropped and the rest
+    renormalised (the draft cannot propose them anyway)."""
+    total = logits[0].new_zeros(())
+    per_step = []
+    t2d = None
+    if model.d2t is not None:
+        t2d = torch.full((model.config.vocab_size,), -1, dtype=torch.long, device=model.d2t.device)
+        t2d[model.d2t] = torch.arange(len(model.d2t), device=model.d2t.device)
+    for s, lg in enumerate(logits):
+        rows = batch["target_row"][:, :, s]
+        valid = rows >= 0
+        if not valid.any():
+            per_step.append(float("nan"))
+            continue
+        logq = F.log_softmax(lg[valid].float(), dim=-1)
+        vals = batch["topk_val"][rows[valid]]
+        idx = batch["topk_idx"][rows[valid]]
+        if t2d is not None:
+            idx = t2d[idx]
+            vals = vals.masked_fill(idx < 0, float("-inf"))
+            keep = torch.isfinite(vals).any(-1)
+            logq, vals, idx = logq[keep], vals[keep], idx[keep]
+            idx = idx.clamp(min=0)
+        p = torch.softmax(vals, dim=-1)
+        # KL(p || q) = CE(p, q) - H(p): the same gradient as the CE of the spec, but 0 at a perfect
+        # draft, so the logged loss shows how far the draft is from the target however flat p is
+        kl = (p * (torch.log_softmax(vals, dim=-1).clamp(min=-1e4) - logq.gather(-1, idx))).sum(-1).mean()
+        per_step.append(float(kl.detach()))
+        total = total + (step_weight ** s) * kl
+    return total, per_step
+
+
+def lr_at(step: int, total: int, opt: TrainOptions) -> float:
+    if opt.warmup_steps and step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    span = max(total - opt.warmup_steps, 1)
+    t = min(max(step - opt.warmup_steps, 0) / span, 1.0)
+    return opt.lr * (opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def init_from_target(model: SparrowDraft, target) -> None:
+    """A sensible start: fc averages the taps; norms, o_proj and the MLP come from the target's last
+    layer; q/k/v read the hidden half with the target's last-layer weights (the embedding half
+    stays small and random); the final norm is the target's; a reduced head starts as the
+    target's rows for the draft vocabulary."""
+    c = model.config
+    H, nT = c.hidden_size, len(c.taps)
+    sd = target.last_layer().state_dict()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.cat([torch.eye(H)] * nT, dim=1) / nT)
+        for name, dst in (("q_proj", model.q_proj), ("k_proj", model.k_proj), ("v_proj", model.v_proj)):
+            w = sd.get(f"self_attn.{name}.weight")
+            if w is not None and w.shape == dst.weight[:, H:].shape:
+                dst.weight[:, H:].copy_(w.float())
+        for src, dst in (("self_attn.o_proj.weight", model.o_proj.weight), ("mlp.gate_proj.weight", model.gate_proj.weight),
+                         ("mlp.up_proj.weight", model.up_proj.weight), ("mlp.down_proj.weight", model.down_proj.weight),
+                         ("input_layernorm.weight", model.embed_norm.weight),
+                         ("input_layernorm.weight", model.hidden_norm.weight),
+                         ("post_attention_layernorm.weight", model.ffn_norm.weight)):
+            if src in sd and sd[src].shape == dst.shape:
+                dst.copy_(sd[src].float())
+        model.output_norm.weight.copy_(target.lm.norm.weight.float())
+        if model.lm_head is not None:
+            model.lm_head.weight.copy_(model.target_head[model.d2t])
+
+
+def choose_draft_vocab(files: list[Path], vocab_size: int, n: int) -> torch.Tensor:
+    """The n most frequent target tokens in the training samples (ties: lower id), sorted by id."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for f in files:
+        ids = load_sample(f)["ids"].long()
+        counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size]
+    order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))[:n]
+    return torch.tensor(sorted(order), dtype=torch.long)
+
+
+def _ddp() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def micro_batches(n_files: int, opt: TrainOptions, total_steps: int):
+    """The global order of micro-batches: list over optimizer steps of lists of file-index lists."""
+    order: list[int] = []
+    epoch = 0
+    need = total_steps * opt.grad_accum * opt.batch_size
+    while len(order) < need:
+        g = torch.Generator().manual_seed(opt.seed * 1000 + epoch)
+        order += torch.randperm(n_files, generator=g).tolist()
+        epoch += 1
+    per_micro = [order[i:i + opt.batch_size] for i in range(0, need, opt.batch_size)]
+    return [per_micro[s * opt.grad_accum:(s + 1) * opt.grad_accum] for s in range(total_steps)]
+
+
+def train(model: SparrowDraft, train_files: list[Path], eval_samples: list[dict], opt: TrainOptions,
+          out_dir: str | Path, resume: bool = True, stop_after: int | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train `model` (already attached to its target's weights) on cached sample files.
+
+    Writes out_dir/checkpoint.pt (every save_every steps and at the end) and the exported draft
+    (model.safetensors + config.json) at the end. stop_after: stop after that many optimizer
+    steps of this run (to test resuming)."""
+    import time
+
+    rank, world = _ddp()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(opt.device)
+    model.to(dev)
+    torch.manual_seed(opt.seed)
+    n_files = len(train_files)
+    if n_files == 0:
+        raise ValueError("no usable training samples")
+    per_step = opt.batch_size * opt.grad_accum * world
+    total = opt.steps or max(1, int(math.ceil(opt.epochs * n_files / per_step)))
+    plan = micro_batches(n_files, TrainOptions(**{**asdict(opt), "batch_size": opt.batch_size * world}), total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=(0.9, 0.95), weight_decay=opt.weight_decay)
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    result = TrainResult()
+    start = 0
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if ck["config"] != model.config.to_dict():
+            raise ValueError(f"{ckpt_path}: checkpoint is for another draft config; use another --out")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        start = ck["step"]
+        result.losses, result.step_losses = ck["losses"], ck["step_losses"]
+        log(f"resumed from {ckpt_path} at step {start}/{total}")
+    use_bf16 = opt.bf16 if opt.bf16 is not None else dev.type == "cuda"
+    cache: dict[int, dict] = {}
+
+    def sample(i: int) -> dict:
+        if i not in cache:
+            cache[i] = load_sample(train_files[i])
+            if len(cache) > 4096:
+                cache.pop(next(iter(cache)))
+        return cache[i]
+
+    def save(step: int):
+        if rank != 0:
+            return
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "losses": result.losses, "step_losses": result.step_losses,
+                    "config": model.config.to_dict(), "options": asdict(opt)}, tmp)
+        os.replace(tmp, ckpt_path)
+
+    bar = None
+    if opt.progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    acc_text = ""
+    t0 = time.perf_counter()
+    n_done = 0
+    model.train()
+    for step in range(start, total):
+        if stop_after is not None and n_done >= stop_after:
+            break
+        lr = lr_at(step, total, opt)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, parts_sum = 0.0, None
+        for micro, file_idx in enumerate(plan[step]):
+            mine = file_idx[rank::world]
+            rows = []
+            for k, fi in enumerate(mine):
+                g = torch.Generator().manual_seed(opt.seed * 1_000_003 + (step * opt.grad_accum + micro) * 1009 + k)
+                jitter = int(torch.randint(0, opt.position_jitter + 1, (1,), generator=g)) if opt.position_jitter else 0
+                rows.append(sample_to_rows(sample(fi), opt.mtp_steps, jitter))
+            batch = {k: v.to(dev) for k, v in collate(rows).items()}
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits, _ = ddp_model(batch["taps"], batch["tokens"], batch["positions"], batch["n_entries"],
+                                      batch["anchor_start"], opt.mtp_steps, batch["glimpses"],
+                                      batch["glimpse_pos"], batch["glimpse_valid"])
+            loss, parts = mtp_loss(logits, batch, model, opt.step_weight)
+            (loss / opt.grad_accum).backward()
+            loss_sum += float(loss.detach()) / opt.grad_accum
+            parts_sum = [p / opt.grad_accum for p in parts] if parts_sum is None else \
+                [a + p / opt.grad_accum for a, p in zip(parts_sum, parts)]
+        if opt.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, opt.clip)
+        optimizer.step()
+        if world > 1:
+            t = torch.tensor([loss_sum], device=dev)
+            torch.distributed.all_reduce(t)
+            loss_sum = float(t) / world
+        result.losses.append(loss_sum)
+        result.step_losses.append(parts_sum)
+        n_done += 1
+        done = step + 1
+        if opt.save_every and done % opt.save_every == 0 and done < total:
+            save(done)
+        if rank == 0 and eval_samples and opt.eval_every and done % opt.eval_every == 0:
+            st = evaluate(model, eval_samples[:opt.eval_samples], opt.eval_depth)
+            acc_text = f"{st.mean_accepted_length:.2f}"
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", **({"acc_len": acc_text} if acc_text else {}))
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    result.seconds_per_step = (time.perf_counter() - t0) / max(n_done, 1)
+    finished = len(result.losses) >= total
+    save(len(result.losses))
+    if finished and rank == 0:
+        save_draft(model, out_dir)
+        if eval_samples:
+            st = evaluate(model, eval_samples, opt.eval_depth)
+            result.eval = {"mean_accepted_length": st.mean_accepted_length,
+                           "acceptance_by_depth": st.acceptance_by_depth(), "tokens": st.tokens,
+                           "forwards": st.forwards}
+            for line in st.lines():
+                log("held-out: " + line)
+    return result

@@ -1,0 +1,187 @@
+"""Qwen2-VL / Qwen2.5-VL visual inputs: what transformers' Qwen2VL image and video processors make.
+
+    pixel_values  [grid_t * grid_h * grid_w, C * temporal_patch_size * patch * patch] float32
+    grid_thw      (grid_t, grid_h, grid_w), the image_grid_thw / video_grid_thw row
+
+Rows are ordered time, then 2x2 merge windows row-major, then the 4 patches of a window row-major
+(the order the tower's patch merger expects); each row is (channel, time, y, x) flattened, the
+layout of the Conv3D patch embedding's weight. An image is a clip of one frame repeated
+temporal_patch_size times (grid_t = 1); a video whose frame count is not a multiple of
+temporal_patch_size repeats its last frame (as the video processor pads).
+
+Pipeline per frame: smart_resize (factor patch*merge, min/max pixels) with Pillow-exact bicubic,
+x / 255 in float64 then float32, (x - mean) / std in float32: the PIL image processor's arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ._config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, read_preprocessor_config
+from .frames import FramesLike, as_frame_array, as_image_array
+from .resize import resize_bicubic, smart_resize
+from .sampling import FrameSelection, qwen_select_frames, second_per_grid_ts
+
+# transformers' class defaults (Qwen2VLImageProcessor / Qwen2VLVideoProcessor)
+IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 28 * 28 * 768
+# qwen-vl-utils' default sampling rate for video files
+DEFAULT_FILE_FPS = 2.0
+
+
+@dataclass(frozen=True)
+class QwenPreprocessConfig:
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = IMAGE_MIN_PIXELS
+    max_pixels: int = IMAGE_MAX_PIXELS
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    min_frames: int = 4
+    max_frames: int = 768
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def for_images(cls, model_dir: str | Path | None = None, **overrides: Any) -> "QwenPreprocessConfig":
+        """Settings of the image processor: the folder's preprocessor_config.json over the defaults."""
+        raw = read_preprocessor_config(model_dir, "preprocessor_config.json")
+        return cls._from_raw(raw, IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS, overrides)
+
+    @classmethod
+    def for_videos(cls, model_dir: str | Path | None = None, **overrides: Any) -> "QwenPreprocessConfig":
+        """Settings of the video processor: video_preprocessor_config.json, else (older checkpoints)
+        preprocessor_config.json, over the video processor's defaults."""
+        raw = read_preprocessor_config(model_dir, "video_preprocessor_config.json", "preprocessor_config.json")
+        return cls._from_raw(raw, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS, overrides)
+
+    @classmethod
+    def _from_raw(cls, raw: dict[str, Any], min_default: int, max_default: int,
+                  overrides: dict[str, Any]) -> "QwenPreprocessConfig":
+        size = raw.get("size") or {}
+        values: dict[str, Any] = {
+            "min_pixels": raw.get("min_pixels") or size.get("shortest_edge") or min_default,
+            "max_pixels": raw.get("max_pixels") or size.get("longest_edge") or max_default,
+        }
+        for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "min_frames",
+                    "max_frames"):
+            if raw.get(key) is not None:
+                values[key] = raw[key]
+        for key in ("image_mean", "image_std"):
+            if raw.get(key) is not None:
+                values[key] = tuple(float(v) for v in raw[key])
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class QwenVisualInput:
+    pixel_values: np.ndarray
+    grid_thw: tuple[int, int, int]
+    second_per_grid_ts: float | None = None  # videos only
+    frame_indices: np.ndarray | None = None  # videos only: source frame numbers used
+    merge_size: int = field(default=2, repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        """Visual tokens this input becomes in the LM (after the 2x2 merger)."""
+        t, h, w = self.grid_thw
+        return t * h * w // (self.merge_size ** 2)
+
+
+def _normalize(frames_uint8: np.ndarray, cfg: QwenPreprocessConfig) -> np.ndarray:
+    """[..., H, W, 3] uint8 -> float32, the PIL image processor's rescale then normalize."""
+    scaled = (frames_uint8.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)
+    std = np.asarray(cfg.image_std, dtype=np.float32)
+    return (scaled - mean) / std
+
+
+def patchify(frames: np.ndarray, cfg: QwenPreprocessConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Normalised frames [T, H, W, C] float32 (T a multiple of temporal_patch_size, H and W multiples
+    of patch*merge) -> (pixel_values, grid_thw) in the processors' order (see the module doc)."""
+    t, h, w, c = frames.shape
+    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    if t % tp or h % (p * m) or w % (p * m):
+        raise ValueError(f"frames {t}x{h}x{w} do not tile into {tp}x{p * m}x{p * m} blocks")
+    gt, gh, gw = t // tp, h // p, w // p
+    blocks = frames.reshape(gt, tp, gh // m, m, p, gw // m, m, p, c)
+    # -> (gt, gh/m, gw/m, mh, mw, C, tp, py, px)
+    blocks = blocks.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    return np.ascontiguousarray(blocks).reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+
+
+def _resize_all(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    if frames.shape[1] == height and frames.shape[2] == width:
+        return frames
+    return np.stack([resize_bicubic(frame, height, width) for frame in frames])
+
+
+def preprocess_image(image: np.ndarray, cfg: QwenPreprocessConfig | None = None) -> QwenVisualInput:
+    """One HxWx3 uint8 RGB image -> pixel_values / image_grid_thw as Qwen2VLImageProcessor makes them."""
+    cfg = cfg or QwenPreprocessConfig.for_images()
+    image = as_image_array(image)
+    height, width = smart_resize(image.shape[0], image.shape[1], cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    frame = _normalize(resize_bicubic(image, height, width), cfg)
+    clip = np.broadcast_to(frame[None], (cfg.temporal_patch_size, *frame.shape))
+    pixel_values, grid = patchify(clip, cfg)
+    return QwenVisualInput(pixel_values, grid, merge_size=cfg.merge_size)
+
+
+def preprocess_frames(frames: np.ndarray, cfg: QwenPreprocessConfig, selection: FrameSelection | None = None
+                      ) -> QwenVisualInput:
+    """Already-selected frames [T, H, W, 3] uint8 -> pixel_values_videos / video_grid_thw."""
+    frames = as_frame_array(frames)
+    height, width = smart_resize(frames.shape[1], frames.shape[2], cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    resized = _resize_all(frames, height, width)
+    if pad := -len(resized) % cfg.temporal_patch_size:
+        resized = np.concatenate([resized, np.repeat(resized[-1:], pad, axis=0)])
+    pixel_values, grid = patchify(_normalize(resized, cfg), cfg)
+    if selection is None:
+        selection = FrameSelection(np.arange(len(frames), dtype=np.int64), len(frames), None)
+    return QwenVisualInput(pixel_values, grid, second_per_grid_ts(selection, cfg.temporal_patch_size),
+                           selection.indices, merge_size=cfg.merge_size)
+
+
+def preprocess_video(video: str | Path | FramesLike, cfg: QwenPreprocessConfig | None = None, *,
+                     fps: float | None = None, num_frames: int | None = None,
+                     source_fps: float | None = None, index_rule: str = "transformers") -> QwenVisualInput:
+    """A video file, a list of HxWx3 uint8 frames or a [T, H, W, 3] uint8 array -> Qwen video input.
+
+    fps / num_frames: sample with Qwen's rule (see sampling.py). For frames given as arrays,
+    neither means "use every frame" (what transformers does) and source_fps is the frames' rate
+    (needed for fps sampling and for second_per_grid_ts; transformers assumes 24 when unknown).
+    For a file, neither means fps=2 (qwen-vl-utils' default) and the rate comes from the file.
+    """
+    cfg = cfg or QwenPreprocessConfig.for_videos()
+
+    def select(total: int, rate: float | None, fps_: float | None) -> FrameSelection:
+        return qwen_select_frames(total, fps=fps_, num_frames=num_frames, source_fps=rate,
+                                  temporal_patch_size=cfg.temporal_patch_size, min_frames=cfg.min_frames,
+                                  max_frames=cfg.max_frames, index_rule=index_rule)
+
+    if isinstance(video, (str, Path)):
+        from .decode import read_frames
+        file_fps = fps if fps is not None or num_frames is not None else DEFAULT_FILE_FPS
+        frames, selection, _ = read_frames(video, lambda info: select(info.total_frames, info.fps, file_fps))
+        return preprocess_frames(frames, cfg, selection)
+    frames = as_frame_array(video)
+    selection = select(len(frames), source_fps, fps)
+    return preprocess_frames(frames[selection.indices], cfg, selection)
+
+
+def preprocess_images(images: Sequence[np.ndarray], cfg: QwenPreprocessConfig | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Several images -> (pixel_values concatenated, image_grid_thw [n, 3] int64), as the processor
+    batches them."""
+    items = [preprocess_image(image, cfg) for image in images]
+    return (np.concatenate([i.pixel_values for i in items]),
+            np.array([i.grid_thw for i in items], dtype=np.int64))

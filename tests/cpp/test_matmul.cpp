@@ -1,0 +1,218 @@
+// test_matmul.cpp - the tiled matrix-product kernels and the fused attention / silu kernels
+// against their scalar references, on random shapes with ragged edges: row and column counts
+// that are not multiples of any tile size, float rows that are not multiples of 8, every type.
+//
+// Usage: test_matmul [repo root, unused]. Exits non-zero with the first failures listed.
+
+#include "common.h"
+#include "cpu/ops.h"
+#include "quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace sparrow;
+
+namespace {
+
+int g_failures = 0;
+
+void check(bool ok, const std::string & what) {
+    if (ok) return;
+    if (g_failures < 30) std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+    g_failures++;
+}
+
+std::mt19937_64 g_rng(777);
+float normal() { return std::normal_distribution<float>(0.0f, 1.0f)(g_rng); }
+int64_t pick(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g_rng); }
+
+// Weights of type t: quantized from floats where a quantizer exists, otherwise random bytes
+// with sane fp16 scales (every k-quant bit pattern is a valid block).
+std::vector<uint8_t> make_weights(DType t, int64_t rows, int64_t k) {
+    const size_t rb = row_size(t, k);
+    std::vector<uint8_t> w(rb * (size_t) rows);
+    const bool k_quant = t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K;
+    if (!k_quant) {
+        std::vector<float> f((size_t) k);
+        for (int64_t r = 0; r < rows; r++) {
+            for (auto & v : f) v = normal();
+            ref::quantize_row(t, f.data(), w.data() + r * rb, k);
+        }
+        return w;
+    }
+    for (auto & b : w) b = (uint8_t) g_rng();
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < k / QK_K; i++) {
+            uint8_t * blk = w.data() + r * rb + i * traits(t).type_size;
+            if (t == DType::Q6_K) {
+                ((BlockQ6_K *) blk)->d = fp32_to_fp16(0.01f * normal());
+            } else {  // q4_K / q5_K start with d, dmin
+                ((uint16_t *) blk)[0] = fp32_to_fp16(0.01f * std::fabs(normal()));
+                ((uint16_t *) blk)[1] = fp32_to_fp16(0.01f * std::fabs(normal()));
+            }
+        }
+    }
+    return w;
+}
+
+// mul_mat(SIMD) vs ref::mul_mat (one reference vec_dot per pair) on an nr x nc block with
+// row strides larger than the rows (as when the backend passes a slice of a bigger matrix).
+void test_mul_mat(DType t) {
+    const DType dt = traits(t).dot_type;
+    const int64_t bs = traits(t).block_size;
+    int cases = 0;
+    const int64_t shapes[][3] = {  // k (in blocks for quantized types, elements for float), nr, nc
+        {1, 1, 1}, {3, 1, 2}, {5, 3, 4}, {7, 5, 3}, {9, 8, 8}, {2, 17, 16}, {4, 2, 5}, {6, 7, 9}, {11, 4, 13}};
+    for (int rep = 0; rep < 3; rep++) {
+        for (const auto & s : shapes) {
+            int64_t k = bs == 1 ? s[0] * 8 + (rep == 0 ? 0 : pick(1, 7)) : s[0] * bs;  // ragged float tails
+            if (bs == 1 && rep == 2) k = pick(1, 300);
+            const int64_t nr = s[1] + (rep ? pick(0, 5) : 0), nc = s[2] + (rep ? pick(0, 5) : 0);
+            const std::vector<uint8_t> w = make_weights(t, nr, k);
+            const size_t wrb = row_size(t, k), xrb = row_size(dt, k);
+            std::vector<uint8_t> x(xrb * (size_t) nc);
+            std::vector<float> xf((size_t) k);
+            for (int64_t c = 0; c < nc; c++) {
+                for (auto & v : xf) v = normal();
+                ref::quantize_row(dt, xf.data(), x.data() + c * xrb, k);
+            }
+            const int64_t ys = nr + 3;  // output row stride != nr
+            std::vector<float> y((size_t) (nc * ys), -7.0f), y_ref((size_t) (nc * ys), -7.0f);
+            mul_mat(t, k, w.data(), wrb, nr, x.data(), xrb, nc, y.data(), ys);
+            ref::mul_mat(t, k, w.data(), wrb, nr, x.data(), xrb, nc, y_ref.data(), ys);
+            for (int64_t c = 0; c < nc; c++) {
+                std::vector<float> wf((size_t) k), xc((size_t) k);
+                ref::dequantize_row(dt, x.data() + c * xrb, xc.data(), k);
+                for (int64_t r = 0; r < nr; r++) {
+                    ref::dequantize_row(t, w.data() + r * wrb, wf.data(), k);
+                    double magnitude = 0.0;
+                    for (int64_t i = 0; i < k; i++) magnitude += std::fabs((double) wf[i] * xc[i]);
+                    const float a = y[c * ys + r], b = y_ref[c * ys + r];
+                    check(std::fabs((double) a - b) <= 1e-5 * magnitude + 1e-30,
+                          format("mul_mat %s k=%lld nr=%lld nc=%lld (r=%lld, c=%lld): %.9g vs ref %.9g", traits(t).name,
+                                 (long long) k, (long long) nr, (long long) nc, (long long) r, (long long) c, a, b));
+                }
+                for (int64_t r = nr; r < ys; r++) check(y[c * ys + r] == -7.0f, format("mul_mat %s wrote past nr", traits(t).name));
+            }
+            cases++;
+        }
+    }
+    std::printf("  mul_mat %-5s %3d cases\n", traits(t).name, cases);
+}
+
+// Attention: the SIMD kernel against the reference for f16/f32 caches, head sizes that are and
+// are not whole vectors, GQA groups of 1..8, lengths around the block size, masks that hide
+// whole blocks, and a row with nothing visible (zeros).
+void test_attention() {
+    const OpsKernels & simd = ops_kernels();
+    const OpsKernels & scalar = ref::ops_kernels();
+    int cases = 0;
+    for (int hd : {8, 16, 64, 80, 128, 12}) {
+        for (int group : {1, 2, 7, 8}) {
+            for (int64_t n_kv : {1, 5, 63, 64, 65, 130, 300}) {
+                for (int kv_kind = 0; kv_kind < 4; kv_kind++) {
+                    for (int mask_kind = 0; mask_kind < 4; mask_kind++) {
+                        const bool k_f16 = kv_kind & 1, v_f16 = kv_kind & 2;
+                        const int n_head_kv = 2;  // rows hold two KV heads; the task uses the second
+                        std::vector<float> q((size_t) group * hd), kf((size_t) n_kv * n_head_kv * hd), vf(kf.size());
+                        for (auto & v : q) v = normal();
+                        for (auto & v : kf) v = normal();
+                        for (auto & v : vf) v = normal();
+                        // a few large scores so the running max moves inside and across blocks
+                        for (int64_t j = 0; j < n_kv; j += 37) kf[(size_t) j * n_head_kv * hd + hd] *= 8.0f;
+                        std::vector<uint8_t> kc, vc;
+                        auto store = [&](const std::vector<float> & src, bool f16, std::vector<uint8_t> & dst) {
+                            dst.resize(src.size() * (f16 ? 2 : 4));
+                            if (f16) ref::quantize_row(DType::F16, src.data(), dst.data(), (int64_t) src.size());
+                            else std::memcpy(dst.data(), src.data(), dst.size());
+                        };
+                        store(kf, k_f16, kc);
+                        store(vf, v_f16, vc);
+                        std::vector<uint8_t> mask((size_t) n_kv, 1);
+                        if (mask_kind == 1) for (auto & m : mask) m = (uint8_t) (g_rng() % 3 == 0);  // sparse tree-like
+                        if (mask_kind == 2) for (int64_t j = 0; j < n_kv; j++) mask[j] = j >= n_kv / 2;  // window: late rows only
+                        if (mask_kind == 3) std::fill(mask.begin(), mask.end(), 0);  // nothing visible
+                        AttnTask t;
+                        t.q = q.data();
+                        t.n_group = group;
+                        t.head_dim = hd;
+                        t.scale = 1.0f / std::sqrt((float) hd);
+                        t.k = kc.data() + (size_t) hd * (k_f16 ? 2 : 4);
+                        t.v = vc.data() + (size_t) hd * (v_f16 ? 2 : 4);
+                        t.k_stride = (size_t) n_head_kv * hd * (k_f16 ? 2 : 4);
+                        t.v_stride = (size_t) n_head_kv * hd * (v_f16 ? 2 : 4);
+                        t.k_f16 = k_f16;
+                        t.v_f16 = v_f16;
+                        t.n_kv = n_kv;
+                        t.mask = mask_kind ? mask.data() : nullptr;
+                        std::vector<float> out((size_t) group * hd), out_ref(out.size());
+                        std::vector<float> scratch(attention_scratch_floats(group, hd));
+                        t.out = out.data();
+                        simd.attention(t, scratch.data());
+                        t.out = out_ref.data();
+                        scalar.attention(t, scratch.data());
+                        float worst = 0.0f;
+                        for (size_t i = 0; i < out.size(); i++) worst = std::max(worst, std::fabs(out[i] - out_ref[i]));
+                        // outputs are convex combinations of values ~N(0, 1): absolute error is meaningful
+                        check(worst <= 2e-5f, format("attention hd=%d group=%d n_kv=%lld kv=%d mask=%d: max error %.3g", hd,
+                                                     group, (long long) n_kv, kv_kind, mask_kind, worst));
+                        if (mask_kind == 3) check(*std::max_element(out.begin(), out.end()) == 0.0f, "attention: no visible row gives zeros");
+                        cases++;
+                    }
+                }
+            }
+        }
+    }
+    std::printf("  attention %d cases\n", cases);
+}
+
+void test_silu_mul() {
+    for (int64_t n : {1, 7, 8, 9, 100, 4864}) {
+        std::vector<float> g((size_t) n), u((size_t) n), o((size_t) n), o_ref((size_t) n);
+        for (int64_t i = 0; i < n; i++) {
+            g[i] = normal() * (i % 5 == 0 ? 40.0f : 3.0f);  // includes exp over/underflow territory
+            u[i] = normal();
+        }
+        if (n > 2) g[1] = -200.0f, g[2] = 200.0f;
+        ops_kernels().silu_mul(g.data(), u.data(), o.data(), n);
+        ref::ops_kernels().silu_mul(g.data(), u.data(), o_ref.data(), n);
+        for (int64_t i = 0; i < n; i++) {
+            const float tol = 1e-6f * std::fabs(o_ref[i]) + 1e-30f + 2e-6f * std::fabs(g[i] * u[i]) * (std::fabs(g[i]) > 80.0f);
+            if (!(std::fabs(o[i] - o_ref[i]) <= tol)) {
+                check(false, format("silu_mul n=%lld i=%lld gate=%.6g: %.9g vs ref %.9g", (long long) n, (long long) i, g[i], o[i], o_ref[i]));
+                break;
+            }
+        }
+    }
+    std::printf("  silu_mul ok\n");
+}
+
+}  // namespace
+
+int main(int argc, char ** argv) {
+    (void) argc, (void) argv;
+    std::printf("test_matmul: kernels %s / %s\n", simd_level(), ops_kernels().level);
+    try {
+        for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4_K,
+                        DType::Q5_K, DType::Q6_K}) {
+            test_mul_mat(t);
+        }
+        test_attention();
+        test_silu_mul();
+    } catch (const std::exception & e) {
+        std::fprintf(stderr, "FAIL: unexpected exception: %s\n", e.what());
+        return 1;
+    }
+    if (g_failures) {
+        std::fprintf(stderr, "test_matmul: %d failure(s)\n", g_failures);
+        return 1;
+    }
+    std::printf("test_matmul: all passed\n");
+    return 0;
+}

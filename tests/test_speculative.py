@@ -1,0 +1,159 @@
+"""Speculative decoding in the runtime: lossless against plain decoding, greedy and sampled.
+
+Drafts are made with the training package's module (random weights, or a copy of the target's
+last layer so that it agrees often) and exported/converted like a trained one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import sparrow_py as sp
+from sparrow_py.convert import convert
+
+from gguf_edit import copy_gguf
+
+
+def make_draft(target_dir, out_dir, *, window=256, anchors=32, seed=0, scale=0.02, **kw):
+    from sparrow_py.train.export import save_draft
+    from sparrow_py.train.model import DraftConfig, SparrowDraft
+    from sparrow_py.train.target import target_shape
+
+    config = DraftConfig.for_target(target_shape(target_dir), window=window, anchors=anchors, **kw)
+    draft = SparrowDraft(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    save_draft(draft, out_dir)
+    path = out_dir.parent / (out_dir.name + ".gguf")
+    convert(out_dir, path, outtype="f32", progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory, tiny_qwen2_dir):
+    path = tmp_path_factory.mktemp("spec") / "target.gguf"
+    convert(tiny_qwen2_dir, path, outtype="f32", progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory, tiny_qwen2_dir):
+    return make_draft(tiny_qwen2_dir, tmp_path_factory.mktemp("draft") / "random-draft")
+
+
+@pytest.fixture(scope="module")
+def small_window_draft(tmp_path_factory, tiny_qwen2_dir):
+    return make_draft(tiny_qwen2_dir, tmp_path_factory.mktemp("draftw") / "w8-draft", window=8, anchors=4, seed=1)
+
+
+def prompts(engine, n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, engine.n_vocab, size=int(rng.integers(1, 40))).tolist() for _ in range(n)]
+
+
+@pytest.mark.parametrize("n_draft", [1, 3, 6])
+def test_greedy_output_equals_plain_decoding(target, draft, n_draft):
+    with sp.Engine(str(target), n_ctx=256, n_threads=2, kv_type="f32") as ar, \
+         sp.Engine(str(target), n_ctx=256, n_threads=2, kv_type="f32", draft=str(draft)) as spec:
+        for prompt in prompts(ar, n=20, seed=n_draft):
+            want = "".join(ar.generate(prompt, max_tokens=48, ignore_eos=True))
+            got = "".join(spec.generate(prompt, max_tokens=48, ignore_eos=True, n_draft=n_draft))
+            assert got == want
+            assert spec.last_tokens == ar.last_tokens
+            s = spec.last_stats
+            assert s["n_drafted"] > 0 and 1.0 <= s["mean_accepted_length"] <= n_draft + 1
+
+
+def test_small_window_draft_is_lossless_and_bounded(target, small_window_draft):
+    with sp.Engine(str(target), n_ctx=256, n_threads=2, kv_type="f32") as ar, \
+         sp.Engine(str(target), n_ctx=256, n_threads=2, kv_type="f32", draft=str(small_window_draft)) as spec:
+        prompt = list(range(5, 105))  # longer than W + S: the ring wraps
+        want = "".join(ar.generate(prompt, max_tokens=60, ignore_eos=True))
+        got = "".join(spec.generate(prompt, max_tokens=60, ignore_eos=True, n_draft=4))
+        assert got == want
+        # VATA: never more than G + S + W + the speculative chain
+        assert spec.last_stats["draft_kv_entries"] <= 0 + 4 + 8 + 4
+
+
+def test_speculation_off_and_stop_conditions(target, draft):
+    with sp.Engine(str(target), n_ctx=64, n_threads=2, kv_type="f32", draft=str(draft)) as spec:
+        prompt = list(range(1, 20))
+        off = "".join(spec.generate(prompt, max_tokens=20, ignore_eos=True, speculative="none"))
+        assert spec.last_stats["n_drafted"] == 0
+        on = "".join(spec.generate(prompt, max_tokens=20, ignore_eos=True))
+        assert on == off
+        # max_tokens cuts a round short
+        "".join(spec.generate(prompt, max_tokens=7, ignore_eos=True, n_draft=6))
+        assert spec.last_stats["n_generated"] == 7 and len(spec.last_tokens) == 7
+        # the context fills up mid-round: same tokens as plain decoding, then "context"
+        "".join(spec.generate(prompt, max_tokens=100, ignore_eos=True, n_draft=6))
+        full = list(spec.last_tokens)
+        assert spec.last_finish_reason == "context"
+        "".join(spec.generate(prompt, max_tokens=100, ignore_eos=True, speculative="none"))
+        assert full == spec.last_tokens
+
+
+def test_sampled_tokens_follow_the_target_distribution(target, draft, tmp_path):
+    """The second token (the first produced by a draft/verify round) is distributed exactly as
+    the target's p(t2 | t1); checked with a chi-square test on a peaked copy of the model."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(target))
+    weight = next(np.array(t.data) for t in reader.tensors if t.name == "output_norm.weight")
+    peaked = copy_gguf(target, tmp_path / "peaked.gguf",
+                       replace_tensors={"output_norm.weight": (weight * 8.0).astype(np.float32)})
+    params = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    prompt = [3, 14, 15, 92, 65]
+    with sp.Engine(str(peaked), n_ctx=64, n_threads=1, kv_type="f32") as e:
+        p1 = _softmax(e.decode(prompt)[-1])
+        firsts = [t for t in np.argsort(-p1) if p1[t] > 1e-4]
+        exact = np.zeros(e.n_vocab)
+        for t1 in firsts:
+            e.kv_truncate(len(prompt))
+            exact += p1[t1] * _softmax(e.decode([int(t1)])[-1])
+        exact /= exact.sum()
+    n = 2500
+    counts = np.zeros(len(exact))
+    with sp.Engine(str(peaked), n_ctx=64, n_threads=1, kv_type="f32", draft=str(draft)) as spec:
+        for seed in range(1, n + 1):
+            "".join(spec.generate(prompt, max_tokens=2, seed=seed, ignore_eos=True, n_draft=3, **params))
+            counts[spec.last_tokens[1]] += 1
+    exp = exact * n
+    big = exp >= 5
+    obs_b = np.append(counts[big], counts[~big].sum())
+    exp_b = np.append(exp[big], exp[~big].sum())
+    keep = exp_b > 0
+    chi2 = float(((obs_b[keep] - exp_b[keep]) ** 2 / exp_b[keep]).sum())
+    df = int(keep.sum()) - 1
+    assert df >= 5, "the test distribution is too concentrated to say anything"
+    assert chi2 < df + 4.5 * np.sqrt(2 * df) + 10, f"chi2 {chi2:.1f} with {df} degrees of freedom"
+
+
+def _softmax(x):
+    z = np.exp(x.astype(np.float64) - x.max())
+    return z / z.sum()
+
+
+def test_draft_for_another_target_is_refused(target, tiny_llama_dir, tmp_path):
+    other = make_draft(tiny_llama_dir, tmp_path / "llama-draft")
+    with pytest.raises(sp.SparrowError, match="does not fit this target"):
+        sp.Engine(str(target), draft=str(other))
+    with pytest.raises(sp.SparrowError, match="draft"):
+        sp.Engine(str(other))  # a draft is not a model to run on its own
+
+
+def test_malformed_draft_files(target, draft, tmp_path):
+    data = draft.read_bytes()
+    for name, content in {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"GGUF" + b"\x07" * 300}.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(content)
+        with pytest.raises(sp.SparrowError):
+            sp.Engine(str(target), draft=str(path))
+    missing = copy_gguf(draft, tmp_path / "missing.gguf", drop_tensors={"fc.weight"})
+    with pytest.raises(sp.SparrowError, match="fc.weight"):
+        sp.Engine(str(target), draft=str(missing))

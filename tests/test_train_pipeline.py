@@ -1,0 +1,301 @@
+"""Draft training pipeline on tiny random targets: target features vs transformers, bad records
+counted, video glimpses, loss falls, resume is exact, trained draft beats untrained, GGUF export
+read back with gguf-py, the CLI, and drafts that don't fit refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+from conftest import REPO_ROOT, TINY_VOCAB_SIZE, _lm_sizes, _save_model  # noqa: E402
+from sparrow_py.train.data import DataOptions, build_cache, load_sample  # noqa: E402
+from sparrow_py.train.evaluate import evaluate  # noqa: E402
+from sparrow_py.train.export import load_draft, save_draft  # noqa: E402
+from sparrow_py.train.model import DraftConfig, DraftConfigError, SparrowDraft  # noqa: E402
+from sparrow_py.train.target import Target  # noqa: E402
+from sparrow_py.train.trainer import TrainOptions, init_from_target, train  # noqa: E402
+
+PROMPTS = ["The quick brown fox", "Speculative decoding is", "Qwen2-VL uses", "Llama models permute",
+           "Sparrow drafts tokens", "unicode text is", "Indented code", "every accepted token",
+           "the lazy dog", "frames and patches", "the target verifies", "rotary position"]
+
+
+@pytest.fixture(scope="module")
+def video_target_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny Qwen2-VL whose vision token ids lie inside its (tiny) vocabulary, so it runs videos."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = _lm_sizes(rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+    b = TINY_VOCAB_SIZE  # ids b.. are [PAD] slots of the tiny model's vocabulary
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                           vision_start_token_id=b, vision_end_token_id=b + 1, image_token_id=b + 2,
+                           video_token_id=b + 3)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    return _save_model(model, tmp_path_factory.mktemp("vl-video") / "tiny-qwen2vl-video", tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def text_target(tiny_qwen2_dir) -> Target:
+    return Target(tiny_qwen2_dir)
+
+
+@pytest.fixture(scope="module")
+def text_features(text_target, tmp_path_factory):
+    """Greedy self-distilled features of the tiny Qwen2 for 12 prompts: (config, files)."""
+    d = tmp_path_factory.mktemp("text-feat")
+    manifest = d / "train.jsonl"
+    manifest.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    config = DraftConfig.for_target(text_target.shape, glimpses=0, anchors=4, window=16)
+    files, summary = build_cache(text_target, [manifest], d / "cache", config,
+                                 DataOptions(max_new_tokens=24, cache_dtype="f32"), progress=False)
+    assert summary.good == len(PROMPTS)
+    return config, files
+
+
+def test_target_features_match_transformers(text_target):
+    ids = text_target.prompt_ids("The quick brown fox", None) + [5, 17, 99]
+    L = text_target.shape.num_layers
+    f = text_target.features(ids, None, [0, 1, L], ivsb_layer=0)
+    with torch.no_grad():
+        ref = text_target.model(torch.tensor([ids]), output_hidden_states=True)
+    H = text_target.shape.hidden_size
+    for i, tap in enumerate([0, 1]):  # HF hidden_states[l] is the input of layer l
+        torch.testing.assert_close(f["taps"][:, i * H:(i + 1) * H], ref.hidden_states[tap][0])
+    # tap L is the final hidden state BEFORE the norm; HF's hidden_states[L] has the norm applied
+    with torch.no_grad():
+        normed = text_target.lm.norm(f["taps"][None, :, 2 * H:])[0]
+    torch.testing.assert_close(normed, ref.hidden_states[L][0])
+    torch.testing.assert_close(f["ivsb"], ref.hidden_states[1][0])  # output of layer 0
+    torch.testing.assert_close(f["logits"], ref.logits[0])
+    assert f["positions"].tolist() == list(range(len(ids)))
+
+
+def test_bad_records_skipped_and_counted(text_target, tmp_path, capsys):
+    m = tmp_path / "m.jsonl"
+    lines = [json.dumps({"prompt": "The quick brown fox"}),
+             "{not json",
+             json.dumps({"prompt": ""}),
+             json.dumps([1, 2]),
+             json.dumps({"video": "missing.mp4", "prompt": "x"}),       # text-only target: no vision tower
+             json.dumps({"conversations": [{"from": "gpt", "value": "no question"}]}),
+             json.dumps({"conversations": [{"from": "human", "value": "Speculative decoding is"}]}),
+             json.dumps({"prompt": "word " * 300})]                     # over-long
+    m.write_text("\n".join(lines) + "\n")
+    config = DraftConfig.for_target(text_target.shape, glimpses=0)
+    opts = DataOptions(max_new_tokens=8, max_len=120)
+    files, s = build_cache(text_target, [m], tmp_path / "c", config, opts, progress=False)
+    assert (s.total, s.new, s.reused) == (8, 2, 0)
+    assert dict(s.bad) == {"invalid JSON": 1, "missing prompt": 1, "record is not a JSON object": 1,
+                           "video/images given but the target has no vision tower": 1, "no human turn": 1,
+                           "over-long sample": 1}
+    text = "\n".join(s.lines())
+    assert "6 skipped" in text and "over-long sample" in text
+    # resumable: a second run reuses the two files and recounts the bad ones
+    files2, s2 = build_cache(text_target, [m], tmp_path / "c", config, opts, progress=False)
+    assert files2 == files and (s2.new, s2.reused, sum(s2.bad.values())) == (0, 2, 6)
+    # a cache made with other settings is refused
+    with pytest.raises(ValueError, match="topk"):
+        build_cache(text_target, [m], tmp_path / "c", config, DataOptions(max_new_tokens=8, max_len=120, topk=5),
+                    progress=False)
+
+
+def test_video_sample_glimpses(video_target_dir, tmp_path):
+    target = Target(video_target_dir)
+    # ivsb_layer 0: HF's hidden_states[1] is its output (hidden_states[L] would be after the final norm)
+    config = DraftConfig.for_target(target.shape, ivsb_layer=0, glimpses=3, anchors=4, window=8)
+    frames = (np.random.RandomState(0).rand(6, 56, 56, 3) * 255).astype(np.uint8)  # 3 temporal patches x 4 tokens
+    np.save(tmp_path / "clip.npy", frames)
+    np.save(tmp_path / "broken.npy", frames[:, :50])                                 # not a multiple of 28
+    m = tmp_path / "m.jsonl"
+    m.write_text("\n".join(json.dumps(r) for r in [
+        {"video": "clip.npy", "prompt": "Describe the video."},
+        {"video": "broken.npy", "prompt": "x"},
+        {"video": "gone.npy", "prompt": "x"},
+        {"prompt": "text only works too"}]) + "\n")
+    files, s = build_cache(target, [m], tmp_path / "c", config, DataOptions(max_new_tokens=6), progress=False)
+    assert s.good == 2 and dict(s.bad) == {"unreadable video (ValueError)": 1, "missing video file": 1}
+    sample = load_sample(files[0])
+    ids, visual = sample["ids"].long(), sample["visual"].bool()
+    vis_pos = torch.nonzero(visual).flatten()
+    assert len(vis_pos) == 12 and int(ids[vis_pos[0] - 1]) == target.config["vision_start_token_id"]
+    # independent reference: HF hidden_states[ivsb_layer + 1] at the visual positions, pooled 4/4/4
+    visual_inputs = target.visual_inputs(frames)
+    with torch.no_grad():
+        ref = target.model(input_ids=ids[None], output_hidden_states=True,
+                           **target._model_kwargs(ids[None], visual_inputs))
+    states = ref.hidden_states[config.ivsb_layer + 1][0][vis_pos]
+    expect = torch.stack([states[0:4].mean(0), states[4:8].mean(0), states[8:12].mean(0)])
+    torch.testing.assert_close(sample["glimpses"], expect, rtol=1e-4, atol=1e-5)
+    # M-RoPE: each glimpse sits at the temporal position of its segment's first visual token
+    assert sample["glimpse_pos"].tolist() == sample["positions"][vis_pos[[0, 4, 8]]].tolist()
+    assert len(set(sample["glimpse_pos"].tolist())) == 3
+    # anchors start at the first draft entry after the video
+    text_pos = torch.nonzero(~visual).flatten()
+    assert sample["anchor_start"] == int((text_pos < vis_pos[-1]).sum())
+    # text positions after the video continue from the M-RoPE max, not the sequence index
+    after = int(vis_pos[-1]) + 1
+    assert int(sample["positions"][after]) < after
+
+
+def new_draft(config: DraftConfig, target: Target) -> SparrowDraft:
+    model = SparrowDraft(config)
+    model.set_target_weights(*target.embed_and_head())
+    init_from_target(model, target)
+    return model
+
+
+def test_loss_falls_trained_beats_untrained_and_resume_is_exact(text_target, text_features, tmp_path):
+    config, files = text_features
+    train_files, held_out = files[:9], [load_sample(f) for f in files[9:]]
+    opts = TrainOptions(steps=24, lr=3e-3, warmup_steps=3, mtp_steps=2, batch_size=1, grad_accum=2,
+                        position_jitter=8, seed=3, eval_depth=3, progress=False)
+    untrained = evaluate(new_draft(config, text_target), held_out, depth=3)
+    full = train(new_draft(config, text_target), train_files, held_out, opts, tmp_path / "a", log=lambda s: None)
+    first, last = np.mean(full.losses[:3]), np.mean(full.losses[-3:])
+    assert last < 0.7 * first, (first, last)  # the loss is a KL: 0 for a perfect draft
+    assert full.eval["mean_accepted_length"] > untrained.mean_accepted_length + 0.2, \
+        (full.eval, untrained.mean_accepted_length)
+    assert (tmp_path / "a" / "model.safetensors").exists()
+    # interrupted after 12 steps, then resumed from the checkpoint: the same losses, bit for bit
+    part = train(new_draft(config, text_target), train_files, [], opts, tmp_path / "b", stop_after=12,
+                 log=lambda s: None)
+    assert len(part.losses) == 12
+    rest = train(new_draft(config, text_target), train_files, [], opts, tmp_path / "b", log=lambda s: None)
+    assert rest.losses == full.losses
+    a = load_draft(tmp_path / "a").state_dict()
+    b = load_draft(tmp_path / "b").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_evaluation_accounting(text_target, text_features):
+    """Every generated token after the first is produced by exactly one simulated target forward."""
+    config, files = text_features
+    samples = [load_sample(f) for f in files[:3]]
+    stats = evaluate(new_draft(config, text_target), samples, depth=3)
+    assert stats.tokens == sum(len(s["ids"]) - s["prompt_len"] - 1 for s in samples)
+    assert 1.0 <= stats.mean_accepted_length <= 4.0
+    # a depth is attempted only after the one before it was accepted (chains near the end are shorter)
+    assert all(stats.attempted[d + 1] <= stats.accepted[d] for d in range(2))
+    assert stats.forwards + sum(stats.accepted) - len(samples) <= stats.tokens <= stats.forwards + sum(stats.accepted)
+
+
+@pytest.mark.parametrize("draft_vocab,outtype", [(0, "f32"), (40, "f32"), (0, "f16")])
+def test_export_gguf_round_trip(text_target, tmp_path, draft_vocab, outtype):
+    from sparrow_py.convert import convert
+
+    config = DraftConfig.for_target(text_target.shape, glimpses=4, anchors=8, window=32, draft_vocab_size=draft_vocab)
+    model = new_draft(config, text_target)
+    if draft_vocab:
+        with torch.no_grad():
+            model.d2t.copy_(torch.arange(0, 2 * draft_vocab, 2))
+    save_draft(model, tmp_path / "draft")
+    out = tmp_path / "draft.gguf"
+    convert(tmp_path / "draft", out, outtype, progress=False)
+    r = gguf.GGUFReader(str(out))
+
+    def field(name):
+        f = r.fields[name]
+        return f.contents()
+
+    assert field("general.architecture") == "sparrow-draft"
+    H, L = config.hidden_size, config.target_num_layers
+    expect_keys = {"sparrow-draft.target.architecture": "qwen2", "sparrow-draft.target.block_count": L,
+                   "sparrow-draft.embedding_length": H, "sparrow-draft.vocab_size": config.vocab_size,
+                   "sparrow-draft.draft_vocab_size": draft_vocab or config.vocab_size,
+                   "sparrow-draft.taps": config.taps, "sparrow-draft.ivsb_layer": config.ivsb_layer,
+                   "sparrow-draft.glimpses": 4, "sparrow-draft.anchors": 8, "sparrow-draft.window": 32,
+                   "sparrow-draft.attention.head_count": 4, "sparrow-draft.attention.head_count_kv": 2,
+                   "sparrow-draft.rope.freq_base": 1e6, "sparrow-draft.block_count": 1}
+    for k, v in expect_keys.items():
+        assert field(k) == v, k
+    tensors = {t.name: t for t in r.tensors}
+    names = {"fc.weight": "fc.weight", "blk.0.attn_norm.weight": "embed_norm.weight",
+             "blk.0.attn_norm_2.weight": "hidden_norm.weight", "blk.0.attn_q.weight": "q_proj.weight",
+             "blk.0.attn_k.weight": "k_proj.weight", "blk.0.attn_v.weight": "v_proj.weight",
+             "blk.0.attn_output.weight": "o_proj.weight", "blk.0.ffn_norm.weight": "ffn_norm.weight",
+             "blk.0.ffn_gate.weight": "gate_proj.weight", "blk.0.ffn_up.weight": "up_proj.weight",
+             "blk.0.ffn_down.weight": "down_proj.weight", "output_norm.weight": "output_norm.weight",
+             "glimpse_proj.weight": "glimpse_proj.weight"}
+    if draft_vocab:
+        names.update({"output.weight": "lm_head.weight", "d2t": "d2t"})
+    assert set(tensors) == set(names)
+    state = model.state_dict()
+    for gname, tname in names.items():
+        t, ref = tensors[gname], state[tname]
+        assert tuple(reversed([int(x) for x in t.shape])) == tuple(ref.shape), gname  # GGUF lists ne reversed
+        data = np.asarray(t.data).reshape(ref.shape)
+        if tname == "d2t":
+            assert t.tensor_type == gguf.GGMLQuantizationType.I64
+            assert data.tolist() == ref.tolist()
+        elif ref.ndim == 1 or outtype == "f32":
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            np.testing.assert_array_equal(data, ref.numpy())
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16
+            np.testing.assert_array_equal(data, ref.numpy().astype(np.float16))
+
+
+def test_to_gguf_command_line_converts_a_draft(text_target, tmp_path):
+    config = DraftConfig.for_target(text_target.shape, glimpses=2)
+    save_draft(new_draft(config, text_target), tmp_path / "my-draft")
+    out = tmp_path / "my-draft.gguf"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "convert" / "to_gguf.py"), str(tmp_path / "my-draft"),
+                        "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "sparrow-draft"
+
+
+def test_draft_that_does_not_fit_is_refused(text_target, tiny_llama_dir, tmp_path):
+    config = DraftConfig.for_target(text_target.shape, glimpses=0)
+    save_draft(new_draft(config, text_target), tmp_path / "d")
+    with pytest.raises(DraftConfigError, match="architecture llama.*hidden size 72"):
+        load_draft(tmp_path / "d", Target(tiny_llama_dir))
+    from sparrow_py.cli import main
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    assert main(["eval-draft", "--target", str(tiny_llama_dir), "--draft", str(tmp_path / "d"),
+                 "--data", str(m)]) == 1
+
+
+def test_cli_train_then_eval(tiny_qwen2_dir, tmp_path, capsys):
+    from sparrow_py.cli import main
+
+    m = tmp_path / "train.jsonl"
+    m.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:4]) + "{broken\n")
+    h = tmp_path / "heldout.jsonl"
+    h.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[4:6]))
+    out = tmp_path / "drafts" / "my-draft"
+    rc = main(["train", "--target", str(tiny_qwen2_dir), "--data", str(m), "--out", str(out), "--steps", "4",
+               "--mtp-steps", "1", "--glimpses", "0", "--window", "16", "--anchors", "4", "--max-new-tokens", "12",
+               "--draft-vocab", "64", "--quiet", "--eval-data", str(h)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "1 skipped" in text and "invalid JSON" in text and "mean accepted length" in text
+    assert DraftConfig.load(out).draft_vocab_size == 64
+    rc = main(["eval-draft", "--target", str(tiny_qwen2_dir), "--draft", str(out), "--data", str(h),
+               "--max-new-tokens", "12", "--depth", "3"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "mean accepted length" in text and "acceptance by depth" in text
+
+
+def test_cli_help_documents_every_option():
+    for cmd in ("train", "eval-draft"):
+        r = subprocess.run([sys.executable, "-c", f"import sys; from sparrow_py.cli import main; "
+                            f"main(['{cmd}', '--help'])"], capture_output=True, text=True)
+        assert r.returncode == 0
+        assert "--target" in r.stdout
+    # no torch at import time of the command
+    r = subprocess.run([sys.executable, "-c", "import sys, sparrow_py.cli; assert 'torch' not in sys.modules"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
