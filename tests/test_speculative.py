@@ -13,25 +13,8 @@ torch = pytest.importorskip("torch")
 import sparrow_py as sp
 from sparrow_py.convert import convert
 
+from draft_util import make_draft
 from gguf_edit import copy_gguf
-
-
-def make_draft(target_dir, out_dir, *, window=256, anchors=32, seed=0, scale=0.02, **kw):
-    from sparrow_py.train.export import save_draft
-    from sparrow_py.train.model import DraftConfig, SparrowDraft
-    from sparrow_py.train.target import target_shape
-
-    config = DraftConfig.for_target(target_shape(target_dir), window=window, anchors=anchors, **kw)
-    draft = SparrowDraft(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    save_draft(draft, out_dir)
-    path = out_dir.parent / (out_dir.name + ".gguf")
-    convert(out_dir, path, outtype="f32", progress=False)
-    return path
 
 
 @pytest.fixture(scope="module")

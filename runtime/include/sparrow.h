@@ -297,6 +297,35 @@ typedef struct sparrow_stats {
 
 SPARROW_API sparrow_status sparrow_get_stats(const sparrow_context * ctx, sparrow_stats * out);
 
+/* ---- running a draft on its own (evaluation, tools, tests) ------------------------------ */
+/* A draft session runs a draft model outside the speculative loop, on features the caller
+ * provides: what the speculative loop does internally, step by step. */
+typedef struct sparrow_draft_session sparrow_draft_session;
+
+SPARROW_API sparrow_status sparrow_draft_session_init(const sparrow_model * target, const sparrow_model * draft,
+                                                      int32_t n_ctx, int32_t n_threads, sparrow_draft_session ** out);
+SPARROW_API void sparrow_draft_session_free(sparrow_draft_session * session);
+/* Start a sequence; anchor_start: the draft index of the first text entry after the video. */
+SPARROW_API sparrow_status sparrow_draft_session_reset(sparrow_draft_session * session, int32_t anchor_start);
+/* g = fc(taps) for n entries; taps row-major [n][n_taps * n_embd] (taps concatenated in the
+ * draft's order), g_out [n][n_embd]. */
+SPARROW_API sparrow_status sparrow_draft_fuse_taps(sparrow_draft_session * session, const float * taps, int32_t n,
+                                                   float * g_out);
+/* Enter n pooled glimpse vectors [n][n_embd] (before glimpse_proj) at the given positions. */
+SPARROW_API sparrow_status sparrow_draft_add_glimpses(sparrow_draft_session * session, const float * pooled,
+                                                      const int32_t * pos, int32_t n);
+/* Run n entries: token (the token after the entry's text position), feature g [n][n_embd],
+ * RoPE position; parents NULL for committed entries, else per entry -2 (committed), -1 (a
+ * speculative root) or the index among the speculative entries of its parent. Writes h_out
+ * [n][n_embd] (pre-norm hidden states) and logits_out [n][n_draft_vocab] (may be NULL). */
+SPARROW_API sparrow_status sparrow_draft_run(sparrow_draft_session * session, const sparrow_token * tokens,
+                                             const float * g, const int32_t * pos, const int32_t * parents,
+                                             int32_t n, float * h_out, float * logits_out);
+SPARROW_API sparrow_status sparrow_draft_drop_speculative(sparrow_draft_session * session);
+/* The draft head's vocabulary size, and KV entries in use. */
+SPARROW_API int32_t sparrow_draft_n_vocab(const sparrow_draft_session * session);
+SPARROW_API int32_t sparrow_draft_kv_entries(const sparrow_draft_session * session);
+
 /* The tokens produced so far by the current/last generation (end-of-generation token excluded).
  * The array stays valid until the next sparrow_generate_begin on the context. */
 SPARROW_API sparrow_status sparrow_generated_tokens(const sparrow_context * ctx, const sparrow_token ** out_tokens,

@@ -618,3 +618,104 @@ sparrow_status sparrow_get_stats(const sparrow_context * ctx, sparrow_stats * ou
         *out = ctx->stats;
     });
 }
+
+// ---- draft sessions ----------------------------------------------------------------------
+
+struct sparrow_draft_session {
+    const sparrow_model * target = nullptr;
+    const sparrow_model * draft = nullptr;
+    std::unique_ptr<Backend> backend;
+    std::unique_ptr<DraftState> state;
+};
+
+sparrow_status sparrow_draft_session_init(const sparrow_model * target, const sparrow_model * draft, int32_t n_ctx,
+                                          int32_t n_threads, sparrow_draft_session ** out) {
+    return guard([&] {
+        require(out != nullptr, "out is NULL");
+        *out = nullptr;
+        const sparrow_model & t = model_of(target);
+        const sparrow_model & d = model_of(draft);
+        require_weights(t);
+        if (!d.is_draft) fail(SPARROW_ERR_INVALID_ARGUMENT, format("'%s' is not a draft model", d.arch.c_str()));
+        require(n_ctx > 0 && n_ctx <= (1 << 24), "n_ctx must be in [1, 2^24]");
+        require(n_threads >= 0 && n_threads <= 1024, "n_threads must be in [0, 1024]");
+        draft_check_fits(d.draft_hparams, t.hparams);
+        std::unique_ptr<sparrow_draft_session> s(new sparrow_draft_session());
+        s->target = target;
+        s->draft = draft;
+        s->backend = make_cpu_backend(n_threads > 0 ? n_threads : (int) std::max(1u, std::thread::hardware_concurrency()));
+        s->state.reset(new DraftState(*s->backend, d.draft_hparams, d.draft_weights, t.weights, n_ctx, kMaxDraftTokens * 8));
+        *out = s.release();
+    });
+}
+
+void sparrow_draft_session_free(sparrow_draft_session * session) { delete session; }
+
+sparrow_status sparrow_draft_session_reset(sparrow_draft_session * session, int32_t anchor_start) {
+    return guard([&] {
+        require(session != nullptr, "session is NULL");
+        require(anchor_start >= 0, "anchor_start must be >= 0");
+        session->state->reset(anchor_start);
+    });
+}
+
+sparrow_status sparrow_draft_fuse_taps(sparrow_draft_session * session, const float * taps, int32_t n, float * g_out) {
+    return guard([&] {
+        require(session != nullptr && taps != nullptr && g_out != nullptr && n > 0, "bad arguments");
+        const int64_t H = session->draft->draft_hparams.n_embd, nT = (int64_t) session->draft->draft_hparams.taps.size();
+        // row-major [n][nT*H] -> the capture-slot-major layout the loop produces
+        std::vector<float> slot_major((size_t) (n * nT * H));
+        for (int64_t i = 0; i < n; ++i) {
+            for (int64_t t = 0; t < nT; ++t) memcpy(&slot_major[(size_t) ((t * n + i) * H)], taps + (i * nT + t) * H, H * sizeof(float));
+        }
+        session->state->fuse_taps(slot_major.data(), n, g_out);
+    });
+}
+
+sparrow_status sparrow_draft_add_glimpses(sparrow_draft_session * session, const float * pooled, const int32_t * pos, int32_t n) {
+    return guard([&] {
+        require(session != nullptr && n >= 0 && (n == 0 || (pooled != nullptr && pos != nullptr)), "bad arguments");
+        session->state->add_glimpses(pooled, pos, n);
+    });
+}
+
+sparrow_status sparrow_draft_run(sparrow_draft_session * session, const sparrow_token * tokens, const float * g,
+                                 const int32_t * pos, const int32_t * parents, int32_t n, float * h_out, float * logits_out) {
+    return guard([&] {
+        require(session != nullptr && tokens != nullptr && g != nullptr && pos != nullptr && h_out != nullptr && n > 0,
+                "bad arguments");
+        DraftState & st = *session->state;
+        const int32_t n_vocab = session->target->hparams.n_vocab;
+        std::vector<DraftEntry> entries((size_t) n);
+        int64_t n_spec = st.n_speculative();
+        for (int32_t i = 0; i < n; ++i) {
+            if (tokens[i] < 0 || tokens[i] >= n_vocab) fail(SPARROW_ERR_INVALID_ARGUMENT, format("token %d is outside the vocabulary", tokens[i]));
+            entries[i].token = tokens[i];
+            entries[i].pos = pos[i];
+            const int32_t p = parents ? parents[i] : -2;
+            if (p == -2) {
+                if (n_spec > 0) fail(SPARROW_ERR_STATE, "committed entries must come before speculative ones: drop them first");
+            } else {
+                if (p < -1 || p >= n_spec) fail(SPARROW_ERR_INVALID_ARGUMENT, format("parents[%d] = %d is not an earlier speculative entry", i, p));
+                if (n_spec >= kMaxDraftTokens * 8) fail(SPARROW_ERR_INVALID_ARGUMENT, "too many speculative entries");
+                entries[i].speculative = true;
+                entries[i].parent = p;
+                ++n_spec;
+            }
+        }
+        std::vector<uint8_t> want((size_t) n, logits_out ? 1 : 0);
+        st.run(entries.data(), n, g, want.data(), h_out, logits_out);
+    });
+}
+
+sparrow_status sparrow_draft_drop_speculative(sparrow_draft_session * session) {
+    return guard([&] {
+        require(session != nullptr, "session is NULL");
+        session->state->drop_speculative();
+    });
+}
+
+int32_t sparrow_draft_n_vocab(const sparrow_draft_session * session) { return session ? session->state->n_logits() : 0; }
+int32_t sparrow_draft_kv_entries(const sparrow_draft_session * session) {
+    return session ? (int32_t) session->state->n_kv_entries() : 0;
+}

@@ -49,6 +49,12 @@ enum class RopeMode {
     Norm,   // rotate adjacent pairs (x[2i], x[2i+1]): llama as llama.cpp stores it
     Neox,   // rotate halves (x[i], x[i + n/2]): qwen2, GPT-NeoX
     MRope,  // Neox pairs whose frequency bands take positions from t/h/w/extra sections (qwen2vl)
+    // 2D rotary of vision towers (Qwen2-VL / Qwen2.5-VL ViT, llama.cpp's "vision" rope): Neox
+    // pairs; the first sections[0] pairs take positions from stream 0 (patch row), the next
+    // sections[1] from stream 1 (patch column). The frequencies restart in each section: pair j
+    // of a section turns at freq_base^(-2j / (n_dims / 2)), as HF's axial rope (head_dim / 4
+    // frequencies, shared by the h and w halves).
+    Vision,
 };
 
 struct RopeParams {
@@ -72,6 +78,20 @@ struct AttentionParams {
     // Optional extra mask (e.g. a draft tree): n_q x n_kv bytes, non-zero = may attend. When
     // set it replaces the causal rule.
     const uint8_t * mask = nullptr;
+    // Optional block-diagonal, non-causal attention (vision encoders): n_segments + 1 increasing
+    // row offsets, from 0 to n_kv (HF's cu_seqlens; a host pointer). Query rows and key rows are
+    // the same rows (n_q == n_kv); a query sees every key of its segment [seg[s], seg[s+1]) and
+    // nothing else. One segment = full bidirectional attention; Qwen2.5-VL's windows and one
+    // segment per frame are more. Replaces the causal rule; mask must be null.
+    const int32_t * segments = nullptr;
+    int32_t n_segments = 0;
+};
+
+// Activations of the vision towers' MLPs (all elementwise, f32).
+enum class GeluKind {
+    Erf,    // 0.5 x (1 + erf(x / sqrt 2)): torch's GELU(), the projectors' and mergers'
+    Tanh,   // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): SigLIP's gelu_pytorch_tanh
+    Quick,  // x * sigmoid(1.702 x): Qwen2-VL ViT's quick_gelu
 };
 
 class Backend {
@@ -113,6 +133,18 @@ public:
     virtual void add(const Tensor & a, const Tensor & b, Tensor & out) = 0;
     // out[i, :] = concat(a[i, :], b[i, :])
     virtual void concat_cols(const Tensor & a, const Tensor & b, Tensor & out) = 0;
+
+    // ---- vision towers ----
+    // out = (x - mean(x)) / sqrt(var(x) + eps) * weight (+ bias), per row (LayerNorm; the
+    // variance is the biased one, as torch's). bias may be null.
+    virtual void layer_norm(const Tensor & x, const Tensor & weight, const Tensor * bias, float eps, Tensor & out) = 0;
+    // out = gelu(x) of the given kind, elementwise (out may alias x).
+    virtual void gelu(const Tensor & x, GeluKind kind, Tensor & out) = 0;
+    // out[i, :] = sum over k < n_taps of weights[i * n_taps + k] * x[rows[i * n_taps + k], :],
+    // for i < n_out (rows and weights are host arrays; out must not alias x). Resampling a patch
+    // grid (LLaVA-OneVision's bilinear 2x2 pooling) is this with 4 taps per output patch.
+    virtual void blend_rows(const Tensor & x, const int32_t * rows, const float * weights, int n_taps, int64_t n_out,
+                            Tensor & out) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int n_threads);

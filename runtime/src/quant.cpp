@@ -638,7 +638,9 @@ void run_mul_mat(const Kernels & k, DType t, int64_t n, const void * w, size_t w
                  size_t xs, int64_t nc, float * y, int64_t ys) {
     const size_t id = (size_t) t;
     MulMatFn tiled = id < kMaxTypeId ? k.mul_mat[id] : nullptr;
-    if (tiled) {
+    // One activation row (decode) is a matrix-vector product: nothing to reuse, and vec_dot's
+    // single stream with its own unrolling keeps up with memory better than a 1-column tile.
+    if (tiled && nc > 1) {
         tiled(n, w, ws, nr, x, xs, nc, y, ys);
         return;
     }

@@ -137,6 +137,10 @@ public:
     }
 
     void rope(Tensor & x, int n_head, int head_dim, const int32_t * pos, const RopeParams & p) override {
+        if (p.mode == RopeMode::Vision) {
+            rope_vision(x, n_head, head_dim, pos, p);
+            return;
+        }
         const int64_t n = x.rows();
         const int half = p.n_dims / 2;
         // inverse frequencies are the same for every token: theta_i = base^(-2i/n_dims)
@@ -221,6 +225,12 @@ public:
             t.v_f16 = v_f16;
             t.n_kv = p.mask ? p.n_kv : std::min<int64_t>(p.n_kv, p.q_first + i + 1);
             t.mask = p.mask ? p.mask + i * p.n_kv : nullptr;
+            if (p.segments) {  // block-diagonal: the keys of query i's segment, all of them
+                const int32_t * seg = std::upper_bound(p.segments, p.segments + p.n_segments + 1, (int32_t) i) - 1;
+                t.k = (const uint8_t *) t.k + (size_t) seg[0] * t.k_stride;
+                t.v = (const uint8_t *) t.v + (size_t) seg[0] * t.v_stride;
+                t.n_kv = seg[1] - seg[0];
+            }
             kernels.attention(t, scratch);
         };
         if (tasks == 1) {
@@ -258,7 +268,85 @@ public:
         }
     }
 
+    void layer_norm(const Tensor & x, const Tensor & weight, const Tensor * bias, float eps, Tensor & out) override {
+        const int64_t d = x.cols();
+        const float * g = weight.f32();
+        const float * b = bias ? bias->f32() : nullptr;
+        for_rows(x.rows(), [&](int64_t i) {
+            const float * xi = x.f32() + i * d;
+            float * yi = out.f32() + i * d;
+            double sum = 0.0;
+            for (int64_t j = 0; j < d; ++j) sum += xi[j];
+            const double mean = sum / d;
+            double sq = 0.0;  // two passes: no cancellation when |mean| >> spread
+            for (int64_t j = 0; j < d; ++j) sq += ((double) xi[j] - mean) * ((double) xi[j] - mean);
+            const float scale = (float) (1.0 / std::sqrt(sq / d + eps));
+            for (int64_t j = 0; j < d; ++j) yi[j] = (float) (xi[j] - mean) * scale * g[j] + (b ? b[j] : 0.0f);
+        });
+    }
+
+    void gelu(const Tensor & x, GeluKind kind, Tensor & out) override {
+        const int64_t d = x.cols();
+        for_rows(x.rows(), [&](int64_t i) {
+            const float * xi = x.f32() + i * d;
+            float * yi = out.f32() + i * d;
+            switch (kind) {
+                case GeluKind::Erf:
+                    for (int64_t j = 0; j < d; ++j) yi[j] = 0.5f * xi[j] * (1.0f + std::erf(xi[j] * 0.70710678118654752f));
+                    break;
+                case GeluKind::Tanh:
+                    for (int64_t j = 0; j < d; ++j) {
+                        const float v = xi[j];
+                        yi[j] = 0.5f * v * (1.0f + std::tanh(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+                    }
+                    break;
+                case GeluKind::Quick:
+                    for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] / (1.0f + std::exp(-1.702f * xi[j]));
+                    break;
+            }
+        });
+    }
+
+    void blend_rows(const Tensor & x, const int32_t * rows, const float * weights, int n_taps, int64_t n_out,
+                    Tensor & out) override {
+        const int64_t d = x.cols();
+        for_rows(n_out, [&](int64_t i) {
+            float * o = out.f32() + i * d;
+            std::fill(o, o + d, 0.0f);
+            for (int k = 0; k < n_taps; ++k) {
+                const float w = weights[i * n_taps + k];
+                const float * xr = x.f32() + (int64_t) rows[i * n_taps + k] * d;
+                for (int64_t j = 0; j < d; ++j) o[j] += w * xr[j];
+            }
+        });
+    }
+
 private:
+    // RopeMode::Vision (see backend.h): two sections of pairs, each with its own position
+    // stream and its own frequency ladder base^(-2j / (n_dims / 2)).
+    void rope_vision(Tensor & x, int n_head, int head_dim, const int32_t * pos, const RopeParams & p) {
+        const int64_t n = x.rows();
+        const int half = p.n_dims / 2;
+        const int section_len[2] = {p.sections[0], p.sections[1]};
+        std::vector<double> inv_freq((size_t) std::max(section_len[0], section_len[1]));
+        for (size_t j = 0; j < inv_freq.size(); ++j) inv_freq[j] = std::pow((double) p.freq_base, -2.0 * (double) j / half);
+        for_rows(n, [&](int64_t t) {
+            float * row = x.f32() + t * (int64_t) n_head * head_dim;
+            for (int i = 0; i < section_len[0] + section_len[1]; ++i) {
+                const int stream = i < section_len[0] ? 0 : 1;
+                const int j = stream == 0 ? i : i - section_len[0];
+                const double theta = (double) pos[(int64_t) stream * n + t] * p.freq_scale * inv_freq[j];
+                const float c = (float) std::cos(theta), s = (float) std::sin(theta);
+                for (int h = 0; h < n_head; ++h) {
+                    float * v = row + h * head_dim;
+                    const float x0 = v[i], x1 = v[i + half];
+                    v[i] = x0 * c - x1 * s;
+                    v[i + half] = x0 * s + x1 * c;
+                }
+            }
+        });
+    }
+
     // fn(ith, nth) over the pool, or on the caller alone for a single item (decode).
     template <typename F> void for_each_part(int64_t n, F && fn) {
         if (n == 1) fn(0, 1); else pool_.run(fn);

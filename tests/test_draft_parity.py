@@ -1,0 +1,107 @@
+"""The runtime's draft (C++) against the torch module it mirrors (sparrow_py.train.model), step by
+step: fused taps, committed entries with a wrapping VATA ring and anchors, glimpses, and
+speculative chains, in float32 within 1e-4 of scale."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import sparrow_py as sp
+from sparrow_py.convert import convert
+from sparrow_py.draft_session import DraftSession
+
+from draft_util import make_draft
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_qwen2_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sparrow_py.train.export import load_draft
+
+    root = tmp_path_factory.mktemp("parity")
+    target_path = root / "target.gguf"
+    convert(tiny_qwen2_dir, target_path, outtype="f32", progress=False)
+    draft_path = make_draft(tiny_qwen2_dir, root / "draft", window=6, anchors=3, glimpses=4, seed=3, scale=0.1)
+    module = load_draft(root / "draft").eval()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    embed = hf.get_input_embeddings().weight.detach()
+    module.set_target_weights(embed, hf.get_output_embeddings().weight.detach())
+    return target_path, draft_path, module
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-12))
+
+
+def test_draft_matches_torch_step_by_step(setup):
+    from sparrow_py.train.model import DraftCache
+
+    target_path, draft_path, module = setup
+    c = module.config
+    H, nT = c.hidden_size, len(c.taps)
+    rng = np.random.default_rng(0)
+    n = 20  # > anchors + window: the ring wraps
+    anchor_start = 2
+    taps = rng.standard_normal((n, nT * H)).astype(np.float32)
+    tokens = rng.integers(0, c.vocab_size, size=n).tolist()
+    positions = [5 + i for i in range(n)]
+    pooled = rng.standard_normal((4, H)).astype(np.float32)
+    glimpse_pos = [0, 1, 2, 3]
+
+    with sp.Engine(str(target_path), n_threads=1) as target, DraftSession(target, draft_path, n_ctx=64) as d:
+        d.reset(anchor_start)
+        cache = DraftCache(c, anchor_start)
+        with torch.no_grad():
+            module.add_glimpses(cache, torch.from_numpy(pooled), torch.tensor(glimpse_pos))
+            g_ref = module.fuse_taps(torch.from_numpy(taps)).numpy()
+        d.add_glimpses(pooled, glimpse_pos)
+        g = d.fuse_taps(taps)
+        assert rel_err(g, g_ref) < 1e-5
+
+        # committed entries: the runtime in two batches, torch one at a time
+        h_rt1, logits_rt1 = d.run(tokens[:11], g[:11], positions[:11])
+        h_rt2, logits_rt2 = d.run(tokens[11:], g[11:], positions[11:])
+        h_rt, logits_rt = np.concatenate([h_rt1, h_rt2]), np.concatenate([logits_rt1, logits_rt2])
+        for j in range(n):
+            with torch.no_grad():
+                logits_ref, h_ref = module.step(cache, tokens[j], torch.from_numpy(g[j]), positions[j], speculative=False)
+            assert rel_err(h_rt[j], h_ref.numpy()) < 1e-4, j
+            assert rel_err(logits_rt[j], logits_ref.numpy()) < 1e-4, j
+        assert d.kv_entries == cache.n_entries()
+
+        # a speculative chain from the last committed state, then rolled back
+        for depth_round in range(2):
+            h_prev = h_rt[-1]
+            pos = positions[-1]
+            for depth in range(4):
+                tok = int(rng.integers(0, c.vocab_size))
+                h_s, logits_s = d.run([tok], h_prev[None], [pos + 1 + depth], parents=[depth - 1])
+                with torch.no_grad():
+                    logits_ref, h_ref = module.step(cache, tok, torch.from_numpy(h_prev), pos + 1 + depth, speculative=True)
+                assert rel_err(h_s[0], h_ref.numpy()) < 1e-4
+                assert rel_err(logits_s[0], logits_ref.numpy()) < 1e-4
+                h_prev = h_s[0]
+            assert d.kv_entries == cache.n_entries() <= c.glimpses + c.anchors + c.window + 4
+            d.drop_speculative()
+            cache.drop_speculative()
+
+
+def test_draft_session_bad_input(setup):
+    target_path, draft_path, module = setup
+    with sp.Engine(str(target_path), n_threads=1) as target, DraftSession(target, draft_path, n_ctx=64) as d:
+        H = d.n_embd
+        with pytest.raises(sp.SparrowError):
+            d.run([10**6], np.zeros((1, H)), [0])
+        d.run([1], np.zeros((1, H)), [0], parents=[-1])
+        with pytest.raises(sp.SparrowError, match="committed entries must come before"):
+            d.run([1], np.zeros((1, H)), [1])
+        with pytest.raises(sp.SparrowError, match="speculative"):
+            d.run([1], np.zeros((1, H)), [1], parents=[5])
+        with pytest.raises(sp.SparrowError):
+            d.add_glimpses(np.zeros((9, H)), list(range(9)))  # more than G
+    with pytest.raises(sp.SparrowError, match="draft"):
+        with sp.Engine(str(target_path), n_threads=1) as target:
+            DraftSession(target, target_path)  # a target is not a draft
