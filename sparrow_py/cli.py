@@ -20,6 +20,8 @@ def _add_run(sub) -> None:
     p.add_argument("-s", "--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the model's chat template")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--draft", help="Sparrow draft GGUF for speculative decoding (the output stays the model's own)")
+    p.add_argument("--n-draft", type=int, default=4, help="tokens drafted per verification (default 4)")
 
 
 def _run(args) -> int:
@@ -27,7 +29,7 @@ def _run(args) -> int:
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     try:
-        with Engine(args.model, n_ctx=args.ctx_size, n_threads=args.threads) as engine:
+        with Engine(args.model, n_ctx=args.ctx_size, n_threads=args.threads, draft=args.draft) as engine:
             gen_kwargs = dict(
                 max_tokens=args.n_predict,
                 temperature=args.temp,
@@ -37,6 +39,8 @@ def _run(args) -> int:
                 seed=args.seed,
                 stop=args.stop,
             )
+            if args.draft:
+                gen_kwargs["n_draft"] = args.n_draft
             if args.chat:
                 stream = engine.chat([{"role": "user", "content": prompt}], **gen_kwargs)
             else:
@@ -54,6 +58,11 @@ def _run(args) -> int:
                 f"total {time.perf_counter() - t0:.2f} s",
                 file=sys.stderr,
             )
+            if args.draft:
+                by_depth = ", ".join(f"{a:.2f}" for a in s["acceptance_by_depth"])
+                print(f"speculative: mean accepted length {s['mean_accepted_length']:.2f}, "
+                      f"acceptance by depth [{by_depth}], draft {s['draft_ms']:.0f} ms, verify {s['verify_ms']:.0f} ms",
+                      file=sys.stderr)
     except SparrowError as exc:
         print(f"sparrow: error: {exc}", file=sys.stderr)
         return 1

@@ -37,3 +37,19 @@ def test_run_help_and_errors(tmp_path):
     res = run([sys.executable, "-m", "sparrow_py.cli", "run", "-m", str(bad), "-p", "x"], cwd=tmp_path)
     assert res.returncode == 1
     assert res.stderr.startswith("sparrow: error:") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_run_with_a_draft(tiny_qwen2_dir, tmp_path):
+    from draft_util import make_draft
+
+    model = tmp_path / "tiny.gguf"
+    sp_convert = run([sys.executable, str(REPO / "convert" / "to_gguf.py"), str(tiny_qwen2_dir), "--outtype", "f32",
+                      "-o", str(model), "--quiet"], cwd=tmp_path)
+    assert sp_convert.returncode == 0, sp_convert.stderr
+    draft = make_draft(tiny_qwen2_dir, tmp_path / "draft")
+    args = [sys.executable, "-m", "sparrow_py.cli", "run", "-m", str(model), "-p", "Sparrow drafts", "-n", "16", "-t", "1"]
+    plain = run(args, cwd=tmp_path)
+    spec = run(args + ["--draft", str(draft), "--n-draft", "3"], cwd=tmp_path)
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert "mean accepted length" in spec.stderr

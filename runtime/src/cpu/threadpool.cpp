@@ -18,6 +18,11 @@ namespace {
 // consecutive ops in a forward pass and between the tokens of a decode loop driven from
 // Python, short enough not to burn a core for long once generation stops.
 constexpr auto kSpinTime = std::chrono::microseconds(1000);
+// After this long spinning, waits also yield the core now and then: when the machine is
+// oversubscribed the thread we wait for may be queued behind us, and burning a whole time slice
+// on pause would make every op cost a scheduler tick.
+constexpr auto kPureSpinTime = std::chrono::microseconds(50);
+constexpr int kSpinsPerCheck = 64;
 }
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
@@ -50,17 +55,30 @@ void ThreadPool::run_raw(RawFn fn, void * ctx) {
         wake_.notify_all();
     }
     fn(ctx, 0, n_threads_);
-    while (pending_.load(std::memory_order_acquire) != 0) SPARROW_PAUSE();
+    if (pending_.load(std::memory_order_acquire) == 0) return;
+    const auto yield_after = std::chrono::steady_clock::now() + kPureSpinTime;
+    bool yielding = false;
+    for (int spins = 1; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+        SPARROW_PAUSE();
+        if (spins % kSpinsPerCheck == 0) {
+            if (yielding) std::this_thread::yield();
+            else yielding = std::chrono::steady_clock::now() > yield_after;
+        }
+    }
 }
 
 void ThreadPool::worker(int ith) {
     uint64_t seen = 0;
     for (;;) {
-        auto spin_until = std::chrono::steady_clock::now() + kSpinTime;
+        const auto start = std::chrono::steady_clock::now();
+        const auto yield_after = start + kPureSpinTime, sleep_after = start + kSpinTime;
         int spins = 0;
         while (generation_.load(std::memory_order_acquire) == seen) {
             SPARROW_PAUSE();
-            if (++spins % 128 == 0 && std::chrono::steady_clock::now() > spin_until) {
+            if (++spins % kSpinsPerCheck != 0) continue;
+            const auto now = std::chrono::steady_clock::now();
+            if (now > yield_after) std::this_thread::yield();
+            if (now > sleep_after) {
                 std::unique_lock<std::mutex> lock(mutex_);
                 sleepers_.fetch_add(1, std::memory_order_seq_cst);
                 wake_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });

@@ -1,0 +1,337 @@
+// vision.cpp - the vision (mmproj) GGUF: keys and tensor names, loading with validation, input
+// checks, and dispatch to the family encoders (qwen2vl-vision.cpp, siglip-vision.cpp).
+//
+// Keys and names are llama.cpp's (clip.* / v.* / mm.*) and mirror sparrow_py/convert/mmproj.py's
+// Keys and Tensor tables; docs/mmproj.md documents both. Keys llama.cpp's Qwen converter does
+// not write (window size, merge size, the ViT's rope base) take HF's values, as llama.cpp's
+// clip code hard-codes them.
+#include "models/vision.h"
+
+#include "common.h"
+#include "gguf.h"
+#include "models/llm.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace sparrow {
+
+namespace {
+
+// ---- GGUF metadata keys --------------------------------------------------------------------
+constexpr const char * kKeyGeneralType = "general.type";
+constexpr const char * kKeyProjectorType = "clip.projector_type";
+constexpr const char * kKeyHasVisionEncoder = "clip.has_vision_encoder";
+constexpr const char * kKeyImageSize = "clip.vision.image_size";
+constexpr const char * kKeyPatchSize = "clip.vision.patch_size";
+constexpr const char * kKeyEmbeddingLength = "clip.vision.embedding_length";
+constexpr const char * kKeyBlockCount = "clip.vision.block_count";
+constexpr const char * kKeyHeadCount = "clip.vision.attention.head_count";
+constexpr const char * kKeyLayerNormEps = "clip.vision.attention.layer_norm_epsilon";
+constexpr const char * kKeyProjectionDim = "clip.vision.projection_dim";
+constexpr const char * kKeySpatialMergeSize = "clip.vision.spatial_merge_size";
+constexpr const char * kKeyWindowSize = "clip.vision.window_size";
+constexpr const char * kKeyWaPattern = "clip.vision.n_wa_pattern";
+constexpr const char * kKeyFeatureLayer = "clip.vision.feature_layer";
+constexpr const char * kKeyFeatureSelectStrategy = "clip.vision.feature_select_strategy";
+
+// ---- tensor names ("%d" = block) -----------------------------------------------------------
+constexpr const char * kPatchEmbd = "v.patch_embd.weight";
+constexpr const char * kPatchEmbd1 = "v.patch_embd.weight.1";  // Qwen's second temporal slice
+constexpr const char * kPatchBias = "v.patch_embd.bias";
+constexpr const char * kPosEmbd = "v.position_embd.weight";
+constexpr const char * kLn1 = "v.blk.%d.ln1.%s";
+constexpr const char * kLn2 = "v.blk.%d.ln2.%s";
+constexpr const char * kAttnQ = "v.blk.%d.attn_q.%s";
+constexpr const char * kAttnK = "v.blk.%d.attn_k.%s";
+constexpr const char * kAttnV = "v.blk.%d.attn_v.%s";
+constexpr const char * kAttnOut = "v.blk.%d.attn_out.%s";
+constexpr const char * kFfnGate = "v.blk.%d.ffn_gate.%s";
+constexpr const char * kFfnUp = "v.blk.%d.ffn_up.%s";
+constexpr const char * kFfnDown = "v.blk.%d.ffn_down.%s";
+constexpr const char * kPostLn = "v.post_ln.%s";
+constexpr const char * kMm0 = "mm.0.%s";
+constexpr const char * kMm2 = "mm.2.%s";
+constexpr const char * kImageNewline = "model.image_newline";
+
+struct ProjectorInfo {
+    const char * name;
+    ProjectorType type;
+};
+const ProjectorInfo kProjectors[] = {
+    {"qwen2vl_merger", ProjectorType::Qwen2VL},
+    {"qwen2.5vl_merger", ProjectorType::Qwen25VL},
+    {"llava_onevision", ProjectorType::LlavaOneVision},
+};
+
+// Inputs far beyond any real video are refused before anything is sized from them.
+constexpr int64_t kMaxGridSide = 1 << 14;     // patches per side
+constexpr int64_t kMaxFrames = 1 << 16;
+constexpr int64_t kMaxTotalPatches = 1LL << 31;
+
+int32_t positive_key(const GGUFFile & f, const char * key, int64_t limit) {
+    const int64_t v = f.get_int(key);
+    if (v <= 0 || v > limit) fail(SPARROW_ERR_FORMAT, format("metadata '%s' = %lld is out of range", key, (long long) v));
+    return (int32_t) v;
+}
+
+std::string name_of(const char * pattern, int block, const char * kind) { return format(pattern, block, kind); }
+std::string name_of(const char * pattern, const char * kind) { return format(pattern, kind); }
+
+// A weight matrix: [cols -> rows], rows of whole quantization blocks (matmul needs that).
+Tensor bind_matrix(const GGUFFile & f, const std::string & name, int64_t cols, int64_t rows) {
+    Tensor t = bind_tensor(f, name, cols, rows, true);
+    if (cols % traits(t.type).block_size != 0) {
+        fail(SPARROW_ERR_FORMAT, format("tensor '%s' has rows of %lld elements, not whole %s blocks", name.c_str(),
+                                        (long long) cols, traits(t.type).name));
+    }
+    return t;
+}
+
+Tensor bind_vector(const GGUFFile & f, const std::string & name, int64_t n, bool required = true) {
+    return bind_tensor(f, name, n, 1, required, true);
+}
+
+// The rows of a matrix whose row count the file decides (an MLP width), validated.
+int64_t rows_of(const GGUFFile & f, const std::string & name, int64_t limit) {
+    const GGUFTensorInfo * info = f.find_tensor(name);
+    if (!info) fail(SPARROW_ERR_FORMAT, format("missing tensor '%s'", name.c_str()));
+    const int64_t rows = info->ne[1] * info->ne[2] * info->ne[3];
+    if (rows <= 0 || rows > limit) fail(SPARROW_ERR_FORMAT, format("tensor '%s' has %lld rows", name.c_str(), (long long) rows));
+    return rows;
+}
+
+// A Conv2D kernel [C_out, C, P, P] (ggml ne = P, P, C, C_out) viewed as the matrix
+// [C*P*P -> C_out] a patch's (c, y, x)-ordered pixels multiply. Float types only: a row of
+// P*P*C elements is rarely whole quantization blocks, and llama.cpp keeps it f16/f32.
+Tensor bind_patch_kernel(const GGUFFile & f, const char * name, int64_t patch, int64_t n_out, int32_t * channels) {
+    const GGUFTensorInfo * info = f.find_tensor(name);
+    if (!info) fail(SPARROW_ERR_FORMAT, format("missing tensor '%s'", name));
+    if (info->ne[0] != patch || info->ne[1] != patch || info->ne[3] != n_out || info->ne[2] <= 0 || info->ne[2] > 16) {
+        fail(SPARROW_ERR_FORMAT, format("tensor '%s' has shape [%lld, %lld, %lld, %lld], expected [%lld, C, %lld, %lld]", name,
+                                        (long long) info->ne[3], (long long) info->ne[2], (long long) info->ne[1],
+                                        (long long) info->ne[0], (long long) n_out, (long long) patch, (long long) patch));
+    }
+    if (*channels != 0 && info->ne[2] != *channels) {
+        fail(SPARROW_ERR_FORMAT, format("tensor '%s' has %lld input channels, another kernel %d", name, (long long) info->ne[2], *channels));
+    }
+    const DType type = (DType) info->type;
+    if (type != DType::F32 && type != DType::F16 && type != DType::BF16) {
+        fail(SPARROW_ERR_UNSUPPORTED, format("tensor '%s': patch embedding of type %s (f32, f16 or bf16 expected)", name,
+                                             type_traits(info->type) ? type_traits(info->type)->name : "unknown"));
+    }
+    *channels = (int32_t) info->ne[2];
+    return Tensor::matrix(type, info->ne[2] * patch * patch, n_out, const_cast<uint8_t *>(f.tensor_data(*info)));
+}
+
+void load_qwen(const GGUFFile & f, VisionHparams & hp, VisionWeights & w) {
+    const bool v25 = hp.projector == ProjectorType::Qwen25VL;
+    const int64_t D = hp.n_embd;
+    hp.merge_size = (int32_t) f.get_int(kKeySpatialMergeSize, 2);
+    if (hp.merge_size != 2) fail(SPARROW_ERR_UNSUPPORTED, format("spatial_merge_size %d (2 is supported)", hp.merge_size));
+    if (hp.head_dim % 4 != 0) fail(SPARROW_ERR_FORMAT, format("head dimension %d is not a multiple of 4 (2D rotary)", hp.head_dim));
+    if (v25) {
+        hp.window_size = (int32_t) f.get_int(kKeyWindowSize, 112);
+        hp.n_wa_pattern = (int32_t) f.get_int(kKeyWaPattern, 0);
+        const int64_t unit = (int64_t) hp.patch_size * hp.merge_size;
+        if (hp.window_size < unit || hp.window_size % unit != 0) {
+            fail(SPARROW_ERR_FORMAT, format("window_size %d is not a multiple of patch_size x merge size (%lld)", hp.window_size,
+                                            (long long) unit));
+        }
+        if (hp.n_wa_pattern < 0 || hp.n_wa_pattern > hp.n_layer) fail(SPARROW_ERR_FORMAT, "n_wa_pattern is out of range");
+    }
+
+    w.patch_embd[0] = bind_patch_kernel(f, kPatchEmbd, hp.patch_size, D, &hp.n_channels);
+    w.patch_embd[1] = bind_patch_kernel(f, kPatchEmbd1, hp.patch_size, D, &hp.n_channels);
+    hp.n_ff = (int32_t) rows_of(f, name_of(kFfnUp, 0, "weight"), 1 << 20);
+    const int64_t F = hp.n_ff;
+    const char * norm_kinds_bias = v25 ? nullptr : "bias";  // RMSNorm (2.5) has no bias
+    w.layers.resize((size_t) hp.n_layer);
+    for (int i = 0; i < hp.n_layer; ++i) {
+        VisionLayer & l = w.layers[(size_t) i];
+        l.ln1_w = bind_vector(f, name_of(kLn1, i, "weight"), D);
+        l.ln2_w = bind_vector(f, name_of(kLn2, i, "weight"), D);
+        if (norm_kinds_bias) {
+            l.ln1_b = bind_vector(f, name_of(kLn1, i, "bias"), D);
+            l.ln2_b = bind_vector(f, name_of(kLn2, i, "bias"), D);
+        }
+        l.wq = bind_matrix(f, name_of(kAttnQ, i, "weight"), D, D);
+        l.wk = bind_matrix(f, name_of(kAttnK, i, "weight"), D, D);
+        l.wv = bind_matrix(f, name_of(kAttnV, i, "weight"), D, D);
+        l.wo = bind_matrix(f, name_of(kAttnOut, i, "weight"), D, D);
+        l.bq = bind_vector(f, name_of(kAttnQ, i, "bias"), D);
+        l.bk = bind_vector(f, name_of(kAttnK, i, "bias"), D);
+        l.bv = bind_vector(f, name_of(kAttnV, i, "bias"), D);
+        l.bo = bind_vector(f, name_of(kAttnOut, i, "bias"), D);
+        if (v25) {
+            l.ffn_gate = bind_matrix(f, name_of(kFfnGate, i, "weight"), D, F);
+            l.ffn_gate_b = bind_vector(f, name_of(kFfnGate, i, "bias"), F);
+        }
+        l.ffn_up = bind_matrix(f, name_of(kFfnUp, i, "weight"), D, F);
+        l.ffn_up_b = bind_vector(f, name_of(kFfnUp, i, "bias"), F);
+        l.ffn_down = bind_matrix(f, name_of(kFfnDown, i, "weight"), F, D);
+        l.ffn_down_b = bind_vector(f, name_of(kFfnDown, i, "bias"), D);
+    }
+    w.post_ln_w = bind_vector(f, name_of(kPostLn, "weight"), D);
+    if (norm_kinds_bias) w.post_ln_b = bind_vector(f, name_of(kPostLn, "bias"), D);
+    const int64_t merged = D * hp.merge_size * hp.merge_size;
+    w.mm0_w = bind_matrix(f, name_of(kMm0, "weight"), merged, merged);
+    w.mm0_b = bind_vector(f, name_of(kMm0, "bias"), merged);
+    w.mm2_w = bind_matrix(f, name_of(kMm2, "weight"), merged, hp.n_embd_out);
+    w.mm2_b = bind_vector(f, name_of(kMm2, "bias"), hp.n_embd_out);
+}
+
+void load_siglip(const GGUFFile & f, VisionHparams & hp, VisionWeights & w) {
+    const int64_t D = hp.n_embd;
+    if (hp.image_size % hp.patch_size != 0) {
+        fail(SPARROW_ERR_FORMAT, format("image_size %d is not a multiple of patch_size %d", hp.image_size, hp.patch_size));
+    }
+    const std::string strategy = f.get_string(kKeyFeatureSelectStrategy, "full");
+    if (strategy != "full") {
+        // "default" drops a CLS token SigLIP does not have; HF's video path cannot pool that either
+        fail(SPARROW_ERR_UNSUPPORTED, format("feature_select_strategy '%s' (LLaVA-OneVision uses 'full')", strategy.c_str()));
+    }
+    std::vector<int64_t> layers = f.has(kKeyFeatureLayer) ? f.get_int_array(kKeyFeatureLayer) : std::vector<int64_t>{-1};
+    if (layers.empty() || layers.size() > 64) fail(SPARROW_ERR_FORMAT, "feature_layer must list 1 to 64 layers");
+    for (int64_t k : layers) {
+        // HF indexes hidden_states: n_layer + 1 entries, 0 = embeddings, negative from the end
+        const int64_t resolved = k < 0 ? hp.n_layer + 1 + k : k;
+        if (resolved < 0 || resolved > hp.n_layer) {
+            fail(SPARROW_ERR_FORMAT, format("feature_layer %lld is outside hidden_states [0, %d]", (long long) k, hp.n_layer));
+        }
+        hp.feature_layers.push_back((int32_t) resolved);
+        hp.n_feature_layers_run = std::max(hp.n_feature_layers_run, (int32_t) resolved);
+    }
+
+    w.patch_embd[0] = bind_patch_kernel(f, kPatchEmbd, hp.patch_size, D, &hp.n_channels);
+    w.patch_bias = bind_vector(f, kPatchBias, D);
+    const int64_t side = hp.image_size / hp.patch_size;
+    w.pos_embd = bind_tensor(f, kPosEmbd, D, side * side, true, true);
+    hp.n_ff = (int32_t) rows_of(f, name_of(kFfnUp, 0, "weight"), 1 << 20);
+    const int64_t F = hp.n_ff;
+    w.layers.resize((size_t) hp.n_layer);
+    for (int i = 0; i < hp.n_layer; ++i) {
+        VisionLayer & l = w.layers[(size_t) i];
+        l.ln1_w = bind_vector(f, name_of(kLn1, i, "weight"), D);
+        l.ln1_b = bind_vector(f, name_of(kLn1, i, "bias"), D);
+        l.ln2_w = bind_vector(f, name_of(kLn2, i, "weight"), D);
+        l.ln2_b = bind_vector(f, name_of(kLn2, i, "bias"), D);
+        l.wq = bind_matrix(f, name_of(kAttnQ, i, "weight"), D, D);
+        l.wk = bind_matrix(f, name_of(kAttnK, i, "weight"), D, D);
+        l.wv = bind_matrix(f, name_of(kAttnV, i, "weight"), D, D);
+        l.wo = bind_matrix(f, name_of(kAttnOut, i, "weight"), D, D);
+        l.bq = bind_vector(f, name_of(kAttnQ, i, "bias"), D);
+        l.bk = bind_vector(f, name_of(kAttnK, i, "bias"), D);
+        l.bv = bind_vector(f, name_of(kAttnV, i, "bias"), D);
+        l.bo = bind_vector(f, name_of(kAttnOut, i, "bias"), D);
+        l.ffn_up = bind_matrix(f, name_of(kFfnUp, i, "weight"), D, F);
+        l.ffn_up_b = bind_vector(f, name_of(kFfnUp, i, "bias"), F);
+        l.ffn_down = bind_matrix(f, name_of(kFfnDown, i, "weight"), F, D);
+        l.ffn_down_b = bind_vector(f, name_of(kFfnDown, i, "bias"), D);
+    }
+    const int64_t E = hp.n_embd_out;
+    w.mm0_w = bind_matrix(f, name_of(kMm0, "weight"), D * (int64_t) hp.feature_layers.size(), E);
+    w.mm0_b = bind_vector(f, name_of(kMm0, "bias"), E);
+    w.mm2_w = bind_matrix(f, name_of(kMm2, "weight"), E, E);
+    w.mm2_b = bind_vector(f, name_of(kMm2, "bias"), E);
+    w.image_newline = bind_vector(f, kImageNewline, E);
+}
+
+}  // namespace
+
+bool vision_supports_arch(const std::string & arch) { return arch == "clip"; }
+
+void vision_load(const GGUFFile & f, VisionModel & m) {
+    VisionHparams & hp = m.hp;
+    const std::string type = f.get_string(kKeyGeneralType, "mmproj");
+    if (type != "mmproj") fail(SPARROW_ERR_UNSUPPORTED, format("a clip file of general.type '%s' (mmproj expected)", type.c_str()));
+    if (!f.get_bool(kKeyHasVisionEncoder, true)) fail(SPARROW_ERR_UNSUPPORTED, "the clip file has no vision encoder (audio-only?)");
+    hp.projector_name = f.get_string(kKeyProjectorType);
+    const ProjectorInfo * info = nullptr;
+    for (const auto & p : kProjectors) {
+        if (hp.projector_name == p.name) info = &p;
+    }
+    if (!info) {
+        fail(SPARROW_ERR_UNSUPPORTED, format("vision projector '%s' is not supported (qwen2vl_merger, qwen2.5vl_merger, "
+                                             "llava_onevision are)", hp.projector_name.c_str()));
+    }
+    hp.projector = info->type;
+    hp.image_size = positive_key(f, kKeyImageSize, 1 << 16);
+    hp.patch_size = positive_key(f, kKeyPatchSize, 1024);
+    hp.n_embd = positive_key(f, kKeyEmbeddingLength, 1 << 16);
+    hp.n_layer = positive_key(f, kKeyBlockCount, 1024);
+    hp.n_head = positive_key(f, kKeyHeadCount, 4096);
+    hp.n_embd_out = positive_key(f, kKeyProjectionDim, 1 << 17);
+    if (hp.n_embd % hp.n_head != 0) fail(SPARROW_ERR_FORMAT, format("embedding_length %d is not a multiple of head_count %d", hp.n_embd, hp.n_head));
+    hp.head_dim = hp.n_embd / hp.n_head;
+    hp.eps = (float) f.get_float(kKeyLayerNormEps, 1e-6);
+    if (!(hp.eps > 0.0f) || hp.eps > 1.0f) fail(SPARROW_ERR_FORMAT, "layer_norm_epsilon is out of range");
+    if (hp.projector == ProjectorType::LlavaOneVision) {
+        load_siglip(f, hp, m.w);
+    } else {
+        load_qwen(f, hp, m.w);
+    }
+}
+
+int64_t qwen2vl_grid_tokens(const VisionModel & m, const VisionGrid & g) {
+    return g.t * g.h * g.w / ((int64_t) m.hp.merge_size * m.hp.merge_size);
+}
+
+int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & g) {
+    return g.t * ((g.h + 1) / 2) * ((g.w + 1) / 2) + 1;  // pooled frames, then one image_newline
+}
+
+int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int32_t n_grids, int64_t n_pixel_floats) {
+    const VisionHparams & hp = m.hp;
+    if (n_grids <= 0 || !grids) fail(SPARROW_ERR_INVALID_ARGUMENT, "no grids: give at least one (t, h, w)");
+    const bool qwen = hp.projector != ProjectorType::LlavaOneVision;
+    const int64_t P = hp.patch_size, C = hp.n_channels;
+    int64_t floats = 0, tokens = 0, patches = 0;
+    for (int32_t i = 0; i < n_grids; ++i) {
+        const VisionGrid & g = grids[i];
+        if (g.t < 1 || g.h < 1 || g.w < 1 || g.t > kMaxFrames || g.h > kMaxGridSide || g.w > kMaxGridSide) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("grid %d = (%lld, %lld, %lld) is out of range (t in [1, %lld], h and w in [1, %lld])",
+                                                      i, (long long) g.t, (long long) g.h, (long long) g.w, (long long) kMaxFrames,
+                                                      (long long) kMaxGridSide));
+        }
+        patches += g.t * g.h * g.w;
+        if (patches > kMaxTotalPatches) fail(SPARROW_ERR_INVALID_ARGUMENT, "the grids hold too many patches");
+        if (qwen) {
+            if (g.h % hp.merge_size != 0 || g.w % hp.merge_size != 0) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("grid %d = (%lld, %lld, %lld): h and w must be multiples of the merge size %d",
+                                                          i, (long long) g.t, (long long) g.h, (long long) g.w, hp.merge_size));
+            }
+            floats += g.t * g.h * g.w * C * hp.temporal_patch * P * P;
+            tokens += qwen2vl_grid_tokens(m, g);
+        } else {
+            if (g.h * P != hp.image_size || g.w * P != hp.image_size) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("grid %d: frames of %lldx%lld pixels, but this tower takes %dx%d (h and w "
+                                                          "count patches of %lld: %lld each)", i, (long long) (g.h * P),
+                                                          (long long) (g.w * P), hp.image_size, hp.image_size, (long long) P,
+                                                          (long long) (hp.image_size / P)));
+            }
+            floats += g.t * C * g.h * P * g.w * P;
+            tokens += siglip_grid_tokens(m, g);
+        }
+    }
+    if (n_pixel_floats != floats) {
+        const char * layout = qwen ? "n_patches x C*T*P*P" : "frames x C x H x W";
+        fail(SPARROW_ERR_INVALID_ARGUMENT, format("%lld pixel floats given, the grids need %lld (%s, C = %lld channels, patch %lld)",
+                                                  (long long) n_pixel_floats, (long long) floats, layout, (long long) C, (long long) P));
+    }
+    return tokens;
+}
+
+void vision_encode(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid * grids, int32_t n_grids,
+                   float * out) {
+    const bool qwen = m.hp.projector != ProjectorType::LlavaOneVision;
+    const int64_t P = m.hp.patch_size, C = m.hp.n_channels;
+    for (int32_t i = 0; i < n_grids; ++i) {
+        const VisionGrid & g = grids[i];
+        const int64_t rows = qwen ? qwen2vl_encode_grid(be, m, pixels, g, out) : siglip_encode_grid(be, m, pixels, g, out);
+        pixels += qwen ? g.t * g.h * g.w * C * m.hp.temporal_patch * P * P : g.t * C * g.h * P * g.w * P;
+        out += rows * m.hp.n_embd_out;
+    }
+}
+
+}  // namespace sparrow
