@@ -6,8 +6,11 @@
 // Not built by CMake yet. From the repo root (the AVX2 file needs its own flags, so two steps):
 //   g++ -std=c++17 -O2 -Iruntime/include -Iruntime/src -mavx2 -mfma -mf16c
 //       -c runtime/src/cpu/quant_avx2.cpp -o /tmp/quant_avx2.o
+//   g++ -std=c++17 -O2 -Iruntime/include -Iruntime/src -mavx2 -mfma -mf16c
+//       -c runtime/src/cpu/matmul_avx2.cpp -o /tmp/matmul_avx2.o
 //   g++ -std=c++17 -O2 -Iruntime/include -Iruntime/src
-//       bench/bench_quant.cpp runtime/src/quant.cpp /tmp/quant_avx2.o -o /tmp/bench_quant
+//       bench/bench_quant.cpp runtime/src/quant.cpp /tmp/quant_avx2.o /tmp/matmul_avx2.o -o /tmp/bench_quant
+// (or link against a CMake build: g++ ... bench/bench_quant.cpp build/perf/libsparrow_static.a -lpthread)
 //   /tmp/bench_quant [rows cols]      (default 4096 4096)
 //
 // Each type gets enough copies of the matrix to exceed 128 MiB, cycled through, so the weights

@@ -38,7 +38,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# numpy's BLAS threads would otherwise spin on the same 2 cores as the engines under test
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_lm import SHAPES as SHAPES_0_5B  # noqa: E402

@@ -267,13 +267,18 @@ class Engine:
         ignore_eos: bool = False,
         speculative: Optional[str] = None,
         n_draft: int = 4,
+        tree_depth: int = 5,
+        tree_top_k: int = 4,
+        tree_total_tokens: int = 24,
     ) -> Iterator[str]:
         """Yield the continuation of prompt (text or token ids) piece by piece, as produced.
 
         temperature 0 is greedy. Stops at an end-of-generation token, a stop string (not
         included in the output), max_tokens (-1: no limit) or a full context.
-        With a draft attached, decoding is speculative ("chain", the default then; "none" turns it
-        off); n_draft is the number of tokens drafted per target forward.
+        With a draft attached, decoding is speculative: "chain" (the default then) drafts n_draft
+        tokens per target forward; "tree" drafts an EAGLE-2 dynamic tree (tree_depth levels,
+        tree_top_k children per expanded node, the tree_total_tokens best verified together);
+        "none" turns speculation off.
         ``last_finish_reason``, ``last_tokens`` (the token ids produced) and ``last_stats``
         describe the generation afterwards.
         """
@@ -292,11 +297,14 @@ class Engine:
                 raise SparrowError(f"seed must be >= 0, not {seed}")
             params.sampling.seed = int(seed)
         params.ignore_eog = bool(ignore_eos)
-        modes = {None: -1, "none": lib.SPARROW_SPEC_NONE, "chain": lib.SPARROW_SPEC_CHAIN}
+        modes = {None: -1, "none": lib.SPARROW_SPEC_NONE, "chain": lib.SPARROW_SPEC_CHAIN, "tree": lib.SPARROW_SPEC_TREE}
         if speculative not in modes:
-            raise SparrowError(f"speculative must be one of 'none', 'chain' (or None for the default), not {speculative!r}")
+            raise SparrowError(f"speculative must be 'none', 'chain' or 'tree' (or None for the default), not {speculative!r}")
         params.speculative = modes[speculative]
         params.n_draft = int(n_draft)
+        params.tree_depth = int(tree_depth)
+        params.tree_top_k = int(tree_top_k)
+        params.tree_total_tokens = int(tree_total_tokens)
         keep_alive = [ffi.new("char[]", s.encode("utf-8")) for s in (stop or [])]
         stop_array = ffi.new("char *[]", keep_alive) if keep_alive else ffi.NULL
         params.stop = stop_array

@@ -39,17 +39,28 @@ def prompts(engine, n=20, seed=0):
     return [rng.integers(0, engine.n_vocab, size=int(rng.integers(1, 40))).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize("n_draft", [1, 3, 6])
-def test_greedy_output_equals_plain_decoding(target, draft, n_draft):
+SPEC_MODES = {
+    "chain-1": dict(speculative="chain", n_draft=1),
+    "chain-3": dict(speculative="chain", n_draft=3),
+    "chain-6": dict(speculative="chain", n_draft=6),
+    "tree-4x3": dict(speculative="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=10),
+    "tree-6x4": dict(speculative="tree", tree_depth=6, tree_top_k=4, tree_total_tokens=24),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(SPEC_MODES))
+def test_greedy_output_equals_plain_decoding(target, draft, mode):
+    kw = SPEC_MODES[mode]
+    max_depth = kw.get("n_draft", kw.get("tree_depth"))
     with sp.Engine(str(target), n_ctx=256, n_threads=2, kv_type="f32") as ar, \
          sp.Engine(str(target), n_ctx=256, n_threads=2, kv_type="f32", draft=str(draft)) as spec:
-        for prompt in prompts(ar, n=20, seed=n_draft):
+        for prompt in prompts(ar, n=20, seed=len(mode)):
             want = "".join(ar.generate(prompt, max_tokens=48, ignore_eos=True))
-            got = "".join(spec.generate(prompt, max_tokens=48, ignore_eos=True, n_draft=n_draft))
+            got = "".join(spec.generate(prompt, max_tokens=48, ignore_eos=True, **kw))
             assert got == want
             assert spec.last_tokens == ar.last_tokens
             s = spec.last_stats
-            assert s["n_drafted"] > 0 and 1.0 <= s["mean_accepted_length"] <= n_draft + 1
+            assert s["n_drafted"] > 0 and 1.0 <= s["mean_accepted_length"] <= max_depth + 1
 
 
 def test_small_window_draft_is_lossless_and_bounded(target, small_window_draft):
@@ -81,7 +92,8 @@ def test_speculation_off_and_stop_conditions(target, draft):
         assert full == spec.last_tokens
 
 
-def test_sampled_tokens_follow_the_target_distribution(target, draft, tmp_path):
+@pytest.mark.parametrize("mode", ["chain-3", "tree-4x3"])
+def test_sampled_tokens_follow_the_target_distribution(target, draft, tmp_path, mode):
     """The second token (the first produced by a draft/verify round) is distributed exactly as
     the target's p(t2 | t1); checked with a chi-square test on a peaked copy of the model."""
     import gguf
@@ -104,7 +116,7 @@ def test_sampled_tokens_follow_the_target_distribution(target, draft, tmp_path):
     counts = np.zeros(len(exact))
     with sp.Engine(str(peaked), n_ctx=64, n_threads=1, kv_type="f32", draft=str(draft)) as spec:
         for seed in range(1, n + 1):
-            "".join(spec.generate(prompt, max_tokens=2, seed=seed, ignore_eos=True, n_draft=3, **params))
+            "".join(spec.generate(prompt, max_tokens=2, seed=seed, ignore_eos=True, **SPEC_MODES[mode], **params))
             counts[spec.last_tokens[1]] += 1
     exp = exact * n
     big = exp >= 5

@@ -245,7 +245,9 @@ enum {
 /* Speculative decoding modes (need a draft attached with sparrow_context_set_draft). */
 enum {
     SPARROW_SPEC_NONE  = 0,  /* plain autoregressive decoding                            */
-    SPARROW_SPEC_CHAIN = 1   /* the draft proposes n_draft tokens, the target verifies them */
+    SPARROW_SPEC_CHAIN = 1,  /* the draft proposes n_draft tokens, the target verifies them */
+    SPARROW_SPEC_TREE  = 2   /* EAGLE-2 dynamic tree: tree_depth levels, tree_top_k children per
+                                expanded node, the tree_total_tokens best verified at once      */
 };
 
 typedef struct sparrow_generate_params {
@@ -256,6 +258,9 @@ typedef struct sparrow_generate_params {
     bool ignore_eog;                    /* keep going past end-of-generation tokens        */
     int32_t speculative;                /* SPARROW_SPEC_*; default CHAIN when a draft is attached */
     int32_t n_draft;                    /* tokens drafted per verification (chain), 1..32  */
+    int32_t tree_depth;                 /* tree: levels drafted, 1..32                    */
+    int32_t tree_top_k;                 /* tree: children per expanded node, 1..16        */
+    int32_t tree_total_tokens;          /* tree: tokens verified per target forward, 2..128 */
 } sparrow_generate_params;
 
 SPARROW_API sparrow_generate_params sparrow_generate_default_params(void);
@@ -330,6 +335,37 @@ SPARROW_API int32_t sparrow_draft_kv_entries(const sparrow_draft_session * sessi
  * The array stays valid until the next sparrow_generate_begin on the context. */
 SPARROW_API sparrow_status sparrow_generated_tokens(const sparrow_context * ctx, const sparrow_token ** out_tokens,
                                                     int32_t * out_n);
+
+/* ---- vision ---------------------------------------------------------------------------- */
+/* A vision file (general.architecture "clip", general.type "mmproj": the vision tower and
+ * projector, as llama.cpp's converter writes it) loads with sparrow_model_load like any GGUF;
+ * it has no tokenizer and no context. Projector types: qwen2vl_merger, qwen2.5vl_merger
+ * (llama.cpp's layout) and llava_onevision (Sparrow's, docs/mmproj.md).
+ *
+ * sparrow_vision_encode turns preprocessed pixels (sparrow_py.video produces them) into the
+ * embeddings the language model consumes, [*out_n_tokens][sparrow_vision_n_embd] floats, to be
+ * placed at the video/image placeholder tokens. n_grids images or videos, one after another in
+ * pixels and in out; grid_thw holds 3 int32 per grid:
+ *   Qwen2-VL / Qwen2.5-VL  pixels = pixel_values [n_patches][C * 2 * P * P] exactly as the HF
+ *                          processor makes them (patches in 2x2 merge-block order), grid_thw
+ *                          = (t, h, w) as HF's image_grid_thw / video_grid_thw; h and w must be
+ *                          even. Output: t * h * w / 4 tokens per grid, frame by frame, each
+ *                          frame's 2x2 blocks in raster order (what M-RoPE's (t, h/2, w/2) grid
+ *                          numbers).
+ *   LLaVA-OneVision        pixels = [frames][C][H][W] (a video; an image is a 1-frame video),
+ *                          grid_thw = (frames, H / patch, W / patch), H = W = the file's image
+ *                          size. Output per grid: each frame's ceil(h/2) x ceil(w/2) pooled
+ *                          tokens in raster order, frames in order, then one image_newline.
+ * n_pixel_floats must be exactly what the grids need. n_threads: 0 = all cores. On
+ * SPARROW_ERR_BUFFER_TOO_SMALL (n_out_floats < tokens * n_embd; out may then be NULL),
+ * *out_n_tokens holds the number of tokens needed. Thread-safe: the model is only read. */
+SPARROW_API sparrow_status sparrow_vision_encode(const sparrow_model * mmproj, const float * pixels,
+                                                 int64_t n_pixel_floats, const int32_t * grid_thw,
+                                                 int32_t n_grids, int32_t n_threads, float * out,
+                                                 int64_t n_out_floats, int64_t * out_n_tokens);
+/* The width of the embeddings a vision file outputs (the language model's hidden size);
+ * 0 if mmproj is NULL or not a vision file. */
+SPARROW_API int32_t sparrow_vision_n_embd(const sparrow_model * mmproj);
 
 /* SPARROW_CDEF_END */
 

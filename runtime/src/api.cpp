@@ -5,6 +5,7 @@
 // inside the runtime can cross the C boundary.
 #include "sparrow.h"
 
+#include "api-common.h"  // guard() and the thread-local last error, shared with api-vision.cpp
 #include "common.h"
 #include "context.h"
 #include "models/llm.h"
@@ -22,28 +23,6 @@ using namespace sparrow;
 
 namespace {
 
-thread_local std::string g_last_error;
-
-template <typename F> sparrow_status guard(F && body) {
-    try {
-        body();
-        g_last_error.clear();
-        return SPARROW_OK;
-    } catch (const Error & e) {
-        g_last_error = e.what();
-        return e.status();
-    } catch (const std::bad_alloc &) {
-        g_last_error = "out of memory";
-        return SPARROW_ERR_OUT_OF_MEMORY;
-    } catch (const std::exception & e) {
-        g_last_error = std::string("internal error: ") + e.what();
-        return SPARROW_ERR_INTERNAL;
-    } catch (...) {
-        g_last_error = "internal error";
-        return SPARROW_ERR_INTERNAL;
-    }
-}
-
 void require(bool cond, const char * message) {
     if (!cond) fail(SPARROW_ERR_INVALID_ARGUMENT, message);
 }
@@ -59,12 +38,13 @@ const sparrow_model & model_of(const sparrow_model * model) {
 }
 
 const Tokenizer & tokenizer_of(const sparrow_model & m) {
-    if (!m.tokenizer) fail(SPARROW_ERR_INVALID_ARGUMENT, "a draft model has no tokenizer: use its target's");
+    if (!m.tokenizer) fail(SPARROW_ERR_INVALID_ARGUMENT, "this model has no tokenizer (a draft or vision file): use its language model's");
     return *m.tokenizer;
 }
 
 void require_weights(const sparrow_model & m) {
     if (m.is_draft) fail(SPARROW_ERR_INVALID_ARGUMENT, "this is a draft model: attach it to a target context with sparrow_context_set_draft");
+    if (m.vision) fail(SPARROW_ERR_INVALID_ARGUMENT, "this is a vision (mmproj) file: encode pixels with sparrow_vision_encode");
     if (m.vocab_only) fail(SPARROW_ERR_STATE, "the model was loaded vocab-only; it has no weights to run");
 }
 
@@ -147,6 +127,12 @@ sparrow_status sparrow_model_load(const char * path, sparrow_model_params params
         m->file = GGUFFile::open(path, params.use_mmap);
         m->arch = m->file->get_string("general.architecture", "");
         try {
+            if (vision_supports_arch(m->arch)) {  // a vision tower + projector: no tokenizer either
+                m->vision.reset(new VisionModel());
+                vision_load(*m->file, *m->vision);
+                *out_model = m.release();
+                return;
+            }
             if (draft_supports_arch(m->arch)) {  // a draft: no tokenizer, it runs on its target's
                 m->is_draft = true;
                 draft_load(*m->file, m->draft_hparams, m->draft_weights);
@@ -326,6 +312,8 @@ int32_t sparrow_context_n_ctx(const sparrow_context * ctx) { return ctx ? ctx->p
 
 // Drafts longer than this per round buy nothing (acceptance falls geometrically with depth).
 constexpr int32_t kMaxDraftTokens = 32;
+// Speculative draft entries at once: a tree expands at most top_k nodes per level.
+constexpr int32_t kMaxSpeculativeEntries = 16 * 32;
 
 sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_model * draft) {
     return guard([&] {
@@ -337,7 +325,7 @@ sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_mo
         if (!draft->is_draft) fail(SPARROW_ERR_INVALID_ARGUMENT, format("'%s' is not a draft model", draft->arch.c_str()));
         draft_check_fits(draft->draft_hparams, ctx->model->hparams);
         ctx->spec.state.reset(new DraftState(*ctx->backend, draft->draft_hparams, draft->draft_weights, ctx->model->weights,
-                                             ctx->params.n_ctx, kMaxDraftTokens));
+                                             ctx->params.n_ctx, kMaxSpeculativeEntries));
         ctx->spec.draft = draft;
     });
 }
@@ -443,6 +431,9 @@ sparrow_generate_params sparrow_generate_default_params(void) {
     p.ignore_eog = false;
     p.speculative = -1;  // chain when a draft is attached, none otherwise
     p.n_draft = 4;
+    p.tree_depth = 5;
+    p.tree_top_k = 4;
+    p.tree_total_tokens = 24;
     return p;
 }
 
@@ -464,8 +455,19 @@ sparrow_status sparrow_generate_begin(sparrow_context * ctx, const sparrow_token
                                                   n_prompt, ctx->params.n_ctx));
         }
         if (params.speculative == -1) params.speculative = ctx->spec.draft ? SPARROW_SPEC_CHAIN : SPARROW_SPEC_NONE;
-        if (params.speculative != SPARROW_SPEC_NONE && params.speculative != SPARROW_SPEC_CHAIN) {
-            fail(SPARROW_ERR_INVALID_ARGUMENT, format("speculative mode %d is not supported (none or chain)", params.speculative));
+        if (params.speculative < SPARROW_SPEC_NONE || params.speculative > SPARROW_SPEC_TREE) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("speculative mode %d is not supported (none, chain or tree)", params.speculative));
+        }
+        if (params.speculative == SPARROW_SPEC_TREE) {
+            if (params.tree_depth < 1 || params.tree_depth > 32 || params.tree_top_k < 1 || params.tree_top_k > 16 ||
+                params.tree_total_tokens < 2 || params.tree_total_tokens > 128) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("tree_depth %d, tree_top_k %d, tree_total_tokens %d: expected 1..32, 1..16, 2..128",
+                                                          params.tree_depth, params.tree_top_k, params.tree_total_tokens));
+            }
+            if (params.tree_total_tokens > ctx->params.n_batch) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("tree_total_tokens %d exceeds the context's n_batch %d", params.tree_total_tokens,
+                                                          ctx->params.n_batch));
+            }
         }
         if (params.speculative != SPARROW_SPEC_NONE) {
             if (!ctx->spec.draft) fail(SPARROW_ERR_STATE, "speculative decoding needs a draft: attach one with sparrow_context_set_draft");
@@ -477,7 +479,11 @@ sparrow_status sparrow_generate_begin(sparrow_context * ctx, const sparrow_token
         g = sparrow_context::Generation();
         g.params = params;
         ctx->spec.active = params.speculative != SPARROW_SPEC_NONE;
+        ctx->spec.tree = params.speculative == SPARROW_SPEC_TREE;
         ctx->spec.n_draft = params.n_draft;
+        ctx->spec.tree_depth = params.tree_depth;
+        ctx->spec.tree_top_k = params.tree_top_k;
+        ctx->spec.tree_total = params.tree_total_tokens;
         ctx->generated.clear();
         for (int32_t i = 0; i < params.n_stop; ++i) {
             require(params.stop[i] != nullptr, "a stop string is NULL");
@@ -644,7 +650,7 @@ sparrow_status sparrow_draft_session_init(const sparrow_model * target, const sp
         s->target = target;
         s->draft = draft;
         s->backend = make_cpu_backend(n_threads > 0 ? n_threads : (int) std::max(1u, std::thread::hardware_concurrency()));
-        s->state.reset(new DraftState(*s->backend, d.draft_hparams, d.draft_weights, t.weights, n_ctx, kMaxDraftTokens * 8));
+        s->state.reset(new DraftState(*s->backend, d.draft_hparams, d.draft_weights, t.weights, n_ctx, kMaxSpeculativeEntries));
         *out = s.release();
     });
 }
@@ -697,7 +703,7 @@ sparrow_status sparrow_draft_run(sparrow_draft_session * session, const sparrow_
                 if (n_spec > 0) fail(SPARROW_ERR_STATE, "committed entries must come before speculative ones: drop them first");
             } else {
                 if (p < -1 || p >= n_spec) fail(SPARROW_ERR_INVALID_ARGUMENT, format("parents[%d] = %d is not an earlier speculative entry", i, p));
-                if (n_spec >= kMaxDraftTokens * 8) fail(SPARROW_ERR_INVALID_ARGUMENT, "too many speculative entries");
+                if (n_spec >= kMaxSpeculativeEntries) fail(SPARROW_ERR_INVALID_ARGUMENT, "too many speculative entries");
                 entries[i].speculative = true;
                 entries[i].parent = p;
                 ++n_spec;

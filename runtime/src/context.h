@@ -55,7 +55,9 @@ struct sparrow_context {
         const sparrow_model * draft = nullptr;
         std::unique_ptr<sparrow::DraftState> state;
         bool active = false;                     // this generation speculates
+        bool tree = false;                       // with an EAGLE-2 tree rather than a chain
         int32_t n_draft = 4;
+        int32_t tree_depth = 5, tree_top_k = 4, tree_total = 24;
         std::vector<sparrow::DraftEntry> pending;  // committed entries the draft has yet to run
         std::vector<float> pending_g;            // their features, n_embd each
         std::vector<float> scratch_g, scratch_h, scratch_logits;

@@ -1,11 +1,12 @@
 // model.h - what a loaded sparrow_model holds: the mapped GGUF, its tokenizer and, unless the
 // file is vocab-only, the language model's hyperparameters and weight views; or, for a draft
-// model, the draft's.
+// model, the draft's; or, for a vision (mmproj) file, the vision tower's.
 #pragma once
 
 #include "gguf.h"
 #include "models/draft.h"
 #include "models/llm.h"
+#include "models/vision.h"
 #include "tokenizer.h"
 
 #include <memory>
@@ -22,4 +23,6 @@ struct sparrow_model {
     bool is_draft = false;
     sparrow::DraftHparams draft_hparams;
     sparrow::DraftWeights draft_weights;
+    // a vision file (arch clip, general.type mmproj): tower + projector, no tokenizer
+    std::unique_ptr<sparrow::VisionModel> vision;
 };

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
+#include <numeric>
 
 namespace sparrow {
 
@@ -20,7 +22,7 @@ double now_ms() {
 // A dense copy of a sparse distribution over n ids (zero elsewhere).
 void densify(const std::vector<TokenProb> & dist, int32_t n, std::vector<float> & dense) {
     dense.assign((size_t) n, 0.0f);
-    for (const auto & tp : dist) dense[tp.id] = tp.p;
+    for (const auto & tp : dist) dense[tp.id] += tp.p;
 }
 
 // The draft's distribution mapped to target ids (a reduced vocabulary maps through d2t).
@@ -29,6 +31,413 @@ void draft_distribution(const sparrow_context & ctx, const float * logits, const
     const DraftState & d = *ctx.spec.state;
     sampling_distribution(logits, d.n_logits(), sp, q);
     for (auto & tp : q) tp.id = d.to_target_token(tp.id);
+}
+
+// Draw from max(0, p - q) renormalised (p, q dense over the target vocabulary); p itself where
+// the residual is empty (p == q up to rounding, when any draw from p is exact).
+int32_t draw_residual(const std::vector<float> & p, const std::vector<float> & q, Rng & rng) {
+    std::vector<TokenProb> residual;
+    double total = 0.0;
+    for (size_t x = 0; x < p.size(); ++x) {
+        const double r = (double) p[x] - q[x];
+        if (r > 0.0) {
+            residual.push_back({(int32_t) x, (float) r});
+            total += r;
+        }
+    }
+    if (residual.empty()) {
+        for (size_t x = 0; x < p.size(); ++x) {
+            if (p[x] > 0.0f) residual.push_back({(int32_t) x, p[x]});
+        }
+        total = 1.0;
+    }
+    for (auto & tp : residual) tp.p = (float) (tp.p / total);
+    return draw(residual, rng);
+}
+
+// The draft runs its queued committed entries; the last one (the lead) gives logits when asked.
+// Returns the lead's hidden state.
+std::vector<float> run_pending(sparrow_context & ctx, bool want_lead_logits) {
+    auto & s = ctx.spec;
+    const int64_t H = ctx.model->hparams.n_embd;
+    const int64_t n = (int64_t) s.pending.size();
+    std::vector<uint8_t> want((size_t) n, 0);
+    want.back() = want_lead_logits;
+    s.scratch_h.resize((size_t) (n * H));
+    s.scratch_logits.resize((size_t) s.state->n_logits());
+    s.state->run(s.pending.data(), n, s.pending_g.data(), want.data(), s.scratch_h.data(), s.scratch_logits.data());
+    s.pending.clear();
+    return std::vector<float>(s.scratch_h.end() - H, s.scratch_h.end());
+}
+
+// Keep the verified rows `rows` (batch indices, increasing, starting with 0 = the lead token)
+// in the target cache, queue their entries for the draft, and emit the accepted tokens and the
+// bonus. tokens[i] is the token at batch row rows[i]; the token after the last is the bonus.
+void finish_round(sparrow_context & ctx, int64_t n_before, int64_t n_batch_rows, const std::vector<int32_t> & rows,
+                  const std::vector<int32_t> & accepted_tokens, int32_t bonus, int32_t lead_pos,
+                  std::vector<int32_t> & produced) {
+    auto & s = ctx.spec;
+    const int64_t H = ctx.model->hparams.n_embd;
+    // target cache: the kept rows move down behind the cache before the batch
+    std::vector<int32_t> src, dst;
+    for (size_t i = 0; i < rows.size(); ++i) {
+        src.push_back((int32_t) (n_before + rows[i]));
+        dst.push_back((int32_t) (n_before + (int64_t) i));
+    }
+    ctx.cache->move_rows(src.data(), dst.data(), (int64_t) src.size());
+    for (size_t i = 0; i < src.size(); ++i) {
+        ctx.cache_tokens[dst[i]] = ctx.cache_tokens[src[i]];
+        ctx.cache_pos[dst[i]] = ctx.cache_pos[src[i]];
+    }
+    context_truncate(ctx, (int32_t) (n_before + (int64_t) rows.size()));
+
+    // the draft's next entries: the kept positions with their real features
+    s.scratch_g.resize((size_t) (n_batch_rows * H));
+    s.state->fuse_taps(ctx.hidden.data(), n_batch_rows, s.scratch_g.data());
+    s.pending.clear();
+    s.pending_g.resize(rows.size() * H);
+    for (size_t j = 0; j < rows.size(); ++j) {
+        memcpy(&s.pending_g[j * H], &s.scratch_g[(size_t) rows[j] * H], H * sizeof(float));
+        DraftEntry e;
+        e.token = j + 1 < rows.size() ? accepted_tokens[j] : bonus;
+        e.pos = lead_pos + 1 + (int32_t) j;
+        s.pending.push_back(e);
+        produced.push_back(e.token);
+    }
+}
+
+// Verify `tokens` (row 0 the lead token) with the target in one pass, tree-shaped if parents.
+void verify(sparrow_context & ctx, const std::vector<int32_t> & tokens, const std::vector<int32_t> * parents) {
+    std::vector<int8_t> all(tokens.size(), 1);
+    ForwardOptions opt;
+    opt.outputs = all.data();
+    opt.parents = parents ? parents->data() : nullptr;
+    opt.capture_layers = &spec_capture_layers(ctx);
+    opt.capture_all_rows = true;
+    context_forward(ctx, tokens.data(), (int32_t) tokens.size(), opt);
+    ctx.stats.n_target_forwards += 1;
+}
+
+void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
+    auto & s = ctx.spec;
+    auto & g = ctx.gen;
+    DraftState & draft = *s.state;
+    const LMHparams & hp = ctx.model->hparams;
+    const int64_t H = hp.n_embd;
+    const int32_t n_vocab = hp.n_vocab;
+    const sparrow_sampler_params & sp = g.params.sampling;
+    const bool greedy = sp.temperature == 0.0f;
+
+    // room in the target cache: the verify batch is the lead token plus the drafts
+    const int64_t room = ctx.cache->capacity() - ctx.cache->size();
+    const int32_t k = (int32_t) std::max<int64_t>(0, std::min<int64_t>(s.n_draft, room - 1));
+    const DraftEntry lead = s.pending.back();
+
+    // ---- draft: the pending committed entries, then k - 1 speculative ones ----
+    const double t_draft0 = now_ms();
+    std::vector<int32_t> drafts;
+    std::vector<std::vector<TokenProb>> q_dists;
+    std::vector<float> g_prev = run_pending(ctx, k > 0);
+    for (int32_t i = 1; i <= k; ++i) {
+        int32_t token;
+        if (greedy) {
+            token = draft.to_target_token(argmax(s.scratch_logits.data(), draft.n_logits()));
+        } else {
+            q_dists.emplace_back();
+            draft_distribution(ctx, s.scratch_logits.data(), sp, q_dists.back());
+            token = draw(q_dists.back(), g.rng);
+        }
+        drafts.push_back(token);
+        if (i == k) break;
+        DraftEntry e;
+        e.token = token;
+        e.pos = lead.pos + i;
+        e.speculative = true;
+        e.parent = i - 2;  // a chain: each entry's parent is the previous one
+        const uint8_t yes = 1;
+        std::vector<float> h_next((size_t) H);
+        draft.run(&e, 1, g_prev.data(), &yes, h_next.data(), s.scratch_logits.data());
+        g_prev.swap(h_next);
+    }
+    ctx.stats.draft_kv_entries = (int32_t) std::max<int64_t>(ctx.stats.draft_kv_entries, draft.n_kv_entries());
+    draft.drop_speculative();
+    ctx.stats.t_draft_ms += now_ms() - t_draft0;
+
+    // ---- verify: the lead token and the drafts in one target forward ----
+    const double t_verify0 = now_ms();
+    std::vector<int32_t> batch;
+    batch.push_back(lead.token);
+    batch.insert(batch.end(), drafts.begin(), drafts.end());
+    const int64_t n_before = ctx.cache->size();
+    verify(ctx, batch, nullptr);
+
+    // ---- accept ----
+    int32_t accepted = 0, bonus = -1;
+    for (int32_t i = 1; i <= k; ++i) {
+        const float * logits = ctx.logits.data() + (size_t) (i - 1) * n_vocab;
+        const int32_t d = drafts[i - 1];
+        ctx.stats.drafted_by_depth[std::min(i, 32) - 1] += 1;
+        if (greedy) {
+            const int32_t t = argmax(logits, n_vocab);
+            if (t != d) {
+                bonus = t;
+                break;
+            }
+        } else {
+            sampling_distribution(logits, n_vocab, sp, s.p_dist);
+            densify(s.p_dist, n_vocab, s.p_dense);
+            densify(q_dists[i - 1], n_vocab, s.q_dense);
+            const double p = s.p_dense[d], q = s.q_dense[d];
+            if (!(g.rng.uniform() < p / q)) {
+                bonus = draw_residual(s.p_dense, s.q_dense, g.rng);
+                break;
+            }
+        }
+        accepted += 1;
+        ctx.stats.accepted_by_depth[std::min(i, 32) - 1] += 1;
+    }
+    if (bonus < 0) {  // every draft accepted: the target's own next token follows them
+        const float * logits = ctx.logits.data() + (size_t) accepted * n_vocab;
+        bonus = greedy ? argmax(logits, n_vocab) : (sampling_distribution(logits, n_vocab, sp, s.p_dist), draw(s.p_dist, g.rng));
+    }
+    ctx.stats.n_drafted += k;
+    ctx.stats.n_accepted += accepted;
+
+    std::vector<int32_t> rows((size_t) accepted + 1);
+    std::iota(rows.begin(), rows.end(), 0);
+    finish_round(ctx, n_before, (int64_t) batch.size(), rows, drafts, bonus, lead.pos, produced);
+    ctx.stats.t_verify_ms += now_ms() - t_verify0;
+}
+
+// ---- EAGLE-2 dynamic trees -------------------------------------------------------------------
+
+struct TreeNode {
+    int32_t token = 0;
+    int32_t parent = -1;       // node index; -1: a child of the lead
+    int32_t depth = 1;
+    double score = 0.0;        // cumulative log-probability under the draft
+    int32_t draw_rank = 0;     // order among its siblings (sampling: the order they were drawn in)
+    int32_t spec_id = -1;      // speculative draft entry, once expanded
+    std::vector<float> h;      // the draft's hidden state after running this node (expanded only)
+    int32_t batch_row = -1;    // row in the verify batch, if selected
+};
+
+// Children of a node from the draft's logits at it. Greedy: the top_k tokens, scored by their
+// log-probability under the draft's full softmax (as EAGLE-2 ranks them). Sampling: top_k tokens
+// drawn without replacement from the draft's filtered distribution q (Gumbel-top-k), kept in draw
+// order, which the recursive rejection at verification needs; q (target ids) is returned for it.
+void propose_children(sparrow_context & ctx, const float * logits, int32_t parent, int32_t depth, double parent_score,
+                      std::vector<TreeNode> & nodes, std::vector<TokenProb> & q) {
+    auto & s = ctx.spec;
+    const auto & sp = ctx.gen.params.sampling;
+    DraftState & draft = *s.state;
+    const int32_t n_logits = draft.n_logits();
+    std::vector<std::pair<double, int32_t>> keyed;  // (key, target token), best first
+    std::vector<double> log_p;                      // log-probability of each keyed token
+    if (sp.temperature == 0.0f) {
+        double max_logit = logits[argmax(logits, n_logits)], sum = 0.0;
+        for (int32_t i = 0; i < n_logits; ++i) sum += std::exp((double) logits[i] - max_logit);
+        const double lse = max_logit + std::log(sum);
+        std::vector<int32_t> ids((size_t) n_logits);
+        std::iota(ids.begin(), ids.end(), 0);
+        const size_t k = std::min<size_t>((size_t) s.tree_top_k, ids.size());
+        std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+            return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+        });
+        for (size_t i = 0; i < k; ++i) {
+            keyed.push_back({(double) logits[ids[i]], draft.to_target_token(ids[i])});
+            log_p.push_back((double) logits[ids[i]] - lse);
+        }
+    } else {
+        draft_distribution(ctx, logits, sp, q);
+        for (const auto & tp : q) {
+            const double u = std::max(ctx.gen.rng.uniform(), 1e-300);
+            keyed.push_back({std::log(std::max(tp.p, 1e-30f)) - std::log(-std::log(u)), tp.id});
+        }
+        std::sort(keyed.begin(), keyed.end(), [](const auto & a, const auto & b) { return a.first > b.first; });
+        keyed.resize(std::min<size_t>(keyed.size(), (size_t) s.tree_top_k));
+        std::vector<float> dense;
+        densify(q, ctx.model->hparams.n_vocab, dense);
+        for (const auto & kv : keyed) log_p.push_back(std::log(std::max(dense[kv.second], 1e-30f)));
+    }
+    for (size_t i = 0; i < keyed.size(); ++i) {
+        TreeNode n;
+        n.token = keyed[i].second;
+        n.parent = parent;
+        n.depth = depth;
+        n.score = parent_score + log_p[i];
+        n.draw_rank = (int32_t) i;
+        nodes.push_back(std::move(n));
+    }
+}
+
+void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
+    auto & s = ctx.spec;
+    auto & g = ctx.gen;
+    DraftState & draft = *s.state;
+    const LMHparams & hp = ctx.model->hparams;
+    const int64_t H = hp.n_embd;
+    const int32_t n_vocab = hp.n_vocab;
+    const sparrow_sampler_params & sp = g.params.sampling;
+    const bool greedy = sp.temperature == 0.0f;
+    const int64_t room = ctx.cache->capacity() - ctx.cache->size();
+    const int32_t total = (int32_t) std::min<int64_t>(s.tree_total, room);  // lead token included
+    const DraftEntry lead = s.pending.back();
+
+    // ---- draft the tree, level by level, expanding the top_k best nodes of each level ----
+    const double t_draft0 = now_ms();
+    std::vector<TreeNode> nodes;
+    std::vector<std::vector<TokenProb>> q_at;  // q at the lead (index 0) and at each expanded node (spec_id + 1)
+    std::vector<float> h_lead = run_pending(ctx, total > 1);
+    if (total > 1) {
+        q_at.emplace_back();
+        propose_children(ctx, s.scratch_logits.data(), -1, 1, 0.0, nodes, q_at.back());
+        size_t level_begin = 0;
+        for (int32_t depth = 1; depth < s.tree_depth; ++depth) {
+            const size_t level_end = nodes.size();
+            std::vector<int32_t> level((level_end - level_begin));
+            std::iota(level.begin(), level.end(), (int32_t) level_begin);
+            std::sort(level.begin(), level.end(), [&](int32_t a, int32_t b) { return nodes[a].score > nodes[b].score; });
+            level.resize(std::min<size_t>(level.size(), (size_t) s.tree_top_k));
+            if (level.empty()) break;
+            // run the chosen nodes as speculative draft entries, all in one pass
+            std::vector<DraftEntry> entries;
+            std::vector<float> gs;
+            for (int32_t ni : level) {
+                const TreeNode & n = nodes[ni];
+                DraftEntry e;
+                e.token = n.token;
+                e.pos = lead.pos + n.depth;
+                e.speculative = true;
+                e.parent = n.parent < 0 ? -1 : nodes[n.parent].spec_id;
+                entries.push_back(e);
+                const std::vector<float> & gp = n.parent < 0 ? h_lead : nodes[n.parent].h;
+                gs.insert(gs.end(), gp.begin(), gp.end());
+            }
+            const int32_t first_spec = (int32_t) draft.n_speculative();
+            std::vector<uint8_t> want(level.size(), 1);
+            std::vector<float> hs(level.size() * H), logits(level.size() * (size_t) draft.n_logits());
+            draft.run(entries.data(), (int64_t) entries.size(), gs.data(), want.data(), hs.data(), logits.data());
+            level_begin = level_end;
+            for (size_t i = 0; i < level.size(); ++i) {
+                TreeNode & n = nodes[level[i]];
+                n.spec_id = first_spec + (int32_t) i;
+                n.h.assign(hs.begin() + i * H, hs.begin() + (i + 1) * H);
+                q_at.resize((size_t) n.spec_id + 2);
+                const double score = n.score;
+                propose_children(ctx, logits.data() + i * draft.n_logits(), level[i], depth + 1, score, nodes,
+                                 q_at[(size_t) n.spec_id + 1]);
+            }
+        }
+    }
+    ctx.stats.draft_kv_entries = (int32_t) std::max<int64_t>(ctx.stats.draft_kv_entries, draft.n_kv_entries());
+    draft.drop_speculative();
+
+    // ---- keep the total - 1 best nodes; a node's ancestors always score higher, add them anyway
+    std::vector<int32_t> order(nodes.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return nodes[a].score > nodes[b].score; });
+    std::vector<uint8_t> chosen(nodes.size(), 0);
+    int32_t n_chosen = 0;
+    for (int32_t ni : order) {
+        std::vector<int32_t> chain;
+        for (int32_t a = ni; a >= 0 && !chosen[a]; a = nodes[a].parent) chain.push_back(a);
+        if (n_chosen + (int32_t) chain.size() > total - 1) continue;
+        for (int32_t a : chain) chosen[a] = 1;
+        n_chosen += (int32_t) chain.size();
+    }
+    // verify batch: the lead token, then the chosen nodes by depth (parents before children)
+    std::vector<int32_t> selected;
+    for (size_t i = 0; i < nodes.size(); ++i) {
+        if (chosen[i]) selected.push_back((int32_t) i);
+    }
+    std::stable_sort(selected.begin(), selected.end(), [&](int32_t a, int32_t b) { return nodes[a].depth < nodes[b].depth; });
+    std::vector<int32_t> batch{lead.token}, parents{-1};
+    for (int32_t ni : selected) {
+        nodes[ni].batch_row = (int32_t) batch.size();
+        batch.push_back(nodes[ni].token);
+        parents.push_back(nodes[ni].parent < 0 ? 0 : nodes[nodes[ni].parent].batch_row);
+    }
+    ctx.stats.t_draft_ms += now_ms() - t_draft0;
+
+    // ---- verify the tree in one target forward ----
+    const double t_verify0 = now_ms();
+    const int64_t n_before = ctx.cache->size();
+    verify(ctx, batch, &parents);
+
+    // ---- accept: walk down from the lead ----
+    std::vector<int32_t> rows{0}, accepted_tokens;
+    int32_t cur = -1, cur_row = 0, bonus = -1, depth = 0;
+    for (;;) {
+        // the chosen children of cur, in draw order
+        std::vector<int32_t> children;
+        for (int32_t ni : selected) {
+            if (nodes[ni].parent == cur) children.push_back(ni);
+        }
+        std::sort(children.begin(), children.end(), [&](int32_t a, int32_t b) { return nodes[a].draw_rank < nodes[b].draw_rank; });
+        const float * logits = ctx.logits.data() + (size_t) cur_row * n_vocab;
+        int32_t next = -1;
+        if (!children.empty()) ctx.stats.drafted_by_depth[std::min(depth, 31)] += 1;
+        if (greedy) {
+            const int32_t t = argmax(logits, n_vocab);
+            for (int32_t c : children) {
+                if (nodes[c].token == t) next = c;
+            }
+            if (next < 0) bonus = t;
+        } else {
+            // recursive rejection over the siblings, which were drawn without replacement from q:
+            // try them in draw order, and only a prefix of that order (a sibling dropped from the
+            // tree ends the tries, as if the draft had proposed fewer)
+            sampling_distribution(logits, n_vocab, sp, s.p_dist);
+            densify(s.p_dist, n_vocab, s.p_dense);
+            densify(q_at[(size_t) (cur < 0 ? 0 : nodes[cur].spec_id + 1)], n_vocab, s.q_dense);
+            for (size_t ci = 0; ci < children.size(); ++ci) {
+                const int32_t c = children[ci];
+                if (nodes[c].draw_rank != (int32_t) ci) break;  // a gap in the draw order
+                const int32_t x = nodes[c].token;
+                if (g.rng.uniform() < (double) s.p_dense[x] / s.q_dense[x]) {
+                    next = c;
+                    break;
+                }
+                // rejected: p <- norm(max(0, p - q)); q <- q without x, renormalised
+                double p_total = 0.0;
+                for (int32_t v = 0; v < n_vocab; ++v) {
+                    s.p_dense[v] = std::max(0.0f, s.p_dense[v] - s.q_dense[v]);
+                    p_total += s.p_dense[v];
+                }
+                if (p_total <= 0.0) {  // p was covered by q: fall back to the target's p
+                    sampling_distribution(logits, n_vocab, sp, s.p_dist);
+                    densify(s.p_dist, n_vocab, s.p_dense);
+                    p_total = 1.0;
+                }
+                for (auto & v : s.p_dense) v = (float) (v / p_total);
+                s.q_dense[x] = 0.0f;
+                double q_total = 0.0;
+                for (float v : s.q_dense) q_total += v;
+                if (q_total > 0.0) {
+                    for (auto & v : s.q_dense) v = (float) (v / q_total);
+                }
+            }
+            if (next < 0) {
+                std::vector<TokenProb> rest;
+                for (int32_t v = 0; v < n_vocab; ++v) {
+                    if (s.p_dense[v] > 0.0f) rest.push_back({v, s.p_dense[v]});
+                }
+                bonus = draw(rest, g.rng);
+            }
+        }
+        if (next < 0) break;
+        ctx.stats.accepted_by_depth[std::min(depth, 31)] += 1;
+        accepted_tokens.push_back(nodes[next].token);
+        rows.push_back(nodes[next].batch_row);
+        cur = next;
+        cur_row = nodes[next].batch_row;
+        depth += 1;
+    }
+    ctx.stats.n_drafted += (int32_t) selected.size();
+    ctx.stats.n_accepted += (int32_t) accepted_tokens.size();
+    finish_round(ctx, n_before, (int64_t) batch.size(), rows, accepted_tokens, bonus, lead.pos, produced);
+    ctx.stats.t_verify_ms += now_ms() - t_verify0;
 }
 
 }  // namespace
@@ -53,140 +462,11 @@ void spec_begin(sparrow_context & ctx, int32_t n_prompt, int32_t first_token) {
 }
 
 void spec_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
-    auto & s = ctx.spec;
-    auto & g = ctx.gen;
-    DraftState & draft = *s.state;
-    const LMHparams & hp = ctx.model->hparams;
-    const int64_t H = hp.n_embd;
-    const int32_t n_vocab = hp.n_vocab;
-    const sparrow_sampler_params & sp = g.params.sampling;
-    const bool greedy = sp.temperature == 0.0f;
-
-    // room in the target cache: the verify batch is the lead token plus the drafts
-    const int64_t room = ctx.cache->capacity() - ctx.cache->size();
-    const int32_t k = (int32_t) std::max<int64_t>(0, std::min<int64_t>(s.n_draft, room - 1));
-    const DraftEntry lead = s.pending.back();
-
-    // ---- draft: the pending committed entries, then k - 1 speculative ones ----
-    const double t_draft0 = now_ms();
-    std::vector<int32_t> drafts;
-    std::vector<std::vector<TokenProb>> q_dists;
-    if (k > 0) {
-        const int64_t n_pending = (int64_t) s.pending.size();
-        std::vector<uint8_t> want((size_t) n_pending, 0);
-        want.back() = 1;
-        s.scratch_h.resize((size_t) (n_pending * H));
-        s.scratch_logits.resize((size_t) draft.n_logits());
-        draft.run(s.pending.data(), n_pending, s.pending_g.data(), want.data(), s.scratch_h.data(), s.scratch_logits.data());
-        std::vector<float> g_prev(s.scratch_h.end() - H, s.scratch_h.end());
-        for (int32_t i = 1; i <= k; ++i) {
-            int32_t token;
-            if (greedy) {
-                token = draft.to_target_token(argmax(s.scratch_logits.data(), draft.n_logits()));
-            } else {
-                q_dists.emplace_back();
-                draft_distribution(ctx, s.scratch_logits.data(), sp, q_dists.back());
-                token = draw(q_dists.back(), g.rng);
-            }
-            drafts.push_back(token);
-            if (i == k) break;
-            DraftEntry e;
-            e.token = token;
-            e.pos = lead.pos + i;
-            e.speculative = true;
-            e.parent = i - 2;  // a chain: each entry's parent is the previous one
-            const uint8_t yes = 1;
-            std::vector<float> h_next((size_t) H);
-            draft.run(&e, 1, g_prev.data(), &yes, h_next.data(), s.scratch_logits.data());
-            g_prev.swap(h_next);
-        }
+    if (ctx.spec.tree) {
+        tree_round(ctx, produced);
     } else {
-        // no room to draft: the target decodes one token; the draft still commits its entries
-        const int64_t n_pending = (int64_t) s.pending.size();
-        s.scratch_h.resize((size_t) (n_pending * H));
-        draft.run(s.pending.data(), n_pending, s.pending_g.data(), nullptr, s.scratch_h.data(), nullptr);
+        chain_round(ctx, produced);
     }
-    s.pending.clear();
-    ctx.stats.draft_kv_entries = (int32_t) std::max<int64_t>(ctx.stats.draft_kv_entries, draft.n_kv_entries());
-    draft.drop_speculative();
-    ctx.stats.t_draft_ms += now_ms() - t_draft0;
-
-    // ---- verify: the lead token and the drafts in one target forward ----
-    const double t_verify0 = now_ms();
-    std::vector<int32_t> batch;
-    batch.push_back(lead.token);
-    batch.insert(batch.end(), drafts.begin(), drafts.end());
-    const int64_t n_before = ctx.cache->size();
-    std::vector<int8_t> all((size_t) batch.size(), 1);
-    ForwardOptions opt;
-    opt.outputs = all.data();
-    opt.capture_layers = &spec_capture_layers(ctx);
-    opt.capture_all_rows = true;
-    context_forward(ctx, batch.data(), (int32_t) batch.size(), opt);
-    ctx.stats.n_target_forwards += 1;
-
-    // ---- accept ----
-    int32_t accepted = 0, bonus = -1;
-    for (int32_t i = 1; i <= k; ++i) {
-        const float * logits = ctx.logits.data() + (size_t) (i - 1) * n_vocab;
-        const int32_t d = drafts[i - 1];
-        ctx.stats.drafted_by_depth[std::min(i, 32) - 1] += 1;
-        if (greedy) {
-            const int32_t t = argmax(logits, n_vocab);
-            if (t != d) {
-                bonus = t;
-                break;
-            }
-        } else {
-            sampling_distribution(logits, n_vocab, sp, s.p_dist);
-            densify(s.p_dist, n_vocab, s.p_dense);
-            densify(q_dists[i - 1], n_vocab, s.q_dense);
-            const double p = s.p_dense[d], q = s.q_dense[d];
-            if (!(g.rng.uniform() < p / q)) {
-                // rejected: resample from the residual max(0, p - q), renormalised
-                std::vector<TokenProb> residual;
-                double total = 0.0;
-                for (const auto & tp : s.p_dist) {
-                    const double r = tp.p - s.q_dense[tp.id];
-                    if (r > 0.0) {
-                        residual.push_back({tp.id, (float) r});
-                        total += r;
-                    }
-                }
-                if (residual.empty()) {  // p == q up to rounding: any draw from p is exact
-                    bonus = draw(s.p_dist, g.rng);
-                } else {
-                    for (auto & tp : residual) tp.p = (float) (tp.p / total);
-                    bonus = draw(residual, g.rng);
-                }
-                break;
-            }
-        }
-        accepted += 1;
-        ctx.stats.accepted_by_depth[std::min(i, 32) - 1] += 1;
-    }
-    if (bonus < 0) {  // every draft accepted: the target's own next token follows them
-        const float * logits = ctx.logits.data() + (size_t) accepted * n_vocab;
-        bonus = greedy ? argmax(logits, n_vocab) : (sampling_distribution(logits, n_vocab, sp, s.p_dist), draw(s.p_dist, g.rng));
-    }
-    ctx.stats.n_drafted += k;
-    ctx.stats.n_accepted += accepted;
-
-    // ---- hand-off: keep the accepted tokens; queue their entries for the draft ----
-    context_truncate(ctx, (int32_t) (n_before + 1 + accepted));
-    const int64_t n_rows = (int64_t) batch.size();
-    s.scratch_g.resize((size_t) (n_rows * H));
-    draft.fuse_taps(ctx.hidden.data(), n_rows, s.scratch_g.data());
-    s.pending.clear();
-    s.pending_g.assign(s.scratch_g.begin(), s.scratch_g.begin() + (accepted + 1) * H);
-    for (int32_t j = 0; j <= accepted; ++j) {
-        DraftEntry e;
-        e.token = j < accepted ? drafts[j] : bonus;
-        e.pos = lead.pos + 1 + j;
-        s.pending.push_back(e);
-        produced.push_back(e.token);
-    }
-    ctx.stats.t_verify_ms += now_ms() - t_verify0;
 }
 
 }  // namespace sparrow

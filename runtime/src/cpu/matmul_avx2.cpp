@@ -216,6 +216,145 @@ struct Q4_1Kern {
     }
 };
 
+// ---- 8-row panels: q4_0 and q8_0 with weight rows interleaved on the fly -----------------------
+// The tiles above pay the integer-to-float tail (vpmaddwd, convert, scale, FMA) once per weight
+// row, activation row and block. Here 8 weight rows are transposed in registers so that one
+// vector holds the same 4 elements of all 8 rows; each group of 4 activation bytes is broadcast
+// against it, so one vpmaddubsw serves 8 rows at once, the products of a whole block sum in int16
+// lanes (row r in dword r) and the float tail runs once per 8 rows. The transpose costs a few
+// shuffles per block, shared by every activation row of the panel.
+
+// vpmaddubsw over the 8 dword groups of an activation block against the 8 transposed vectors,
+// summed to one int32 per weight row. w[j] must keep each pair sum of one call plus the other
+// seven within int16: true for 4-bit weights (8 x 2 x 15 x 127 < 32768).
+inline __m256i dot_panel_u4(const __m256i * w, const int8_t * xq) {
+    __m256i sum16 = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j++) {
+        int32_t group;
+        std::memcpy(&group, xq + 4 * j, 4);
+        sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(group)));
+    }
+    return _mm256_madd_epi16(sum16, _mm256_set1_epi16(1));
+}
+
+// Sum of an activation block's 32 quants times `scale`, in every lane.
+inline __m256i block_sum_broadcast(const int8_t * xq, __m256i scale_u8) {
+    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(scale_u8, loadu(xq)), _mm256_set1_epi16(1));
+    s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, 0x4e));
+    s = _mm256_add_epi32(s, _mm256_shuffle_epi32(s, 0xb1));
+    return _mm256_add_epi32(s, _mm256_permute2x128_si256(s, s, 0x01));
+}
+
+// The 8 fp16 block scales of the panel's rows as floats, row r in lane r.
+template <typename Block>
+inline __m256 panel_scales(const Block * const * blk) {
+    const __m128i d16 = _mm_setr_epi16((short) blk[0]->d, (short) blk[1]->d, (short) blk[2]->d, (short) blk[3]->d,
+                                       (short) blk[4]->d, (short) blk[5]->d, (short) blk[6]->d, (short) blk[7]->d);
+    return _mm256_cvtph_ps(d16);
+}
+
+// 4 x 4 transpose of dwords within each 128-bit lane: out[j] lane dword r = in[r] lane dword j.
+inline void transpose4_epi32(const __m256i * in, __m256i * out) {
+    const __m256i u0 = _mm256_unpacklo_epi32(in[0], in[1]), u1 = _mm256_unpackhi_epi32(in[0], in[1]);
+    const __m256i u2 = _mm256_unpacklo_epi32(in[2], in[3]), u3 = _mm256_unpackhi_epi32(in[2], in[3]);
+    out[0] = _mm256_unpacklo_epi64(u0, u2);
+    out[1] = _mm256_unpackhi_epi64(u0, u2);
+    out[2] = _mm256_unpacklo_epi64(u1, u3);
+    out[3] = _mm256_unpackhi_epi64(u1, u3);
+}
+
+// y[c * ys + r] for 8 weight rows and C activation rows.
+template <int C>
+void panel_q4_0(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys) {
+    const int64_t nb = k / QK_32;
+    const __m256i low4 = _mm256_set1_epi8(0x0f), eights = _mm256_set1_epi8(8);
+    __m256 acc[C];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const BlockQ4_0 * blk[8];
+        for (int r = 0; r < 8; r++) blk[r] = (const BlockQ4_0 *) (w + r * ws) + b;
+        // rows r and r + 4 share a vector (low / high lane), so after the in-lane transpose
+        // dword r of t[j] is row r's nibble bytes 4j .. 4j + 3
+        __m256i rows[4], t[4], wq[8];
+        for (int r = 0; r < 4; r++) {
+            rows[r] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *) blk[r]->qs)),
+                                              _mm_loadu_si128((const __m128i *) blk[r + 4]->qs), 1);
+        }
+        transpose4_epi32(rows, t);
+        for (int j = 0; j < 4; j++) {
+            wq[j] = _mm256_and_si256(t[j], low4);                             // elements 4j .. 4j + 3
+            wq[j + 4] = _mm256_and_si256(_mm256_srli_epi16(t[j], 4), low4);  // elements 16 + 4j ..
+        }
+        const __m256 dw = panel_scales(blk);
+        for (int c = 0; c < C; c++) {
+            const BlockQ8_0 & xb = ((const BlockQ8_0 *) (x + c * xs))[b];
+            // sum((q - 8) x) = sum(q x) - 8 sum(x)
+            const __m256i p = _mm256_sub_epi32(dot_panel_u4(wq, xb.qs), block_sum_broadcast(xb.qs, eights));
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16(xb.d))), _mm256_cvtepi32_ps(p), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(y + c * ys, acc[c]);
+}
+
+// q8_0: signed weights, so the sign trick per group (|w| against sign(w) * x), and pair sums
+// up to 2 x 127 x 127 that leave no room to add in int16: each group widens to int32.
+template <int C>
+void panel_q8_0(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys) {
+    const int64_t nb = k / QK_32;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[C];
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const BlockQ8_0 * blk[8];
+        for (int r = 0; r < 8; r++) blk[r] = (const BlockQ8_0 *) (w + r * ws) + b;
+        __m256i lo[4], hi[4], tlo[4], thi[4], wq[8], wabs[8];
+        for (int r = 0; r < 4; r++) lo[r] = loadu(blk[r]->qs), hi[r] = loadu(blk[r + 4]->qs);
+        transpose4_epi32(lo, tlo);  // lane 0: elements 4j.., lane 1: elements 16 + 4j.. (rows 0..3)
+        transpose4_epi32(hi, thi);  // same for rows 4..7
+        for (int j = 0; j < 4; j++) {
+            wq[j] = _mm256_permute2x128_si256(tlo[j], thi[j], 0x20);
+            wq[j + 4] = _mm256_permute2x128_si256(tlo[j], thi[j], 0x31);
+        }
+        for (int j = 0; j < 8; j++) wabs[j] = _mm256_sign_epi8(wq[j], wq[j]);
+        const __m256 dw = panel_scales(blk);
+        for (int c = 0; c < C; c++) {
+            const BlockQ8_0 & xb = ((const BlockQ8_0 *) (x + c * xs))[b];
+            __m256i sum = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++) {
+                int32_t group;
+                std::memcpy(&group, xb.qs + 4 * j, 4);
+                const __m256i xg = _mm256_sign_epi8(_mm256_set1_epi32(group), wq[j]);
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[j], xg), ones));
+            }
+            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(fp16(xb.d))), _mm256_cvtepi32_ps(sum), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(y + c * ys, acc[c]);
+}
+
+// Whole 8-row panels through Panel<C> (C <= 4, activation rows split evenly), the remaining
+// rows through the per-row tiles of Kern.
+template <template <int> class PanelFn, typename Kern>
+void drive_panels(int64_t k, const void * wv, size_t ws, int64_t nr, const void * xv, size_t xs, int64_t nc, float * y,
+                  int64_t ys) {
+    static constexpr TileFn panels[4] = {&PanelFn<1>::run, &PanelFn<2>::run, &PanelFn<3>::run, &PanelFn<4>::run};
+    const uint8_t * w = (const uint8_t *) wv;
+    const uint8_t * x = (const uint8_t *) xv;
+    const int64_t n_col_tiles = (nc + 3) / 4;
+    int64_t r0 = 0;
+    for (; r0 + 8 <= nr; r0 += 8) {
+        for (int64_t t = 0, c0 = 0; t < n_col_tiles; t++) {
+            const int cc = (int) ((nc - c0) / (n_col_tiles - t));
+            panels[cc - 1](k, w + r0 * ws, ws, x + c0 * xs, xs, y + c0 * ys + r0, ys);
+            c0 += cc;
+        }
+    }
+    if (r0 < nr) drive<Kern>(k, w + r0 * ws, ws, nr - r0, x, xs, nc, y + r0, ys);
+}
+
+template <int C> struct PanelQ4_0 { static void run(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys) { panel_q4_0<C>(k, w, ws, x, xs, y, ys); } };
+template <int C> struct PanelQ8_0 { static void run(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys) { panel_q8_0<C>(k, w, ws, x, xs, y, ys); } };
+
 // ---- k-quants against q8_K activations ---------------------------------------------------------
 // A super-block has one float scale per row and small integer sub-block scales, so the whole
 // 256 elements accumulate in int32 (sub-block scale applied by vpmaddwd) and meet floats once.
@@ -343,10 +482,10 @@ void mul_mat_bf16(int64_t k, const void * w, size_t ws, int64_t nr, const void *
     drive<FloatKern<LoadBF16>>(k, w, ws, nr, x, xs, nc, y, ys);
 }
 void mul_mat_q8_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    drive<Q8_0Kern>(k, w, ws, nr, x, xs, nc, y, ys);
+    drive_panels<PanelQ8_0, Q8_0Kern>(k, w, ws, nr, x, xs, nc, y, ys);
 }
 void mul_mat_q4_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    drive<Q4_0Kern>(k, w, ws, nr, x, xs, nc, y, ys);
+    drive_panels<PanelQ4_0, Q4_0Kern>(k, w, ws, nr, x, xs, nc, y, ys);
 }
 void mul_mat_q4_1(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
     drive<Q4_1Kern>(k, w, ws, nr, x, xs, nc, y, ys);

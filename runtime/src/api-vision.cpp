@@ -1,0 +1,62 @@
+// api-vision.cpp - the "vision" section of sparrow.h: encoding pixels with a loaded vision
+// (mmproj) file. Every entry point runs inside guard() (api-common.h), so nothing thrown by the
+// encoders crosses the C boundary; the input is checked in full before anything is allocated.
+#include "sparrow.h"
+
+#include "api-common.h"
+#include "model.h"
+#include "models/vision.h"
+
+#include <algorithm>
+#include <thread>
+#include <vector>
+
+using namespace sparrow;
+
+namespace {
+
+const VisionModel & vision_of(const sparrow_model * model) {
+    if (!model) fail(SPARROW_ERR_INVALID_ARGUMENT, "mmproj is NULL");
+    if (!model->vision) {
+        fail(SPARROW_ERR_INVALID_ARGUMENT, format("the model (architecture '%s') is not a vision file: load the mmproj GGUF "
+                                                  "(architecture 'clip') made for the language model", model->arch.c_str()));
+    }
+    return *model->vision;
+}
+
+}  // namespace
+
+sparrow_status sparrow_vision_encode(const sparrow_model * mmproj, const float * pixels, int64_t n_pixel_floats,
+                                     const int32_t * grid_thw, int32_t n_grids, int32_t n_threads, float * out,
+                                     int64_t n_out_floats, int64_t * out_n_tokens) {
+    return guard([&] {
+        if (out_n_tokens) *out_n_tokens = 0;
+        const VisionModel & vm = vision_of(mmproj);
+        if (n_grids <= 0 || n_grids > (1 << 20)) fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_grids is %d: give 1 or more grids", n_grids));
+        if (!grid_thw) fail(SPARROW_ERR_INVALID_ARGUMENT, "grid_thw is NULL");
+        if (n_threads < 0 || n_threads > 1024) fail(SPARROW_ERR_INVALID_ARGUMENT, "n_threads must be in [0, 1024]");
+        if (n_out_floats < 0) fail(SPARROW_ERR_INVALID_ARGUMENT, "n_out_floats is negative");
+        std::vector<VisionGrid> grids((size_t) n_grids);
+        for (int32_t i = 0; i < n_grids; ++i) {
+            grids[(size_t) i].t = grid_thw[3 * i];
+            grids[(size_t) i].h = grid_thw[3 * i + 1];
+            grids[(size_t) i].w = grid_thw[3 * i + 2];
+        }
+        const int64_t n_tokens = vision_check_input(vm, grids.data(), n_grids, n_pixel_floats);
+        if (out_n_tokens) *out_n_tokens = n_tokens;
+        const int64_t needed = n_tokens * vm.hp.n_embd_out;
+        if (n_out_floats < needed) {
+            fail(SPARROW_ERR_BUFFER_TOO_SMALL, format("out holds %lld floats; %lld tokens x %d need %lld", (long long) n_out_floats,
+                                                      (long long) n_tokens, vm.hp.n_embd_out, (long long) needed));
+        }
+        if (!pixels) fail(SPARROW_ERR_INVALID_ARGUMENT, "pixels is NULL");
+        if (!out) fail(SPARROW_ERR_INVALID_ARGUMENT, "out is NULL");
+        const int threads = n_threads > 0 ? n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
+        std::unique_ptr<Backend> backend = make_cpu_backend(threads);
+        vision_encode(*backend, vm, pixels, grids.data(), n_grids, out);
+    });
+}
+
+int32_t sparrow_vision_n_embd(const sparrow_model * mmproj) {
+    return mmproj && mmproj->vision ? mmproj->vision->hp.n_embd_out : 0;
+}

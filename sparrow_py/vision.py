@@ -1,0 +1,107 @@
+"""VisionEncoder: a vision (mmproj) GGUF run by the runtime, pixels in, LM embeddings out.
+
+    enc = VisionEncoder("mmproj-qwen25vl.gguf", n_threads=4)
+    v = sparrow_py.video.qwen.preprocess_video("clip.mp4", cfg)
+    embeddings = enc.encode(v.pixel_values, v.grid_thw)   # [n_tokens, enc.n_embd] float32
+
+Input layouts are those of sparrow_py.video (see sparrow_vision_encode in sparrow.h): Qwen2-VL /
+Qwen2.5-VL take pixel_values [n_patches, C*T*P*P] with grid_thw (t, h, w) (or several grids);
+LLaVA-OneVision takes [frames, C, H, W] and derives the grid from the shape when none is given.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from sparrow_py._native import check, ffi, lib
+from sparrow_py.errors import SparrowError
+
+GridLike = Union[Sequence[int], Sequence[Sequence[int]], np.ndarray]
+
+
+class VisionEncoder:
+    """A loaded vision file. Owns its handle: close() or a with-block releases it."""
+
+    def __init__(self, path: Union[str, os.PathLike], n_threads: int = 0):
+        self._model = ffi.NULL
+        if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 0:
+            raise SparrowError(f"n_threads must be a non-negative integer, not {n_threads!r}")
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise SparrowError(f"vision file not found: {path}", "SPARROW_ERR_IO")
+        self.n_threads = n_threads
+        out = ffi.new("sparrow_model **")
+        check(lib.sparrow_model_load(path.encode(), lib.sparrow_model_default_params(), out), path)
+        self._model = out[0]
+        self.n_embd = int(lib.sparrow_vision_n_embd(self._model))
+        if self.n_embd == 0:
+            arch = ffi.string(lib.sparrow_model_arch(self._model)).decode()
+            self.close()
+            raise SparrowError(f"{path}: not a vision (mmproj) file (architecture {arch!r})")
+        self.projector_type = self._meta("clip.projector_type")
+
+    def _meta(self, key: str) -> str:
+        n = ffi.new("size_t *")
+        buf = ffi.new("char[]", 256)
+        check(lib.sparrow_model_meta_string(self._model, key.encode(), buf, 256, n), key)
+        return ffi.string(buf).decode()
+
+    def _siglip_grid(self, channels: int) -> tuple[int, int]:
+        """(patches per side, patch size) of a LLaVA-OneVision tower's fixed frame, from its
+        tensors: one position embedding row per patch, a C*P*P kernel per output channel."""
+        width = lib.sparrow_model_tensor_numel(self._model, b"v.patch_embd.bias")
+        n_pos = lib.sparrow_model_tensor_numel(self._model, b"v.position_embd.weight")
+        kernel = lib.sparrow_model_tensor_numel(self._model, b"v.patch_embd.weight")
+        if width <= 0 or n_pos <= 0 or kernel <= 0 or channels <= 0:
+            raise SparrowError("grid_thw is required for this vision file")
+        side = int(round((n_pos // width) ** 0.5))
+        patch = int(round((kernel // width / channels) ** 0.5))
+        return side, patch
+
+    def encode(self, pixel_values: np.ndarray, grid_thw: Optional[GridLike] = None) -> np.ndarray:
+        """Embeddings [n_tokens, n_embd] float32 for one or more images/videos."""
+        if self._model == ffi.NULL:
+            raise SparrowError("the encoder is closed", "SPARROW_ERR_STATE")
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if grid_thw is None:
+            if pixels.ndim != 4:
+                raise SparrowError("grid_thw is required unless pixel_values is [frames, C, H, W] (LLaVA-OneVision)")
+            side, patch = self._siglip_grid(pixels.shape[1])
+            if pixels.shape[2:] != (side * patch, side * patch):
+                raise SparrowError(f"frames of {pixels.shape[2]}x{pixels.shape[3]} pixels, but this tower takes "
+                                   f"{side * patch}x{side * patch}")
+            grid_thw = (pixels.shape[0], side, side)
+        grids = np.ascontiguousarray(np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3))
+        if grids.size == 0 or np.any(np.abs(grids) > np.iinfo(np.int32).max):
+            raise SparrowError(f"bad grid_thw {np.asarray(grid_thw).tolist()}")  # the runtime checks the rest
+        grids32 = grids.astype(np.int32)
+        n_tokens = ffi.new("int64_t *")
+        px = ffi.from_buffer("float[]", pixels)
+        gp = ffi.from_buffer("int32_t[]", grids32)
+        status = lib.sparrow_vision_encode(self._model, px, pixels.size, gp, len(grids32), self.n_threads,
+                                           ffi.NULL, 0, n_tokens)
+        if status != lib.SPARROW_ERR_BUFFER_TOO_SMALL:
+            check(status, "vision encode")
+        out = np.empty((int(n_tokens[0]), self.n_embd), dtype=np.float32)
+        check(lib.sparrow_vision_encode(self._model, px, pixels.size, gp, len(grids32), self.n_threads,
+                                        ffi.from_buffer("float[]", out), out.size, n_tokens), "vision encode")
+        return out
+
+    def close(self) -> None:
+        if self._model != ffi.NULL:
+            lib.sparrow_model_free(self._model)
+            self._model = ffi.NULL
+
+    def __enter__(self) -> "VisionEncoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
