@@ -10,15 +10,23 @@ Importing this package loads only the runtime (cffi + numpy); the converter
 """
 from sparrow_py.errors import SparrowError
 
-__all__ = ["Engine", "SparrowError", "__version__"]
+__all__ = ["Engine", "Media", "MEDIA_TOKEN", "DraftSession", "VisionEncoder", "SparrowError", "__version__"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
     # The Engine needs the compiled extension; import it on first use so that the pure-Python
     # parts (the converter) work from a source checkout too.
-    if name == "Engine":
-        from sparrow_py.engine import Engine
+    if name in ("Engine", "Media", "MEDIA_TOKEN"):
+        from sparrow_py import engine
 
-        return Engine
+        return getattr(engine, name)
+    if name == "DraftSession":
+        from sparrow_py.draft_session import DraftSession
+
+        return DraftSession
+    if name == "VisionEncoder":
+        from sparrow_py.vision import VisionEncoder
+
+        return VisionEncoder
     raise AttributeError(f"module 'sparrow_py' has no attribute {name!r}")

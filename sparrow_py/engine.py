@@ -7,6 +7,7 @@ GIL (cffi does so for every call), so other Python threads keep running during g
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -22,6 +23,26 @@ _FINISH_NAMES = {
     lib.SPARROW_FINISH_STOP: "stop",
     lib.SPARROW_FINISH_CONTEXT: "context",
 }
+
+
+MEDIA_TOKEN = -1  # a prompt token standing for one visual token (sparrow.h SPARROW_MEDIA_TOKEN)
+
+
+@dataclass
+class Media:
+    """One image or video in a prompt: the vision encoder's embeddings and where they sit.
+
+    embd: [n_tokens, n_embd] float32 (sparrow_py.vision.VisionEncoder.encode's output)
+    grid: the item's token grid in the LM (t, h, w after the 2x2 merge), for M-RoPE models
+    t_scale: temporal position step per grid frame (Qwen2.5-VL: int(second_per_grid_t) *
+        tokens_per_second, as transformers computes it; Qwen2-VL and images: 1)
+    placeholder: the token id the model's prompts use here (e.g. <|video_pad|>)
+    """
+
+    embd: np.ndarray
+    grid: tuple = (0, 0, 0)
+    t_scale: float = 1.0
+    placeholder: int = 0
 
 
 class Engine:
@@ -270,6 +291,7 @@ class Engine:
         tree_depth: int = 5,
         tree_top_k: int = 4,
         tree_total_tokens: int = 24,
+        media: Optional[Sequence[Media]] = None,
     ) -> Iterator[str]:
         """Yield the continuation of prompt (text or token ids) piece by piece, as produced.
 
@@ -279,6 +301,8 @@ class Engine:
         tokens per target forward; "tree" drafts an EAGLE-2 dynamic tree (tree_depth levels,
         tree_top_k children per expanded node, the tree_total_tokens best verified together);
         "none" turns speculation off.
+        media: images/videos for a prompt of token ids holding runs of MEDIA_TOKEN (-1), one
+        run per item, in order.
         ``last_finish_reason``, ``last_tokens`` (the token ids produced) and ``last_stats``
         describe the generation afterwards.
         """
@@ -310,7 +334,22 @@ class Engine:
         params.stop = stop_array
         params.n_stop = len(keep_alive)
         prompt_arr = ffi.new("sparrow_token[]", tokens) if tokens else ffi.NULL
-        check(lib.sparrow_generate_begin(ctx, prompt_arr, len(tokens), params), "generate")
+        if media:
+            keep = []
+            items = ffi.new("sparrow_media[]", len(media))
+            for item, m in zip(items, media):
+                embd = np.ascontiguousarray(m.embd, dtype=np.float32)
+                if embd.ndim != 2 or embd.shape[1] != self.n_embd:
+                    raise SparrowError(f"media embeddings must have shape [n, {self.n_embd}], not {embd.shape}")
+                keep.append(embd)
+                item.embd = ffi.from_buffer("float[]", embd)
+                item.n_tokens = embd.shape[0]
+                item.grid_t, item.grid_h, item.grid_w = (int(x) for x in m.grid)
+                item.t_scale = float(m.t_scale)
+                item.placeholder = int(m.placeholder)
+            check(lib.sparrow_generate_begin_media(ctx, prompt_arr, len(tokens), items, len(media), params), "generate")
+        else:
+            check(lib.sparrow_generate_begin(ctx, prompt_arr, len(tokens), params), "generate")
         self.last_finish_reason = None
         self.last_tokens = []
         return self._stream(ctx)

@@ -221,3 +221,40 @@ def test_abort_and_progress_callbacks(model_path):
         assert "".join(e.generate("Sparrow", max_tokens=2)) is not None
     assert calls and calls[-1] == 1.0 and all(0.0 <= c <= 1.0 for c in calls)
     expect_error("SPARROW_ERR_ABORTED", "cancelled", sp.Engine, str(model_path), progress=lambda f: False)
+
+
+def test_abort_callback_stops_a_forward_and_keeps_the_context_usable(model_path):
+    """sparrow_context_params.abort_callback: a forward pass that is asked to stop returns
+    SPARROW_ERR_ABORTED, keeps what completed, and the context works afterwards."""
+    from sparrow_py._native import ffi, lib
+
+    model = ffi.new("sparrow_model **")
+    assert lib.sparrow_model_load(str(model_path).encode(), lib.sparrow_model_default_params(), model) == lib.SPARROW_OK
+    state = {"abort": True, "calls": 0}
+
+    def should_abort(_user_data):
+        state["calls"] += 1
+        return state["abort"]
+
+    callback = ffi.callback("bool(void *)", should_abort)
+    params = lib.sparrow_context_default_params()
+    params.n_threads = 1
+    params.n_batch = 4
+    params.abort_callback = callback
+    ctx = ffi.new("sparrow_context **")
+    assert lib.sparrow_context_init(model[0], params, ctx) == lib.SPARROW_OK
+    try:
+        tokens = ffi.new("sparrow_token[]", list(range(1, 11)))
+        batch = ffi.new("sparrow_batch *")
+        batch.tokens = tokens
+        batch.n_tokens = 10
+        assert lib.sparrow_decode(ctx[0], batch[0]) == lib.SPARROW_ERR_ABORTED
+        assert b"abort" in ffi.string(lib.sparrow_last_error())
+        assert state["calls"] >= 1
+        assert lib.sparrow_kv_size(ctx[0]) == 0  # the first chunk was aborted: nothing kept
+        state["abort"] = False
+        assert lib.sparrow_decode(ctx[0], batch[0]) == lib.SPARROW_OK
+        assert lib.sparrow_kv_size(ctx[0]) == 10
+    finally:
+        lib.sparrow_context_free(ctx[0])
+        lib.sparrow_model_free(model[0])

@@ -271,6 +271,29 @@ SPARROW_API sparrow_generate_params sparrow_generate_default_params(void);
 SPARROW_API sparrow_status sparrow_generate_begin(sparrow_context * ctx, const sparrow_token * prompt,
                                                   int32_t n_prompt, sparrow_generate_params params);
 
+/* Multimodal prompts. A prompt token equal to SPARROW_MEDIA_TOKEN stands for one visual token;
+ * each run of them takes the embeddings of the next media item (sparrow_vision_encode's
+ * output), runs and items in order, lengths equal. */
+enum { SPARROW_MEDIA_TOKEN = -1 };
+
+typedef struct sparrow_media {
+    const float * embd;         /* n_tokens x n_embd (copied by sparrow_generate_begin_media)   */
+    int32_t n_tokens;
+    int32_t grid_t, grid_h, grid_w; /* the item's token grid in the LM (after the 2x2 merge):
+                                       M-RoPE positions; ignored by models with 1-D positions  */
+    float t_scale;              /* temporal position step per grid frame: Qwen2.5-VL
+                                   second_per_grid_t * tokens_per_second; Qwen2-VL and images 1 */
+    sparrow_token placeholder;  /* the token id the model's own prompts use here (e.g. the
+                                   video pad token): the draft reads it after the text before */
+} sparrow_media;
+
+/* sparrow_generate_begin for a prompt with media. Positions follow the model: M-RoPE as
+ * transformers' get_rope_index computes them (text after an item continues from its largest
+ * position + 1), 1-D otherwise. The KV cache is not reused for such prompts. */
+SPARROW_API sparrow_status sparrow_generate_begin_media(sparrow_context * ctx, const sparrow_token * prompt,
+                                                        int32_t n_prompt, const sparrow_media * media, int32_t n_media,
+                                                        sparrow_generate_params params);
+
 /* Produce the next piece of text: valid UTF-8 (never a split character), copied into buf
  * (no NUL), its length in *out_len; *out_finish is SPARROW_FINISH_NONE while more follows.
  * A piece may be empty when a token completes nothing yet. buf_size must be at least 256.

@@ -14,6 +14,7 @@
 #include "text-stream.h"
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstring>
 #include <new>
@@ -327,6 +328,8 @@ sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_mo
         ctx->spec.state.reset(new DraftState(*ctx->backend, draft->draft_hparams, draft->draft_weights, ctx->model->weights,
                                              ctx->params.n_ctx, kMaxSpeculativeEntries));
         ctx->spec.draft = draft;
+        ctx->spec.prefill_layers = draft->draft_hparams.taps;
+        if (draft->draft_hparams.n_glimpses > 0) ctx->spec.prefill_layers.push_back(draft->draft_hparams.ivsb_layer + 1);
     });
 }
 
@@ -437,75 +440,153 @@ sparrow_generate_params sparrow_generate_default_params(void) {
     return p;
 }
 
+namespace {
+
+// Lay out a multimodal prompt: the input embedding of every media row, and the positions of every
+// row (3 x n, t/h/w stream-major) as transformers (5.x) get_rope_index computes them for M-RoPE
+// models; 1-D models count rows. Generation then continues after the largest prompt position.
+void layout_media(const LMHparams & hp, const sparrow_token * prompt, int32_t n, const sparrow_media * media,
+                  int32_t n_media, std::vector<float> & embd, std::vector<int32_t> & pos, std::vector<int32_t> & placeholder) {
+    const int64_t H = hp.n_embd;
+    const bool mrope = hp.n_pos_streams > 1;
+    embd.assign((size_t) n * H, 0.0f);
+    pos.assign((size_t) 3 * n, 0);
+    placeholder.assign((size_t) n, -1);
+    int32_t cur = 0, m = 0;
+    for (int32_t i = 0; i < n;) {
+        if (prompt[i] != SPARROW_MEDIA_TOKEN) {
+            for (int st = 0; st < 3; ++st) pos[(size_t) st * n + i] = cur;
+            ++cur;
+            ++i;
+            continue;
+        }
+        int32_t run = 0;
+        while (i + run < n && prompt[i + run] == SPARROW_MEDIA_TOKEN) ++run;
+        if (m >= n_media) fail(SPARROW_ERR_INVALID_ARGUMENT, format("the prompt has more media runs than the %d media items given", n_media));
+        const sparrow_media & item = media[m];
+        if (item.embd == nullptr || item.n_tokens != run) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("media item %d has %d tokens but its run in the prompt has %d", m, item.n_tokens, run));
+        }
+        memcpy(&embd[(size_t) i * H], item.embd, (size_t) run * H * sizeof(float));
+        for (int32_t k = 0; k < run; ++k) placeholder[i + k] = item.placeholder;
+        if (mrope) {
+            if (item.grid_t < 1 || item.grid_h < 1 || item.grid_w < 1 || (int64_t) item.grid_t * item.grid_h * item.grid_w != run) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("media item %d: grid %dx%dx%d does not hold its %d tokens", m, item.grid_t,
+                                                          item.grid_h, item.grid_w, run));
+            }
+            if (!(item.t_scale >= 0.0f) || !std::isfinite(item.t_scale)) fail(SPARROW_ERR_INVALID_ARGUMENT, "media t_scale must be >= 0");
+            // transformers 5 (get_vision_position_ids): t = floor(ti * interval) + cur, h/w = index + cur;
+            // the text after the item continues at cur + max(grid_h, grid_w)
+            int32_t k = i;
+            for (int32_t ti = 0; ti < item.grid_t; ++ti) {
+                const int32_t t = cur + (int32_t) std::floor((float) ti * item.t_scale);
+                for (int32_t hi = 0; hi < item.grid_h; ++hi) {
+                    for (int32_t wi = 0; wi < item.grid_w; ++wi, ++k) {
+                        pos[k] = t;
+                        pos[(size_t) n + k] = cur + hi;
+                        pos[(size_t) 2 * n + k] = cur + wi;
+                    }
+                }
+            }
+            cur += std::max(item.grid_h, item.grid_w);
+        } else {
+            for (int32_t k = 0; k < run; ++k) {
+                for (int st = 0; st < 3; ++st) pos[(size_t) st * n + i + k] = cur + k;
+            }
+            cur += run;
+        }
+        ++m;
+        i += run;
+    }
+    if (m != n_media) fail(SPARROW_ERR_INVALID_ARGUMENT, format("%d media items were given but the prompt has %d media runs", n_media, m));
+}
+
+void begin_generation(sparrow_context * ctx, const sparrow_token * prompt, int32_t n_prompt, const sparrow_media * media,
+                      int32_t n_media, sparrow_generate_params params) {
+    require(ctx != nullptr, "ctx is NULL");
+    require(n_prompt > 0 && prompt != nullptr, "the prompt is empty");
+    validate_sampler_params(params.sampling);
+    require(params.n_stop >= 0 && (params.stop != nullptr || params.n_stop == 0), "bad stop string list");
+    const int32_t n_vocab = ctx->model->hparams.n_vocab;
+    for (int32_t i = 0; i < n_prompt; ++i) {
+        if (prompt[i] == SPARROW_MEDIA_TOKEN && n_media > 0) continue;
+        if (prompt[i] < 0 || prompt[i] >= n_vocab) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("prompt token %d at index %d is outside the vocabulary [0, %d)", prompt[i], i, n_vocab));
+        }
+    }
+    if (n_prompt >= ctx->params.n_ctx) {
+        fail(SPARROW_ERR_CONTEXT_FULL, format("the prompt has %d tokens but the context holds %d (leave room to generate)",
+                                              n_prompt, ctx->params.n_ctx));
+    }
+    if (params.speculative == -1) params.speculative = ctx->spec.draft ? SPARROW_SPEC_CHAIN : SPARROW_SPEC_NONE;
+    if (params.speculative < SPARROW_SPEC_NONE || params.speculative > SPARROW_SPEC_TREE) {
+        fail(SPARROW_ERR_INVALID_ARGUMENT, format("speculative mode %d is not supported (none, chain or tree)", params.speculative));
+    }
+    if (params.speculative == SPARROW_SPEC_TREE) {
+        if (params.tree_depth < 1 || params.tree_depth > 32 || params.tree_top_k < 1 || params.tree_top_k > 16 ||
+            params.tree_total_tokens < 2 || params.tree_total_tokens > 128) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("tree_depth %d, tree_top_k %d, tree_total_tokens %d: expected 1..32, 1..16, 2..128",
+                                                      params.tree_depth, params.tree_top_k, params.tree_total_tokens));
+        }
+        if (params.tree_total_tokens > ctx->params.n_batch) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("tree_total_tokens %d exceeds the context's n_batch %d", params.tree_total_tokens,
+                                                      ctx->params.n_batch));
+        }
+    }
+    if (params.speculative != SPARROW_SPEC_NONE) {
+        if (!ctx->spec.draft) fail(SPARROW_ERR_STATE, "speculative decoding needs a draft: attach one with sparrow_context_set_draft");
+        if (params.n_draft < 1 || params.n_draft > kMaxDraftTokens) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_draft must be in [1, %d] (got %d)", kMaxDraftTokens, params.n_draft));
+        }
+    }
+    auto & g = ctx->gen;
+    g = sparrow_context::Generation();
+    g.params = params;
+    ctx->spec.active = params.speculative != SPARROW_SPEC_NONE;
+    ctx->spec.tree = params.speculative == SPARROW_SPEC_TREE;
+    ctx->spec.n_draft = params.n_draft;
+    ctx->spec.tree_depth = params.tree_depth;
+    ctx->spec.tree_top_k = params.tree_top_k;
+    ctx->spec.tree_total = params.tree_total_tokens;
+    ctx->generated.clear();
+    for (int32_t i = 0; i < params.n_stop; ++i) {
+        require(params.stop[i] != nullptr, "a stop string is NULL");
+        g.stop_storage.emplace_back(params.stop[i]);
+    }
+    g.params.stop = nullptr;
+    g.params.n_stop = 0;
+    g.text.reset(g.stop_storage);
+    g.rng.seed(params.sampling.seed ? params.sampling.seed : ctx->params.seed);
+    g.prompt.assign(prompt, prompt + n_prompt);
+    g.has_media = n_media > 0;
+    if (g.has_media) layout_media(ctx->model->hparams, prompt, n_prompt, media, n_media, g.prompt_embd, g.prompt_pos, g.placeholder);
+    g.active = true;
+
+    // Keep the longest cached prefix laid out at consecutive positions; at least the last
+    // prompt token is always fed again, since its logits start the generation.
+    int32_t common = 0;
+    // the draft needs the target's hidden states at every prompt position, and media rows are
+    // not compared: no reuse then
+    const int32_t limit = ctx->spec.active || g.has_media ? 0 : std::min<int32_t>((int32_t) ctx->cache_tokens.size(), n_prompt - 1);
+    while (common < limit && ctx->cache_tokens[common] == prompt[common] && ctx->cache_pos[common] == common) ++common;
+    context_truncate(*ctx, common);
+    ctx->stats = sparrow_stats();
+    ctx->stats.n_prompt = n_prompt;
+    ctx->stats.n_prompt_cached = common;
+}
+
+}  // namespace
+
 sparrow_status sparrow_generate_begin(sparrow_context * ctx, const sparrow_token * prompt, int32_t n_prompt,
                                       sparrow_generate_params params) {
-    return guard([&] {
-        require(ctx != nullptr, "ctx is NULL");
-        require(n_prompt > 0 && prompt != nullptr, "the prompt is empty");
-        validate_sampler_params(params.sampling);
-        require(params.n_stop >= 0 && (params.stop != nullptr || params.n_stop == 0), "bad stop string list");
-        const int32_t n_vocab = ctx->model->hparams.n_vocab;
-        for (int32_t i = 0; i < n_prompt; ++i) {
-            if (prompt[i] < 0 || prompt[i] >= n_vocab) {
-                fail(SPARROW_ERR_INVALID_ARGUMENT, format("prompt token %d at index %d is outside the vocabulary [0, %d)", prompt[i], i, n_vocab));
-            }
-        }
-        if (n_prompt >= ctx->params.n_ctx) {
-            fail(SPARROW_ERR_CONTEXT_FULL, format("the prompt has %d tokens but the context holds %d (leave room to generate)",
-                                                  n_prompt, ctx->params.n_ctx));
-        }
-        if (params.speculative == -1) params.speculative = ctx->spec.draft ? SPARROW_SPEC_CHAIN : SPARROW_SPEC_NONE;
-        if (params.speculative < SPARROW_SPEC_NONE || params.speculative > SPARROW_SPEC_TREE) {
-            fail(SPARROW_ERR_INVALID_ARGUMENT, format("speculative mode %d is not supported (none, chain or tree)", params.speculative));
-        }
-        if (params.speculative == SPARROW_SPEC_TREE) {
-            if (params.tree_depth < 1 || params.tree_depth > 32 || params.tree_top_k < 1 || params.tree_top_k > 16 ||
-                params.tree_total_tokens < 2 || params.tree_total_tokens > 128) {
-                fail(SPARROW_ERR_INVALID_ARGUMENT, format("tree_depth %d, tree_top_k %d, tree_total_tokens %d: expected 1..32, 1..16, 2..128",
-                                                          params.tree_depth, params.tree_top_k, params.tree_total_tokens));
-            }
-            if (params.tree_total_tokens > ctx->params.n_batch) {
-                fail(SPARROW_ERR_INVALID_ARGUMENT, format("tree_total_tokens %d exceeds the context's n_batch %d", params.tree_total_tokens,
-                                                          ctx->params.n_batch));
-            }
-        }
-        if (params.speculative != SPARROW_SPEC_NONE) {
-            if (!ctx->spec.draft) fail(SPARROW_ERR_STATE, "speculative decoding needs a draft: attach one with sparrow_context_set_draft");
-            if (params.n_draft < 1 || params.n_draft > kMaxDraftTokens) {
-                fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_draft must be in [1, %d] (got %d)", kMaxDraftTokens, params.n_draft));
-            }
-        }
-        auto & g = ctx->gen;
-        g = sparrow_context::Generation();
-        g.params = params;
-        ctx->spec.active = params.speculative != SPARROW_SPEC_NONE;
-        ctx->spec.tree = params.speculative == SPARROW_SPEC_TREE;
-        ctx->spec.n_draft = params.n_draft;
-        ctx->spec.tree_depth = params.tree_depth;
-        ctx->spec.tree_top_k = params.tree_top_k;
-        ctx->spec.tree_total = params.tree_total_tokens;
-        ctx->generated.clear();
-        for (int32_t i = 0; i < params.n_stop; ++i) {
-            require(params.stop[i] != nullptr, "a stop string is NULL");
-            g.stop_storage.emplace_back(params.stop[i]);
-        }
-        g.params.stop = nullptr;
-        g.params.n_stop = 0;
-        g.text.reset(g.stop_storage);
-        g.rng.seed(params.sampling.seed ? params.sampling.seed : ctx->params.seed);
-        g.prompt.assign(prompt, prompt + n_prompt);
-        g.active = true;
+    return guard([&] { begin_generation(ctx, prompt, n_prompt, nullptr, 0, params); });
+}
 
-        // Keep the longest cached prefix laid out at consecutive positions; at least the last
-        // prompt token is always fed again, since its logits start the generation.
-        int32_t common = 0;
-        // the draft needs the target's hidden states at every prompt position: no reuse then
-        const int32_t limit = ctx->spec.active ? 0 : std::min<int32_t>((int32_t) ctx->cache_tokens.size(), n_prompt - 1);
-        while (common < limit && ctx->cache_tokens[common] == prompt[common] && ctx->cache_pos[common] == common) ++common;
-        context_truncate(*ctx, common);
-        ctx->stats = sparrow_stats();
-        ctx->stats.n_prompt = n_prompt;
-        ctx->stats.n_prompt_cached = common;
+sparrow_status sparrow_generate_begin_media(sparrow_context * ctx, const sparrow_token * prompt, int32_t n_prompt,
+                                            const sparrow_media * media, int32_t n_media, sparrow_generate_params params) {
+    return guard([&] {
+        require(n_media >= 0 && (media != nullptr || n_media == 0), "bad media list");
+        begin_generation(ctx, prompt, n_prompt, media, n_media, params);
     });
 }
 
@@ -550,8 +631,12 @@ sparrow_status sparrow_generate_next(sparrow_context * ctx, char * buf, size_t b
             const double t0 = now_ms();
             ForwardOptions opt;
             if (ctx->spec.active) {
-                opt.capture_layers = &spec_capture_layers(*ctx);
+                opt.capture_layers = &spec_prefill_capture_layers(*ctx);
                 opt.capture_all_rows = true;
+            }
+            if (g.has_media) {  // never cached: the whole prompt is fed
+                opt.embd = g.prompt_embd.data();
+                opt.pos_streams = g.prompt_pos.data();
             }
             context_forward(*ctx, g.prompt.data() + cached, fed, opt);
             g.prompt_done = true;

@@ -45,6 +45,7 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
     const sparrow_model & m = *ctx.model;
     const LMHparams & hp = m.hparams;
     for (int32_t i = 0; i < n; ++i) {
+        if (tokens[i] == SPARROW_MEDIA_TOKEN && opt.embd) continue;
         if (tokens[i] < 0 || tokens[i] >= hp.n_vocab) {
             fail(SPARROW_ERR_INVALID_ARGUMENT, format("token id %d at index %d is outside the vocabulary [0, %d)", tokens[i], i, hp.n_vocab));
         }
@@ -73,7 +74,7 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
     }
     std::vector<int32_t> out_rows, all_rows;
     std::vector<float> chunk_hidden;
-    int32_t next_pos = ctx.cache_pos.empty() ? 0 : ctx.cache_pos.back() + 1;
+    int32_t next_pos = context_next_pos(ctx);
     int32_t out_done = 0;
     for (int32_t c0 = 0; c0 < n; c0 += n_batch) {
         const int32_t cn = std::min(n_batch, n - c0);
@@ -86,10 +87,13 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
         int32_t * pos = ctx.scratch.pos.data();
         for (int32_t i = 0; i < cn; ++i) {
             const int32_t p = pos_in ? pos_in[c0 + i] : parents ? next_pos + depth[i] : next_pos + c0 + i;
-            for (int s = 0; s < hp.n_pos_streams; ++s) pos[(size_t) s * cn + i] = s < 3 ? p : 0;
+            for (int s = 0; s < hp.n_pos_streams; ++s) {
+                pos[(size_t) s * cn + i] = s >= 3 ? 0 : opt.pos_streams ? opt.pos_streams[(size_t) s * n + c0 + i] : p;
+            }
         }
         LMForwardRequest req;
         req.tokens = tokens + c0;
+        req.embd = opt.embd ? opt.embd + (size_t) c0 * hp.n_embd : nullptr;
         req.n_tokens = cn;
         req.pos = pos;
         req.out_rows = out_rows.data();
@@ -114,7 +118,9 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
         }
         for (int32_t i = 0; i < cn; ++i) {
             ctx.cache_tokens.push_back(tokens[c0 + i]);
-            ctx.cache_pos.push_back(pos[i]);
+            int32_t p = pos[i];
+            for (int st = 1; st < std::min(hp.n_pos_streams, 3); ++st) p = std::max(p, pos[(size_t) st * cn + i]);
+            ctx.cache_pos.push_back(p);
         }
         const int64_t cap_done = opt.capture_all_rows ? c0 : out_done;
         for (size_t c = 0; c < n_capture; ++c) {
@@ -125,6 +131,12 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
         ctx.n_outputs = out_done;
         ctx.n_hidden_rows = opt.capture_all_rows ? c0 + cn : out_done;
     }
+}
+
+int32_t context_next_pos(const sparrow_context & ctx) {
+    // M-RoPE: generated text continues after the largest position of the prompt, which after a
+    // video need not be the last row's
+    return ctx.cache_pos.empty() ? 0 : *std::max_element(ctx.cache_pos.begin(), ctx.cache_pos.end()) + 1;
 }
 
 void context_truncate(sparrow_context & ctx, int32_t n_keep) {

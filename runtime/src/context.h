@@ -20,7 +20,8 @@ struct sparrow_context {
     std::unique_ptr<sparrow::KVCache> cache;
     sparrow::LMScratch scratch;
 
-    // tokens and (stream-0) positions held in the cache, row by row
+    // tokens and positions held in the cache, row by row (for media rows under M-RoPE, the
+    // largest of the t/h/w positions: the text after them continues from it)
     std::vector<int32_t> cache_tokens;
     std::vector<int32_t> cache_pos;
 
@@ -39,6 +40,10 @@ struct sparrow_context {
         sparrow_generate_params params{};
         std::vector<std::string> stop_storage;
         std::vector<int32_t> prompt;
+        bool has_media = false;
+        std::vector<float> prompt_embd;        // media rows' input embeddings, [n_prompt][n_embd]
+        std::vector<int32_t> prompt_pos;       // positions, 3 x n_prompt (t/h/w)
+        std::vector<int32_t> placeholder;      // per prompt row: the media item's placeholder token, or -1
         bool prompt_done = false;
         int32_t last_token = -1;
         sparrow::TextStream text;
@@ -54,6 +59,7 @@ struct sparrow_context {
     struct Speculation {
         const sparrow_model * draft = nullptr;
         std::unique_ptr<sparrow::DraftState> state;
+        std::vector<int32_t> prefill_layers;     // taps (+ the ivsb layer's output for glimpses)
         bool active = false;                     // this generation speculates
         bool tree = false;                       // with an EAGLE-2 tree rather than a chain
         int32_t n_draft = 4;
@@ -79,6 +85,11 @@ struct ForwardOptions {
     const int32_t * parents = nullptr;   // token tree (NULL: a sequence)
     const std::vector<int32_t> * capture_layers = nullptr;  // NULL: the context's list
     bool capture_all_rows = false;       // capture hidden states at every row, not only outputs
+    // Multimodal prompts: rows whose token is SPARROW_MEDIA_TOKEN take their input embedding
+    // from embd (host [n][n_embd]); pos_streams (host, 3 x n, stream-major t/h/w) overrides the
+    // positions for M-RoPE models (1-D models use stream t).
+    const float * embd = nullptr;
+    const int32_t * pos_streams = nullptr;
 };
 
 // Run tokens through the target in chunks of n_batch, appending them to the KV cache; logits of
@@ -86,5 +97,7 @@ struct ForwardOptions {
 // keeps the chunks that completed.
 void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const ForwardOptions & opt);
 void context_truncate(sparrow_context & ctx, int32_t n_keep);
+// The position the next token appended to the cache gets by default.
+int32_t context_next_pos(const sparrow_context & ctx);
 
 }  // namespace sparrow

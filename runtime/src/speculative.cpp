@@ -74,8 +74,7 @@ std::vector<float> run_pending(sparrow_context & ctx, bool want_lead_logits) {
 // in the target cache, queue their entries for the draft, and emit the accepted tokens and the
 // bonus. tokens[i] is the token at batch row rows[i]; the token after the last is the bonus.
 void finish_round(sparrow_context & ctx, int64_t n_before, int64_t n_batch_rows, const std::vector<int32_t> & rows,
-                  const std::vector<int32_t> & accepted_tokens, int32_t bonus, int32_t lead_pos,
-                  std::vector<int32_t> & produced) {
+                  const std::vector<int32_t> & accepted_tokens, int32_t bonus, std::vector<int32_t> & produced) {
     auto & s = ctx.spec;
     const int64_t H = ctx.model->hparams.n_embd;
     // target cache: the kept rows move down behind the cache before the batch
@@ -100,7 +99,7 @@ void finish_round(sparrow_context & ctx, int64_t n_before, int64_t n_batch_rows,
         memcpy(&s.pending_g[j * H], &s.scratch_g[(size_t) rows[j] * H], H * sizeof(float));
         DraftEntry e;
         e.token = j + 1 < rows.size() ? accepted_tokens[j] : bonus;
-        e.pos = lead_pos + 1 + (int32_t) j;
+        e.pos = ctx.cache_pos[n_before + (int64_t) j];  // where the target put it
         s.pending.push_back(e);
         produced.push_back(e.token);
     }
@@ -132,6 +131,8 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const int64_t room = ctx.cache->capacity() - ctx.cache->size();
     const int32_t k = (int32_t) std::max<int64_t>(0, std::min<int64_t>(s.n_draft, room - 1));
     const DraftEntry lead = s.pending.back();
+    // the draft entry reading token d_i sits at the target position of the token before it
+    const int32_t first_pos = context_next_pos(ctx);
 
     // ---- draft: the pending committed entries, then k - 1 speculative ones ----
     const double t_draft0 = now_ms();
@@ -151,7 +152,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
         if (i == k) break;
         DraftEntry e;
         e.token = token;
-        e.pos = lead.pos + i;
+        e.pos = first_pos + i - 1;
         e.speculative = true;
         e.parent = i - 2;  // a chain: each entry's parent is the previous one
         const uint8_t yes = 1;
@@ -205,7 +206,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
 
     std::vector<int32_t> rows((size_t) accepted + 1);
     std::iota(rows.begin(), rows.end(), 0);
-    finish_round(ctx, n_before, (int64_t) batch.size(), rows, drafts, bonus, lead.pos, produced);
+    finish_round(ctx, n_before, (int64_t) batch.size(), rows, drafts, bonus, produced);
     ctx.stats.t_verify_ms += now_ms() - t_verify0;
 }
 
@@ -283,6 +284,7 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const int64_t room = ctx.cache->capacity() - ctx.cache->size();
     const int32_t total = (int32_t) std::min<int64_t>(s.tree_total, room);  // lead token included
     const DraftEntry lead = s.pending.back();
+    const int32_t first_pos = context_next_pos(ctx);
 
     // ---- draft the tree, level by level, expanding the top_k best nodes of each level ----
     const double t_draft0 = now_ms();
@@ -307,7 +309,7 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
                 const TreeNode & n = nodes[ni];
                 DraftEntry e;
                 e.token = n.token;
-                e.pos = lead.pos + n.depth;
+                e.pos = first_pos + n.depth - 1;
                 e.speculative = true;
                 e.parent = n.parent < 0 ? -1 : nodes[n.parent].spec_id;
                 entries.push_back(e);
@@ -436,7 +438,7 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     }
     ctx.stats.n_drafted += (int32_t) selected.size();
     ctx.stats.n_accepted += (int32_t) accepted_tokens.size();
-    finish_round(ctx, n_before, (int64_t) batch.size(), rows, accepted_tokens, bonus, lead.pos, produced);
+    finish_round(ctx, n_before, (int64_t) batch.size(), rows, accepted_tokens, bonus, produced);
     ctx.stats.t_verify_ms += now_ms() - t_verify0;
 }
 
@@ -446,16 +448,66 @@ const std::vector<int32_t> & spec_capture_layers(const sparrow_context & ctx) {
     return ctx.spec.draft->draft_hparams.taps;
 }
 
+const std::vector<int32_t> & spec_prefill_capture_layers(const sparrow_context & ctx) {
+    return ctx.spec.prefill_layers;
+}
+
 void spec_begin(sparrow_context & ctx, int32_t n_prompt, int32_t first_token) {
     auto & s = ctx.spec;
+    const auto & g = ctx.gen;
+    const DraftHparams & dh = s.draft->draft_hparams;
     const int64_t H = ctx.model->hparams.n_embd;
-    s.state->reset(0);  // text only: the anchors are the first S text entries
+    const int64_t n_taps = (int64_t) dh.taps.size();
+    // text rows become draft entries; visual rows only feed the glimpses
+    std::vector<int32_t> text_rows, visual_rows;
+    for (int32_t p = 0; p < n_prompt; ++p) (ctx.cache_tokens[p] == SPARROW_MEDIA_TOKEN ? visual_rows : text_rows).push_back(p);
+    int64_t anchor_start = 0;
+    if (!visual_rows.empty()) {
+        for (int32_t p : text_rows) anchor_start += p < visual_rows.back();
+    }
+    s.state->reset(anchor_start);
+
+    // glimpses: the ivsb layer's outputs at the visual rows, mean-pooled into G contiguous segments
+    if (dh.n_glimpses > 0 && !visual_rows.empty()) {
+        const int64_t n_vis = (int64_t) visual_rows.size();
+        const int64_t n_seg = std::min<int64_t>(dh.n_glimpses, n_vis);
+        const float * ivsb = ctx.hidden.data() + (size_t) n_taps * n_prompt * H;  // the slot after the taps
+        std::vector<float> pooled((size_t) (n_seg * H), 0.0f);
+        std::vector<int32_t> positions((size_t) n_seg);
+        for (int64_t k = 0; k < n_seg; ++k) {
+            const int64_t b = k * n_vis / n_seg, e = (k + 1) * n_vis / n_seg;
+            for (int64_t v = b; v < e; ++v) {
+                const float * row = ivsb + (size_t) visual_rows[v] * H;
+                for (int64_t d = 0; d < H; ++d) pooled[k * H + d] += row[d];
+            }
+            for (int64_t d = 0; d < H; ++d) pooled[k * H + d] /= (float) (e - b);
+            // the temporal position of the segment's first visual token
+            positions[k] = g.has_media ? g.prompt_pos[visual_rows[b]] : ctx.cache_pos[visual_rows[b]];
+        }
+        s.state->add_glimpses(pooled.data(), positions.data(), n_seg);
+    }
+
+    // entries: each text row with the token after it (a media row's placeholder token)
+    const int64_t n_text = (int64_t) text_rows.size();
+    std::vector<float> taps((size_t) (n_taps * n_text * H));
+    for (int64_t t = 0; t < n_taps; ++t) {
+        for (int64_t j = 0; j < n_text; ++j) {
+            memcpy(&taps[(size_t) ((t * n_text + j) * H)], ctx.hidden.data() + (size_t) ((t * n_prompt + text_rows[j]) * H),
+                   H * sizeof(float));
+        }
+    }
     s.pending.clear();
-    s.pending_g.resize((size_t) (n_prompt * H));
-    s.state->fuse_taps(ctx.hidden.data(), n_prompt, s.pending_g.data());
-    for (int32_t p = 0; p < n_prompt; ++p) {
+    s.pending_g.resize((size_t) (n_text * H));
+    s.state->fuse_taps(taps.data(), n_text, s.pending_g.data());
+    for (int32_t p : text_rows) {
         DraftEntry e;
-        e.token = p + 1 < n_prompt ? ctx.cache_tokens[p + 1] : first_token;
+        if (p + 1 >= n_prompt) {
+            e.token = first_token;
+        } else if (ctx.cache_tokens[p + 1] == SPARROW_MEDIA_TOKEN) {
+            e.token = g.placeholder[p + 1];
+        } else {
+            e.token = ctx.cache_tokens[p + 1];
+        }
         e.pos = ctx.cache_pos[p];
         s.pending.push_back(e);
     }

@@ -21,8 +21,12 @@ namespace sparrow {
 
 // Layers of the target the draft reads, in the order of the draft's taps.
 const std::vector<int32_t> & spec_capture_layers(const sparrow_context & ctx);
+// Layers to capture during the prompt's prefill: the taps, then the ivsb layer's output (the
+// input of layer ivsb_layer + 1) when the draft has glimpses.
+const std::vector<int32_t> & spec_prefill_capture_layers(const sparrow_context & ctx);
 // After the prompt's prefill (hidden states captured at every prompt row with
-// spec_capture_layers, rows [0, n_prompt)): queue the prompt's entries for the draft.
+// spec_prefill_capture_layers, rows [0, n_prompt)): enter the glimpses and queue the prompt's
+// text entries for the draft.
 // first_token is the token the target produced after the prompt.
 void spec_begin(sparrow_context & ctx, int32_t n_prompt, int32_t first_token);
 // One round; appends the tokens produced (accepted drafts, then the target's bonus token).

@@ -54,13 +54,15 @@ struct LMScratch {
     int64_t n_batch = 0;
     Tensor x, h, q, k, v, attn, ff_gate, ff_up, out_rows;
     std::vector<int32_t> pos;  // n_pos_streams * n_batch
+    std::vector<int32_t> ids;  // token ids with media rows mapped to a valid id
 };
 void lm_scratch_init(Backend & be, const LMHparams & hp, int64_t n_batch, LMScratch & s);
 void lm_scratch_free(Backend & be, LMScratch & s);
 
 // What one forward pass should produce.
 struct LMForwardRequest {
-    const int32_t * tokens = nullptr;
+    const int32_t * tokens = nullptr;   // SPARROW_MEDIA_TOKEN rows read their input from embd
+    const float * embd = nullptr;       // host [n_tokens][n_embd], or null
     int64_t n_tokens = 0;               // <= scratch n_batch
     const int32_t * pos = nullptr;      // n_pos_streams * n_tokens positions (stream-major)
     const int32_t * out_rows = nullptr; // batch rows whose logits are wanted

@@ -256,7 +256,17 @@ bool lm_forward(Backend & be, const LMHparams & hp, const LMWeights & w, KVCache
         }
     };
 
-    be.get_rows(w.tok_embd, req.tokens, n, x);
+    if (req.embd) {
+        // media rows: look up a valid id, then overwrite the row with the given embedding
+        s.ids.assign(req.tokens, req.tokens + n);
+        for (auto & id : s.ids) id = id < 0 ? 0 : id;
+        be.get_rows(w.tok_embd, s.ids.data(), n, x);
+        for (int64_t i = 0; i < n; ++i) {
+            if (req.tokens[i] < 0) be.from_host(x.row_slice(i, 1).data, req.embd + i * H, (size_t) H * sizeof(float));
+        }
+    } else {
+        be.get_rows(w.tok_embd, req.tokens, n, x);
+    }
     for (int l = 0; l < hp.n_layer; ++l) {
         if (req.abort && req.abort(req.abort_data)) return false;
         const LMLayer & L = w.layers[l];

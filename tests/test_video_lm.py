@@ -1,0 +1,136 @@
+"""Video prompts through the whole target: the vision tower's embeddings spliced in at the video
+tokens and M-RoPE positions as transformers computes them; logits and greedy generation against
+transformers' Qwen2-VL, and speculative decoding (with glimpses) lossless on video prompts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import sparrow_py as sp
+from sparrow_py.convert import convert, convert_mmproj
+from sparrow_py.vision import VisionEncoder
+
+from conftest import TINY_VOCAB_SIZE, _lm_sizes, _save_model
+from draft_util import make_draft
+
+VISION_START = TINY_VOCAB_SIZE  # [PAD] slots of the tiny vocabulary serve as the vision tokens
+VIDEO_TOKEN = TINY_VOCAB_SIZE + 3
+
+
+@pytest.fixture(scope="module")
+def qwen2vl(tmp_path_factory, tiny_tokenizer_dir):
+    """(HF dir, HF model, LM gguf, mmproj gguf) of a tiny Qwen2-VL whose vision tokens are in its vocabulary."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = _lm_sizes(rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                           vision_start_token_id=VISION_START, vision_end_token_id=VISION_START + 1,
+                           image_token_id=VISION_START + 2, video_token_id=VIDEO_TOKEN)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    root = tmp_path_factory.mktemp("video-lm")
+    hf_dir = _save_model(model, root / "tiny-qwen2vl-video", tiny_tokenizer_dir)
+    lm, mmproj = root / "lm.gguf", root / "mmproj.gguf"
+    convert(hf_dir, lm, outtype="f32", progress=False)
+    convert_mmproj(hf_dir, mmproj, outtype="f32", progress=False)
+    return hf_dir, model, lm, mmproj
+
+
+def video_inputs(grid=(2, 4, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    t, h, w = grid
+    pixels = rng.standard_normal((t * h * w, 3 * 2 * 14 * 14)).astype(np.float32)
+    return pixels, grid
+
+
+def prompt_ids(n_video_tokens, before=(5, 17, 42), after=(9, 80, 3, 11)):
+    return list(before) + [VISION_START] + [VIDEO_TOKEN] * n_video_tokens + [VISION_START + 1] + list(after)
+
+
+def hf_logits(model, ids, pixels, grid):
+    with torch.no_grad():
+        ids_t = torch.tensor([ids])
+        out = model(input_ids=ids_t, pixel_values_videos=torch.from_numpy(pixels), video_grid_thw=torch.tensor([grid]),
+                    mm_token_type_ids=(ids_t == VIDEO_TOKEN).long() * 2, use_cache=False)
+    return out.logits[0].numpy()
+
+
+def ours(engine, mmproj_path, ids, pixels, grid, **gen):
+    with VisionEncoder(mmproj_path, n_threads=1) as enc:
+        embd = enc.encode(pixels, [grid])
+    t, h, w = grid
+    media = [sp.Media(embd, grid=(t, h // 2, w // 2), t_scale=1.0, placeholder=VIDEO_TOKEN)]
+    tokens = [sp.MEDIA_TOKEN if i == VIDEO_TOKEN else i for i in ids]
+    return engine.generate(tokens, media=media, **gen)
+
+
+# (8, 2, 2): the temporal positions run past where the text resumes, so generation must continue
+# after the largest position, not after the last row's
+@pytest.mark.parametrize("grid", [(2, 4, 6), (4, 6, 4), (1, 2, 2), (8, 2, 2)])
+def test_video_prompt_logits_match_transformers(qwen2vl, grid):
+    from sparrow_py._native import lib, ffi
+
+    _, model, lm, mmproj = qwen2vl
+    pixels, grid = video_inputs(grid)
+    n_vis = grid[0] * grid[1] * grid[2] // 4
+    ids = prompt_ids(n_vis)
+    ref = hf_logits(model, ids, pixels, grid)[-1]
+    with sp.Engine(str(lm), n_ctx=256, n_threads=1, kv_type="f32") as e:
+        stream = ours(e, mmproj, ids, pixels, grid, max_tokens=1)
+        next(stream, None)
+        got = np.frombuffer(ffi.buffer(lib.sparrow_get_logits(e._ctx, 0), 4 * e.n_vocab), dtype=np.float32).copy()
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("grid", [(2, 4, 6), (8, 2, 2)])
+def test_video_greedy_generation_matches_transformers(qwen2vl, grid):
+    _, model, lm, mmproj = qwen2vl
+    pixels, grid = video_inputs(grid, seed=1)
+    ids = prompt_ids(grid[0] * grid[1] * grid[2] // 4)
+    seq = list(ids)
+    for _ in range(16):
+        seq.append(int(hf_logits(model, seq, pixels, grid)[-1].argmax()))
+    with sp.Engine(str(lm), n_ctx=256, n_threads=1, kv_type="f32") as e:
+        "".join(ours(e, mmproj, ids, pixels, grid, max_tokens=16, ignore_eos=True))
+        assert e.last_tokens == seq[len(ids):]
+
+
+def test_media_errors(qwen2vl):
+    _, _, lm, mmproj = qwen2vl
+    pixels, grid = video_inputs((2, 4, 6))
+    with sp.Engine(str(lm), n_ctx=64, n_threads=1) as e, VisionEncoder(mmproj, n_threads=1) as enc:
+        embd = enc.encode(pixels, [grid])
+        tokens = [1, 2] + [sp.MEDIA_TOKEN] * len(embd) + [3]
+        with pytest.raises(sp.SparrowError, match="grid"):
+            e.generate(tokens, media=[sp.Media(embd, grid=(2, 2, 2))])
+        with pytest.raises(sp.SparrowError, match="tokens but its run"):
+            e.generate(tokens[:-3] + [3], media=[sp.Media(embd, grid=(2, 2, 3))])
+        with pytest.raises(sp.SparrowError, match="media"):
+            e.generate(tokens, media=[sp.Media(embd, grid=(2, 2, 3))] * 2)
+        with pytest.raises(sp.SparrowError, match="outside the vocabulary"):
+            e.generate(tokens)  # media tokens without media
+        long = [1] + [sp.MEDIA_TOKEN] * 70
+        with pytest.raises(sp.SparrowError, match="context"):
+            e.generate(long, media=[sp.Media(np.zeros((70, e.n_embd), np.float32), grid=(70, 1, 1))])
+
+
+@pytest.mark.parametrize("mode", [dict(speculative="chain", n_draft=3),
+                                  dict(speculative="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=10)])
+def test_speculative_on_video_is_lossless_and_bounded(qwen2vl, tmp_path, mode):
+    hf_dir, _, lm, mmproj = qwen2vl
+    draft = make_draft(hf_dir, tmp_path / "draft", glimpses=3, anchors=2, window=4, seed=2, scale=0.1)
+    pixels, grid = video_inputs((4, 6, 4), seed=3)
+    ids = prompt_ids(grid[0] * grid[1] * grid[2] // 4, after=(9, 80, 3, 11, 5, 6, 7, 8))
+    with sp.Engine(str(lm), n_ctx=256, n_threads=1, kv_type="f32") as ar, \
+         sp.Engine(str(lm), n_ctx=256, n_threads=1, kv_type="f32", draft=str(draft)) as spec:
+        want = "".join(ours(ar, mmproj, ids, pixels, grid, max_tokens=30, ignore_eos=True))
+        got = "".join(ours(spec, mmproj, ids, pixels, grid, max_tokens=30, ignore_eos=True, **mode))
+        assert got == want and spec.last_tokens == ar.last_tokens
+        s = spec.last_stats
+        assert s["n_drafted"] > 0
+        # VATA: glimpses + anchors + window + speculative entries, never the 24 visual tokens
+        limit = 3 + 2 + 4 + max(mode.get("n_draft", 0), 3 * 4)
+        assert 3 <= s["draft_kv_entries"] <= limit
