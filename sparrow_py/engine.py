@@ -59,6 +59,8 @@ class Engine:
             detokenize work, generation does not.
         draft: a Sparrow draft GGUF made for this model: generate() then decodes speculatively
             (the output is still exactly the model's own).
+        mmproj: the model's vision file (convert/to_gguf.py --mmproj): generate() and chat()
+            then take video= and images=.
         progress: a callable(progress: float) -> bool|None called while loading; return False
             to cancel.
     """
@@ -73,11 +75,13 @@ class Engine:
         kv_type: str = "f16",
         vocab_only: bool = False,
         draft: Optional[Union[str, os.PathLike]] = None,
+        mmproj: Optional[Union[str, os.PathLike]] = None,
         progress=None,
     ):
         self._model = ffi.NULL
         self._ctx = ffi.NULL
         self._draft = ffi.NULL
+        self._vision = None
         self.last_finish_reason: Optional[str] = None
         self.last_tokens: list[int] = []
         if kv_type not in _KV_TYPES:
@@ -122,12 +126,19 @@ class Engine:
             self.close()
             raise
         self._ctx = out_ctx[0]
-        if draft is not None:
-            try:
+        try:
+            if draft is not None:
                 self._attach_draft(os.fspath(draft))
-            except SparrowError:
-                self.close()
-                raise
+            if mmproj is not None:
+                from sparrow_py.vision import VisionEncoder
+
+                self._vision = VisionEncoder(mmproj, n_threads=n_threads)
+                if self._vision.n_embd != self.n_embd:
+                    raise SparrowError(f"the vision file projects to {self._vision.n_embd} dimensions but the model "
+                                       f"has {self.n_embd}: it belongs to another model")
+        except SparrowError:
+            self.close()
+            raise
 
     def _attach_draft(self, path: str) -> None:
         if not os.path.exists(path):
@@ -146,6 +157,9 @@ class Engine:
         if self._draft != ffi.NULL:
             lib.sparrow_model_free(self._draft)
             self._draft = ffi.NULL
+        if getattr(self, "_vision", None) is not None:
+            self._vision.close()
+            self._vision = None
         if self._model != ffi.NULL:
             lib.sparrow_model_free(self._model)
             self._model = ffi.NULL
@@ -292,6 +306,11 @@ class Engine:
         tree_top_k: int = 4,
         tree_total_tokens: int = 24,
         media: Optional[Sequence[Media]] = None,
+        video=None,
+        images=None,
+        fps: Optional[float] = None,
+        num_frames: Optional[int] = None,
+        max_pixels: Optional[int] = None,
     ) -> Iterator[str]:
         """Yield the continuation of prompt (text or token ids) piece by piece, as produced.
 
@@ -301,12 +320,31 @@ class Engine:
         tokens per target forward; "tree" drafts an EAGLE-2 dynamic tree (tree_depth levels,
         tree_top_k children per expanded node, the tree_total_tokens best verified together);
         "none" turns speculation off.
-        media: images/videos for a prompt of token ids holding runs of MEDIA_TOKEN (-1), one
-        run per item, in order.
+        video / images (needs mmproj=): a video file, a list or array of HxWx3 uint8 RGB frames,
+        and a list of images. They go where the prompt text says "<video>" / "<image>", else
+        before the text, wrapped in the model's vision markers. fps / num_frames choose frames;
+        max_pixels caps each frame's size (Qwen's smart_resize budget).
+        media: low level: images/videos already encoded, for a prompt of token ids holding
+        runs of MEDIA_TOKEN (-1), one run per item, in order.
         ``last_finish_reason``, ``last_tokens`` (the token ids produced) and ``last_stats``
         describe the generation afterwards.
         """
         ctx = self._live()
+        if video is not None or images is not None:
+            if not isinstance(prompt, str):
+                raise SparrowError("video= and images= need a text prompt")
+            items = self._encode_visuals(video, images, fps, num_frames, max_pixels)
+            text = prompt
+            for kind in ("video", "image"):
+                if not any(k == kind for k, _ in items):
+                    continue
+                marker = f"<{kind}>"
+                n = sum(k == kind for k, _ in items)
+                if text.count(marker) == 0:
+                    text = marker * n + text
+                elif text.count(marker) != n:
+                    raise SparrowError(f"the prompt has {text.count(marker)} {marker} markers for {n} {kind}s")
+            prompt, media = self._tokens_with_visuals(text, items, add_special)
         tokens = self.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else [int(t) for t in prompt]
         if isinstance(stop, str):
             stop = [stop]
@@ -372,6 +410,65 @@ class Engine:
                 self.last_tokens = list(ffi.unpack(tokens[0], n[0]))
                 return
 
+    # ---- images and videos -------------------------------------------------------------------
+    def _vision_token(self, text: str) -> int:
+        ids = self.tokenize(text, add_special=False, parse_special=True)
+        if len(ids) != 1:
+            raise SparrowError(f"the model's vocabulary has no {text} token: it is not a vision model of this family")
+        return ids[0]
+
+    def _encode_visuals(self, video, images, fps, num_frames, max_pixels=None) -> list:
+        """[(kind, Media)] for the video (first) and the images, encoded by the vision tower."""
+        if self._vision is None:
+            raise SparrowError("video and images need the model's vision file: Engine(..., mmproj=...)")
+        kind = self._vision.projector_type
+        if kind not in ("qwen2vl_merger", "qwen2.5vl_merger"):
+            raise SparrowError(f"video= / images= are not wired for projector type {kind!r} yet; encode with "
+                               "sparrow_py.vision.VisionEncoder and pass media= instead")
+        from sparrow_py.video import qwen
+
+        budget = {} if max_pixels is None else {"max_pixels": int(max_pixels), "min_pixels": min(int(max_pixels), 56 * 56)}
+        items = []
+        if video is not None:
+            v = qwen.preprocess_video(video, qwen.QwenPreprocessConfig.for_videos(**budget), fps=fps, num_frames=num_frames)
+            # transformers: temporal positions step by tokens_per_second * second_per_grid_t (Qwen2.5-VL)
+            t_scale = 2.0 * float(v.second_per_grid_ts) if kind == "qwen2.5vl_merger" else 1.0
+            items.append(("video", self._qwen_media(v, t_scale, self._vision_token("<|video_pad|>"))))
+        for image in images or []:
+            im = qwen.preprocess_image(np.asarray(image), qwen.QwenPreprocessConfig.for_images(**budget))
+            items.append(("image", self._qwen_media(im, 1.0, self._vision_token("<|image_pad|>"))))
+        return items
+
+    def _qwen_media(self, visual, t_scale: float, placeholder: int) -> Media:
+        t, h, w = visual.grid_thw
+        embd = self._vision.encode(visual.pixel_values, [visual.grid_thw])
+        return Media(embd, grid=(t, h // 2, w // 2), t_scale=t_scale, placeholder=placeholder)
+
+    def _tokens_with_visuals(self, text: str, items: list, add_special: bool, markers=None):
+        """Token ids of text with each marker replaced, in order, by the vision start token, a run of
+        MEDIA_TOKEN for the item, and the vision end token (markers: "<video>"/"<image>" by default,
+        or the model's own pad tokens in a rendered chat template)."""
+        import re
+
+        markers = markers or {"video": "<video>", "image": "<image>"}
+        by_kind = {k: [m for kk, m in items if kk == k] for k in ("video", "image")}
+        pattern = "|".join(re.escape(m) for m in markers.values())
+        start, end = self._vision_token("<|vision_start|>"), self._vision_token("<|vision_end|>")
+        wrap = markers["video"] == "<video>"  # plain prompts: the markers stand alone
+        tokens, media, pos, first = [], [], 0, True
+        for match in re.finditer(pattern, text):
+            kind = "video" if match.group(0) == markers["video"] else "image"
+            if not by_kind[kind]:
+                raise SparrowError(f"the prompt has more {match.group(0)} than {kind}s were given")
+            tokens += self.tokenize(text[pos:match.start()], add_special=add_special and first)
+            first = False
+            item = by_kind[kind].pop(0)
+            tokens += ([start] if wrap else []) + [MEDIA_TOKEN] * len(item.embd) + ([end] if wrap else [])
+            media.append(item)
+            pos = match.end()
+        tokens += self.tokenize(text[pos:], add_special=add_special and first)
+        return tokens, media
+
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The prompt text the model's own chat template makes of messages."""
         template = self.metadata("tokenizer.chat_template")
@@ -381,12 +478,21 @@ class Engine:
         eos = self.detokenize([self.eos_token], special=True) if self.eos_token >= 0 else ""
         return render_chat_template(template, messages, add_generation_prompt, bos_token=bos, eos_token=eos)
 
-    def chat(self, messages: Sequence[dict[str, Any]], **kwargs) -> Iterator[str]:
-        """generate() on the chat template's rendering of messages (special tokens parsed)."""
+    def chat(self, messages: Sequence[dict[str, Any]], video=None, images=None, fps: Optional[float] = None,
+             num_frames: Optional[int] = None, max_pixels: Optional[int] = None, **kwargs) -> Iterator[str]:
+        """generate() on the chat template's rendering of messages (special tokens parsed).
+
+        With video= / images=, message contents may be lists of {"type": "video"}, {"type":
+        "image"} and {"type": "text", "text": ...} parts, as Hugging Face chat templates take them;
+        the template's vision pad tokens are replaced by the encoded items, in order."""
         text = self.apply_chat_template(messages, add_generation_prompt=True)
-        # the template writes BOS itself where the model wants one
-        tokens = self.tokenize(text, add_special=False, parse_special=True)
-        return self.generate(tokens, **kwargs)
+        if video is None and images is None:
+            # the template writes BOS itself where the model wants one
+            return self.generate(self.tokenize(text, add_special=False, parse_special=True), **kwargs)
+        items = self._encode_visuals(video, images, fps, num_frames, max_pixels)
+        tokens, media = self._tokens_with_visuals(text, items, False,
+                                                  markers={"video": "<|video_pad|>", "image": "<|image_pad|>"})
+        return self.generate(tokens, media=media, **kwargs)
 
     @property
     def last_stats(self) -> dict:

@@ -32,7 +32,18 @@ def qwen2vl(tmp_path_factory, tiny_tokenizer_dir):
                            image_token_id=VISION_START + 2, video_token_id=VIDEO_TOKEN)
     model = Qwen2VLForConditionalGeneration(config).eval()
     root = tmp_path_factory.mktemp("video-lm")
-    hf_dir = _save_model(model, root / "tiny-qwen2vl-video", tiny_tokenizer_dir)
+    # the tiny tokenizer plus Qwen's vision tokens, which land on the ids the config names
+    from tokenizers import AddedToken, Tokenizer
+
+    tok_dir = root / "tokenizer"
+    tok_dir.mkdir()
+    tok = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in
+                            ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")])
+    assert tok.token_to_id("<|video_pad|>") == VIDEO_TOKEN
+    tok.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text((tiny_tokenizer_dir / "tokenizer_config.json").read_text())
+    hf_dir = _save_model(model, root / "tiny-qwen2vl-video", tok_dir)
     lm, mmproj = root / "lm.gguf", root / "mmproj.gguf"
     convert(hf_dir, lm, outtype="f32", progress=False)
     convert_mmproj(hf_dir, mmproj, outtype="f32", progress=False)
@@ -134,3 +145,31 @@ def test_speculative_on_video_is_lossless_and_bounded(qwen2vl, tmp_path, mode):
         # VATA: glimpses + anchors + window + speculative entries, never the 24 visual tokens
         limit = 3 + 2 + 4 + max(mode.get("n_draft", 0), 3 * 4)
         assert 3 <= s["draft_kv_entries"] <= limit
+
+
+def test_generate_with_video_frames(qwen2vl):
+    """Engine(mmproj=).generate(prompt, video=frames): preprocessing, encoding, markers and
+    positions in one call, against transformers fed the same pixels."""
+    from sparrow_py.video import qwen
+
+    _, model, lm, mmproj = qwen2vl
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 256, size=(4, 60, 90, 3), dtype=np.uint8)
+    v = qwen.preprocess_video(frames, qwen.QwenPreprocessConfig.for_videos(min_pixels=56 * 56, max_pixels=112 * 112))
+    with sp.Engine(str(lm), n_ctx=512, n_threads=1, kv_type="f32", mmproj=str(mmproj)) as e:
+        "".join(e.generate("What happens? <video> Answer:", video=frames, max_pixels=112 * 112, max_tokens=12,
+                           ignore_eos=True))
+        got = e.last_tokens
+        ids = (e.tokenize("What happens? ", add_special=True) + [VISION_START] + [VIDEO_TOKEN] * (len(v.pixel_values) // 4)
+               + [VISION_START + 1] + e.tokenize(" Answer:", add_special=False))
+    seq = list(ids)
+    for _ in range(12):
+        seq.append(int(hf_logits(model, seq, v.pixel_values, v.grid_thw)[-1].argmax()))
+    assert got == seq[len(ids):]
+
+
+def test_video_needs_a_vision_file(qwen2vl):
+    _, _, lm, mmproj = qwen2vl
+    with sp.Engine(str(lm), n_ctx=64, n_threads=1) as e:
+        with pytest.raises(sp.SparrowError, match="mmproj"):
+            e.generate("x", video=np.zeros((2, 56, 56, 3), np.uint8))
