@@ -9,7 +9,7 @@ except ImportError as exc:  # a source checkout without the compiled extension
         f"({exc})"
     ) from exc
 
-__all__ = ["ffi", "lib", "check"]
+__all__ = ["ffi", "lib", "check", "OwnsHandles"]
 
 
 def check(status: int, what: str = "") -> None:
@@ -18,3 +18,23 @@ def check(status: int, what: str = "") -> None:
         message = ffi.string(lib.sparrow_last_error()).decode("utf-8", "replace")
         name = ffi.string(lib.sparrow_status_name(status)).decode()
         raise SparrowError(f"{what}: {message}" if what else message, name)
+
+
+class OwnsHandles:
+    """Base of the objects that own runtime handles: close() releases them; a with-block, and
+    garbage collection as a last resort, call it."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

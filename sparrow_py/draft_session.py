@@ -15,11 +15,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from sparrow_py._native import check, ffi, lib
+from sparrow_py._native import OwnsHandles, check, ffi, lib
 from sparrow_py.errors import SparrowError
 
 
-class DraftSession:
+class DraftSession(OwnsHandles):
     def __init__(self, target, draft_path, n_ctx: int = 4096, n_threads: int = 0):
         """target: an Engine holding the target model; draft_path: the draft GGUF."""
         self._session = ffi.NULL
@@ -50,17 +50,8 @@ class DraftSession:
             lib.sparrow_model_free(self._draft)
             self._draft = ffi.NULL
 
-    def __enter__(self) -> "DraftSession":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def _live(self):
         if self._session == ffi.NULL:

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from sparrow_py._native import check, ffi, lib
+from sparrow_py._native import OwnsHandles, check, ffi, lib
 from sparrow_py.chat import render_chat_template
 from sparrow_py.errors import SparrowError
 
@@ -45,7 +45,7 @@ class Media:
     placeholder: int = 0
 
 
-class Engine:
+class Engine(OwnsHandles):
     """Run a GGUF language model.
 
     Args:
@@ -164,17 +164,8 @@ class Engine:
             lib.sparrow_model_free(self._model)
             self._model = ffi.NULL
 
-    def __enter__(self) -> "Engine":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def _live(self):
         """The context handle; raises if the engine is closed or vocab-only."""

@@ -15,13 +15,13 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from sparrow_py._native import check, ffi, lib
+from sparrow_py._native import OwnsHandles, check, ffi, lib
 from sparrow_py.errors import SparrowError
 
 GridLike = Union[Sequence[int], Sequence[Sequence[int]], np.ndarray]
 
 
-class VisionEncoder:
+class VisionEncoder(OwnsHandles):
     """A loaded vision file. Owns its handle: close() or a with-block releases it."""
 
     def __init__(self, path: Union[str, os.PathLike], n_threads: int = 0):
@@ -94,14 +94,5 @@ class VisionEncoder:
             lib.sparrow_model_free(self._model)
             self._model = ffi.NULL
 
-    def __enter__(self) -> "VisionEncoder":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
