@@ -413,8 +413,10 @@ class Engine(OwnsHandles):
         if self._vision is None:
             raise SparrowError("video and images need the model's vision file: Engine(..., mmproj=...)")
         kind = self._vision.projector_type
+        if kind == "llava_onevision":
+            return self._encode_llava_onevision(video, images, fps, num_frames)
         if kind not in ("qwen2vl_merger", "qwen2.5vl_merger"):
-            raise SparrowError(f"video= / images= are not wired for projector type {kind!r} yet; encode with "
+            raise SparrowError(f"video= / images= are not wired for projector type {kind!r}; encode with "
                                "sparrow_py.vision.VisionEncoder and pass media= instead")
         from sparrow_py.video import qwen
 
@@ -430,6 +432,21 @@ class Engine(OwnsHandles):
             items.append(("image", self._qwen_media(im, 1.0, self._vision_token("<|image_pad|>"))))
         return items
 
+    def _encode_llava_onevision(self, video, images, fps, num_frames) -> list:
+        """LLaVA-OneVision: fixed-size frames; a video becomes each frame's pooled tokens plus one
+        image_newline, at its <video> token, with 1-D positions."""
+        from sparrow_py.video import llava_onevision as ov
+
+        if images:
+            raise SparrowError("LLaVA-OneVision still images (anyres tiling) are not supported yet; pass frames as video=")
+        side, patch = self._vision._siglip_grid(3)
+        cfg = ov.LlavaOnevisionPreprocessConfig(height=side * patch, width=side * patch,
+                                                image_mean=tuple(self._vision.meta_floats("clip.vision.image_mean")),
+                                                image_std=tuple(self._vision.meta_floats("clip.vision.image_std")))
+        v = ov.preprocess_video(video, cfg, fps=fps, num_frames=num_frames)
+        embd = self._vision.encode(v.pixel_values)
+        return [("video", Media(embd, grid=(len(v.pixel_values), side, side), placeholder=self._vision_token("<video>")))]
+
     def _qwen_media(self, visual, t_scale: float, placeholder: int) -> Media:
         t, h, w = visual.grid_thw
         embd = self._vision.encode(visual.pixel_values, [visual.grid_thw])
@@ -444,8 +461,10 @@ class Engine(OwnsHandles):
         markers = markers or {"video": "<video>", "image": "<image>"}
         by_kind = {k: [m for kk, m in items if kk == k] for k in ("video", "image")}
         pattern = "|".join(re.escape(m) for m in markers.values())
-        start, end = self._vision_token("<|vision_start|>"), self._vision_token("<|vision_end|>")
-        wrap = markers["video"] == "<video>"  # plain prompts: the markers stand alone
+        # Qwen wraps each item in its vision markers (a chat template writes them itself);
+        # LLaVA-OneVision's <video> token alone stands for the item
+        wrap = markers["video"] == "<video>" and self._vision.projector_type != "llava_onevision"
+        start, end = (self._vision_token("<|vision_start|>"), self._vision_token("<|vision_end|>")) if wrap else (0, 0)
         tokens, media, pos, first = [], [], 0, True
         for match in re.finditer(pattern, text):
             kind = "video" if match.group(0) == markers["video"] else "image"
@@ -481,8 +500,9 @@ class Engine(OwnsHandles):
             # the template writes BOS itself where the model wants one
             return self.generate(self.tokenize(text, add_special=False, parse_special=True), **kwargs)
         items = self._encode_visuals(video, images, fps, num_frames, max_pixels)
-        tokens, media = self._tokens_with_visuals(text, items, False,
-                                                  markers={"video": "<|video_pad|>", "image": "<|image_pad|>"})
+        llava = self._vision.projector_type == "llava_onevision"
+        markers = {"video": "<video>", "image": "<image>"} if llava else {"video": "<|video_pad|>", "image": "<|image_pad|>"}
+        tokens, media = self._tokens_with_visuals(text, items, False, markers=markers)
         return self.generate(tokens, media=media, **kwargs)
 
     @property

@@ -48,6 +48,13 @@ class VisionEncoder(OwnsHandles):
         check(lib.sparrow_model_meta_string(self._model, key.encode(), buf, 256, n), key)
         return ffi.string(buf).decode()
 
+    def meta_floats(self, key: str) -> list[float]:
+        """A numeric metadata entry of the vision file as floats (e.g. "clip.vision.image_mean")."""
+        out = ffi.new("float[]", 64)
+        n = ffi.new("int32_t *")
+        check(lib.sparrow_model_meta_floats(self._model, key.encode(), out, 64, n), key)
+        return [out[i] for i in range(min(n[0], 64))]
+
     def _siglip_grid(self, channels: int) -> tuple[int, int]:
         """(patches per side, patch size) of a LLaVA-OneVision tower's fixed frame, from its
         tensors: one position embedding row per patch, a C*P*P kernel per output channel."""

@@ -173,3 +173,39 @@ def test_video_needs_a_vision_file(qwen2vl):
     with sp.Engine(str(lm), n_ctx=64, n_threads=1) as e:
         with pytest.raises(sp.SparrowError, match="mmproj"):
             e.generate("x", video=np.zeros((2, 56, 56, 3), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def llava_ov(tiny_llava_ov_dir, tmp_path_factory):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("llava-ov-lm")
+    lm, mmproj = root / "lm.gguf", root / "mmproj.gguf"
+    convert(tiny_llava_ov_dir, lm, outtype="f32", progress=False)
+    convert_mmproj(tiny_llava_ov_dir, mmproj, outtype="f32", progress=False)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_llava_ov_dir, dtype=torch.float32).eval()
+    return model, lm, mmproj
+
+
+def test_llava_onevision_video_generation_matches_transformers(llava_ov):
+    """LLaVA-OneVision: SigLIP frames, 2x2 bilinear pooling, image_newline, 1-D positions."""
+    from conftest import LLAVA_OV_VIDEO_TOKEN_ID
+    from sparrow_py.video import llava_onevision as ov
+
+    model, lm, mmproj = llava_ov
+    rng = np.random.default_rng(7)
+    frames = rng.integers(0, 256, size=(3, 70, 50, 3), dtype=np.uint8)
+    with sp.Engine(str(lm), n_ctx=256, n_threads=1, kv_type="f32", mmproj=str(mmproj)) as e:
+        "".join(e.generate("<video> What moves?", video=frames, max_tokens=10, ignore_eos=True))
+        got = e.last_tokens
+        n_video = e.last_stats["n_prompt"] - len(e.tokenize(" What moves?", add_special=True))
+        ids = [LLAVA_OV_VIDEO_TOKEN_ID] * n_video + e.tokenize(" What moves?", add_special=False)
+    assert n_video == 3 * 2 * 2 + 1  # 4x4 patches pooled to 2x2 per frame, one newline
+    cfg = ov.LlavaOnevisionPreprocessConfig(height=56, width=56, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    pixels = torch.from_numpy(ov.preprocess_video(frames, cfg).pixel_values)[None]
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(input_ids=torch.tensor([seq]), pixel_values_videos=pixels, use_cache=False).logits[0, -1]
+            seq.append(int(logits.argmax()))
+    assert got == seq[len(ids):]

@@ -115,6 +115,12 @@ SPARROW_API int32_t sparrow_model_n_ctx_train(const sparrow_model * model);
 SPARROW_API sparrow_status sparrow_model_meta_string(const sparrow_model * model, const char * key,
                                                      char * buf, size_t buf_size, size_t * out_len);
 
+/* A numeric metadata entry (a number or an array of numbers, e.g. "clip.vision.image_mean") as
+ * floats: up to n_max values written, *out_n receives how many the entry has.
+ * SPARROW_ERR_INVALID_ARGUMENT if the key is missing or not numeric. */
+SPARROW_API sparrow_status sparrow_model_meta_floats(const sparrow_model * model, const char * key, float * out,
+                                                     int32_t n_max, int32_t * out_n);
+
 /* Dequantize a weight tensor to float32 (for inspection and tests). n_floats must equal the
  * tensor's element count, which sparrow_model_tensor_numel reports (-1 if there is no such
  * tensor). */

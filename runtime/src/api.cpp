@@ -196,6 +196,28 @@ sparrow_status sparrow_model_meta_string(const sparrow_model * model, const char
     });
 }
 
+sparrow_status sparrow_model_meta_floats(const sparrow_model * model, const char * key, float * out, int32_t n_max,
+                                         int32_t * out_n) {
+    return guard([&] {
+        const sparrow_model & m = model_of(model);
+        require(key != nullptr && out_n != nullptr && n_max >= 0 && (out != nullptr || n_max == 0), "bad arguments");
+        const GGUFValue * v = m.file->find(key);
+        if (!v) fail(SPARROW_ERR_INVALID_ARGUMENT, format("no metadata '%s'", key));
+        std::vector<float> values;
+        if (v->type == GGUFType::ARRAY) {
+            if (v->array_type == GGUFType::FLOAT32 || v->array_type == GGUFType::FLOAT64) {
+                values = m.file->get_float_array(key);
+            } else {
+                for (int64_t x : m.file->get_int_array(key)) values.push_back((float) x);
+            }
+        } else {
+            values.push_back((float) m.file->get_float(key));
+        }
+        *out_n = (int32_t) values.size();
+        std::copy(values.begin(), values.begin() + std::min<size_t>(values.size(), (size_t) n_max), out);
+    });
+}
+
 int64_t sparrow_model_tensor_numel(const sparrow_model * model, const char * name) {
     if (!model || !name) return -1;
     const GGUFTensorInfo * t = model->file->find_tensor(name);
