@@ -29,6 +29,7 @@ import gguf
 import numpy as np
 
 from .errors import ConvertError
+from .names import Keys
 
 logger = logging.getLogger("sparrow.convert")
 
@@ -36,23 +37,14 @@ ARCH_DRAFT = "sparrow-draft"
 DRAFT_MODEL_TYPE = "sparrow-draft"   # config.json "model_type" of a draft folder (sparrow_py.train.model)
 
 
-class DraftKeys:
-    """Metadata keys; "{arch}" is sparrow-draft. Standard ones spelled as gguf-py's Keys."""
+class DraftKeys(Keys):
+    """Metadata keys; "{arch}" is sparrow-draft. The hyper-parameters a draft shares with language
+    models (embedding_length, attention.head_count, rope.freq_base, ...) come from names.Keys; these
+    are the draft's own."""
     TARGET_ARCH = "{arch}.target.architecture"
     TARGET_BLOCK_COUNT = "{arch}.target.block_count"
     TARGET_EMBEDDING_LENGTH = "{arch}.target.embedding_length"
-    VOCAB_SIZE = "{arch}.vocab_size"                  # the target's vocabulary V
-    DRAFT_VOCAB_SIZE = "{arch}.draft_vocab_size"      # N (= V without d2t)
-    EMBEDDING_LENGTH = "{arch}.embedding_length"
-    BLOCK_COUNT = "{arch}.block_count"
-    FEED_FORWARD_LENGTH = "{arch}.feed_forward_length"
-    HEAD_COUNT = "{arch}.attention.head_count"
-    HEAD_COUNT_KV = "{arch}.attention.head_count_kv"
-    KEY_LENGTH = "{arch}.attention.key_length"
-    VALUE_LENGTH = "{arch}.attention.value_length"
-    LAYERNORM_RMS_EPS = "{arch}.attention.layer_norm_rms_epsilon"
-    ROPE_DIMENSION_COUNT = "{arch}.rope.dimension_count"
-    ROPE_FREQ_BASE = "{arch}.rope.freq_base"
+    DRAFT_VOCAB_SIZE = "{arch}.draft_vocab_size"      # N (= V, the target's vocab_size, without d2t)
     TAPS = "{arch}.taps"
     IVSB_LAYER = "{arch}.ivsb_layer"
     GLIMPSES = "{arch}.glimpses"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from .names import (ADD_SPECIAL_TOKEN_KEYS, ARCH_LLAMA, ARCH_QWEN2, ARCH_QWEN2VL
                     is_ignored_tensor, is_vision_tensor)
 from .safetensors_reader import Checkpoint
 from .tokenizer import Vocab, load_vocab
+from .write import write_streamed
 
 logger = logging.getLogger("sparrow.convert")
 
@@ -409,20 +409,7 @@ def convert_lm(model_dir: Path, outfile: Path, outtype: str = "f16", *, vocab_on
         for t in plan.tensors:
             w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), quantize.nbytes(t.shape, t.qtype), raw_dtype=t.qtype)
 
-        # Write next to the target and rename at the end: a failed run leaves no half-written GGUF.
-        partial = outfile.with_name(outfile.name + ".part")
-        try:
-            w.write_header_to_file(path=partial)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            for t in _progress(plan.tensors, progress):
-                w.write_tensor_data(quantize.convert(t.load(), t.qtype))
-            w.close()
-            os.replace(partial, outfile)
-        except BaseException:
-            w.close()
-            partial.unlink(missing_ok=True)
-            raise
+        write_streamed(w, outfile, (quantize.convert(t.load(), t.qtype) for t in _progress(plan.tensors, progress)))
     finally:
         if ckpt is not None:
             ckpt.close()

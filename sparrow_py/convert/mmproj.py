@@ -23,7 +23,6 @@ back to f16 for rows that are not whole 32-element blocks).
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 
 from . import quantize
 from .errors import ConvertError
+from .write import write_streamed
 from .lm import Summary, _progress, _write_general, load_config
 from .safetensors_reader import Checkpoint
 
@@ -428,23 +428,15 @@ def convert_mmproj(model_dir: str | Path, outfile: str | Path, outtype: str = "f
             w.add_tensor_info(s.name, s.shape, np.dtype(np.float32), quantize.nbytes(s.shape, s.qtype),
                               raw_dtype=s.qtype)
 
-        partial = outfile.with_name(outfile.name + ".part")
-        try:
-            w.write_header_to_file(path=partial)
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
+        def tensor_data():
             for s in _progress(sources, progress):
                 data = s.load()
                 if data.shape != s.shape:
                     raise ConvertError(f"{ckpt.model_dir}: {s.source} gave shape {list(data.shape)} for {s.name}, "
                                        f"expected {list(s.shape)}")
-                w.write_tensor_data(quantize.convert(np.ascontiguousarray(data, dtype=np.float32), s.qtype))
-            w.close()
-            os.replace(partial, outfile)
-        except BaseException:
-            w.close()
-            partial.unlink(missing_ok=True)
-            raise
+                yield quantize.convert(np.ascontiguousarray(data, dtype=np.float32), s.qtype)
+
+        write_streamed(w, outfile, tensor_data())
     finally:
         ckpt.close()
 
