@@ -425,7 +425,7 @@ class Engine(OwnsHandles):
         if video is not None:
             v = qwen.preprocess_video(video, qwen.QwenPreprocessConfig.for_videos(**budget), fps=fps, num_frames=num_frames)
             # transformers: temporal positions step by tokens_per_second * second_per_grid_t (Qwen2.5-VL)
-            t_scale = 2.0 * float(v.second_per_grid_ts) if kind == "qwen2.5vl_merger" else 1.0
+            t_scale = self._vision.tokens_per_second() * float(v.second_per_grid_ts) if kind == "qwen2.5vl_merger" else 1.0
             items.append(("video", self._qwen_media(v, t_scale, self._vision_token("<|video_pad|>"))))
         for image in images or []:
             im = qwen.preprocess_image(np.asarray(image), qwen.QwenPreprocessConfig.for_images(**budget))

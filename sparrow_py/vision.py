@@ -55,6 +55,16 @@ class VisionEncoder(OwnsHandles):
         check(lib.sparrow_model_meta_floats(self._model, key.encode(), out, 64, n), key)
         return [out[i] for i in range(min(n[0], 64))]
 
+    def tokens_per_second(self) -> float:
+        """Qwen2.5-VL's temporal M-RoPE scale (clip.vision.tokens_per_second). Files without the key
+        (llama.cpp's converter does not write it) get 2, the value of every released checkpoint."""
+        try:
+            return self.meta_floats("clip.vision.tokens_per_second")[0]
+        except SparrowError as e:
+            if "no metadata" not in str(e):
+                raise
+            return 2.0
+
     def _siglip_grid(self, channels: int) -> tuple[int, int]:
         """(patches per side, patch size) of a LLaVA-OneVision tower's fixed frame, from its
         tensors: one position embedding row per patch, a C*P*P kernel per output channel."""

@@ -19,19 +19,27 @@ VISION_START = TINY_VOCAB_SIZE  # [PAD] slots of the tiny vocabulary serve as th
 VIDEO_TOKEN = TINY_VOCAB_SIZE + 3
 
 
-@pytest.fixture(scope="module")
-def qwen2vl(tmp_path_factory, tiny_tokenizer_dir):
-    """(HF dir, HF model, LM gguf, mmproj gguf) of a tiny Qwen2-VL whose vision tokens are in its vocabulary."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def _video_lm(root, tiny_tokenizer_dir, v25: bool):
+    """(HF dir, HF model, LM gguf, mmproj gguf) of a tiny Qwen2-VL / Qwen2.5-VL whose vision tokens
+    are in its vocabulary."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration)
 
     torch.manual_seed(0)
     text = _lm_sizes(rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
-                           vision_start_token_id=VISION_START, vision_end_token_id=VISION_START + 1,
-                           image_token_id=VISION_START + 2, video_token_id=VIDEO_TOKEN)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    root = tmp_path_factory.mktemp("video-lm")
+    ids = dict(vision_start_token_id=VISION_START, vision_end_token_id=VISION_START + 1,
+               image_token_id=VISION_START + 2, video_token_id=VIDEO_TOKEN)
+    if v25:
+        # tokens_per_second 4 (transformers' default), not the released checkpoints' 2: the
+        # runtime must take it from the file
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2,
+                      fullatt_block_indexes=[1], tokens_per_second=4)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    else:
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+        model = Qwen2VLForConditionalGeneration(config).eval()
     # the tiny tokenizer plus Qwen's vision tokens, which land on the ids the config names
     from tokenizers import AddedToken, Tokenizer
 
@@ -43,11 +51,21 @@ def qwen2vl(tmp_path_factory, tiny_tokenizer_dir):
     assert tok.token_to_id("<|video_pad|>") == VIDEO_TOKEN
     tok.save(str(tok_dir / "tokenizer.json"))
     (tok_dir / "tokenizer_config.json").write_text((tiny_tokenizer_dir / "tokenizer_config.json").read_text())
-    hf_dir = _save_model(model, root / "tiny-qwen2vl-video", tok_dir)
+    hf_dir = _save_model(model, root / "tiny-qwen-video", tok_dir)
     lm, mmproj = root / "lm.gguf", root / "mmproj.gguf"
     convert(hf_dir, lm, outtype="f32", progress=False)
     convert_mmproj(hf_dir, mmproj, outtype="f32", progress=False)
     return hf_dir, model, lm, mmproj
+
+
+@pytest.fixture(scope="module")
+def qwen2vl(tmp_path_factory, tiny_tokenizer_dir):
+    return _video_lm(tmp_path_factory.mktemp("video-lm"), tiny_tokenizer_dir, v25=False)
+
+
+@pytest.fixture(scope="module")
+def qwen25vl(tmp_path_factory, tiny_tokenizer_dir):
+    return _video_lm(tmp_path_factory.mktemp("video-lm-25"), tiny_tokenizer_dir, v25=True)
 
 
 def video_inputs(grid=(2, 4, 6), seed=0):
@@ -61,11 +79,12 @@ def prompt_ids(n_video_tokens, before=(5, 17, 42), after=(9, 80, 3, 11)):
     return list(before) + [VISION_START] + [VIDEO_TOKEN] * n_video_tokens + [VISION_START + 1] + list(after)
 
 
-def hf_logits(model, ids, pixels, grid):
+def hf_logits(model, ids, pixels, grid, second_per_grid_ts=None):
+    extra = {} if second_per_grid_ts is None else {"second_per_grid_ts": torch.tensor([second_per_grid_ts])}
     with torch.no_grad():
         ids_t = torch.tensor([ids])
         out = model(input_ids=ids_t, pixel_values_videos=torch.from_numpy(pixels), video_grid_thw=torch.tensor([grid]),
-                    mm_token_type_ids=(ids_t == VIDEO_TOKEN).long() * 2, use_cache=False)
+                    mm_token_type_ids=(ids_t == VIDEO_TOKEN).long() * 2, use_cache=False, **extra)
     return out.logits[0].numpy()
 
 
@@ -147,25 +166,58 @@ def test_speculative_on_video_is_lossless_and_bounded(qwen2vl, tmp_path, mode):
         assert 3 <= s["draft_kv_entries"] <= limit
 
 
-def test_generate_with_video_frames(qwen2vl):
+@pytest.mark.parametrize("family,n_frames", [("qwen2vl", 4), ("qwen25vl", 4), ("qwen25vl", 16)])
+def test_generate_with_video_frames(request, family, n_frames):
     """Engine(mmproj=).generate(prompt, video=frames): preprocessing, encoding, markers and
-    positions in one call, against transformers fed the same pixels."""
+    positions in one call, against transformers fed the same pixels. Qwen2.5-VL: 16 frames make 8
+    temporal patches, enough for tokens_per_second x second_per_grid_ts to move the positions."""
     from sparrow_py.video import qwen
 
-    _, model, lm, mmproj = qwen2vl
+    _, model, lm, mmproj = request.getfixturevalue(family)
     rng = np.random.default_rng(5)
-    frames = rng.integers(0, 256, size=(4, 60, 90, 3), dtype=np.uint8)
+    frames = rng.integers(0, 256, size=(n_frames, 60, 90, 3), dtype=np.uint8)
+    from sparrow_py._native import lib, ffi
+
     v = qwen.preprocess_video(frames, qwen.QwenPreprocessConfig.for_videos(min_pixels=56 * 56, max_pixels=112 * 112))
     with sp.Engine(str(lm), n_ctx=512, n_threads=1, kv_type="f32", mmproj=str(mmproj)) as e:
-        "".join(e.generate("What happens? <video> Answer:", video=frames, max_pixels=112 * 112, max_tokens=12,
-                           ignore_eos=True))
+        stream = e.generate("What happens? <video> Answer:", video=frames, max_pixels=112 * 112, max_tokens=12,
+                            ignore_eos=True)
+        next(stream)  # the prompt's logits, before the second token is decoded
+        first = np.frombuffer(ffi.buffer(lib.sparrow_get_logits(e._ctx, 0), 4 * e.n_vocab), dtype=np.float32).copy()
+        "".join(stream)
         got = e.last_tokens
         ids = (e.tokenize("What happens? ", add_special=True) + [VISION_START] + [VIDEO_TOKEN] * (len(v.pixel_values) // 4)
                + [VISION_START + 1] + e.tokenize(" Answer:", add_special=False))
+    spt = v.second_per_grid_ts if family == "qwen25vl" else None
+    ref = hf_logits(model, ids, v.pixel_values, v.grid_thw, spt)[-1]
+    assert np.abs(first - ref).max() / np.abs(ref).max() < 1e-4
     seq = list(ids)
     for _ in range(12):
-        seq.append(int(hf_logits(model, seq, v.pixel_values, v.grid_thw)[-1].argmax()))
+        seq.append(int(hf_logits(model, seq, v.pixel_values, v.grid_thw, spt)[-1].argmax()))
     assert got == seq[len(ids):]
+
+
+@pytest.mark.parametrize("grid", [(8, 2, 2), (4, 4, 6)])
+def test_qwen25_video_prompt_logits_match_transformers(qwen25vl, grid):
+    """Qwen2.5-VL's temporal M-RoPE positions: t x tokens_per_second x second_per_grid_ts."""
+    from sparrow_py._native import lib, ffi
+
+    _, model, lm, mmproj = qwen25vl
+    pixels, grid = video_inputs(grid, seed=4)
+    ids = prompt_ids(grid[0] * grid[1] * grid[2] // 4)
+    spt = 0.5  # 4 fps sampling: temporal positions step by 4 x 0.5 = 2
+    ref = hf_logits(model, ids, pixels, grid, spt)[-1]
+    with VisionEncoder(mmproj, n_threads=1) as enc:
+        embd = enc.encode(pixels, [grid])
+        assert enc.meta_floats("clip.vision.tokens_per_second") == [4.0]
+    t, h, w = grid
+    media = [sp.Media(embd, grid=(t, h // 2, w // 2), t_scale=4 * spt, placeholder=VIDEO_TOKEN)]
+    with sp.Engine(str(lm), n_ctx=256, n_threads=1, kv_type="f32") as e:
+        next(e.generate([sp.MEDIA_TOKEN if i == VIDEO_TOKEN else i for i in ids], media=media, max_tokens=1), None)
+        got = np.frombuffer(ffi.buffer(lib.sparrow_get_logits(e._ctx, 0), 4 * e.n_vocab), dtype=np.float32).copy()
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    # the same prompt with Qwen2-VL's unscaled positions is a different prompt
+    assert np.abs(got - hf_logits(model, ids, pixels, grid, 1 / 4)[-1]).max() > 1e-3
 
 
 def test_video_needs_a_vision_file(qwen2vl):

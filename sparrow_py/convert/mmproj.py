@@ -81,6 +81,9 @@ class Keys:
     # Sparrow's own keys for llava_onevision (no llama.cpp equivalent)
     FEATURE_SELECT_STRATEGY = "clip.vision.feature_select_strategy"
     VISION_ASPECT_RATIO = "clip.vision.vision_aspect_ratio"
+    # Sparrow's own key for qwen2.5vl_merger: M-RoPE temporal positions step by
+    # tokens_per_second x second_per_grid_ts (llama.cpp does not scale them)
+    TOKENS_PER_SECOND = "clip.vision.tokens_per_second"
 
 
 class Tensor:
@@ -261,6 +264,8 @@ def _qwen_keys(w: gguf.GGUFWriter, config: dict[str, Any], vision: dict[str, Any
             raise ConvertError(f"{where}: fullatt_block_indexes {full} are not evenly spaced "
                                f"(llama.cpp's n_wa_pattern cannot express them)")
         w.add_uint32(Keys.N_WA_PATTERN, pattern)
+        # transformers' class default (4) when config.json has none; released checkpoints say 2
+        w.add_float32(Keys.TOKENS_PER_SECOND, float(vision.get("tokens_per_second", 4)))
     # llama.cpp reads the top-level rms_norm_eps (default 1e-6), whatever the vision norm is
     w.add_float32(Keys.LAYERNORM_EPS, float(config.get("rms_norm_eps", 1e-6)))
 
