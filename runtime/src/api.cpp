@@ -653,8 +653,13 @@ sparrow_status sparrow_generate_next(sparrow_context * ctx, char * buf, size_t b
             const double t0 = now_ms();
             ForwardOptions opt;
             if (ctx->spec.active) {
+                const int32_t * prompt = g.prompt.data() + cached;
                 opt.capture_layers = &spec_prefill_capture_layers(*ctx);
                 opt.capture_all_rows = true;
+                spec_prefill_start(*ctx, prompt, fed);
+                opt.hidden_sink = [ctx, prompt](int32_t first, int32_t n, const float * hidden) {
+                    spec_prefill_chunk(*ctx, prompt, first, n, hidden);
+                };
             }
             if (g.has_media) {  // never cached: the whole prompt is fed
                 opt.embd = g.prompt_embd.data();

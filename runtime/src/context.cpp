@@ -59,7 +59,7 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
     for (int32_t i = 0; i < n; ++i) n_out += outputs ? (outputs[i] != 0) : (i == n - 1);
     const size_t n_capture = capture_layers.size();
     // hidden states are captured at the output rows, or at every row when asked
-    const int32_t n_cap_rows = opt.capture_all_rows ? n : n_out;
+    const int32_t n_cap_rows = opt.hidden_sink ? 0 : opt.capture_all_rows ? n : n_out;
     ctx.logits.resize((size_t) n_out * hp.n_vocab);
     ctx.hidden.resize(n_capture * (size_t) n_cap_rows * hp.n_embd);
     ctx.n_outputs = 0;
@@ -122,14 +122,18 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
             for (int st = 1; st < std::min(hp.n_pos_streams, 3); ++st) p = std::max(p, pos[(size_t) st * cn + i]);
             ctx.cache_pos.push_back(p);
         }
-        const int64_t cap_done = opt.capture_all_rows ? c0 : out_done;
-        for (size_t c = 0; c < n_capture; ++c) {
-            memcpy(ctx.hidden.data() + (c * n_cap_rows + cap_done) * hp.n_embd,
-                   chunk_hidden.data() + c * cap_rows * hp.n_embd, cap_rows * hp.n_embd * sizeof(float));
+        if (opt.hidden_sink) {
+            opt.hidden_sink(c0, cn, chunk_hidden.data());
+        } else {
+            const int64_t cap_done = opt.capture_all_rows ? c0 : out_done;
+            for (size_t c = 0; c < n_capture; ++c) {
+                memcpy(ctx.hidden.data() + (c * n_cap_rows + cap_done) * hp.n_embd,
+                       chunk_hidden.data() + c * cap_rows * hp.n_embd, cap_rows * hp.n_embd * sizeof(float));
+            }
         }
         out_done += (int32_t) out_rows.size();
         ctx.n_outputs = out_done;
-        ctx.n_hidden_rows = opt.capture_all_rows ? c0 + cn : out_done;
+        ctx.n_hidden_rows = opt.hidden_sink ? 0 : opt.capture_all_rows ? c0 + cn : out_done;
     }
 }
 

@@ -9,6 +9,7 @@
 #include "sampling.h"
 #include "text-stream.h"
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -60,6 +61,13 @@ struct sparrow_context {
         const sparrow_model * draft = nullptr;
         std::unique_ptr<sparrow::DraftState> state;
         std::vector<int32_t> prefill_layers;     // taps (+ the ivsb layer's output for glimpses)
+        // the prompt's hand-off, collected chunk by chunk during prefill (spec_prefill_chunk):
+        // taps at the text rows only, and the ivsb outputs at the visual rows summed per glimpse
+        // segment, so nothing here grows with the number of visual tokens beyond G x n_embd
+        std::vector<float> prefill_taps;         // [n_taps][n_text][n_embd]
+        std::vector<float> glimpse_sum;          // [n_segments][n_embd]
+        std::vector<int32_t> glimpse_end;        // visual index where each segment ends
+        int32_t prefill_text_seen = 0, prefill_visual_seen = 0;
         bool active = false;                     // this generation speculates
         bool tree = false;                       // with an EAGLE-2 tree rather than a chain
         int32_t n_draft = 4;
@@ -85,6 +93,9 @@ struct ForwardOptions {
     const int32_t * parents = nullptr;   // token tree (NULL: a sequence)
     const std::vector<int32_t> * capture_layers = nullptr;  // NULL: the context's list
     bool capture_all_rows = false;       // capture hidden states at every row, not only outputs
+    // With capture_all_rows: each chunk's captured states go to this sink, (first row, rows,
+    // hidden [n_capture][rows][n_embd]), instead of accumulating in ctx.hidden.
+    std::function<void(int32_t, int32_t, const float *)> hidden_sink;
     // Multimodal prompts: rows whose token is SPARROW_MEDIA_TOKEN take their input embedding
     // from embd (host [n][n_embd]); pos_streams (host, 3 x n, stream-major t/h/w) overrides the
     // positions for M-RoPE models (1-D models use stream t).

@@ -452,53 +452,80 @@ const std::vector<int32_t> & spec_prefill_capture_layers(const sparrow_context &
     return ctx.spec.prefill_layers;
 }
 
+void spec_prefill_start(sparrow_context & ctx, const int32_t * prompt, int32_t n_prompt) {
+    auto & s = ctx.spec;
+    const DraftHparams & dh = s.draft->draft_hparams;
+    const int64_t H = ctx.model->hparams.n_embd;
+    int64_t n_vis = 0;
+    for (int32_t p = 0; p < n_prompt; ++p) n_vis += prompt[p] == SPARROW_MEDIA_TOKEN;
+    const int64_t n_text = n_prompt - n_vis;
+    // G contiguous segments of the visual rows, in temporal (prompt) order
+    const int64_t n_seg = dh.n_glimpses > 0 ? std::min<int64_t>(dh.n_glimpses, n_vis) : 0;
+    s.glimpse_end.resize((size_t) n_seg);
+    for (int64_t k = 0; k < n_seg; ++k) s.glimpse_end[k] = (int32_t) ((k + 1) * n_vis / n_seg);
+    s.glimpse_sum.assign((size_t) (n_seg * H), 0.0f);
+    s.prefill_taps.resize((size_t) (dh.taps.size() * n_text * H));
+    s.prefill_text_seen = s.prefill_visual_seen = 0;
+}
+
+void spec_prefill_chunk(sparrow_context & ctx, const int32_t * prompt, int32_t first_row, int32_t n_rows,
+                        const float * hidden) {
+    auto & s = ctx.spec;
+    const int64_t H = ctx.model->hparams.n_embd;
+    const int64_t n_taps = (int64_t) s.draft->draft_hparams.taps.size();
+    const int64_t n_text = (int64_t) s.prefill_taps.size() / std::max<int64_t>(1, n_taps * H);
+    const float * ivsb = hidden + (size_t) n_taps * n_rows * H;  // the slot after the taps
+    for (int32_t i = 0; i < n_rows; ++i) {
+        if (prompt[first_row + i] != SPARROW_MEDIA_TOKEN) {
+            const int64_t j = s.prefill_text_seen++;
+            for (int64_t t = 0; t < n_taps; ++t) {
+                memcpy(&s.prefill_taps[(size_t) ((t * n_text + j) * H)], hidden + (size_t) (t * n_rows + i) * H,
+                       H * sizeof(float));
+            }
+        } else if (!s.glimpse_end.empty()) {
+            const int32_t v = s.prefill_visual_seen++;
+            const size_t k = (size_t) (std::upper_bound(s.glimpse_end.begin(), s.glimpse_end.end(), v) - s.glimpse_end.begin());
+            float * sum = &s.glimpse_sum[k * H];
+            const float * row = ivsb + (size_t) i * H;
+            for (int64_t d = 0; d < H; ++d) sum[d] += row[d];
+        }
+    }
+}
+
 void spec_begin(sparrow_context & ctx, int32_t n_prompt, int32_t first_token) {
     auto & s = ctx.spec;
     const auto & g = ctx.gen;
-    const DraftHparams & dh = s.draft->draft_hparams;
     const int64_t H = ctx.model->hparams.n_embd;
-    const int64_t n_taps = (int64_t) dh.taps.size();
-    // text rows become draft entries; visual rows only feed the glimpses
+    // text rows become draft entries; visual rows only fed the glimpses
     std::vector<int32_t> text_rows, visual_rows;
     for (int32_t p = 0; p < n_prompt; ++p) (ctx.cache_tokens[p] == SPARROW_MEDIA_TOKEN ? visual_rows : text_rows).push_back(p);
+    if ((int64_t) text_rows.size() != s.prefill_text_seen || (int64_t) visual_rows.size() != s.prefill_visual_seen) {
+        fail(SPARROW_ERR_INTERNAL, "the prompt's hand-off does not match its prefill");
+    }
     int64_t anchor_start = 0;
     if (!visual_rows.empty()) {
         for (int32_t p : text_rows) anchor_start += p < visual_rows.back();
     }
     s.state->reset(anchor_start);
 
-    // glimpses: the ivsb layer's outputs at the visual rows, mean-pooled into G contiguous segments
-    if (dh.n_glimpses > 0 && !visual_rows.empty()) {
-        const int64_t n_vis = (int64_t) visual_rows.size();
-        const int64_t n_seg = std::min<int64_t>(dh.n_glimpses, n_vis);
-        const float * ivsb = ctx.hidden.data() + (size_t) n_taps * n_prompt * H;  // the slot after the taps
-        std::vector<float> pooled((size_t) (n_seg * H), 0.0f);
+    // glimpses: the mean of each segment, at the temporal position of its first visual token
+    const int64_t n_seg = (int64_t) s.glimpse_end.size();
+    if (n_seg > 0) {
         std::vector<int32_t> positions((size_t) n_seg);
         for (int64_t k = 0; k < n_seg; ++k) {
-            const int64_t b = k * n_vis / n_seg, e = (k + 1) * n_vis / n_seg;
-            for (int64_t v = b; v < e; ++v) {
-                const float * row = ivsb + (size_t) visual_rows[v] * H;
-                for (int64_t d = 0; d < H; ++d) pooled[k * H + d] += row[d];
-            }
-            for (int64_t d = 0; d < H; ++d) pooled[k * H + d] /= (float) (e - b);
-            // the temporal position of the segment's first visual token
+            const int32_t b = k == 0 ? 0 : s.glimpse_end[k - 1];
+            for (int64_t d = 0; d < H; ++d) s.glimpse_sum[k * H + d] /= (float) (s.glimpse_end[k] - b);
             positions[k] = g.has_media ? g.prompt_pos[visual_rows[b]] : ctx.cache_pos[visual_rows[b]];
         }
-        s.state->add_glimpses(pooled.data(), positions.data(), n_seg);
+        s.state->add_glimpses(s.glimpse_sum.data(), positions.data(), n_seg);
     }
 
     // entries: each text row with the token after it (a media row's placeholder token)
     const int64_t n_text = (int64_t) text_rows.size();
-    std::vector<float> taps((size_t) (n_taps * n_text * H));
-    for (int64_t t = 0; t < n_taps; ++t) {
-        for (int64_t j = 0; j < n_text; ++j) {
-            memcpy(&taps[(size_t) ((t * n_text + j) * H)], ctx.hidden.data() + (size_t) ((t * n_prompt + text_rows[j]) * H),
-                   H * sizeof(float));
-        }
-    }
     s.pending.clear();
     s.pending_g.resize((size_t) (n_text * H));
-    s.state->fuse_taps(taps.data(), n_text, s.pending_g.data());
+    s.state->fuse_taps(s.prefill_taps.data(), n_text, s.pending_g.data());
+    std::vector<float>().swap(s.prefill_taps);  // the prompt's taps are fused: free them
     for (int32_t p : text_rows) {
         DraftEntry e;
         if (p + 1 >= n_prompt) {

@@ -24,10 +24,15 @@ const std::vector<int32_t> & spec_capture_layers(const sparrow_context & ctx);
 // Layers to capture during the prompt's prefill: the taps, then the ivsb layer's output (the
 // input of layer ivsb_layer + 1) when the draft has glimpses.
 const std::vector<int32_t> & spec_prefill_capture_layers(const sparrow_context & ctx);
-// After the prompt's prefill (hidden states captured at every prompt row with
-// spec_prefill_capture_layers, rows [0, n_prompt)): enter the glimpses and queue the prompt's
-// text entries for the draft.
-// first_token is the token the target produced after the prompt.
+// The prompt's hand-off is collected while it is prefilled: spec_prefill_start before the
+// prefill of prompt rows [0, n_prompt), then spec_prefill_chunk for each chunk's states captured
+// at every row with spec_prefill_capture_layers ([n_capture][n_rows][n_embd], rows first_row..).
+// Text rows keep their taps; visual rows only add their ivsb output to their glimpse segment.
+void spec_prefill_start(sparrow_context & ctx, const int32_t * prompt, int32_t n_prompt);
+void spec_prefill_chunk(sparrow_context & ctx, const int32_t * prompt, int32_t first_row, int32_t n_rows,
+                        const float * hidden);
+// After the prompt's prefill: enter the glimpses and queue the prompt's text entries for the
+// draft. first_token is the token the target produced after the prompt.
 void spec_begin(sparrow_context & ctx, int32_t n_prompt, int32_t first_token);
 // One round; appends the tokens produced (accepted drafts, then the target's bonus token).
 // Needs room for at least one token in the target cache.
