@@ -105,3 +105,31 @@ def test_draft_session_bad_input(setup):
     with pytest.raises(sp.SparrowError, match="draft"):
         with sp.Engine(str(target_path), n_threads=1) as target:
             DraftSession(target, target_path)  # a target is not a draft
+
+
+def test_quantized_draft_tracks_the_f32_draft(setup, tmp_path):
+    """convert --outtype q8_0 on a draft: matrices stored as Q8_0 (norms f32), and the runtime's draft
+    logits stay close to the f32 file's on the same inputs."""
+    import gguf
+
+    target_path, draft_path, module = setup
+    q8_path = tmp_path / "draft-q8_0.gguf"
+    convert(draft_path.with_suffix(""), q8_path, outtype="q8_0", progress=False)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(q8_path)).tensors}
+    Q = gguf.GGMLQuantizationType
+    assert types["blk.0.attn_q.weight"] == types["fc.weight"] == types["blk.0.ffn_down.weight"] == Q.Q8_0
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == Q.F32
+
+    c = module.config
+    rng = np.random.default_rng(1)
+    taps = rng.standard_normal((8, len(c.taps) * c.hidden_size)).astype(np.float32)
+    tokens = rng.integers(0, c.vocab_size, size=8).tolist()
+    out = {}
+    with sp.Engine(str(target_path), n_threads=1) as target:
+        for name, path in (("f32", draft_path), ("q8_0", q8_path)):
+            with DraftSession(target, path, n_ctx=64) as d:
+                d.reset(0)
+                g = d.fuse_taps(taps)
+                out[name] = d.run(tokens, g, list(range(8)))[1]
+    assert rel_err(out["q8_0"], out["f32"]) < 3e-2
+    assert not np.array_equal(out["q8_0"], out["f32"])  # the quantized weights were used

@@ -28,6 +28,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from . import quantize
 from .errors import ConvertError
 from .names import Keys
 
@@ -95,8 +96,8 @@ class DraftSummary:
 
 
 def convert_draft(folder: Path, outfile: Path, outtype: str = "f32", progress: bool = True) -> DraftSummary:
-    """Write the GGUF of a draft folder. outtype f32, f16 or bf16 applies to the 2-D matrices;
-    norms stay f32 and d2t is i64."""
+    """Write the GGUF of a draft folder. outtype (any of the LM converter's) applies to the 2-D
+    matrices, by the LM converter's rules; norms stay f32 and d2t is i64."""
     from safetensors.numpy import load_file
 
     folder = Path(folder)
@@ -116,8 +117,7 @@ def convert_draft(folder: Path, outfile: Path, outtype: str = "f32", progress: b
         raise ConvertError(f"{st}: missing tensors {', '.join(missing)}")
     if ("lm_head.weight" in weights) != ("d2t" in weights):
         raise ConvertError(f"{st}: a reduced head needs both lm_head.weight and d2t")
-    if outtype not in ("f32", "f16", "bf16"):
-        raise ConvertError(f"draft outtype {outtype!r} not supported (f32, f16, bf16)")
+    quantize.file_type(outtype)  # refuses an unknown outtype before any work
 
     H = int(config["hidden_size"])
     n_vocab = int(config["vocab_size"])
@@ -156,8 +156,7 @@ def convert_draft(folder: Path, outfile: Path, outtype: str = "f32", progress: b
     w.add_uint32(k(DraftKeys.GLIMPSES), int(config["glimpses"]))
     w.add_uint32(k(DraftKeys.ANCHORS), int(config["anchors"]))
     w.add_uint32(k(DraftKeys.WINDOW), int(config["window"]))
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype])
+    w.add_file_type(quantize.file_type(outtype))
 
     n_params = 0
     for src, dst in DRAFT_TENSORS.items():
@@ -167,13 +166,15 @@ def convert_draft(folder: Path, outfile: Path, outtype: str = "f32", progress: b
         n_params += a.size
         if src == "d2t":
             w.add_tensor(dst, np.ascontiguousarray(a.astype(np.int64)))
-        elif a.ndim == 2 and outtype == "f16":
-            w.add_tensor(dst, np.ascontiguousarray(a.astype(np.float16)))
-        elif a.ndim == 2 and outtype == "bf16":
-            b = gguf.quants.quantize(a.astype(np.float32), gguf.GGMLQuantizationType.BF16)
-            w.add_tensor(dst, b, raw_shape=b.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+            continue
+        # the LM converter's rule: norms and 1-D stay f32, rows that are not whole blocks fall back
+        # to f16; the reduced head counts as an output projection
+        qtype = quantize.choose_type(dst, a.shape, outtype, is_output=dst == "output.weight").qtype
+        data = quantize.convert(np.ascontiguousarray(a.astype(np.float32)), qtype)
+        if qtype in (quantize.Q.F32, quantize.Q.F16):
+            w.add_tensor(dst, data)
         else:
-            w.add_tensor(dst, np.ascontiguousarray(a.astype(np.float32)))
+            w.add_tensor(dst, data, raw_shape=data.shape, raw_dtype=qtype)
     outfile = Path(outfile)
     partial = outfile.with_name(outfile.name + ".partial")
     w.write_header_to_file(path=partial)
