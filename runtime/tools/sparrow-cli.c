@@ -27,6 +27,9 @@ static void usage(FILE * out) {
             "      --min-p P         min-p filter (default 0 = off)\n"
             "  -s, --seed N          sampling seed\n"
             "      --no-special      do not parse special tokens written in the prompt\n"
+            "      --draft FILE      Sparrow draft GGUF: speculative decoding (the output stays the model's)\n"
+            "      --n-draft N       tokens drafted per verification (default 4)\n"
+            "      --tree            draft an EAGLE-2 dynamic tree instead of a chain\n"
             "  -h, --help            show this help\n");
 }
 
@@ -68,7 +71,7 @@ static bool show_progress(float progress, void * user_data) {
 }
 
 int main(int argc, char ** argv) {
-    const char * model_path = NULL, * prompt_arg = NULL, * prompt_file = NULL;
+    const char * model_path = NULL, * prompt_arg = NULL, * prompt_file = NULL, * draft_path = NULL;
     sparrow_context_params cparams = sparrow_context_default_params();
     sparrow_generate_params gparams = sparrow_generate_default_params();
     bool parse_special = true;
@@ -93,6 +96,9 @@ int main(int argc, char ** argv) {
         else if (FLAG(NULL, "--min-p")) { NEED_VALUE(); gparams.sampling.min_p = (float) atof(v); }
         else if (FLAG("-s", "--seed")) { NEED_VALUE(); cparams.seed = strtoull(v, NULL, 10); }
         else if (FLAG(NULL, "--no-special")) { parse_special = false; }
+        else if (FLAG(NULL, "--draft")) { NEED_VALUE(); draft_path = v; }
+        else if (FLAG(NULL, "--n-draft")) { NEED_VALUE(); gparams.n_draft = atoi(v); }
+        else if (FLAG(NULL, "--tree")) { gparams.speculative = SPARROW_SPEC_TREE; }
         else { fprintf(stderr, "sparrow-cli: unknown argument '%s' (see --help)\n", a); return 2; }
 #undef FLAG
 #undef NEED_VALUE
@@ -116,7 +122,7 @@ int main(int argc, char ** argv) {
     int last_percent = -1;
     mparams.progress_callback = show_progress;
     mparams.progress_user_data = &last_percent;
-    sparrow_model * model = NULL;
+    sparrow_model * model = NULL, * draft = NULL;
     sparrow_context * ctx = NULL;
     sparrow_token * tokens = NULL;
     int rc = 1;
@@ -124,6 +130,15 @@ int main(int argc, char ** argv) {
     if (st != SPARROW_OK) { rc = fail_status("cannot load the model", st); goto done; }
     st = sparrow_context_init(model, cparams, &ctx);
     if (st != SPARROW_OK) { rc = fail_status("cannot create a context", st); goto done; }
+    if (draft_path) {
+        st = sparrow_model_load(draft_path, sparrow_model_default_params(), &draft);
+        if (st != SPARROW_OK) { rc = fail_status("cannot load the draft", st); goto done; }
+        st = sparrow_context_set_draft(ctx, draft);
+        if (st != SPARROW_OK) { rc = fail_status("cannot use the draft", st); goto done; }
+    } else if (gparams.speculative == SPARROW_SPEC_TREE) {
+        fprintf(stderr, "sparrow-cli: --tree needs --draft\n");
+        goto done;
+    }
 
     int32_t n_tokens = 0;
     sparrow_tokenize(model, prompt, strlen(prompt), true, parse_special, NULL, 0, &n_tokens);
@@ -152,11 +167,18 @@ int main(int argc, char ** argv) {
             stats.t_prefill_ms, stats.prefill_tokens_per_s);
     fprintf(stderr, "decode: %d tokens in %.1f ms, %.1f tokens/s\n", stats.n_generated, stats.t_decode_ms,
             stats.decode_tokens_per_s);
+    if (draft) {
+        fprintf(stderr, "speculative: mean accepted length %.2f (%d drafted, %d accepted, %d target forwards), "
+                        "draft %.1f ms, verify %.1f ms\n",
+                stats.mean_accepted_length, stats.n_drafted, stats.n_accepted, stats.n_target_forwards,
+                stats.t_draft_ms, stats.t_verify_ms);
+    }
     rc = 0;
 done:
     free(tokens);
     free(prompt);
-    sparrow_context_free(ctx);
+    sparrow_context_free(ctx);  /* before the draft: the context holds it */
+    sparrow_model_free(draft);
     sparrow_model_free(model);
     return rc;
 }
