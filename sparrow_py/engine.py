@@ -434,18 +434,24 @@ class Engine(OwnsHandles):
 
     def _encode_llava_onevision(self, video, images, fps, num_frames) -> list:
         """LLaVA-OneVision: fixed-size frames; a video becomes each frame's pooled tokens plus one
-        image_newline, at its <video> token, with 1-D positions."""
+        image_newline, at its <video> token; an image its anyres tiles' tokens at its <image>
+        token; 1-D positions."""
         from sparrow_py.video import llava_onevision as ov
 
-        if images:
-            raise SparrowError("LLaVA-OneVision still images (anyres tiling) are not supported yet; pass frames as video=")
-        side, patch = self._vision._siglip_grid(3)
-        cfg = ov.LlavaOnevisionPreprocessConfig(height=side * patch, width=side * patch,
-                                                image_mean=tuple(self._vision.meta_floats("clip.vision.image_mean")),
-                                                image_std=tuple(self._vision.meta_floats("clip.vision.image_std")))
-        v = ov.preprocess_video(video, cfg, fps=fps, num_frames=num_frames)
-        embd = self._vision.encode(v.pixel_values)
-        return [("video", Media(embd, grid=(len(v.pixel_values), side, side), placeholder=self._vision_token("<video>")))]
+        items = []
+        if video is not None:
+            side, patch = self._vision._siglip_grid(3)
+            cfg = ov.LlavaOnevisionPreprocessConfig(height=side * patch, width=side * patch,
+                                                    image_mean=tuple(self._vision.meta_floats("clip.vision.image_mean")),
+                                                    image_std=tuple(self._vision.meta_floats("clip.vision.image_std")))
+            v = ov.preprocess_video(video, cfg, fps=fps, num_frames=num_frames)
+            embd = self._vision.encode(v.pixel_values)
+            items.append(("video", Media(embd, grid=(len(v.pixel_values), side, side),
+                                         placeholder=self._vision_token("<video>"))))
+        for image in images or []:  # anyres tiles, packed as transformers does (1-D positions: no grid)
+            embd = self._vision.encode_image(np.asarray(image))
+            items.append(("image", Media(embd, grid=(1, 1, len(embd)), placeholder=self._vision_token("<image>"))))
+        return items
 
     def _qwen_media(self, visual, t_scale: float, placeholder: int) -> Media:
         t, h, w = visual.grid_thw

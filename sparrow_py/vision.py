@@ -106,6 +106,54 @@ class VisionEncoder(OwnsHandles):
                                         ffi.from_buffer("float[]", out), out.size, n_tokens), "vision encode")
         return out
 
+    def encode_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
+        """LLaVA-OneVision: the unpooled projected patch features of image tiles [n, C, H, W] ->
+        [n, h * w, n_embd] (sparrow_vision_encode_tiles)."""
+        if self._model == ffi.NULL:
+            raise SparrowError("the encoder is closed", "SPARROW_ERR_STATE")
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if pixels.ndim != 4:
+            raise SparrowError(f"tiles must be [n, C, H, W], not {pixels.shape}")
+        side, patch = self._siglip_grid(pixels.shape[1])
+        if pixels.shape[2:] != (side * patch, side * patch):
+            raise SparrowError(f"tiles of {pixels.shape[2]}x{pixels.shape[3]} pixels, but this tower takes "
+                               f"{side * patch}x{side * patch}")
+        grid = ffi.new("int32_t[3]", [pixels.shape[0], side, side])
+        out = np.empty((pixels.shape[0], side * side, self.n_embd), dtype=np.float32)
+        n_tokens = ffi.new("int64_t *")
+        check(lib.sparrow_vision_encode_tiles(self._model, ffi.from_buffer("float[]", pixels), pixels.size, grid, 1,
+                                              self.n_threads, ffi.from_buffer("float[]", out), out.size, n_tokens),
+              "vision encode")
+        return out
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        """LLaVA-OneVision: one HxWx3 uint8 image -> its LM embeddings [n, n_embd], anyres as
+        transformers does it (tiles from clip.vision.image_grid_pinpoints, then
+        pack_image_features with clip.vision.vision_aspect_ratio's tile limit)."""
+        from sparrow_py.video import llava_onevision as ov
+
+        if self.projector_type != "llava_onevision":
+            raise SparrowError(f"encode_image is LLaVA-OneVision's; a {self.projector_type} tower takes "
+                               "preprocessed pixels with encode()")
+        side, patch = self._siglip_grid(3)
+        flat = self.meta_floats("clip.vision.image_grid_pinpoints")
+        pinpoints = [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
+        aspect = self._meta("clip.vision.vision_aspect_ratio")
+        if not aspect.startswith("anyres_max_") or not aspect[len("anyres_max_"):].isdigit():
+            raise SparrowError(f"unsupported vision_aspect_ratio {aspect!r} (anyres_max_N is)")
+        cfg = ov.LlavaOnevisionPreprocessConfig(height=side * patch, width=side * patch,
+                                                image_mean=tuple(self.meta_floats("clip.vision.image_mean")),
+                                                image_std=tuple(self.meta_floats("clip.vision.image_std")))
+        try:
+            tiles = ov.preprocess_image(image, cfg, pinpoints)
+        except ValueError as e:
+            raise SparrowError(str(e)) from None
+        newline = np.empty(self.n_embd, dtype=np.float32)
+        check(lib.sparrow_model_tensor_f32(self._model, b"model.image_newline", ffi.from_buffer("float[]", newline),
+                                           self.n_embd), "image_newline")
+        return ov.pack_image_features(self.encode_tiles(tiles.pixel_values), tiles, newline,
+                                      int(aspect[len("anyres_max_"):]))
+
     def close(self) -> None:
         if self._model != ffi.NULL:
             lib.sparrow_model_free(self._model)

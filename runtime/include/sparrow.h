@@ -392,6 +392,17 @@ SPARROW_API sparrow_status sparrow_vision_encode(const sparrow_model * mmproj, c
                                                  int64_t n_pixel_floats, const int32_t * grid_thw,
                                                  int32_t n_grids, int32_t n_threads, float * out,
                                                  int64_t n_out_floats, int64_t * out_n_tokens);
+/* LLaVA-OneVision still images (anyres): the same input as a LLaVA-OneVision grid, the
+ * image's tiles as its frames (the resized whole image first, then the tiles in raster order, as
+ * the HF image processor makes them), but each tile's h x w projected patch features come out
+ * as they are: no pooling, no image_newline, t * h * w tokens per grid. Arranging them (the
+ * tile grid, unpadding, a newline per row) is the caller's: sparrow_py.vision.VisionEncoder.
+ * encode_image does it as transformers' pack_image_features. Other projector types:
+ * SPARROW_ERR_INVALID_ARGUMENT. Otherwise as sparrow_vision_encode. */
+SPARROW_API sparrow_status sparrow_vision_encode_tiles(const sparrow_model * mmproj, const float * pixels,
+                                                       int64_t n_pixel_floats, const int32_t * grid_thw,
+                                                       int32_t n_grids, int32_t n_threads, float * out,
+                                                       int64_t n_out_floats, int64_t * out_n_tokens);
 /* The width of the embeddings a vision file outputs (the language model's hidden size);
  * 0 if mmproj is NULL or not a vision file. */
 SPARROW_API int32_t sparrow_vision_n_embd(const sparrow_model * mmproj);

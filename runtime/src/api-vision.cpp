@@ -24,14 +24,16 @@ const VisionModel & vision_of(const sparrow_model * model) {
     return *model->vision;
 }
 
-}  // namespace
-
-sparrow_status sparrow_vision_encode(const sparrow_model * mmproj, const float * pixels, int64_t n_pixel_floats,
-                                     const int32_t * grid_thw, int32_t n_grids, int32_t n_threads, float * out,
-                                     int64_t n_out_floats, int64_t * out_n_tokens) {
+sparrow_status encode(const sparrow_model * mmproj, const float * pixels, int64_t n_pixel_floats, const int32_t * grid_thw,
+                      int32_t n_grids, int32_t n_threads, float * out, int64_t n_out_floats, int64_t * out_n_tokens,
+                      bool tiles) {
     return guard([&] {
         if (out_n_tokens) *out_n_tokens = 0;
         const VisionModel & vm = vision_of(mmproj);
+        if (tiles && vm.hp.projector != ProjectorType::LlavaOneVision) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("image tiles are LLaVA-OneVision's (projector llava_onevision), not %s's",
+                                                      vm.hp.projector_name.c_str()));
+        }
         if (n_grids <= 0 || n_grids > (1 << 20)) fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_grids is %d: give 1 or more grids", n_grids));
         if (!grid_thw) fail(SPARROW_ERR_INVALID_ARGUMENT, "grid_thw is NULL");
         if (n_threads < 0 || n_threads > 1024) fail(SPARROW_ERR_INVALID_ARGUMENT, "n_threads must be in [0, 1024]");
@@ -42,7 +44,7 @@ sparrow_status sparrow_vision_encode(const sparrow_model * mmproj, const float *
             grids[(size_t) i].h = grid_thw[3 * i + 1];
             grids[(size_t) i].w = grid_thw[3 * i + 2];
         }
-        const int64_t n_tokens = vision_check_input(vm, grids.data(), n_grids, n_pixel_floats);
+        const int64_t n_tokens = vision_check_input(vm, grids.data(), n_grids, n_pixel_floats, tiles);
         if (out_n_tokens) *out_n_tokens = n_tokens;
         const int64_t needed = n_tokens * vm.hp.n_embd_out;
         if (n_out_floats < needed) {
@@ -53,8 +55,22 @@ sparrow_status sparrow_vision_encode(const sparrow_model * mmproj, const float *
         if (!out) fail(SPARROW_ERR_INVALID_ARGUMENT, "out is NULL");
         const int threads = n_threads > 0 ? n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
         std::unique_ptr<Backend> backend = make_cpu_backend(threads);
-        vision_encode(*backend, vm, pixels, grids.data(), n_grids, out);
+        vision_encode(*backend, vm, pixels, grids.data(), n_grids, out, tiles);
     });
+}
+
+}  // namespace
+
+sparrow_status sparrow_vision_encode(const sparrow_model * mmproj, const float * pixels, int64_t n_pixel_floats,
+                                     const int32_t * grid_thw, int32_t n_grids, int32_t n_threads, float * out,
+                                     int64_t n_out_floats, int64_t * out_n_tokens) {
+    return encode(mmproj, pixels, n_pixel_floats, grid_thw, n_grids, n_threads, out, n_out_floats, out_n_tokens, false);
+}
+
+sparrow_status sparrow_vision_encode_tiles(const sparrow_model * mmproj, const float * pixels, int64_t n_pixel_floats,
+                                           const int32_t * grid_thw, int32_t n_grids, int32_t n_threads, float * out,
+                                           int64_t n_out_floats, int64_t * out_n_tokens) {
+    return encode(mmproj, pixels, n_pixel_floats, grid_thw, n_grids, n_threads, out, n_out_floats, out_n_tokens, true);
 }
 
 int32_t sparrow_vision_n_embd(const sparrow_model * mmproj) {

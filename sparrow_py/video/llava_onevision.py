@@ -10,6 +10,7 @@ model's business (runtime), not preprocessing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,114 @@ def preprocess_video(video: str | Path | FramesLike, cfg: LlavaOnevisionPreproce
     frames = as_frame_array(video)
     selection = uniform_select_frames(len(frames), fps=fps, num_frames=num_frames, source_fps=source_fps)
     return preprocess_frames(frames[selection.indices], cfg, selection)
+
+
+# --- still images (anyres) ---------------------------------------------------------------------
+# transformers' LlavaOnevisionImageProcessor (PIL backend) and LlavaOnevisionModel.pack_image_features:
+# the image is resized (aspect kept) into the best of the grid pinpoints, zero-padded to it and cut
+# into size x size tiles; the whole image resized to size x size goes first. The tower encodes every
+# tile; the tiles' patch features are laid out as one big grid, unpadded to the image's aspect,
+# bilinearly shrunk when larger than anyres_max_N tiles allow, and given a newline per row.
+
+@dataclass
+class LlavaOnevisionImageInput:
+    pixel_values: np.ndarray        # [1 + rows * cols, C, size, size] float32: whole image, then tiles
+    image_size: tuple[int, int]     # (height, width) of the original image
+    tile_grid: tuple[int, int]      # (rows, cols) of tiles
+
+
+def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
+    """The pinpoint (h, w) that keeps the most of the image, then wastes the least (HF's rule)."""
+    best, best_effective, best_wasted = None, 0, float("inf")
+    for ph, pw in pinpoints:
+        scale = min(pw / width, ph / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = ph * pw - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (int(ph), int(pw)), effective, wasted
+    if best is None:
+        raise ValueError(f"no usable grid pinpoint in {pinpoints}")
+    return best
+
+
+def _fit_inside(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int]:
+    """HF's get_patch_output_size: the size that fits (target_h, target_w) with the aspect kept."""
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+def _normalize(image: np.ndarray, cfg: LlavaOnevisionPreprocessConfig) -> np.ndarray:
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
+    scaled = (image.transpose(2, 0, 1).astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    return (scaled - mean) / std
+
+
+def preprocess_image(image: np.ndarray, cfg: LlavaOnevisionPreprocessConfig, grid_pinpoints) -> LlavaOnevisionImageInput:
+    """An HxWx3 uint8 image -> the whole image and its anyres tiles (cfg.height = cfg.width = tile size)."""
+    from .frames import as_image_array
+
+    image = as_image_array(image)
+    size = cfg.height
+    if cfg.width != size:
+        raise ValueError("anyres tiles are square: the config's height and width must be equal")
+    h, w = image.shape[:2]
+    best_h, best_w = select_best_resolution(h, w, grid_pinpoints)
+    if best_h % size or best_w % size:
+        raise ValueError(f"grid pinpoint {best_h}x{best_w} is not a whole number of {size}-pixel tiles")
+    new_h, new_w = _fit_inside(h, w, best_h, best_w)
+    resized = image if (new_h, new_w) == (h, w) else resize_bicubic(image, new_h, new_w)
+    top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
+    canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)
+    canvas[top:top + new_h, left:left + new_w] = resized
+    whole = image if (h, w) == (size, size) else resize_bicubic(image, size, size)
+    rows, cols = best_h // size, best_w // size
+    tiles = [whole] + [canvas[r * size:(r + 1) * size, c * size:(c + 1) * size] for r in range(rows) for c in range(cols)]
+    return LlavaOnevisionImageInput(np.stack([_normalize(t, cfg) for t in tiles]), (h, w), (rows, cols))
+
+
+def bilinear_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """torch.nn.functional.interpolate(x[None], (out_h, out_w), mode="bilinear")[0] for x [C, H, W]
+    (align_corners=False, no antialiasing), in float32."""
+    def taps(n_in: int, n_out: int):
+        src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        frac = (src - i0).astype(np.float32)
+        return i0, i1, frac
+    y0, y1, fy = taps(x.shape[1], out_h)
+    x0, x1, fx = taps(x.shape[2], out_w)
+    top = x[:, y0] * (1 - fy)[None, :, None] + x[:, y1] * fy[None, :, None]
+    return (top[:, :, x0] * (1 - fx)[None, None, :] + top[:, :, x1] * fx[None, None, :]).astype(np.float32)
+
+
+def pack_image_features(features: np.ndarray, image: LlavaOnevisionImageInput, newline: np.ndarray,
+                        max_num_tiles: int = 9) -> np.ndarray:
+    """The LM embeddings of one image from its tiles' unpooled features [1 + rows*cols, side*side, E]
+    (sparrow_vision_encode_tiles): the whole image's tokens, then the tile grid's rows, unpadded,
+    each row ending with the newline (transformers' pack_image_features)."""
+    n, per_tile, dim = features.shape
+    side = int(round(per_tile ** 0.5))
+    rows, cols = image.tile_grid
+    if side * side != per_tile or n != 1 + rows * cols:
+        raise ValueError(f"{n} tiles of {per_tile} features do not make a whole image and a {rows}x{cols} grid")
+    grid = features[1:].reshape(rows, cols, side, side, dim).transpose(4, 0, 2, 1, 3).reshape(dim, rows * side, cols * side)
+    # unpad: drop the rows or columns that padding added (HF's unpad_image)
+    orig_h, orig_w = image.image_size
+    cur_h, cur_w = grid.shape[1:]
+    if orig_w / orig_h > cur_w / cur_h:
+        new_h = int(round(orig_h * (cur_w / orig_w), 7))
+        pad = (cur_h - new_h) // 2
+        grid = grid[:, pad:cur_h - pad, :]
+    else:
+        new_w = int(round(orig_w * (cur_h / orig_h), 7))
+        pad = (cur_w - new_w) // 2
+        grid = grid[:, :, pad:cur_w - pad]
+    _, cur_h, cur_w = grid.shape
+    ratio = math.sqrt(cur_h * cur_w / (max_num_tiles * side ** 2))
+    if ratio > 1.1:
+        grid = bilinear_resize(grid, int(cur_h // ratio), int(cur_w // ratio))
+    grid = np.concatenate([grid, np.broadcast_to(newline.astype(np.float32)[:, None, None], (dim, grid.shape[1], 1))], axis=2)
+    return np.concatenate([features[0], grid.reshape(dim, -1).T]).astype(np.float32)

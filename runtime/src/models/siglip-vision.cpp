@@ -13,8 +13,9 @@
 //               torch's bilinear interpolation (align_corners=False): a 2x2 average for even sides.
 //   newline     the frames' tokens, in frame order, then one image_newline for the whole video.
 //
-// The anyres image path of LLaVA-OneVision (tiles, unpadding, a newline per row) is not here: an
-// image goes through as a 1-frame video.
+// Still images (anyres): with pooled = false the frames are an image's tiles and each comes out
+// as its h x w projected patches, without pooling or newline; the tile layout (unpadding, a
+// newline per row) is arranged by the caller (sparrow_py.vision).
 #include "models/vision.h"
 
 #include "common.h"
@@ -57,7 +58,7 @@ AxisTaps bilinear_taps(int64_t in, int64_t out) {
 }  // namespace
 
 int64_t siglip_encode_grid(Backend & be, const VisionModel & model, const float * pixels, const VisionGrid & grid,
-                           float * out) {
+                           float * out, bool pool) {
     const VisionHparams & hp = model.hp;
     const VisionWeights & W = model.w;
     const int64_t D = hp.n_embd, F = hp.n_ff, E = hp.n_embd_out;
@@ -183,6 +184,11 @@ int64_t siglip_encode_grid(Backend & be, const VisionModel & model, const float 
         be.matmul(W.mm0_w, features, pn, &W.mm0_b);
         be.gelu(pn, GeluKind::Erf, pn);
         be.matmul(W.mm2_w, pn, p2n, &W.mm2_b);
+        if (!pool) {
+            be.to_host(out + written * E, p2n.data, (size_t) (n * E) * sizeof(float));
+            written += n;
+            continue;
+        }
 
         tap_rows.clear();
         tap_weights.clear();
@@ -205,6 +211,7 @@ int64_t siglip_encode_grid(Backend & be, const VisionModel & model, const float 
         be.to_host(out + written * E, pooled_n.data, (size_t) (nf * pooled_rows * E) * sizeof(float));
         written += nf * pooled_rows;
     }
+    if (!pool) return written;
     // image_newline is a file tensor (host memory), f32 as bound
     memcpy(out + written * E, W.image_newline.data, (size_t) E * sizeof(float));
     return written + 1;

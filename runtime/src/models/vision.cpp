@@ -277,11 +277,13 @@ int64_t qwen2vl_grid_tokens(const VisionModel & m, const VisionGrid & g) {
     return g.t * g.h * g.w / ((int64_t) m.hp.merge_size * m.hp.merge_size);
 }
 
-int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & g) {
+int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & g, bool pooled) {
+    if (!pooled) return g.t * g.h * g.w;              // image tiles as they are
     return g.t * ((g.h + 1) / 2) * ((g.w + 1) / 2) + 1;  // pooled frames, then one image_newline
 }
 
-int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int32_t n_grids, int64_t n_pixel_floats) {
+int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int32_t n_grids, int64_t n_pixel_floats,
+                           bool tiles) {
     const VisionHparams & hp = m.hp;
     if (n_grids <= 0 || !grids) fail(SPARROW_ERR_INVALID_ARGUMENT, "no grids: give at least one (t, h, w)");
     const bool qwen = hp.projector != ProjectorType::LlavaOneVision;
@@ -311,7 +313,7 @@ int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int3
                                                           (long long) (hp.image_size / P)));
             }
             floats += g.t * C * g.h * P * g.w * P;
-            tokens += siglip_grid_tokens(m, g);
+            tokens += siglip_grid_tokens(m, g, !tiles);
         }
     }
     if (n_pixel_floats != floats) {
@@ -323,12 +325,12 @@ int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int3
 }
 
 void vision_encode(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid * grids, int32_t n_grids,
-                   float * out) {
+                   float * out, bool tiles) {
     const bool qwen = m.hp.projector != ProjectorType::LlavaOneVision;
     const int64_t P = m.hp.patch_size, C = m.hp.n_channels;
     for (int32_t i = 0; i < n_grids; ++i) {
         const VisionGrid & g = grids[i];
-        const int64_t rows = qwen ? qwen2vl_encode_grid(be, m, pixels, g, out) : siglip_encode_grid(be, m, pixels, g, out);
+        const int64_t rows = qwen ? qwen2vl_encode_grid(be, m, pixels, g, out) : siglip_encode_grid(be, m, pixels, g, out, !tiles);
         pixels += qwen ? g.t * g.h * g.w * C * m.hp.temporal_patch * P * P : g.t * C * g.h * P * g.w * P;
         out += rows * m.hp.n_embd_out;
     }

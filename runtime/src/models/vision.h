@@ -85,17 +85,20 @@ void vision_load(const GGUFFile & file, VisionModel & m);
 
 // Checks grids against the model (divisibility, sizes) and the pixel count; returns the number
 // of output embeddings (rows of n_embd_out floats). SPARROW_ERR_INVALID_ARGUMENT on bad input.
-int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int32_t n_grids, int64_t n_pixel_floats);
+// tiles: LLaVA-OneVision image tiles, unpooled (sparrow_vision_encode_tiles).
+int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int32_t n_grids, int64_t n_pixel_floats,
+                           bool tiles = false);
 
 // Encode checked input; out (host) receives vision_check_input's count of rows.
 void vision_encode(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid * grids, int32_t n_grids,
-                   float * out);
+                   float * out, bool tiles = false);
 
 // The families (inputs already checked). Each returns the output rows written.
 int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid & grid, float * out);
-int64_t siglip_encode_grid(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid & grid, float * out);
+int64_t siglip_encode_grid(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid & grid, float * out,
+                           bool pool = true);
 int64_t qwen2vl_grid_tokens(const VisionModel & m, const VisionGrid & grid);
-int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & grid);
+int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & grid, bool pooled = true);
 
 // Activation memory of one encode call, freed on scope exit (also when an op throws).
 class VisionBuffers {
