@@ -299,3 +299,54 @@ def test_cli_help_documents_every_option():
     r = subprocess.run([sys.executable, "-c", "import sys, sparrow_py.cli; assert 'torch' not in sys.modules"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_ddp_on_two_cpu_processes_equals_gradient_accumulation(tiny_qwen2_dir, tmp_path):
+    """torchrun with 2 processes (gloo on the CPU) and batch 1 per process averages the two
+    shards' gradients: the same update as one process accumulating the same two samples
+    (batch 1, --grad-accum 2), which takes the same files in the same order."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    m = tmp_path / "train.jsonl"
+    m.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:6]))
+    common = ["train", "--target", str(tiny_qwen2_dir), "--data", str(m), "--steps", "6", "--batch-size", "1",
+              "--mtp-steps", "2", "--glimpses", "0", "--window", "16", "--anchors", "4", "--max-new-tokens", "12",
+              "--lr", "3e-3", "--seed", "1", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "sparrow_py.cli", *common, "--out", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "sparrow_py.cli", *common, "--grad-accum", "2",
+                          "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600, env=env,
+                         cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "ddp" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    init = new_draft(DraftConfig.load(tmp_path / "one"), Target(tiny_qwen2_dir)).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(b[k], init[k]) for k in b if k in init)  # both trained
+    la = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)["losses"]
+    lb = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["losses"]
+    np.testing.assert_allclose(la, lb, rtol=1e-4)
+
+
+def test_bf16_autocast_trains(text_target, text_features, tmp_path):
+    """--bf16 on (what CUDA runs by default) works on the CPU too: the loss falls like float32's,
+    and it is not float32's (autocast really ran in bfloat16)."""
+    config, files = text_features
+    losses = {}
+    for bf16 in (False, True):
+        opts = TrainOptions(steps=16, lr=3e-3, warmup_steps=2, mtp_steps=2, batch_size=2, seed=5, bf16=bf16,
+                            progress=False)
+        result = train(new_draft(config, text_target), files, [], opts, tmp_path / f"bf16-{bf16}", log=lambda s: None)
+        losses[bf16] = result.losses
+    f32, bf = np.array(losses[False]), np.array(losses[True])
+    assert bf[-3:].mean() < 0.7 * bf[:3].mean()
+    assert not np.array_equal(f32, bf)
+    assert abs(bf[-3:].mean() - f32[-3:].mean()) < 0.2 * f32[:3].mean()

@@ -189,7 +189,8 @@ def train(model: SparrowDraft, train_files: list[Path], eval_samples: list[dict]
     optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=(0.9, 0.95), weight_decay=opt.weight_decay)
     ddp_model = model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+        # glimpse_proj gets no gradient from a batch without video (or a draft without glimpses)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     result = TrainResult()
     start = 0
     ckpt_path = out_dir / "checkpoint.pt"
