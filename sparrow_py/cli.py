@@ -5,6 +5,10 @@ import argparse
 import sys
 import time
 
+import numpy as np
+
+from sparrow_py.errors import SparrowError
+
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="generate text with a GGUF model", description="Stream a model's continuation of a prompt.")
@@ -22,14 +26,27 @@ def _add_run(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--draft", help="Sparrow draft GGUF for speculative decoding (the output stays the model's own)")
     p.add_argument("--n-draft", type=int, default=4, help="tokens drafted per verification (default 4)")
+    p.add_argument("--speculative", choices=["chain", "tree"], default="chain",
+                   help="with --draft: a chain of --n-draft tokens or an EAGLE-2 dynamic tree (default chain)")
+    v = p.add_argument_group("video and images (need --mmproj)")
+    v.add_argument("--mmproj", help="the model's vision GGUF (convert/to_gguf.py --mmproj)")
+    v.add_argument("--video", help="video file (extra `video`: PyAV) or .npy array of HxWx3 uint8 frames")
+    v.add_argument("--image", action="append", default=[], help="image file (.npy array, or any format Pillow "
+                                                                 "reads); repeatable")
+    v.add_argument("--fps", type=float, default=None, help="frames sampled per second of video (default: the "
+                                                           "model family's rule)")
+    v.add_argument("--num-frames", type=int, default=None, help="frames sampled from the video (instead of --fps)")
+    v.add_argument("--max-pixels", type=int, default=None, help="pixel budget per frame (Qwen's smart_resize)")
 
 
 def _run(args) -> int:
-    from sparrow_py import Engine, SparrowError
+    from sparrow_py import Engine
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     try:
-        with Engine(args.model, n_ctx=args.ctx_size, n_threads=args.threads, draft=args.draft) as engine:
+        visual = _visual_kwargs(args)
+        with Engine(args.model, n_ctx=args.ctx_size, n_threads=args.threads, draft=args.draft,
+                    mmproj=args.mmproj) as engine:
             gen_kwargs = dict(
                 max_tokens=args.n_predict,
                 temperature=args.temp,
@@ -40,12 +57,16 @@ def _run(args) -> int:
                 stop=args.stop,
             )
             if args.draft:
-                gen_kwargs["n_draft"] = args.n_draft
+                gen_kwargs.update(n_draft=args.n_draft, speculative=args.speculative)
             if args.chat:
-                stream = engine.chat([{"role": "user", "content": prompt}], **gen_kwargs)
+                content = prompt
+                if visual:  # Hugging Face style parts: the template places the vision tokens
+                    content = ([{"type": "video"}] if "video" in visual else []) + \
+                              [{"type": "image"}] * len(visual.get("images") or []) + [{"type": "text", "text": prompt}]
+                stream = engine.chat([{"role": "user", "content": content}], **visual, **gen_kwargs)
             else:
                 sys.stdout.write(prompt)
-                stream = engine.generate(prompt, **gen_kwargs)
+                stream = engine.generate(prompt, **visual, **gen_kwargs)
             t0 = time.perf_counter()
             for piece in stream:
                 sys.stdout.write(piece)
@@ -69,12 +90,49 @@ def _run(args) -> int:
     return 0
 
 
+def _read_image(path: str) -> np.ndarray:
+    if path.endswith(".npy"):
+        return np.load(path)
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SparrowError(f"{path}: reading images needs Pillow (pip install pillow), or pass a .npy array") from None
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except OSError as e:
+        raise SparrowError(f"{path}: {e}") from None
+
+
+def _visual_kwargs(args) -> dict:
+    """generate()/chat() keyword arguments for --video/--image and the frame options."""
+    if not (args.video or args.image):
+        if args.fps is not None or args.num_frames is not None or args.max_pixels is not None:
+            raise SparrowError("--fps, --num-frames and --max-pixels need --video or --image")
+        return {}
+    if not args.mmproj:
+        raise SparrowError("--video and --image need the model's vision file: --mmproj FILE")
+    out: dict = {"fps": args.fps, "num_frames": args.num_frames, "max_pixels": args.max_pixels}
+    if args.video:
+        if args.video.endswith(".npy"):
+            try:
+                out["video"] = np.load(args.video)
+            except (OSError, ValueError) as e:
+                raise SparrowError(f"{args.video}: {e}") from None
+        else:
+            out["video"] = args.video
+    if args.image:
+        out["images"] = [_read_image(p) for p in args.image]
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sparrow", description="Sparrow: fast, lossless speculative decoding for video LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     from sparrow_py.train.cli import add_train_commands  # torch is imported only when they run
     add_train_commands(sub)
+    from sparrow_py.demo import add_demo_command
+    add_demo_command(sub)
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)

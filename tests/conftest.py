@@ -48,9 +48,6 @@ TINY_MODEL_VOCAB = TINY_VOCAB_SIZE + 12
 TINY_EOT_ID = TINY_BPE_VOCAB  # <|endoftext|>
 TINY_IM_END_ID = TINY_BPE_VOCAB + 2
 
-QWEN2_PRETOKENIZER_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -68,34 +65,11 @@ Llama models permute the query and key projections so adjacent pairs rotate toge
 
 
 def _train_tiny_tokenizer(out_dir: Path) -> None:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from sparrow_py.demo.build import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZER_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = trainers.BpeTrainer(vocab_size=TINY_BPE_VOCAB, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_TRAINING_TEXT] * 4, trainer)
-    assert tok.get_vocab_size() == TINY_BPE_VOCAB, "training text too small for the target vocab"
-    tok.add_tokens([AddedToken(text, special=special, normalized=False) for text, special in TINY_ADDED_TOKENS])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-
-    added = {str(TINY_BPE_VOCAB + i): {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": special}
-             for i, (text, special) in enumerate(TINY_ADDED_TOKENS)}
-    config = {
-        "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 256,
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
-        "add_bos_token": False, "added_tokens_decoder": added,
-        "clean_up_tokenization_spaces": False, "errors": "replace", "split_special_tokens": False,
-        "chat_template": CHATML_TEMPLATE,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    train_bpe_tokenizer(out_dir, [_TRAINING_TEXT] * 4, TINY_BPE_VOCAB, TINY_ADDED_TOKENS,
+                        {"model_max_length": 256, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                         "chat_template": CHATML_TEMPLATE})
 
 
 @pytest.fixture(scope="session")
