@@ -24,7 +24,6 @@ import itertools
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

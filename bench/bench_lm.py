@@ -111,6 +111,18 @@ def write_random_model(path: Path, outtype: str, shapes=SHAPES, seed: int = 0) -
     w.close()
 
 
+def ensure_model(cache: Path, outtype: str, name: str = "random-qwen2-0.5b", shapes=SHAPES) -> Path:
+    """cache/<name>-<outtype>.gguf, written once (atomically) with random weights of these shapes."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{name}-{outtype}.gguf"
+    if not path.exists():
+        print(f"writing {path} ...", file=sys.stderr)
+        tmp = path.with_suffix(".tmp")
+        write_random_model(tmp, outtype, shapes=shapes)
+        os.replace(tmp, path)
+    return path
+
+
 def measure(engine, n_prefill: int, n_decode: int, repeat: int, rng) -> dict:
     prefill, decode = [], []
     for _ in range(repeat):
@@ -143,12 +155,7 @@ def main() -> int:
     print(f"# {sp.__version__} | threads {args.threads} | Qwen2.5-0.5B shapes, random weights")
     print(f"{'type':6} {'file MB':>8} {'prefill t/s (median [min, max])':>34} {'decode t/s (median [min, max])':>34} {'GB/s':>6}")
     for outtype in args.types:
-        path = args.cache / f"random-qwen2-0.5b-{outtype}.gguf"
-        if not path.exists():
-            print(f"writing {path} ...", file=sys.stderr)
-            tmp = path.with_suffix(".tmp")
-            write_random_model(tmp, outtype)
-            os.replace(tmp, path)
+        path = ensure_model(args.cache, outtype)
         size_mb = path.stat().st_size / 1e6
         with sp.Engine(str(path), n_ctx=args.prefill + args.decode + 8, n_threads=args.threads, n_batch=args.prefill) as e:
             r = measure(e, args.prefill, args.decode, args.repeat, rng)

@@ -18,16 +18,14 @@ Needs the `train` extra (torch) to build the draft; models are cached under benc
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_lm import SHAPES, write_random_model  # noqa: E402
+from bench_lm import SHAPES, ensure_model  # noqa: E402
 
 
 def write_random_draft(cache: Path, target_shapes: dict, draft_vocab: int) -> Path:
@@ -73,13 +71,7 @@ def main() -> int:
 
     import sparrow_py as sp
 
-    args.cache.mkdir(parents=True, exist_ok=True)
-    target = args.cache / f"random-qwen2-0.5b-{args.type}.gguf"
-    if not target.exists():
-        print(f"writing {target} ...", file=sys.stderr)
-        tmp = target.with_suffix(".tmp")
-        write_random_model(tmp, args.type)
-        os.replace(tmp, target)
+    target = ensure_model(args.cache, args.type)
     draft = write_random_draft(args.cache, SHAPES, args.draft_vocab)
     rng = np.random.default_rng(0)
     H = SHAPES["hidden"]

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_lm import SHAPES, write_random_model  # noqa: E402
+from bench_lm import SHAPES, ensure_model  # noqa: E402
 
 TOKENS_PER_FRAME = 14 * 14
 SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
@@ -121,13 +121,7 @@ def main() -> int:
         print(json.dumps(measure_encode(args)))
         return 0
 
-    args.cache.mkdir(parents=True, exist_ok=True)
-    target = args.cache / f"random-qwen2-0.5b-{args.type}.gguf"
-    if not target.exists():
-        print(f"writing {target} ...", file=sys.stderr)
-        tmp = target.with_suffix(".tmp")
-        write_random_model(tmp, args.type)
-        os.replace(tmp, target)
+    target = ensure_model(args.cache, args.type)
     per_frame = None
     print(f"# random LLaVA-OV-0.5B-shaped target: LM {args.type}, SigLIP-so400m tower {args.tower_type}, "
           f"{args.threads} threads")

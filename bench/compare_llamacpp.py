@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_lm import SHAPES as SHAPES_0_5B  # noqa: E402
-from bench_lm import write_random_model  # noqa: E402
+from bench_lm import ensure_model  # noqa: E402
 
 SHAPES_1_5B = dict(hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936, ctx=32768, rope_base=1_000_000.0)
 LLAMA_CPP_VERSION = "0.3.36"
@@ -257,16 +257,6 @@ def run_file(label: str, path: Path, lc, args, bandwidth: float) -> list[str]:
     return rows
 
 
-def ensure_model(cache: Path, name: str, outtype: str, shapes) -> Path:
-    path = cache / f"{name}-{outtype}.gguf"
-    if not path.exists():
-        print(f"writing {path} ...", file=sys.stderr)
-        tmp = path.with_suffix(".tmp")
-        write_random_model(tmp, outtype, shapes=shapes)
-        os.replace(tmp, path)
-    return path
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_0", "q4_k"],
@@ -291,11 +281,11 @@ def main() -> int:
     files = []
     for t in args.types:
         if t == "q4_k":
-            files.append(("1.5B q4_k", ensure_model(args.cache, "random-qwen2-1.5b", "q4_k", SHAPES_1_5B)))
+            files.append(("1.5B q4_k", ensure_model(args.cache, "q4_k", "random-qwen2-1.5b", SHAPES_1_5B)))
         else:
-            files.append((f"0.5B {t}", ensure_model(args.cache, "random-qwen2-0.5b", t, SHAPES_0_5B)))
+            files.append((f"0.5B {t}", ensure_model(args.cache, t, "random-qwen2-0.5b", SHAPES_0_5B)))
     if args.big:
-        files.append(("1.5B q4_0", ensure_model(args.cache, "random-qwen2-1.5b", "q4_0", SHAPES_1_5B)))
+        files.append(("1.5B q4_0", ensure_model(args.cache, "q4_0", "random-qwen2-1.5b", SHAPES_1_5B)))
 
     bw = [copy_bandwidth()]
     lines = []

@@ -440,8 +440,9 @@ class Engine(OwnsHandles):
 
         items = []
         if video is not None:
-            side, patch = self._vision._siglip_grid(3)
-            cfg = ov.LlavaOnevisionPreprocessConfig(height=side * patch, width=side * patch,
+            side, _ = self._vision._siglip_grid(3)
+            size = self._vision.image_size   # not side * patch: SigLIP-so400m leaves 384 % 14 pixels unread
+            cfg = ov.LlavaOnevisionPreprocessConfig(height=size, width=size,
                                                     image_mean=tuple(self._vision.meta_floats("clip.vision.image_mean")),
                                                     image_std=tuple(self._vision.meta_floats("clip.vision.image_std")))
             v = ov.preprocess_video(video, cfg, fps=fps, num_frames=num_frames)

@@ -65,6 +65,12 @@ class VisionEncoder(OwnsHandles):
                 raise
             return 2.0
 
+    @property
+    def image_size(self) -> int:
+        """LLaVA-OneVision: the side of the tower's square frames in pixels (clip.vision.image_size;
+        SigLIP reads image_size // patch patches per side, 384 // 14 = 27 for so400m)."""
+        return int(self.meta_floats("clip.vision.image_size")[0])
+
     def _siglip_grid(self, channels: int) -> tuple[int, int]:
         """(patches per side, patch size) of a LLaVA-OneVision tower's fixed frame, from its
         tensors: one position embedding row per patch, a C*P*P kernel per output channel."""
@@ -85,10 +91,10 @@ class VisionEncoder(OwnsHandles):
         if grid_thw is None:
             if pixels.ndim != 4:
                 raise SparrowError("grid_thw is required unless pixel_values is [frames, C, H, W] (LLaVA-OneVision)")
-            side, patch = self._siglip_grid(pixels.shape[1])
-            if pixels.shape[2:] != (side * patch, side * patch):
-                raise SparrowError(f"frames of {pixels.shape[2]}x{pixels.shape[3]} pixels, but this tower takes "
-                                   f"{side * patch}x{side * patch}")
+            side, _ = self._siglip_grid(pixels.shape[1])
+            size = self.image_size
+            if pixels.shape[2:] != (size, size):
+                raise SparrowError(f"frames of {pixels.shape[2]}x{pixels.shape[3]} pixels, but this tower takes {size}x{size}")
             grid_thw = (pixels.shape[0], side, side)
         grids = np.ascontiguousarray(np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3))
         if grids.size == 0 or np.any(np.abs(grids) > np.iinfo(np.int32).max):
@@ -114,10 +120,10 @@ class VisionEncoder(OwnsHandles):
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if pixels.ndim != 4:
             raise SparrowError(f"tiles must be [n, C, H, W], not {pixels.shape}")
-        side, patch = self._siglip_grid(pixels.shape[1])
-        if pixels.shape[2:] != (side * patch, side * patch):
-            raise SparrowError(f"tiles of {pixels.shape[2]}x{pixels.shape[3]} pixels, but this tower takes "
-                               f"{side * patch}x{side * patch}")
+        side, _ = self._siglip_grid(pixels.shape[1])
+        size = self.image_size
+        if pixels.shape[2:] != (size, size):
+            raise SparrowError(f"tiles of {pixels.shape[2]}x{pixels.shape[3]} pixels, but this tower takes {size}x{size}")
         grid = ffi.new("int32_t[3]", [pixels.shape[0], side, side])
         out = np.empty((pixels.shape[0], side * side, self.n_embd), dtype=np.float32)
         n_tokens = ffi.new("int64_t *")
@@ -135,13 +141,13 @@ class VisionEncoder(OwnsHandles):
         if self.projector_type != "llava_onevision":
             raise SparrowError(f"encode_image is LLaVA-OneVision's; a {self.projector_type} tower takes "
                                "preprocessed pixels with encode()")
-        side, patch = self._siglip_grid(3)
+        size = self.image_size
         flat = self.meta_floats("clip.vision.image_grid_pinpoints")
         pinpoints = [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
         aspect = self._meta("clip.vision.vision_aspect_ratio")
         if not aspect.startswith("anyres_max_") or not aspect[len("anyres_max_"):].isdigit():
             raise SparrowError(f"unsupported vision_aspect_ratio {aspect!r} (anyres_max_N is)")
-        cfg = ov.LlavaOnevisionPreprocessConfig(height=side * patch, width=side * patch,
+        cfg = ov.LlavaOnevisionPreprocessConfig(height=size, width=size,
                                                 image_mean=tuple(self.meta_floats("clip.vision.image_mean")),
                                                 image_std=tuple(self.meta_floats("clip.vision.image_std")))
         try:

@@ -134,12 +134,14 @@ def llava(tiny_llava_ov_dir, tmp_path_factory):
     return Family("llava", model, _perturbed_copy(model, tmp / "hf", tiny_llava_ov_dir), tmp)
 
 
-LLAVA_ODD_IMAGE_SIZE = 70  # 5x5 patches: pooled to 3x3 with real bilinear weights
+# 5x5 patches, pooled to 3x3 with real bilinear weights; 76 is not a multiple of 14, as
+# SigLIP-so400m's 384 is not: the last 6 pixels of each row and column are never read
+LLAVA_ODD_IMAGE_SIZE = 76
 
 
 @pytest.fixture(scope="module")
 def llava_odd(tmp_path_factory):
-    """SigLIP on 70x70 frames (an odd 5x5 patch grid), 3 layers, features from hidden_states[-3]
+    """SigLIP on 76x76 frames (an odd 5x5 patch grid, 6 pixels unread), 3 layers, features from hidden_states[-3]
     (after block 0) and [-1] concatenated, as vision_feature_layer lists them."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
     torch.manual_seed(5)

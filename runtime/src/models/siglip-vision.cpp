@@ -65,7 +65,7 @@ int64_t siglip_encode_grid(Backend & be, const VisionModel & model, const float 
     const int64_t P = hp.patch_size, C = hp.n_channels;
     const int64_t n_feat = (int64_t) hp.feature_layers.size();
     const int64_t frame_rows = grid.h * grid.w;
-    const int64_t width = grid.w * P, height = grid.h * P;
+    const int64_t width = hp.image_size, height = hp.image_size;  // patches cover the top-left grid.w * P pixels
     const int64_t frames_per_chunk = std::max<int64_t>(1, std::min<int64_t>(grid.t, kChunkPatches / frame_rows));
     const int64_t max_rows = frames_per_chunk * frame_rows;
     const int64_t pooled_h = (grid.h + 1) / 2, pooled_w = (grid.w + 1) / 2, pooled_rows = pooled_h * pooled_w;

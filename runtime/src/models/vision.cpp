@@ -183,8 +183,10 @@ void load_qwen(const GGUFFile & f, VisionHparams & hp, VisionWeights & w) {
 
 void load_siglip(const GGUFFile & f, VisionHparams & hp, VisionWeights & w) {
     const int64_t D = hp.n_embd;
-    if (hp.image_size % hp.patch_size != 0) {
-        fail(SPARROW_ERR_FORMAT, format("image_size %d is not a multiple of patch_size %d", hp.image_size, hp.patch_size));
+    // SigLIP's Conv2D has stride patch_size and no padding: 384-pixel frames with 14-pixel patches
+    // (siglip-so400m, LLaVA-OneVision's tower) give 27 x 27 patches and the last 6 pixels go unread
+    if (hp.image_size < hp.patch_size) {
+        fail(SPARROW_ERR_FORMAT, format("image_size %d is smaller than patch_size %d", hp.image_size, hp.patch_size));
     }
     const std::string strategy = f.get_string(kKeyFeatureSelectStrategy, "full");
     if (strategy != "full") {
@@ -306,13 +308,14 @@ int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int3
             floats += g.t * g.h * g.w * C * hp.temporal_patch * P * P;
             tokens += qwen2vl_grid_tokens(m, g);
         } else {
-            if (g.h * P != hp.image_size || g.w * P != hp.image_size) {
-                fail(SPARROW_ERR_INVALID_ARGUMENT, format("grid %d: frames of %lldx%lld pixels, but this tower takes %dx%d (h and w "
-                                                          "count patches of %lld: %lld each)", i, (long long) (g.h * P),
-                                                          (long long) (g.w * P), hp.image_size, hp.image_size, (long long) P,
-                                                          (long long) (hp.image_size / P)));
+            const int64_t side = hp.image_size / P;
+            if (g.h != side || g.w != side) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("grid %d: %lldx%lld patches, but this tower takes %dx%d frames: %lld x %lld "
+                                                          "patches of %lld pixels", i, (long long) g.h, (long long) g.w,
+                                                          hp.image_size, hp.image_size, (long long) side, (long long) side,
+                                                          (long long) P));
             }
-            floats += g.t * C * g.h * P * g.w * P;
+            floats += g.t * C * (int64_t) hp.image_size * hp.image_size;
             tokens += siglip_grid_tokens(m, g, !tiles);
         }
     }
@@ -331,7 +334,7 @@ void vision_encode(Backend & be, const VisionModel & m, const float * pixels, co
     for (int32_t i = 0; i < n_grids; ++i) {
         const VisionGrid & g = grids[i];
         const int64_t rows = qwen ? qwen2vl_encode_grid(be, m, pixels, g, out) : siglip_encode_grid(be, m, pixels, g, out, !tiles);
-        pixels += qwen ? g.t * g.h * g.w * C * m.hp.temporal_patch * P * P : g.t * C * g.h * P * g.w * P;
+        pixels += qwen ? g.t * g.h * g.w * C * m.hp.temporal_patch * P * P : g.t * C * (int64_t) m.hp.image_size * m.hp.image_size;
         out += rows * m.hp.n_embd_out;
     }
 }
