@@ -3,7 +3,7 @@ with LLaVA-OneVision-0.5B's shapes (SigLIP-so400m at 384 px, Qwen2-0.5B language
 
     python bench/bench_video.py [--visual 1024 4096 16384 25600] [--type q8_0] [--threads 2]
 
-Each video length runs in a fresh process, so its peak resident memory (ru_maxrss) is its own:
+Each video length runs in a fresh process, so its peak resident memory (VmHWM) is its own:
 the LM prefill feeds n_visual random visual embeddings (what the tower would produce; 196 tokens a
 frame: 27x27 patches pooled 2x2 to 14x14) plus a short text, in n_batch chunks through attention
 that streams over the KV cache. The tower's cost is per frame (frames never attend to each other),
@@ -61,6 +61,16 @@ def write_random_tower(cache: Path, outtype: str) -> Path:
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark since its exec (VmHWM; ru_maxrss would also count
+    what the parent held when it forked)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure_encode(args) -> dict:
     """The tower on --encode-frames random frames, in this process."""
     import sparrow_py as sp
@@ -73,7 +83,7 @@ def measure_encode(args) -> dict:
         seconds = time.perf_counter() - t0
     assert embd.shape[0] == args.encode_frames * TOKENS_PER_FRAME + 1, embd.shape  # + image_newline
     return {"encode_s_per_frame": seconds / args.encode_frames,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def measure_prefill(args) -> dict:
@@ -90,7 +100,7 @@ def measure_prefill(args) -> dict:
         "".join(e.generate(prompt, media=media, max_tokens=4, ignore_eos=True))
         s = e.last_stats
     return {"prefill_s": s["prefill_ms"] / 1e3, "n_prompt": s["n_prompt"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def child(args, *extra) -> dict:
