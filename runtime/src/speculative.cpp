@@ -473,7 +473,7 @@ void spec_prefill_chunk(sparrow_context & ctx, const int32_t * prompt, int32_t f
     auto & s = ctx.spec;
     const int64_t H = ctx.model->hparams.n_embd;
     const int64_t n_taps = (int64_t) s.draft->draft_hparams.taps.size();
-    const int64_t n_text = (int64_t) s.prefill_taps.size() / std::max<int64_t>(1, n_taps * H);
+    const int64_t n_text = (int64_t) s.prefill_taps.size() / (n_taps * H);  // as spec_prefill_start sized it
     const float * ivsb = hidden + (size_t) n_taps * n_rows * H;  // the slot after the taps
     for (int32_t i = 0; i < n_rows; ++i) {
         if (prompt[first_row + i] != SPARROW_MEDIA_TOKEN) {
@@ -482,8 +482,7 @@ void spec_prefill_chunk(sparrow_context & ctx, const int32_t * prompt, int32_t f
                 memcpy(&s.prefill_taps[(size_t) ((t * n_text + j) * H)], hidden + (size_t) (t * n_rows + i) * H,
                        H * sizeof(float));
             }
-        } else if (!s.glimpse_end.empty()) {
-            const int32_t v = s.prefill_visual_seen++;
+        } else if (const int32_t v = s.prefill_visual_seen++; !s.glimpse_end.empty()) {
             const size_t k = (size_t) (std::upper_bound(s.glimpse_end.begin(), s.glimpse_end.end(), v) - s.glimpse_end.begin());
             float * sum = &s.glimpse_sum[k * H];
             const float * row = ivsb + (size_t) i * H;
