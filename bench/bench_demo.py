@@ -26,7 +26,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import sparrow_py as sp
-    from sparrow_py.demo import build, demo_models, synthetic
+    from sparrow_py.demo import build, demo_models, synthetic, video_question
 
     models = demo_models()
     speeds = {m: [] for m in ["none", *args.modes]}
@@ -37,8 +37,7 @@ def main() -> int:
                    n_threads=args.threads) as e:
         for i in range(args.clips):
             c = synthetic.clip(build.HELD_OUT_SEED + 1 + i)
-            messages = [{"role": "user", "content": [{"type": "video"},
-                                                     {"type": "text", "text": synthetic.PROMPTS[i % 3]}]}]
+            messages = video_question(synthetic.PROMPTS[i % 3])
             want = None
             for mode in ["none", *args.modes]:
                 "".join(e.chat(messages, video=c.frames, max_pixels=models.max_pixels, max_tokens=64,

@@ -441,11 +441,7 @@ class Engine(OwnsHandles):
         items = []
         if video is not None:
             side, _ = self._vision._siglip_grid(3)
-            size = self._vision.image_size   # not side * patch: SigLIP-so400m leaves 384 % 14 pixels unread
-            cfg = ov.LlavaOnevisionPreprocessConfig(height=size, width=size,
-                                                    image_mean=tuple(self._vision.meta_floats("clip.vision.image_mean")),
-                                                    image_std=tuple(self._vision.meta_floats("clip.vision.image_std")))
-            v = ov.preprocess_video(video, cfg, fps=fps, num_frames=num_frames)
+            v = ov.preprocess_video(video, self._vision.llava_preprocess_config(), fps=fps, num_frames=num_frames)
             embd = self._vision.encode(v.pixel_values)
             items.append(("video", Media(embd, grid=(len(v.pixel_values), side, side),
                                          placeholder=self._vision_token("<video>"))))

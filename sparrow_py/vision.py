@@ -71,6 +71,23 @@ class VisionEncoder(OwnsHandles):
         SigLIP reads image_size // patch patches per side, 384 // 14 = 27 for so400m)."""
         return int(self.meta_floats("clip.vision.image_size")[0])
 
+    def llava_preprocess_config(self):
+        """LLaVA-OneVision: the frame size and mean/std this file's tower was trained with."""
+        from sparrow_py.video import llava_onevision as ov
+
+        size = self.image_size   # not patches x patch: SigLIP-so400m leaves 384 % 14 pixels unread
+        return ov.LlavaOnevisionPreprocessConfig(height=size, width=size,
+                                                 image_mean=tuple(self.meta_floats("clip.vision.image_mean")),
+                                                 image_std=tuple(self.meta_floats("clip.vision.image_std")))
+
+    def _llava_side(self, pixels: np.ndarray, what: str) -> int:
+        """Patches per side of LLaVA-OneVision frames/tiles [n, C, H, W], after checking H = W = image_size."""
+        side, _ = self._siglip_grid(pixels.shape[1])
+        size = self.image_size
+        if pixels.shape[2:] != (size, size):
+            raise SparrowError(f"{what} of {pixels.shape[2]}x{pixels.shape[3]} pixels, but this tower takes {size}x{size}")
+        return side
+
     def _siglip_grid(self, channels: int) -> tuple[int, int]:
         """(patches per side, patch size) of a LLaVA-OneVision tower's fixed frame, from its
         tensors: one position embedding row per patch, a C*P*P kernel per output channel."""
@@ -91,10 +108,7 @@ class VisionEncoder(OwnsHandles):
         if grid_thw is None:
             if pixels.ndim != 4:
                 raise SparrowError("grid_thw is required unless pixel_values is [frames, C, H, W] (LLaVA-OneVision)")
-            side, _ = self._siglip_grid(pixels.shape[1])
-            size = self.image_size
-            if pixels.shape[2:] != (size, size):
-                raise SparrowError(f"frames of {pixels.shape[2]}x{pixels.shape[3]} pixels, but this tower takes {size}x{size}")
+            side = self._llava_side(pixels, "frames")
             grid_thw = (pixels.shape[0], side, side)
         grids = np.ascontiguousarray(np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3))
         if grids.size == 0 or np.any(np.abs(grids) > np.iinfo(np.int32).max):
@@ -120,10 +134,7 @@ class VisionEncoder(OwnsHandles):
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if pixels.ndim != 4:
             raise SparrowError(f"tiles must be [n, C, H, W], not {pixels.shape}")
-        side, _ = self._siglip_grid(pixels.shape[1])
-        size = self.image_size
-        if pixels.shape[2:] != (size, size):
-            raise SparrowError(f"tiles of {pixels.shape[2]}x{pixels.shape[3]} pixels, but this tower takes {size}x{size}")
+        side = self._llava_side(pixels, "tiles")
         grid = ffi.new("int32_t[3]", [pixels.shape[0], side, side])
         out = np.empty((pixels.shape[0], side * side, self.n_embd), dtype=np.float32)
         n_tokens = ffi.new("int64_t *")
@@ -141,17 +152,13 @@ class VisionEncoder(OwnsHandles):
         if self.projector_type != "llava_onevision":
             raise SparrowError(f"encode_image is LLaVA-OneVision's; a {self.projector_type} tower takes "
                                "preprocessed pixels with encode()")
-        size = self.image_size
         flat = self.meta_floats("clip.vision.image_grid_pinpoints")
         pinpoints = [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat) - 1, 2)]
         aspect = self._meta("clip.vision.vision_aspect_ratio")
         if not aspect.startswith("anyres_max_") or not aspect[len("anyres_max_"):].isdigit():
             raise SparrowError(f"unsupported vision_aspect_ratio {aspect!r} (anyres_max_N is)")
-        cfg = ov.LlavaOnevisionPreprocessConfig(height=size, width=size,
-                                                image_mean=tuple(self.meta_floats("clip.vision.image_mean")),
-                                                image_std=tuple(self.meta_floats("clip.vision.image_std")))
         try:
-            tiles = ov.preprocess_image(image, cfg, pinpoints)
+            tiles = ov.preprocess_image(image, self.llava_preprocess_config(), pinpoints)
         except ValueError as e:
             raise SparrowError(str(e)) from None
         newline = np.empty(self.n_embd, dtype=np.float32)

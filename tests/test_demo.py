@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import sparrow_py as sp
-from sparrow_py.demo import build, demo_models, synthetic
+from sparrow_py.demo import build, demo_models, synthetic, video_question
 
 REPO = Path(__file__).resolve().parent.parent
 HELD_OUT = range(build.HELD_OUT_SEED + 1, build.HELD_OUT_SEED + 31)   # the bundled clip is HELD_OUT_SEED
@@ -97,8 +97,7 @@ def engine(models):
 
 
 def caption(engine, models, frames, prompt, **kw):
-    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-    text = "".join(engine.chat(msgs, video=frames, max_pixels=models.max_pixels, max_tokens=64, **kw))
+    text = "".join(engine.chat(video_question(prompt), video=frames, max_pixels=models.max_pixels, max_tokens=64, **kw))
     return text, list(engine.last_tokens), engine.last_stats
 
 

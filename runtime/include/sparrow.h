@@ -383,7 +383,8 @@ SPARROW_API sparrow_status sparrow_generated_tokens(const sparrow_context * ctx,
  *                          numbers).
  *   LLaVA-OneVision        pixels = [frames][C][H][W] (a video; an image is a 1-frame video),
  *                          grid_thw = (frames, H / patch, W / patch) rounded down, H = W = the
- *                          file's image size (SigLIP-so400m: 384 pixels, 27 x 27 patches of 14). Output per grid: each frame's ceil(h/2) x ceil(w/2) pooled
+ *                          file's image size (SigLIP-so400m: 384 pixels, 27 x 27 patches of
+ *                          14). Output per grid: each frame's ceil(h/2) x ceil(w/2) pooled
  *                          tokens in raster order, frames in order, then one image_newline.
  * n_pixel_floats must be exactly what the grids need. n_threads: 0 = all cores. On
  * SPARROW_ERR_BUFFER_TOO_SMALL (n_out_floats < tokens * n_embd; out may then be NULL),

@@ -53,6 +53,11 @@ def demo_models(folder: Path = DATA_DIR) -> DemoModels:
     return DemoModels(folder / "target.gguf", folder / "mmproj.gguf", folder / "draft.gguf", folder / "clip.npy", info)
 
 
+def video_question(prompt: str) -> list[dict]:
+    """The chat messages of a question about one video (Hugging Face content parts)."""
+    return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+
+
 @dataclass
 class DemoRun:
     caption: str
@@ -75,7 +80,7 @@ def caption_clip(engine, video, prompt: str, *, max_pixels: int, num_frames: Opt
     both see the same machine load); the first speculative run streams to `stream`."""
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, not {repeat}")
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
+    messages = video_question(prompt)
     kwargs = dict(video=video, max_pixels=max_pixels, num_frames=num_frames, max_tokens=max_tokens)
     ar_speeds, spec_speeds, identical, stats = [], [], True, {}
     caption, tokens = "", []

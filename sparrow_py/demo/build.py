@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..video._config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from . import synthetic
 
 # The chat template: Qwen2-VL's rendering of string and list contents (video/image/text parts).
@@ -55,7 +56,7 @@ TARGET_VISION = dict(depth=4, embed_dim=96, hidden_size=128, num_heads=4, mlp_ra
 MAX_PIXELS = synthetic.FRAME_SIZE * synthetic.FRAME_SIZE
 PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "temporal_patch_size": 2,
                 "merge_size": 2, "min_pixels": 56 * 56, "max_pixels": MAX_PIXELS,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+                "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}
 
 # seeds: training clips count up from 0, held-out clips from here (the bundled clip is the first)
 HELD_OUT_SEED = 10_000_000

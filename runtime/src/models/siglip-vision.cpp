@@ -13,7 +13,7 @@
 //               torch's bilinear interpolation (align_corners=False): a 2x2 average for even sides.
 //   newline     the frames' tokens, in frame order, then one image_newline for the whole video.
 //
-// Still images (anyres): with pooled = false the frames are an image's tiles and each comes out
+// Still images (anyres): with pool = false the frames are an image's tiles and each comes out
 // as its h x w projected patches, without pooling or newline; the tile layout (unpadding, a
 // newline per row) is arranged by the caller (sparrow_py.vision).
 #include "models/vision.h"

@@ -279,8 +279,8 @@ int64_t qwen2vl_grid_tokens(const VisionModel & m, const VisionGrid & g) {
     return g.t * g.h * g.w / ((int64_t) m.hp.merge_size * m.hp.merge_size);
 }
 
-int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & g, bool pooled) {
-    if (!pooled) return g.t * g.h * g.w;              // image tiles as they are
+int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & g, bool pool) {
+    if (!pool) return g.t * g.h * g.w;              // image tiles as they are
     return g.t * ((g.h + 1) / 2) * ((g.w + 1) / 2) + 1;  // pooled frames, then one image_newline
 }
 

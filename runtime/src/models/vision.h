@@ -98,7 +98,7 @@ int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & m, const float * p
 int64_t siglip_encode_grid(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid & grid, float * out,
                            bool pool = true);
 int64_t qwen2vl_grid_tokens(const VisionModel & m, const VisionGrid & grid);
-int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & grid, bool pooled = true);
+int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & grid, bool pool = true);
 
 // Activation memory of one encode call, freed on scope exit (also when an op throws).
 class VisionBuffers {
