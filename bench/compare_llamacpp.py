@@ -23,9 +23,14 @@ appended to sys.path (it only needs ctypes). If it is missing, build it once (ab
 on 2 cores) with --build-llama, or by hand:
 
     python -m venv ~/.cache/sparrow/llama-cpp-venv
+    CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="$CFLAGS" \\
     CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \\
       -DLLAMA_BUILD_EXAMPLES=OFF" ~/.cache/sparrow/llama-cpp-venv/bin/pip install \\
       --no-binary llama-cpp-python llama-cpp-python==0.3.36
+
+AMX is compiled out: on the virtual machines here the CPU reports AMX but the kernel does not
+grant its register state, and llama.cpp's AMX q8_0 / q4_0 kernels die on the first tileloadd
+(SIGILL). Sparrow has no AMX code either, so both engines use AVX-512 VNNI.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from bench_lm import ensure_model  # noqa: E402
 
 SHAPES_1_5B = dict(hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936, ctx=32768, rope_base=1_000_000.0)
 LLAMA_CPP_VERSION = "0.3.36"
+LLAMA_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # CFLAGS/CXXFLAGS: see the docstring
 LLAMA_CMAKE_ARGS = ("-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF "
                     "-DLLAMA_BUILD_EXAMPLES=OFF")
 BATCHES = (2, 4, 8, 16)
@@ -68,12 +74,12 @@ def import_llama_cpp(venv: Path, build: bool):
         if not build:
             sys.exit(f"llama-cpp-python not found in {venv}.\nBuild it once (~15 min) with --build-llama, or:\n"
                      f"  python -m venv {venv}\n"
-                     f"  CMAKE_ARGS=\"{LLAMA_CMAKE_ARGS}\" {venv}/bin/pip install --no-binary llama-cpp-python "
+                     f"  CFLAGS=\"{LLAMA_NO_AMX}\" CXXFLAGS=\"{LLAMA_NO_AMX}\" CMAKE_ARGS=\"{LLAMA_CMAKE_ARGS}\" {venv}/bin/pip install --no-binary llama-cpp-python "
                      f"llama-cpp-python=={LLAMA_CPP_VERSION}")
         print(f"building llama-cpp-python {LLAMA_CPP_VERSION} from source in {venv} (about 15 minutes) ...",
               file=sys.stderr)
         subprocess.check_call([sys.executable, "-m", "venv", str(venv)])
-        env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS)
+        env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS, CFLAGS=LLAMA_NO_AMX, CXXFLAGS=LLAMA_NO_AMX)
         subprocess.check_call([str(venv / "bin" / "pip"), "install", "--no-binary", "llama-cpp-python",
                                f"llama-cpp-python=={LLAMA_CPP_VERSION}"], env=env)
     for p in site_packages():

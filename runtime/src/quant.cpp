@@ -9,6 +9,7 @@
 #include "quant.h"
 
 #include "common.h"
+#include "cpu/features.h"
 
 #include <cassert>
 #include <cmath>
@@ -57,6 +58,20 @@ void mul_mat_q4_1(int64_t k, const void * w, size_t ws, int64_t nr, const void *
 void mul_mat_q4_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 void mul_mat_q6_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 }  // namespace avx2
+
+// cpu/quant_avx512.cpp and cpu/matmul_avx512.cpp (AVX-512 F/BW/VL/DQ + VNNI); types not listed
+// keep their AVX2 kernels on such CPUs.
+namespace avx512 {
+float vec_dot_q8_0(int64_t n, const void * w, const void * x);
+float vec_dot_q4_0(int64_t n, const void * w, const void * x);
+void mul_mat_f32(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_f16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_bf16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_q8_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_q4_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_q4_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void mul_mat_q6_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+}  // namespace avx512
 #endif
 
 // ---- fp16 / bf16 -----------------------------------------------------------------------------
@@ -560,8 +575,8 @@ Kernels make_reference_kernels() {
 Kernels select_kernels() {
     Kernels k = make_reference_kernels();
 #if SPARROW_HAVE_AVX2_KERNELS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    const SimdLevel level = simd_level_available();
+    if (level >= SimdLevel::Avx2) {
         k.vec_dot[(size_t) DType::F32] = avx2::vec_dot_f32;
         k.vec_dot[(size_t) DType::F16] = avx2::vec_dot_f16;
         k.vec_dot[(size_t) DType::BF16] = avx2::vec_dot_bf16;
@@ -586,6 +601,18 @@ Kernels select_kernels() {
         k.mul_mat[(size_t) DType::Q4_K] = avx2::mul_mat_q4_K;
         k.mul_mat[(size_t) DType::Q6_K] = avx2::mul_mat_q6_K;
         k.level = "AVX2";
+    }
+    if (level >= SimdLevel::Avx512) {
+        k.vec_dot[(size_t) DType::Q8_0] = avx512::vec_dot_q8_0;
+        k.vec_dot[(size_t) DType::Q4_0] = avx512::vec_dot_q4_0;
+        k.mul_mat[(size_t) DType::F32] = avx512::mul_mat_f32;
+        k.mul_mat[(size_t) DType::F16] = avx512::mul_mat_f16;
+        k.mul_mat[(size_t) DType::BF16] = avx512::mul_mat_bf16;
+        k.mul_mat[(size_t) DType::Q8_0] = avx512::mul_mat_q8_0;
+        k.mul_mat[(size_t) DType::Q4_0] = avx512::mul_mat_q4_0;
+        k.mul_mat[(size_t) DType::Q4_K] = avx512::mul_mat_q4_K;
+        k.mul_mat[(size_t) DType::Q6_K] = avx512::mul_mat_q6_K;
+        k.level = "AVX512-VNNI";
     }
 #endif
     return k;

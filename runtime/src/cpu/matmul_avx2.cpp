@@ -16,43 +16,14 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 
+#include "cpu/matmul_tiles.h"
 #include "cpu/simd_avx2.h"
 
 #include <immintrin.h>
 
-#include <array>
-#include <utility>
-
 namespace sparrow {
 namespace avx2 {
 namespace {
-
-using TileFn = void (*)(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys);
-
-// Calls Kern::tile<R, C> for every (weight rows, activation rows) block of the request.
-template <typename Kern, int... I>
-constexpr std::array<TileFn, sizeof...(I)> make_tiles(std::integer_sequence<int, I...>) {
-    return {{&Kern::template tile<I / Kern::RN + 1, I % Kern::RN + 1>...}};
-}
-
-template <typename Kern>
-void drive(int64_t k, const void * wv, size_t ws, int64_t nr, const void * xv, size_t xs, int64_t nc, float * y,
-           int64_t ys) {
-    constexpr int RM = Kern::RM, RN = Kern::RN;
-    static constexpr std::array<TileFn, RM * RN> tiles = make_tiles<Kern>(std::make_integer_sequence<int, RM * RN>());
-    const uint8_t * w = (const uint8_t *) wv;
-    const uint8_t * x = (const uint8_t *) xv;
-    const int64_t n_col_tiles = (nc + RN - 1) / RN;
-    for (int64_t r0 = 0; r0 < nr; r0 += RM) {
-        const int rr = (int) std::min<int64_t>(RM, nr - r0);
-        // the weight rows of this tile stay in L1 while the activation tiles go past
-        for (int64_t t = 0, c0 = 0; t < n_col_tiles; t++) {
-            const int cc = (int) ((nc - c0) / (n_col_tiles - t));  // even split of what is left
-            tiles[(rr - 1) * RN + (cc - 1)](k, w + r0 * ws, ws, x + c0 * xs, xs, y + c0 * ys + r0, ys);
-            c0 += cc;
-        }
-    }
-}
 
 // ---- float weights: f32, f16, bf16 against f32 activations ----------------------------------
 
@@ -340,14 +311,11 @@ void drive_panels(int64_t k, const void * wv, size_t ws, int64_t nr, const void 
     static constexpr TileFn panels[4] = {&PanelFn<1>::run, &PanelFn<2>::run, &PanelFn<3>::run, &PanelFn<4>::run};
     const uint8_t * w = (const uint8_t *) wv;
     const uint8_t * x = (const uint8_t *) xv;
-    const int64_t n_col_tiles = (nc + 3) / 4;
     int64_t r0 = 0;
     for (; r0 + 8 <= nr; r0 += 8) {
-        for (int64_t t = 0, c0 = 0; t < n_col_tiles; t++) {
-            const int cc = (int) ((nc - c0) / (n_col_tiles - t));
+        for_even_col_tiles(nc, 4, [&](int64_t c0, int cc) {
             panels[cc - 1](k, w + r0 * ws, ws, x + c0 * xs, xs, y + c0 * ys + r0, ys);
-            c0 += cc;
-        }
+        });
     }
     if (r0 < nr) drive<Kern>(k, w + r0 * ws, ws, nr - r0, x, xs, nc, y + r0, ys);
 }

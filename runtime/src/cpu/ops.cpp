@@ -1,6 +1,7 @@
 // ops.cpp - scalar references of ops.h and the run-time choice of SIMD versions.
 #include "cpu/ops.h"
 
+#include "cpu/features.h"
 #include "quant.h"
 
 #include <algorithm>
@@ -88,8 +89,7 @@ namespace {
 OpsKernels select_ops() {
     OpsKernels k = ref::ops_kernels();
 #if SPARROW_HAVE_AVX2_KERNELS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    if (simd_level_available() >= SimdLevel::Avx2) {
         k.attention = avx2::attention;
         k.silu_mul = avx2::silu_mul;
         k.level = "AVX2";
