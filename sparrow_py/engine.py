@@ -534,6 +534,22 @@ class Engine(OwnsHandles):
             "draft_kv_entries": s.draft_kv_entries,
         }
 
+    @property
+    def last_glimpses(self) -> tuple[np.ndarray, np.ndarray]:
+        """The glimpses the last speculative generation gave its draft: (pooled [G, n_embd], the
+        mean of the target's ivsb-layer outputs over each segment of the visual tokens, before
+        glimpse_proj; positions [G], each segment's first visual token). Empty for text prompts
+        or drafts without glimpses."""
+        ctx = self._live()
+        n = ffi.new("int32_t *")
+        check(lib.sparrow_get_glimpses(ctx, ffi.NULL, ffi.NULL, 0, n))
+        pooled = np.zeros((n[0], self.n_embd), np.float32)
+        pos = np.zeros(n[0], np.int32)
+        if n[0]:
+            check(lib.sparrow_get_glimpses(ctx, ffi.cast("float *", pooled.ctypes.data),
+                                           ffi.cast("int32_t *", pos.ctypes.data), n[0], n))
+        return pooled, pos
+
     # ---- low level -----------------------------------------------------------------------
     def decode(
         self,

@@ -167,6 +167,37 @@ def test_speculative_on_video_is_lossless_and_bounded(qwen2vl, tmp_path, mode, g
         assert glimpses <= s["draft_kv_entries"] <= limit
 
 
+@pytest.mark.parametrize("grid,glimpses", [((4, 6, 4), 5), ((2, 4, 6), 4), ((1, 2, 2), 3)])
+def test_glimpses_are_transformers_pooled_ivsb_outputs(qwen2vl, tmp_path, grid, glimpses):
+    """The IVSB hand-off itself, not only its effect on acceptance: the glimpses the runtime gives
+    the draft equal pool_glimpses (the training code's definition) over transformers' hidden
+    states after layer ivsb_layer at the video tokens, at transformers' M-RoPE temporal positions
+    of each segment's first token. (1, 2, 2): fewer visual tokens (1) than glimpses."""
+    from sparrow_py.train.model import pool_glimpses
+
+    hf_dir, model, lm, mmproj = qwen2vl
+    draft = make_draft(hf_dir, tmp_path / "draft", glimpses=glimpses, ivsb_layer=0, anchors=2, window=4, seed=2,
+                       scale=0.1)
+    pixels, grid = video_inputs(grid, seed=4)
+    ids = prompt_ids(grid[0] * grid[1] * grid[2] // 4)
+    with sp.Engine(str(lm), n_ctx=256, n_threads=1, kv_type="f32", draft=str(draft)) as e:
+        "".join(ours(e, mmproj, ids, pixels, grid, max_tokens=4, ignore_eos=True, speculative="chain", n_draft=2))
+        pooled, pos = e.last_glimpses
+        "".join(e.generate(e.tokenize("plain text", add_special=True), max_tokens=2, speculative="chain"))
+        assert e.last_glimpses[0].shape == (0, e.n_embd)  # a text prompt has none
+
+    ids_t = torch.tensor([ids])
+    mm_types = (ids_t == VIDEO_TOKEN).long() * 2
+    with torch.no_grad():
+        out = model(input_ids=ids_t, pixel_values_videos=torch.from_numpy(pixels), video_grid_thw=torch.tensor([grid]),
+                    mm_token_type_ids=mm_types, use_cache=False, output_hidden_states=True)
+        rope, _ = model.model.get_rope_index(ids_t, mm_types, video_grid_thw=torch.tensor([grid]))
+    visual = ids_t[0] == VIDEO_TOKEN
+    want, want_pos = pool_glimpses(out.hidden_states[1][0][visual], rope[0, 0][visual], glimpses)
+    assert pooled.shape == tuple(want.shape) and pos.tolist() == want_pos.tolist()
+    assert np.abs(pooled - want.numpy()).max() <= 1e-4 * np.abs(want.numpy()).max()
+
+
 @pytest.mark.parametrize("family,n_frames", [("qwen2vl", 4), ("qwen25vl", 4), ("qwen25vl", 16)])
 def test_generate_with_video_frames(request, family, n_frames):
     """Engine(mmproj=).generate(prompt, video=frames): preprocessing, encoding, markers and

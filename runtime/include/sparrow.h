@@ -331,6 +331,15 @@ typedef struct sparrow_stats {
 
 SPARROW_API sparrow_status sparrow_get_stats(const sparrow_context * ctx, sparrow_stats * out);
 
+/* The glimpses the last speculative generation handed its draft (IVSB): each the mean of the
+ * target's ivsb-layer outputs over one contiguous segment of the prompt's visual tokens, before
+ * the draft's glimpse_proj, at the position of the segment's first visual token (the temporal
+ * stream with M-RoPE). *n_out receives the count (0: no visual tokens, or a draft without
+ * glimpses); up to max of them are copied to pooled [max][n_embd] and pos [max], either of which
+ * may be NULL. For inspection and tests. */
+SPARROW_API sparrow_status sparrow_get_glimpses(const sparrow_context * ctx, float * pooled, int32_t * pos,
+                                                int32_t max, int32_t * n_out);
+
 /* ---- running a draft on its own (evaluation, tools, tests) ------------------------------ */
 /* A draft session runs a draft model outside the speculative loop, on features the caller
  * provides: what the speculative loop does internally, step by step. */

@@ -737,6 +737,21 @@ sparrow_status sparrow_get_stats(const sparrow_context * ctx, sparrow_stats * ou
     });
 }
 
+sparrow_status sparrow_get_glimpses(const sparrow_context * ctx, float * pooled, int32_t * pos, int32_t max,
+                                    int32_t * n_out) {
+    return guard([&] {
+        require(ctx != nullptr && n_out != nullptr, "ctx or n_out is NULL");
+        require(max >= 0, "max must be >= 0");
+        const auto & s = ctx->spec;
+        const int32_t n = (int32_t) s.glimpse_pos.size();
+        const size_t H = (size_t) ctx->model->hparams.n_embd;
+        const int32_t copy = std::min(n, max);
+        if (pooled && copy > 0) std::memcpy(pooled, s.glimpse_sum.data(), (size_t) copy * H * sizeof(float));
+        if (pos && copy > 0) std::memcpy(pos, s.glimpse_pos.data(), (size_t) copy * sizeof(int32_t));
+        *n_out = n;
+    });
+}
+
 // ---- draft sessions ----------------------------------------------------------------------
 
 struct sparrow_draft_session {

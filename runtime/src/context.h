@@ -67,6 +67,8 @@ struct sparrow_context {
         std::vector<float> prefill_taps;         // [n_taps][n_text][n_embd]
         std::vector<float> glimpse_sum;          // [n_segments][n_embd]
         std::vector<int32_t> glimpse_end;        // visual index where each segment ends
+        std::vector<int32_t> glimpse_pos;        // after spec_begin: each glimpse's position (glimpse_sum
+                                                 // then holds the means)
         int32_t prefill_text_seen = 0, prefill_visual_seen = 0;
         bool active = false;                     // this generation speculates
         bool tree = false;                       // with an EAGLE-2 tree rather than a chain

@@ -462,6 +462,7 @@ void spec_prefill_start(sparrow_context & ctx, const int32_t * prompt, int32_t n
     // G contiguous segments of the visual rows, in temporal (prompt) order
     const int64_t n_seg = dh.n_glimpses > 0 ? std::min<int64_t>(dh.n_glimpses, n_vis) : 0;
     s.glimpse_end.resize((size_t) n_seg);
+    s.glimpse_pos.clear();  // filled by spec_begin once the segments are complete
     for (int64_t k = 0; k < n_seg; ++k) s.glimpse_end[k] = (int32_t) ((k + 1) * n_vis / n_seg);
     s.glimpse_sum.assign((size_t) (n_seg * H), 0.0f);
     s.prefill_taps.resize((size_t) (dh.taps.size() * n_text * H));
@@ -509,14 +510,14 @@ void spec_begin(sparrow_context & ctx, int32_t n_prompt, int32_t first_token) {
 
     // glimpses: the mean of each segment, at the temporal position of its first visual token
     const int64_t n_seg = (int64_t) s.glimpse_end.size();
+    s.glimpse_pos.resize((size_t) n_seg);
     if (n_seg > 0) {
-        std::vector<int32_t> positions((size_t) n_seg);
         for (int64_t k = 0; k < n_seg; ++k) {
             const int32_t b = k == 0 ? 0 : s.glimpse_end[k - 1];
             for (int64_t d = 0; d < H; ++d) s.glimpse_sum[k * H + d] /= (float) (s.glimpse_end[k] - b);
-            positions[k] = g.has_media ? g.prompt_pos[visual_rows[b]] : ctx.cache_pos[visual_rows[b]];
+            s.glimpse_pos[k] = g.has_media ? g.prompt_pos[visual_rows[b]] : ctx.cache_pos[visual_rows[b]];
         }
-        s.state->add_glimpses(s.glimpse_sum.data(), positions.data(), n_seg);
+        s.state->add_glimpses(s.glimpse_sum.data(), s.glimpse_pos.data(), n_seg);
     }
 
     // entries: each text row with the token after it (a media row's placeholder token)
