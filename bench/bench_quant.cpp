@@ -3,15 +3,12 @@
 // read. Decode is bound by these bytes, so GB/s near the machine's streaming-read bandwidth
 // (printed first, as the baseline) means the kernel keeps up with memory.
 //
-// Not built by CMake yet. From the repo root (the AVX2 file needs its own flags, so two steps):
-//   g++ -std=c++17 -O2 -Iruntime/include -Iruntime/src -mavx2 -mfma -mf16c
-//       -c runtime/src/cpu/quant_avx2.cpp -o /tmp/quant_avx2.o
-//   g++ -std=c++17 -O2 -Iruntime/include -Iruntime/src -mavx2 -mfma -mf16c
-//       -c runtime/src/cpu/matmul_avx2.cpp -o /tmp/matmul_avx2.o
-//   g++ -std=c++17 -O2 -Iruntime/include -Iruntime/src
-//       bench/bench_quant.cpp runtime/src/quant.cpp /tmp/quant_avx2.o /tmp/matmul_avx2.o -o /tmp/bench_quant
-// (or link against a CMake build: g++ ... bench/bench_quant.cpp build/perf/libsparrow_static.a -lpthread)
-//   /tmp/bench_quant [rows cols]      (default 4096 4096)
+// Built by CMake with the tests (build/bench_quant); run it under SPARROW_SIMD=avx2 to compare
+// kernel levels:
+//   bench_quant [rows cols]      (default 4096 4096)
+//
+// A second table times mul_mat with 1, 2, 4, 8 and 16 activation rows (decode, verify batches)
+// as weight GB/s and as time relative to one row: a batch of k should cost far less than k.
 //
 // Each type gets enough copies of the matrix to exceed 128 MiB, cycled through, so the weights
 // come from DRAM as at decode time rather than from the last-level cache.
@@ -24,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 using namespace sparrow;
@@ -144,6 +142,40 @@ int main(int argc, char ** argv) {
             return ref::vec_dot(tt, n, w, xx);
         });
         std::printf("%-6s %10.1f %12.2f %14.2f %7.1fx\n", traits(t).name, bytes / 1048576.0, simd, scalar, simd / scalar);
+    }
+
+    std::printf("\nmul_mat, 1 thread: weight GB/s with k activation rows (time relative to k = 1)\n%-6s", "type");
+    const int batches[] = {1, 2, 4, 8, 16};
+    for (int k : batches) std::printf("  %13s", ("k=" + std::to_string(k)).c_str());
+    std::printf("\n");
+    for (DType t : types) {
+        const size_t row_bytes = row_size(t, cols), bytes = row_bytes * (size_t) rows;
+        const size_t n_copies = std::max<size_t>(2, (min_working_set + bytes - 1) / bytes);
+        std::vector<std::vector<uint8_t>> copies(n_copies, make_matrix(t, rows, cols, rng));
+        const DType dt = traits(t).dot_type;
+        const size_t x_row = row_size(dt, cols);
+        std::vector<float> xf((size_t) cols);
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        std::vector<uint8_t> x(x_row * 16);
+        for (int c = 0; c < 16; c++) {
+            for (auto & v : xf) v = normal(rng);
+            quantize_row(dt, xf.data(), x.data() + c * x_row, cols);
+        }
+        std::vector<float> y((size_t) rows * 16);
+        std::printf("%-6s", traits(t).name);
+        double t1 = 0.0;
+        for (int k : batches) {
+            double best = 1e30;
+            for (size_t p = 0; p < std::max<size_t>(6, 2 * n_copies); p++) {
+                const auto t0 = Clock::now();
+                mul_mat(t, cols, copies[p % n_copies].data(), row_bytes, rows, x.data(), x_row, k, y.data(), rows);
+                best = std::min(best, seconds_since(t0));
+            }
+            g_sink = y[0];
+            if (k == 1) t1 = best;
+            std::printf("  %6.2f (%4.2fx)", bytes / best / 1e9, best / t1);
+        }
+        std::printf("\n");
     }
     return 0;
 }

@@ -70,7 +70,7 @@ void test_mul_mat(DType t) {
     const int64_t shapes[][3] = {  // k (in blocks for quantized types, elements for float), nr, nc
         {1, 1, 1}, {3, 1, 2}, {5, 3, 4}, {7, 5, 3}, {9, 8, 8}, {2, 17, 16}, {4, 2, 5}, {6, 7, 9}, {11, 4, 13},
         // whole 16-row panels with rows left over, 1..21 activation rows (AVX-512 panels take 16)
-        {3, 33, 2}, {2, 48, 17}, {5, 16, 7}, {1, 31, 11}};
+        {3, 33, 2}, {2, 48, 17}, {5, 16, 7}, {1, 31, 11}, {4, 37, 1}, {2, 16, 1}};
     for (int rep = 0; rep < 3; rep++) {
         for (const auto & s : shapes) {
             int64_t k = bs == 1 ? s[0] * 8 + (rep == 0 ? 0 : pick(1, 7)) : s[0] * bs;  // ragged float tails

@@ -1,8 +1,8 @@
 // matmul_avx2.cpp - register-tiled matrix products (quant.h's mul_mat) for AVX2 + FMA + F16C.
 //
-// vec_dot streams one weight row against one activation row, which is right for decode (every
-// weight byte is read once and memory is the limit). With several activation rows (prefill, a
-// verify batch) the same weight row would be fetched and unpacked once per token. Here a
+// vec_dot streams one weight row against one activation row. With several activation rows
+// (prefill, a verify batch) the same weight row would be fetched and unpacked once per token,
+// and even for one (decode) a single stream of reads leaves memory bandwidth unused. Here a
 // micro-kernel computes an R x C tile (R weight rows x C activation rows) with R * C
 // accumulators that stay in registers: every weight vector (loaded, converted or unpacked from
 // nibbles once) meets C activation vectors, and every activation vector R weight rows. The
