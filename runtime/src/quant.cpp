@@ -621,6 +621,7 @@ Kernels select_kernels() {
         k.mul_mat[(size_t) DType::Q4_0] = avx512::mul_mat_q4_0;
         k.mul_mat[(size_t) DType::Q4_K] = avx512::mul_mat_q4_K;
         k.mul_mat[(size_t) DType::Q6_K] = avx512::mul_mat_q6_K;
+        k.tiled_single_row[(size_t) DType::Q4_K] = true;  // its 16-row panels beat vec_dot here
         k.level = "AVX512-VNNI";
     }
 #endif

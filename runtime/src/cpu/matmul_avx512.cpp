@@ -13,8 +13,9 @@
 // q8_0's are made so by flipping the sign bit (w + 128, applied as -128 sum(x)). The activation
 // sums are per block and activation row, computed once per call for all the panels.
 //
-// Float weights: 4 x 6 tiles of 16-float vectors. k-quants: the AVX2 tiles on 512-bit vectors,
-// two 32-quant sub-blocks per vpmaddubsw.
+// q4_K: 16-row panels too, its sub-block scales applied per 32 quants in float. Float weights:
+// 4 x 6 tiles of 16-float vectors. q6_K (and q4_K's leftover rows): the AVX2 tiles on 512-bit
+// vectors, two 32-quant sub-blocks per vpmaddubsw.
 
 #if defined(__x86_64__) || defined(__i386__)
 
@@ -302,6 +303,113 @@ struct Q4_KKern {
     }
 };
 
+// q4_K in 16-row panels, as q4_0's: the quants of 16 rows transposed so that one vpdpbusd
+// advances all 16 rows by 4 quants. Each 32-quant sub-block's int32 sums meet floats once,
+// times the rows' d * scale_s (a vector over the rows, unpacked once per block for the panel)
+// and the activation's d; the mins term dmin * min_s * d_x * sum_s(x) comes from the bsums.
+
+struct KSummary {
+    float d;
+    float sub_sums[QK_K / 32];  // d * the sum of each 32-quant sub-block's quants
+};
+
+void summarize_q8_K(const uint8_t * x, size_t xs, int64_t nc, int64_t nb, KSummary * out) {
+    for (int64_t c = 0; c < nc; c++) {
+        const BlockQ8_K * xb = (const BlockQ8_K *) (x + c * xs);
+        for (int64_t b = 0; b < nb; b++) {
+            KSummary & s = out[c * nb + b];
+            s.d = xb[b].d;
+            for (int j = 0; j < QK_K / 32; j++) s.sub_sums[j] = xb[b].d * (float) (xb[b].bsums[2 * j] + xb[b].bsums[2 * j + 1]);
+        }
+    }
+}
+
+struct PanelKScales {  // one block of 16 rows, row r in lane r
+    __m512 scale[8];  // d * scale_s
+    __m512 min[8];    // dmin * min_s
+};
+
+// unpack_k_scales on 16 rows at once: their 12 scale bytes gathered as three dwords per row.
+inline void panel_k_scales(const uint8_t * block, __m512i row_offsets, PanelKScales & out) {
+    const __m512i d_dmin = _mm512_i32gather_epi32(row_offsets, block, 1);  // d | dmin << 16
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d_dmin));
+    const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(d_dmin, 16)));
+    const uint8_t * sb = block + offsetof(BlockQ4_K, scales);
+    const __m512i w0 = _mm512_i32gather_epi32(row_offsets, sb, 1);
+    const __m512i w1 = _mm512_i32gather_epi32(row_offsets, sb + 4, 1);
+    const __m512i w2 = _mm512_i32gather_epi32(row_offsets, sb + 8, 1);
+    const __m512i low6 = _mm512_set1_epi32(0x3f3f3f3f), low4 = _mm512_set1_epi32(0x0f0f0f0f);
+    const __m512i low2 = _mm512_set1_epi32(0x03030303), byte = _mm512_set1_epi32(0xff);
+    const __m512i packed[4] = {
+        _mm512_and_si512(w0, low6),  // scales 0..3
+        _mm512_or_si512(_mm512_and_si512(w2, low4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w0, 6), low2), 4)),
+        _mm512_and_si512(w1, low6),  // mins 0..3
+        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), low4),
+                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w1, 6), low2), 4)),
+    };
+    for (int j = 0; j < 4; j++) {
+        auto field = [&](int which) { return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(packed[which], 8 * j), byte)); };
+        out.scale[j] = _mm512_mul_ps(d, field(0));
+        out.scale[j + 4] = _mm512_mul_ps(d, field(1));
+        out.min[j] = _mm512_mul_ps(dmin, field(2));
+        out.min[j + 4] = _mm512_mul_ps(dmin, field(3));
+    }
+}
+
+template <int C>
+void panel16_q4_K(int64_t nb, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, const KSummary * sums,
+                  float * y, int64_t ys) {
+    const __m512i row_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                   _mm512_set1_epi32((int32_t) ws));
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    __m512 acc[C];
+    for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t * wb = w + b * sizeof(BlockQ4_K);
+        PanelKScales ps;
+        panel_k_scales(wb, row_offsets, ps);
+        for (int c = 0; c < C; c++) {
+            const KSummary & s = sums[c * nb + b];
+            __m512 m = _mm512_mul_ps(ps.min[0], _mm512_set1_ps(s.sub_sums[0]));
+            for (int j = 1; j < 8; j++) m = _mm512_fmadd_ps(ps.min[j], _mm512_set1_ps(s.sub_sums[j]), m);
+            acc[c] = _mm512_sub_ps(acc[c], m);
+        }
+        for (int pair = 0; pair < QK_K / 64; pair++) {  // 32 bytes per row: sub-blocks 2 pair (low), 2 pair + 1 (high)
+            __m512i lo[8], hi[8];
+            for (int half = 0; half < 2; half++) {
+                __m512i rows[4], t[4];
+                load_panel_quarters(wb, ws, offsetof(BlockQ4_K, qs) + 32 * pair + 16 * half, rows);
+                transpose4_epi32(rows, t);
+                for (int g = 0; g < 4; g++) {
+                    lo[4 * half + g] = _mm512_and_si512(t[g], low4);
+                    hi[4 * half + g] = _mm512_and_si512(_mm512_srli_epi16(t[g], 4), low4);
+                }
+            }
+            for (int c = 0; c < C; c++) {
+                const int8_t * xq = ((const BlockQ8_K *) (x + c * xs))[b].qs + 64 * pair;
+                __m512i sum_lo = _mm512_setzero_si512(), sum_hi = _mm512_setzero_si512();
+                for (int g = 0; g < 8; g++) {
+                    sum_lo = _mm512_dpbusd_epi32(sum_lo, lo[g], _mm512_set1_epi32(load_i32(xq + 4 * g)));
+                    sum_hi = _mm512_dpbusd_epi32(sum_hi, hi[g], _mm512_set1_epi32(load_i32(xq + 32 + 4 * g)));
+                }
+                const __m512 dx = _mm512_set1_ps(sums[c * nb + b].d);
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lo), _mm512_mul_ps(ps.scale[2 * pair], dx), acc[c]);
+                acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_hi), _mm512_mul_ps(ps.scale[2 * pair + 1], dx), acc[c]);
+            }
+        }
+    }
+    for (int c = 0; c < C; c++) _mm512_storeu_ps(y + c * ys, acc[c]);
+}
+
+using KPanelFn = void (*)(int64_t nb, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, const KSummary * sums,
+                          float * y, int64_t ys);
+constexpr int kKPanelCols = 16;  // more columns than registers allow spill a little, still faster
+
+template <int... I>
+constexpr std::array<KPanelFn, sizeof...(I)> make_k_panels(std::integer_sequence<int, I...>) {
+    return {{&panel16_q4_K<I + 1>...}};
+}
+
 // q6_K: per half-block, quants 0..63 and 64..127 as two 64-byte vectors; each 16 quants has its
 // own scale, so lane l of the int16 pair sums takes scale 8 half + 4 g + l / 8.
 struct ScaleQuadIndex {
@@ -391,8 +499,24 @@ void mul_mat_q8_0(int64_t k, const void * w, size_t ws, int64_t nr, const void *
 void mul_mat_q4_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
     drive_panels<PanelQ4_0>(k, w, ws, nr, x, xs, nc, y, ys, avx2::mul_mat_q4_0);
 }
-void mul_mat_q4_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    drive<Q4_KKern>(k, w, ws, nr, x, xs, nc, y, ys);
+void mul_mat_q4_K(int64_t k, const void * wv, size_t ws, int64_t nr, const void * xv, size_t xs, int64_t nc, float * y,
+                  int64_t ys) {
+    static constexpr std::array<KPanelFn, kKPanelCols> panels = make_k_panels(std::make_integer_sequence<int, kKPanelCols>());
+    const uint8_t * w = (const uint8_t *) wv;
+    const uint8_t * x = (const uint8_t *) xv;
+    const int64_t nb = k / QK_K;
+    int64_t r0 = 0;
+    if (nr >= kPanelRows) {
+        thread_local std::vector<KSummary> sums;  // grows to the largest call seen, per thread
+        if ((int64_t) sums.size() < nc * nb) sums.resize((size_t) (nc * nb));
+        summarize_q8_K(x, xs, nc, nb, sums.data());
+        for (; r0 + kPanelRows <= nr; r0 += kPanelRows) {
+            for_even_col_tiles(nc, kKPanelCols, [&](int64_t c0, int cc) {
+                panels[cc - 1](nb, w + r0 * ws, ws, x + c0 * xs, xs, sums.data() + c0 * nb, y + c0 * ys + r0, ys);
+            });
+        }
+    }
+    if (r0 < nr) drive<Q4_KKern>(k, w + r0 * ws, ws, nr - r0, x, xs, nc, y + r0, ys);
 }
 void mul_mat_q6_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
     drive<Q6_KKern>(k, w, ws, nr, x, xs, nc, y, ys);
