@@ -133,3 +133,69 @@ def test_quantized_draft_tracks_the_f32_draft(setup, tmp_path):
                 out[name] = d.run(tokens, g, list(range(8)))[1]
     assert rel_err(out["q8_0"], out["f32"]) < 3e-2
     assert not np.array_equal(out["q8_0"], out["f32"])  # the quantized weights were used
+
+
+@pytest.mark.parametrize("draft_vocab", [0, 40])
+def test_llama_cpp_eagle3_draft_matches_torch(tiny_qwen2_dir, tmp_path, draft_vocab):
+    """A llama.cpp eagle3 file (the G = 0, W = 0 case of spec v1: NORM RoPE on permuted q/k rows,
+    metadata under eagle3.*) loads and runs as the torch module it came from, committed entries
+    and a speculative chain, full and reduced (d2t) vocabulary; speculation with it is lossless."""
+    from sparrow_py.train.export import load_draft
+    from transformers import AutoModelForCausalLM
+
+    from draft_util import write_eagle3
+
+    target_path = tmp_path / "target.gguf"
+    convert(tiny_qwen2_dir, target_path, outtype="f32", progress=False)
+    sparrow_path = make_draft(tiny_qwen2_dir, tmp_path / "draft", window=0, anchors=0, glimpses=0, seed=4, scale=0.1,
+                              draft_vocab_size=draft_vocab)
+    eagle3_path = write_eagle3(sparrow_path, tmp_path / "eagle3.gguf")
+    module = load_draft(tmp_path / "draft").eval()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    module.set_target_weights(hf.get_input_embeddings().weight.detach(), hf.get_output_embeddings().weight.detach())
+    from sparrow_py.train.model import DraftCache
+
+    c = module.config
+    rng = np.random.default_rng(2)
+    n = 12
+    taps = rng.standard_normal((n, len(c.taps) * c.hidden_size)).astype(np.float32)
+    tokens = rng.integers(0, c.vocab_size, size=n).tolist()
+    with sp.Engine(str(target_path), n_threads=1) as target, DraftSession(target, eagle3_path, n_ctx=64) as d:
+        d.reset(0)
+        cache = DraftCache(c, 0)
+        g = d.fuse_taps(taps)
+        h_rt, logits_rt = d.run(tokens, g, list(range(3, 3 + n)))
+        for j in range(n):
+            with torch.no_grad():
+                logits_ref, h_ref = module.step(cache, tokens[j], torch.from_numpy(g[j]), 3 + j, speculative=False)
+            assert rel_err(h_rt[j], h_ref.numpy()) < 1e-4, j
+            assert rel_err(logits_rt[j], logits_ref.numpy()) < 1e-4, j
+        h_prev = h_rt[-1]
+        for depth in range(3):
+            tok = int(rng.integers(0, c.vocab_size))
+            h_s, logits_s = d.run([tok], h_prev[None], [3 + n + depth], parents=[depth - 1])
+            with torch.no_grad():
+                logits_ref, h_ref = module.step(cache, tok, torch.from_numpy(h_prev), 3 + n + depth, speculative=True)
+            assert rel_err(logits_s[0], logits_ref.numpy()) < 1e-4
+            h_prev = h_s[0]
+
+    prompt = [5, 17, 42, 9, 80, 3, 11]
+    with sp.Engine(str(target_path), n_threads=1, kv_type="f32") as ar, \
+         sp.Engine(str(target_path), n_threads=1, kv_type="f32", draft=str(eagle3_path)) as spec:
+        want = "".join(ar.generate(prompt, max_tokens=24, ignore_eos=True))
+        got = "".join(spec.generate(prompt, max_tokens=24, ignore_eos=True, speculative="chain", n_draft=3))
+        assert got == want and spec.last_tokens == ar.last_tokens and spec.last_stats["n_drafted"] > 0
+
+
+def test_eagle3_drafts_that_do_not_fit_are_refused(tiny_qwen2_dir, tmp_path):
+    from draft_util import write_eagle3
+
+    target_path = tmp_path / "target.gguf"
+    convert(tiny_qwen2_dir, target_path, outtype="f32", progress=False)
+    sparrow_path = make_draft(tiny_qwen2_dir, tmp_path / "draft", window=0, anchors=0, glimpses=0, seed=4)
+    deep = write_eagle3(sparrow_path, tmp_path / "deep.gguf", taps=[0, 1, 7])  # the target has 2 layers
+    with pytest.raises(sp.SparrowError, match="does not fit this target.*tap at layer 7"):
+        sp.Engine(str(target_path), n_threads=1, draft=str(deep))
+    variant = write_eagle3(sparrow_path, tmp_path / "nbr.gguf", extra_keys={"eagle3.norm_before_residual": True})
+    with pytest.raises(sp.SparrowError, match="norm_before_residual"):
+        sp.Engine(str(target_path), n_threads=1, draft=str(variant))

@@ -59,11 +59,9 @@ void mul_mat_q4_K(int64_t k, const void * w, size_t ws, int64_t nr, const void *
 void mul_mat_q6_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 }  // namespace avx2
 
-// cpu/quant_avx512.cpp and cpu/matmul_avx512.cpp (AVX-512 F/BW/VL/DQ + VNNI); types not listed
-// keep their AVX2 kernels on such CPUs.
+// cpu/matmul_avx512.cpp (AVX-512 F/BW/VL/DQ + VNNI); types not listed keep their AVX2 kernels on
+// such CPUs, and vec_dot stays AVX2 (decode goes through mul_mat's tiles, see tiled_single_row).
 namespace avx512 {
-float vec_dot_q8_0(int64_t n, const void * w, const void * x);
-float vec_dot_q4_0(int64_t n, const void * w, const void * x);
 void mul_mat_f32(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 void mul_mat_f16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 void mul_mat_bf16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
@@ -612,8 +610,6 @@ Kernels select_kernels() {
         k.level = "AVX2";
     }
     if (level >= SimdLevel::Avx512) {
-        k.vec_dot[(size_t) DType::Q8_0] = avx512::vec_dot_q8_0;
-        k.vec_dot[(size_t) DType::Q4_0] = avx512::vec_dot_q4_0;
         k.mul_mat[(size_t) DType::F32] = avx512::mul_mat_f32;
         k.mul_mat[(size_t) DType::F16] = avx512::mul_mat_f16;
         k.mul_mat[(size_t) DType::BF16] = avx512::mul_mat_bf16;

@@ -3,7 +3,8 @@
 // Weights keep the exact byte layout llama.cpp writes (so its GGUFs load unchanged).
 // Matrix products quantize the activations once per row into each weight type's "dot type"
 // (Q8_0 for q8_0/q4_0/q4_1, Q8_K for the k-quants, F32 for the float types) and then run
-// vec_dot row by row. vec_dot dispatches at run time to the best kernel the CPU supports;
+// mul_mat's register tiles (vec_dot row by row where no tile pays). Both dispatch at run time to
+// the best kernels the CPU supports (cpu/features.h);
 // the scalar kernels in namespace ref are compiled everywhere and are what tests compare with.
 #pragma once
 

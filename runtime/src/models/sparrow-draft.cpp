@@ -26,6 +26,7 @@ namespace sparrow {
 namespace {
 
 constexpr const char * kArchDraft = "sparrow-draft";
+constexpr const char * kArchEagle3 = "eagle3";  // llama.cpp's EAGLE-3 drafts
 // entries committed per forward of the draft (the ring keeps W plus this many)
 constexpr int64_t kCommitChunk = 64;
 
@@ -45,13 +46,11 @@ int32_t read_count(const GGUFFile & f, const std::string & k, int64_t limit) {
 
 }  // namespace
 
-bool draft_supports_arch(const std::string & arch) { return arch == kArchDraft; }
+bool draft_supports_arch(const std::string & arch) { return arch == kArchDraft || arch == kArchEagle3; }
 
-void draft_load(const GGUFFile & f, DraftHparams & hp, DraftWeights & w) {
-    hp.arch = f.get_string("general.architecture");
-    if (!draft_supports_arch(hp.arch)) {
-        fail(SPARROW_ERR_UNSUPPORTED, format("'%s' is not a draft architecture (sparrow-draft is)", hp.arch.c_str()));
-    }
+namespace {
+
+void read_sparrow_hparams(const GGUFFile & f, DraftHparams & hp) {
     const int64_t spec = f.get_int(key("spec_version"), 1);
     if (spec != 1) fail(SPARROW_ERR_UNSUPPORTED, format("draft spec version %lld is not supported (1 is)", (long long) spec));
     hp.target_arch = f.get_string(key("target.architecture"), "");
@@ -82,6 +81,68 @@ void draft_load(const GGUFFile & f, DraftHparams & hp, DraftWeights & w) {
     hp.window = read_count(f, key("window"), 1 << 24);
     if (hp.n_embd != hp.target_n_embd) fail(SPARROW_ERR_FORMAT, "draft embedding_length differs from its target's");
 
+}
+
+// llama.cpp's eagle3 drafts (EAGLE-3 heads as its converter writes them) are spec v1 without
+// glimpses and without VATA: the same tensors minus glimpse_proj, every committed text entry
+// visible (W = 0), RoPE in NORM mode on q/k rows permuted the way llama.cpp permutes Llama's
+// (pairs 2i, 2i + 1 rotate together, which on its permuted rows is NEOX on HF's order).
+// Metadata under "eagle3.": the usual LM keys, target_layers (the tap layers, whose inputs the
+// draft reads) and target_hidden_size; the target's layer count is not recorded, so the taps
+// are checked when the draft is attached (draft_check_fits).
+void read_eagle3_hparams(const GGUFFile & f, DraftHparams & hp) {
+    auto k = [](const char * suffix) { return std::string(kArchEagle3) + "." + suffix; };
+    for (const char * variant : {"norm_before_residual", "norm_before_fc"}) {
+        if (f.get_bool(k(variant), false)) fail(SPARROW_ERR_UNSUPPORTED, format("eagle3 drafts with %s are not supported", variant));
+    }
+    hp.target_arch.clear();
+    hp.target_n_layer = 0;
+    hp.target_n_embd = read_positive(f, k("target_hidden_size"), 1 << 16);
+    hp.n_embd = read_positive(f, k("embedding_length"), 1 << 16);
+    if (f.get_int(k("block_count"), 1) != 1) fail(SPARROW_ERR_UNSUPPORTED, "only single-layer drafts are supported");
+    hp.n_ff = read_positive(f, k("feed_forward_length"), 1 << 20);
+    hp.n_head = read_positive(f, k("attention.head_count"), 4096);
+    hp.n_head_kv = read_positive(f, k("attention.head_count_kv"), 4096);
+    hp.head_dim = f.has(k("attention.key_length")) ? read_positive(f, k("attention.key_length"), 4096) : hp.n_embd / hp.n_head;
+    if (hp.n_head % hp.n_head_kv != 0 || hp.head_dim <= 0 || hp.head_dim % 2 != 0) {
+        fail(SPARROW_ERR_FORMAT, "draft attention heads are inconsistent");
+    }
+    hp.rms_eps = (float) f.get_float(k("attention.layer_norm_rms_epsilon"), 1e-6);
+    hp.rope.mode = RopeMode::Norm;
+    hp.rope.n_dims = (int) f.get_int(k("rope.dimension_count"), hp.head_dim);
+    hp.rope.freq_base = (float) f.get_float(k("rope.freq_base"), 10000.0);
+    if (hp.rope.n_dims != hp.head_dim || !(hp.rope.freq_base > 1.0f)) fail(SPARROW_ERR_FORMAT, "draft rope settings are invalid");
+    for (int64_t t : f.get_int_array(k("target_layers"))) {
+        if (t < 0 || t > 4096) fail(SPARROW_ERR_FORMAT, format("draft tap %lld is out of range", (long long) t));
+        hp.taps.push_back((int32_t) t);
+    }
+    if (hp.taps.empty()) fail(SPARROW_ERR_FORMAT, "the draft lists no taps");
+    // the vocabulary: the key if written, else the tokenizer llama.cpp's converter copies in
+    if (f.has(k("vocab_size"))) {
+        hp.n_vocab = read_positive(f, k("vocab_size"), 1 << 24);
+    } else if (f.has("tokenizer.ggml.tokens")) {
+        hp.n_vocab = (int32_t) f.get_string_array("tokenizer.ggml.tokens").size();
+    } else {
+        fail(SPARROW_ERR_FORMAT, "the eagle3 draft records neither eagle3.vocab_size nor a tokenizer");
+    }
+    const GGUFTensorInfo * d2t = f.find_tensor("d2t");
+    hp.n_draft_vocab = d2t ? (int32_t) std::min<int64_t>(d2t->numel(), hp.n_vocab) : hp.n_vocab;
+    hp.ivsb_layer = 0;
+    hp.n_glimpses = hp.n_anchors = hp.window = 0;
+    if (hp.n_embd != hp.target_n_embd) fail(SPARROW_ERR_FORMAT, "draft embedding_length differs from its target's");
+}
+
+}  // namespace
+
+void draft_load(const GGUFFile & f, DraftHparams & hp, DraftWeights & w) {
+    hp.arch = f.get_string("general.architecture");
+    if (hp.arch == kArchEagle3) {
+        read_eagle3_hparams(f, hp);
+    } else if (hp.arch == kArchDraft) {
+        read_sparrow_hparams(f, hp);
+    } else {
+        fail(SPARROW_ERR_UNSUPPORTED, format("'%s' is not a draft architecture (sparrow-draft and eagle3 are)", hp.arch.c_str()));
+    }
     const int64_t H = hp.n_embd, q_dim = (int64_t) hp.n_head * hp.head_dim, kv_dim = (int64_t) hp.n_head_kv * hp.head_dim;
     w.fc = bind_tensor(f, "fc.weight", (int64_t) hp.taps.size() * H, H, true);
     w.embd_norm = bind_tensor(f, "blk.0.attn_norm.weight", H, 1, true, true);
@@ -121,7 +182,12 @@ void draft_check_fits(const DraftHparams & d, const LMHparams & t) {
     if (!d.target_arch.empty() && d.target_arch != t.arch) mismatch("architecture", t.arch, d.target_arch);
     if (d.target_n_embd != t.n_embd) mismatch("hidden size", std::to_string(t.n_embd), std::to_string(d.target_n_embd));
     if (d.n_vocab != t.n_vocab) mismatch("vocabulary", std::to_string(t.n_vocab), std::to_string(d.n_vocab));
-    if (d.target_n_layer != t.n_layer) mismatch("layer count", std::to_string(t.n_layer), std::to_string(d.target_n_layer));
+    if (d.target_n_layer > 0 && d.target_n_layer != t.n_layer) {  // 0: not recorded (eagle3)
+        mismatch("layer count", std::to_string(t.n_layer), std::to_string(d.target_n_layer));
+    }
+    for (int32_t tap : d.taps) {
+        if (tap > t.n_layer) mismatch("layer count", std::to_string(t.n_layer), format("a tap at layer %d", tap));
+    }
     if (!wrong.empty()) fail(SPARROW_ERR_INVALID_ARGUMENT, "the draft does not fit this target: " + wrong);
 }
 
