@@ -89,6 +89,12 @@ inline void load_panel_quarters(const uint8_t * w, size_t ws, size_t offset, __m
     }
 }
 
+// Byte offset of each of the panel's 16 rows (lane r: r * ws), for gathers.
+inline __m512i panel_row_offsets(size_t ws) {
+    return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                              _mm512_set1_epi32((int32_t) ws));
+}
+
 // The fp16 scales (the first field of every block) of the 16 rows as floats, row r in lane r.
 inline __m512 gather_scales(const uint8_t * first_block, __m512i row_offsets) {
     const __m512i words = _mm512_i32gather_epi32(row_offsets, first_block, 1);
@@ -129,8 +135,7 @@ template <typename Panel, int C>
 void panel16(int64_t nb, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, const BlockSummary * sums,
              float * y, int64_t ys) {
     using Block = typename Panel::Block;
-    const __m512i row_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                   _mm512_set1_epi32((int32_t) ws));
+    const __m512i row_offsets = panel_row_offsets(ws);
     __m512 acc[C];
     for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -359,8 +364,7 @@ inline void panel_k_scales(const uint8_t * block, __m512i row_offsets, PanelKSca
 template <int C>
 void panel16_q4_K(int64_t nb, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, const KSummary * sums,
                   float * y, int64_t ys) {
-    const __m512i row_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                   _mm512_set1_epi32((int32_t) ws));
+    const __m512i row_offsets = panel_row_offsets(ws);
     const __m512i low4 = _mm512_set1_epi8(0x0f);
     __m512 acc[C];
     for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();

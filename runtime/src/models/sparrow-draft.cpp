@@ -50,6 +50,26 @@ bool draft_supports_arch(const std::string & arch) { return arch == kArchDraft |
 
 namespace {
 
+// The decoder layer's shape and RoPE, under "<arch>." (the same keys in both formats); head_dim
+// defaults to H / heads where attention.key_length is absent.
+void read_layer_shape(const GGUFFile & f, const char * arch, RopeMode rope_mode, DraftHparams & hp) {
+    auto k = [arch](const char * suffix) { return std::string(arch) + "." + suffix; };
+    hp.n_embd = read_positive(f, k("embedding_length"), 1 << 16);
+    if (f.get_int(k("block_count"), 1) != 1) fail(SPARROW_ERR_UNSUPPORTED, "only single-layer drafts are supported");
+    hp.n_ff = read_positive(f, k("feed_forward_length"), 1 << 20);
+    hp.n_head = read_positive(f, k("attention.head_count"), 4096);
+    hp.n_head_kv = read_positive(f, k("attention.head_count_kv"), 4096);
+    hp.head_dim = f.has(k("attention.key_length")) ? read_positive(f, k("attention.key_length"), 4096) : hp.n_embd / hp.n_head;
+    if (hp.n_head % hp.n_head_kv != 0 || hp.head_dim <= 0 || hp.head_dim % 2 != 0) {
+        fail(SPARROW_ERR_FORMAT, "draft attention heads are inconsistent");
+    }
+    hp.rms_eps = (float) f.get_float(k("attention.layer_norm_rms_epsilon"), 1e-6);
+    hp.rope.mode = rope_mode;
+    hp.rope.n_dims = (int) f.get_int(k("rope.dimension_count"), hp.head_dim);
+    hp.rope.freq_base = (float) f.get_float(k("rope.freq_base"), 10000.0);
+    if (hp.rope.n_dims != hp.head_dim || !(hp.rope.freq_base > 1.0f)) fail(SPARROW_ERR_FORMAT, "draft rope settings are invalid");
+}
+
 void read_sparrow_hparams(const GGUFFile & f, DraftHparams & hp) {
     const int64_t spec = f.get_int(key("spec_version"), 1);
     if (spec != 1) fail(SPARROW_ERR_UNSUPPORTED, format("draft spec version %lld is not supported (1 is)", (long long) spec));
@@ -58,18 +78,8 @@ void read_sparrow_hparams(const GGUFFile & f, DraftHparams & hp) {
     hp.target_n_embd = read_positive(f, key("target.embedding_length"), 1 << 16);
     hp.n_vocab = read_positive(f, key("vocab_size"), 1 << 24);
     hp.n_draft_vocab = read_positive(f, key("draft_vocab_size"), hp.n_vocab);
-    hp.n_embd = read_positive(f, key("embedding_length"), 1 << 16);
-    if (f.get_int(key("block_count"), 1) != 1) fail(SPARROW_ERR_UNSUPPORTED, "only single-layer drafts are supported");
-    hp.n_ff = read_positive(f, key("feed_forward_length"), 1 << 20);
-    hp.n_head = read_positive(f, key("attention.head_count"), 4096);
-    hp.n_head_kv = read_positive(f, key("attention.head_count_kv"), 4096);
-    hp.head_dim = read_positive(f, key("attention.key_length"), 4096);
-    if (hp.n_head % hp.n_head_kv != 0 || hp.head_dim % 2 != 0) fail(SPARROW_ERR_FORMAT, "draft attention heads are inconsistent");
-    hp.rms_eps = (float) f.get_float(key("attention.layer_norm_rms_epsilon"), 1e-6);
-    hp.rope.mode = RopeMode::Neox;
-    hp.rope.n_dims = (int) f.get_int(key("rope.dimension_count"), hp.head_dim);
-    hp.rope.freq_base = (float) f.get_float(key("rope.freq_base"), 10000.0);
-    if (hp.rope.n_dims != hp.head_dim || !(hp.rope.freq_base > 1.0f)) fail(SPARROW_ERR_FORMAT, "draft rope settings are invalid");
+    (void) f.get_int(key("attention.key_length"));  // required here (spec v1 writes it): fails if missing
+    read_layer_shape(f, kArchDraft, RopeMode::Neox, hp);
     for (int64_t t : f.get_int_array(key("taps"))) {
         if (t < 0 || t > hp.target_n_layer) fail(SPARROW_ERR_FORMAT, format("draft tap %lld is outside 0..%d", (long long) t, hp.target_n_layer));
         hp.taps.push_back((int32_t) t);
@@ -98,20 +108,7 @@ void read_eagle3_hparams(const GGUFFile & f, DraftHparams & hp) {
     hp.target_arch.clear();
     hp.target_n_layer = 0;
     hp.target_n_embd = read_positive(f, k("target_hidden_size"), 1 << 16);
-    hp.n_embd = read_positive(f, k("embedding_length"), 1 << 16);
-    if (f.get_int(k("block_count"), 1) != 1) fail(SPARROW_ERR_UNSUPPORTED, "only single-layer drafts are supported");
-    hp.n_ff = read_positive(f, k("feed_forward_length"), 1 << 20);
-    hp.n_head = read_positive(f, k("attention.head_count"), 4096);
-    hp.n_head_kv = read_positive(f, k("attention.head_count_kv"), 4096);
-    hp.head_dim = f.has(k("attention.key_length")) ? read_positive(f, k("attention.key_length"), 4096) : hp.n_embd / hp.n_head;
-    if (hp.n_head % hp.n_head_kv != 0 || hp.head_dim <= 0 || hp.head_dim % 2 != 0) {
-        fail(SPARROW_ERR_FORMAT, "draft attention heads are inconsistent");
-    }
-    hp.rms_eps = (float) f.get_float(k("attention.layer_norm_rms_epsilon"), 1e-6);
-    hp.rope.mode = RopeMode::Norm;
-    hp.rope.n_dims = (int) f.get_int(k("rope.dimension_count"), hp.head_dim);
-    hp.rope.freq_base = (float) f.get_float(k("rope.freq_base"), 10000.0);
-    if (hp.rope.n_dims != hp.head_dim || !(hp.rope.freq_base > 1.0f)) fail(SPARROW_ERR_FORMAT, "draft rope settings are invalid");
+    read_layer_shape(f, kArchEagle3, RopeMode::Norm, hp);
     for (int64_t t : f.get_int_array(k("target_layers"))) {
         if (t < 0 || t > 4096) fail(SPARROW_ERR_FORMAT, format("draft tap %lld is out of range", (long long) t));
         hp.taps.push_back((int32_t) t);
