@@ -19,6 +19,9 @@ namespace avx2 {  // cpu/ops_avx2.cpp
 void attention(const AttnTask & t, float * scratch);
 void silu_mul(const float * gate, const float * up, float * out, int64_t n);
 }  // namespace avx2
+namespace avx512 {  // cpu/ops_avx512.cpp
+void attention(const AttnTask & t, float * scratch);
+}  // namespace avx512
 #endif
 
 // Enough for either implementation: the SIMD one converts blocks of K and V rows to f32 and
@@ -93,6 +96,10 @@ OpsKernels select_ops() {
         k.attention = avx2::attention;
         k.silu_mul = avx2::silu_mul;
         k.level = "AVX2";
+    }
+    if (simd_level_available() >= SimdLevel::Avx512) {
+        k.attention = avx512::attention;
+        k.level = "AVX512 (attention), AVX2";
     }
 #endif
     return k;

@@ -1,0 +1,230 @@
+// ops_avx512.cpp - AVX-512 fused attention for cpu/ops.h (same task, same online softmax as
+// ops_avx2.cpp).
+//
+// The AVX2 kernel computes each (head, key) score as a dot product ending in a horizontal sum.
+// Here a block of 64 keys is transposed once per task into kT[d][key] (f32), shared by the GQA
+// group's heads: 16 keys' scores come from head_dim FMAs of a broadcast query element against a
+// kT row, with no horizontal sums; values are converted once per block and accumulated 16 floats
+// per FMA. Two accumulator sets (even / odd steps) keep enough FMA chains in flight.
+
+#if defined(__x86_64__) || defined(__i386__)
+
+#include "cpu/ops.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace sparrow {
+
+namespace avx2 {
+void attention(const AttnTask & t, float * scratch);  // cpu/ops_avx2.cpp: head sizes this file does not take
+}
+
+namespace avx512 {
+namespace {
+
+constexpr int kBlock = 64;     // cache rows per block (attention_scratch_floats sizes for it)
+constexpr int kMaxHeadDim = 128;  // the value accumulators (2 x head_dim / 16 vectors) stay in registers
+
+// exp8 of ops_avx2.cpp on 16 lanes, operation for operation.
+inline __m512 exp16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.0f);
+    const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __m512 result = _mm512_mul_ps(p, _mm512_castsi512_ps(pow2n));
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), result);
+}
+
+// A 16 x 16 transpose in four stages; stage s swaps bit s of the row index with bit s of the
+// column index between rows a (bit s clear) and b = a | 2^s, one vpermt2ps per output row.
+struct TransposeIndex {
+    alignas(64) int32_t keep[4][16];  // new row a
+    alignas(64) int32_t swap[4][16];  // new row b
+};
+constexpr TransposeIndex make_transpose_index() {
+    TransposeIndex t{};
+    for (int s = 0; s < 4; s++) {
+        const int bit = 1 << s;
+        for (int c = 0; c < 16; c++) {
+            t.keep[s][c] = (c & bit) ? 16 + (c ^ bit) : c;  // a[c], or b[c - 2^s]
+            t.swap[s][c] = (c & bit) ? 16 + c : (c | bit);   // a[c + 2^s], or b[c]
+        }
+    }
+    return t;
+}
+constexpr TransposeIndex kTransposeIndex = make_transpose_index();
+
+inline void transpose16(__m512 * r) {
+    for (int s = 0; s < 4; s++) {
+        const int bit = 1 << s;
+        const __m512i keep = _mm512_load_si512(kTransposeIndex.keep[s]);
+        const __m512i swap = _mm512_load_si512(kTransposeIndex.swap[s]);
+        for (int a = 0; a < 16; a++) {
+            if (a & bit) continue;
+            const __m512 ra = r[a], rb = r[a | bit];
+            r[a] = _mm512_permutex2var_ps(ra, keep, rb);
+            r[a | bit] = _mm512_permutex2var_ps(ra, swap, rb);
+        }
+    }
+}
+
+template <bool kF16>
+inline __m512 load_row16(const void * row, int d) {
+    if (kF16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const uint16_t *) row + d)));
+    return _mm512_loadu_ps((const float *) row + d);
+}
+
+template <bool kKF16, bool kVF16>
+void attention_impl(const AttnTask & t, float * scratch) {
+    const int G = t.n_group, hd = t.head_dim, nv = hd / 16;
+    float * scores = scratch;                          // G x kBlock
+    float * acc = scores + (size_t) G * kBlock;        // G x hd
+    float * m_run = acc + (size_t) G * hd;             // G
+    float * l_run = m_run + G;                         // G
+    float * kT = l_run + G;                            // hd x kBlock: the block's keys, transposed
+    float * vbuf = kT + (size_t) hd * kBlock;          // kBlock x hd (f16 values as f32)
+
+    std::fill(acc, acc + (size_t) G * hd, 0.0f);
+    std::fill(m_run, m_run + G, -INFINITY);
+    std::fill(l_run, l_run + G, 0.0f);
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+
+    for (int64_t j0 = 0; j0 < t.n_kv; j0 += kBlock) {
+        const int nb = (int) std::min<int64_t>(kBlock, t.n_kv - j0);
+        const int n16 = (nb + 15) / 16;
+        __mmask16 visible[kBlock / 16];
+        bool any = false;
+        for (int tile = 0; tile < n16; tile++) {
+            uint32_t bits = 0;
+            for (int i = 0; i < 16; i++) {
+                const int j = 16 * tile + i;
+                if (j < nb && (!t.mask || t.mask[j0 + j])) bits |= 1u << i;
+            }
+            visible[tile] = (__mmask16) bits;
+            any |= bits != 0;
+        }
+        if (!any) continue;
+
+        // keys -> kT, 16 keys x 16 dimensions per transpose (rows past the block are zeros)
+        for (int tile = 0; tile < n16; tile++) {
+            for (int d0 = 0; d0 < hd; d0 += 16) {
+                __m512 r[16];
+                for (int i = 0; i < 16; i++) {
+                    const int j = 16 * tile + i;
+                    r[i] = j < nb ? load_row16<kKF16>((const uint8_t *) t.k + (size_t) (j0 + j) * t.k_stride, d0)
+                                  : _mm512_setzero_ps();
+                }
+                transpose16(r);
+                for (int i = 0; i < 16; i++) _mm512_storeu_ps(kT + (size_t) (d0 + i) * kBlock + 16 * tile, r[i]);
+            }
+        }
+        // value rows of the block as f32, once for the whole group
+        const float * vrows;
+        size_t v_row_floats;
+        if (kVF16) {
+            for (int j = 0; j < nb; j++) {
+                const uint8_t * src = (const uint8_t *) t.v + (size_t) (j0 + j) * t.v_stride;
+                for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(vbuf + (size_t) j * hd + d, load_row16<true>(src, d));
+            }
+            vrows = vbuf;
+            v_row_floats = (size_t) hd;
+        } else {
+            vrows = (const float *) ((const uint8_t *) t.v + (size_t) j0 * t.v_stride);
+            v_row_floats = t.v_stride / sizeof(float);
+        }
+
+        for (int g = 0; g < G; g++) {
+            const float * q = t.q + (size_t) g * hd;
+            float * s = scores + (size_t) g * kBlock;
+            // scores of the block's keys: even and odd dimensions in separate chains
+            __m512 sc[2][kBlock / 16];
+            for (int tile = 0; tile < n16; tile++) sc[0][tile] = sc[1][tile] = _mm512_setzero_ps();
+            for (int d = 0; d < hd; d += 2) {
+                const __m512 q0 = _mm512_set1_ps(q[d]), q1 = _mm512_set1_ps(q[d + 1]);
+                for (int tile = 0; tile < n16; tile++) {
+                    sc[0][tile] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(kT + (size_t) d * kBlock + 16 * tile), sc[0][tile]);
+                    sc[1][tile] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(kT + (size_t) (d + 1) * kBlock + 16 * tile), sc[1][tile]);
+                }
+            }
+            __m512 mx = neg_inf;
+            for (int tile = 0; tile < n16; tile++) {
+                const __m512 v = _mm512_mask_mov_ps(neg_inf, visible[tile],
+                                                    _mm512_mul_ps(_mm512_add_ps(sc[0][tile], sc[1][tile]), _mm512_set1_ps(t.scale)));
+                _mm512_storeu_ps(s + 16 * tile, v);
+                mx = _mm512_max_ps(mx, v);
+            }
+            const float block_max = _mm512_reduce_max_ps(mx);
+            if (block_max == -INFINITY) continue;  // this head sees nothing here (whole-block mask)
+            float * a = acc + (size_t) g * hd;
+            if (block_max > m_run[g]) {
+                // rescale what was accumulated under the old max (exp(-inf) = 0 the first time)
+                const float correction = std::exp(m_run[g] - block_max);
+                const __m512 cv = _mm512_set1_ps(correction);
+                for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), cv));
+                l_run[g] *= correction;
+                m_run[g] = block_max;
+            }
+            const __m512 m = _mm512_set1_ps(m_run[g]);
+            __m512 sum = _mm512_setzero_ps();
+            for (int tile = 0; tile < n16; tile++) {
+                const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * tile), m));
+                _mm512_storeu_ps(s + 16 * tile, p);
+                sum = _mm512_add_ps(sum, p);
+            }
+            l_run[g] += _mm512_reduce_add_ps(sum);
+            // probabilities times values; hidden keys have p = 0 and are skipped
+            __m512 av[2][kMaxHeadDim / 16];
+            for (int i = 0; i < nv; i++) {
+                av[0][i] = _mm512_loadu_ps(a + 16 * i);
+                av[1][i] = _mm512_setzero_ps();
+            }
+            for (int j = 0; j < nb; j++) {
+                if (!(visible[j / 16] >> (j % 16) & 1)) continue;
+                const __m512 pj = _mm512_set1_ps(s[j]);
+                const float * v = vrows + (size_t) j * v_row_floats;
+                __m512 * set = av[j & 1];
+                for (int i = 0; i < nv; i++) set[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16 * i), set[i]);
+            }
+            for (int i = 0; i < nv; i++) _mm512_storeu_ps(a + 16 * i, _mm512_add_ps(av[0][i], av[1][i]));
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const __m512 inv = _mm512_set1_ps(l_run[g] > 0.0f ? 1.0f / l_run[g] : 0.0f);
+        const float * a = acc + (size_t) g * hd;
+        float * o = t.out + (size_t) g * hd;
+        for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), inv));
+    }
+}
+
+}  // namespace
+
+void attention(const AttnTask & t, float * scratch) {
+    // f32 value rows are read in place, so their stride must be whole floats
+    if (t.head_dim % 16 != 0 || t.head_dim > kMaxHeadDim || (!t.v_f16 && t.v_stride % sizeof(float) != 0)) {
+        avx2::attention(t, scratch);
+        return;
+    }
+    if (t.k_f16) {
+        if (t.v_f16) attention_impl<true, true>(t, scratch); else attention_impl<true, false>(t, scratch);
+    } else {
+        if (t.v_f16) attention_impl<false, true>(t, scratch); else attention_impl<false, false>(t, scratch);
+    }
+}
+
+}  // namespace avx512
+}  // namespace sparrow
+
+#endif  // x86
