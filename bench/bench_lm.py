@@ -45,10 +45,10 @@ def random_k_quant_blocks(rng, rows: int, cols: int, qtype) -> np.ndarray:
 def write_random_model(path: Path, outtype: str, shapes=SHAPES, seed: int = 0) -> None:
     import gguf
 
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
-             "q4_1": gguf.GGMLQuantizationType.Q4_1, "q4_k": gguf.GGMLQuantizationType.Q4_K,
-             "q6_k": gguf.GGMLQuantizationType.Q6_K}[outtype]
+    Q = gguf.GGMLQuantizationType
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
+             "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}[outtype]
+    k_quants = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
     rng = np.random.default_rng(seed)
     h, ff, v = shapes["hidden"], shapes["ffn"], shapes["vocab"]
     hd = h // shapes["heads"]
@@ -74,7 +74,7 @@ def write_random_model(path: Path, outtype: str, shapes=SHAPES, seed: int = 0) -
     w.add_eos_token_id(len(byte_chars))
 
     def add(name, rows, cols, kind="weight"):
-        if kind == "weight" and qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
+        if kind == "weight" and qtype in k_quants:
             w.add_tensor(name, random_k_quant_blocks(rng, rows, cols, qtype), raw_dtype=qtype)
             return
         if kind == "norm":

@@ -1,27 +1,34 @@
-// bench_quant.cpp - matrix-vector product speed of each weight type, one thread: the dispatched
-// (SIMD) vec_dot against the scalar reference in the same run, reported as GB/s of weight bytes
-// read. Decode is bound by these bytes, so GB/s near the machine's streaming-read bandwidth
-// (printed first, as the baseline) means the kernel keeps up with memory.
+// bench_quant.cpp - matrix products of each weight type through the CPU backend (weights in the
+// store's form: panels where the type has them), against the machine's streaming-read bandwidth
+// measured in the same run with the same threads.
+//
+// Decode is bound by weight bytes, so the first number per type (GB/s of weights at one
+// activation row) should approach the read baseline; the others (time of k activation rows
+// relative to one) say what a verify batch or a prefill chunk costs.
 //
 // Built by CMake with the tests (build/bench_quant); run it under SPARROW_SIMD=avx2 to compare
 // kernel levels:
-//   bench_quant [rows cols]      (default 4096 4096)
+//   bench_quant [rows cols [threads...]]      (default 4096 4096, threads 1 2)
 //
-// A second table times mul_mat with 1, 2, 4, 8 and 16 activation rows (decode, verify batches)
-// as weight GB/s and as time relative to one row: a batch of k should cost far less than k.
-//
-// Each type gets enough copies of the matrix to exceed 128 MiB, cycled through, so the weights
+// Each type gets enough copies of the matrix to exceed 1 GiB, cycled through, so the weights
 // come from DRAM as at decode time rather than from the last-level cache.
 
+#include "backend.h"
+#include "cpu/threadpool.h"
 #include "quant.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace sparrow;
@@ -32,15 +39,12 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-volatile float g_sink;  // keeps results alive
+volatile uint64_t g_sink;  // keeps results alive
 
-// One matrix of the type: quantized from random floats where a quantizer exists, random bytes
-// with small finite scales for the k-quants (the kernels' speed does not depend on values).
 std::vector<uint8_t> make_matrix(DType t, int64_t rows, int64_t cols, std::mt19937 & rng) {
     const size_t row_bytes = row_size(t, cols);
     std::vector<uint8_t> m(row_bytes * (size_t) rows);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    if (t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K) {
+    if (t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K) {  // random blocks, small scales
         for (auto & b : m) b = (uint8_t) rng();
         const size_t block = traits(t).type_size;
         const uint16_t scale = fp32_to_fp16(0.001f);
@@ -55,6 +59,7 @@ std::vector<uint8_t> make_matrix(DType t, int64_t rows, int64_t cols, std::mt199
         return m;
     }
     std::vector<float> row((size_t) cols);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
     for (int64_t r = 0; r < rows; r++) {
         for (auto & v : row) v = normal(rng);
         ref::quantize_row(t, row.data(), m.data() + (size_t) r * row_bytes, cols);
@@ -62,41 +67,74 @@ std::vector<uint8_t> make_matrix(DType t, int64_t rows, int64_t cols, std::mt199
     return m;
 }
 
-// Streaming-read baseline: sum the buffer as 64-bit words, four independent sums so the loop
-// is limited by loads, not by the add chain.
-double read_bandwidth(const std::vector<std::vector<uint8_t>> & copies, int passes) {
-    double best = 0.0;
-    for (int p = 0; p < passes; p++) {
-        const std::vector<uint8_t> & m = copies[(size_t) p % copies.size()];
-        const auto t0 = Clock::now();
-        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        const uint64_t * words = (const uint64_t *) m.data();
-        for (size_t i = 0; i + 4 <= m.size() / 8; i += 4) {
-            s0 += words[i], s1 += words[i + 1], s2 += words[i + 2], s3 += words[i + 3];
-        }
-        const double dt = seconds_since(t0);
-        g_sink = (float) (s0 + s1 + s2 + s3);
-        best = std::max(best, m.size() / dt / 1e9);
+// OR of the bytes in [p, p + n), four chains of the widest loads the CPU has: limited by
+// memory, not by arithmetic.
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) uint64_t read_span_512(const uint8_t * p, size_t n) {
+    __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;
+    for (size_t i = 0; i + 256 <= n; i += 256) {
+        a = _mm512_or_si512(a, _mm512_loadu_si512(p + i));
+        b = _mm512_or_si512(b, _mm512_loadu_si512(p + i + 64));
+        c = _mm512_or_si512(c, _mm512_loadu_si512(p + i + 128));
+        d = _mm512_or_si512(d, _mm512_loadu_si512(p + i + 192));
     }
-    return best;
+    return (uint64_t) _mm512_reduce_or_epi64(_mm512_or_si512(_mm512_or_si512(a, b), _mm512_or_si512(c, d)));
+}
+__attribute__((target("avx2"))) uint64_t read_span_256(const uint8_t * p, size_t n) {
+    __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+    for (size_t i = 0; i + 128 <= n; i += 128) {
+        a = _mm256_or_si256(a, _mm256_loadu_si256((const __m256i *) (p + i)));
+        b = _mm256_or_si256(b, _mm256_loadu_si256((const __m256i *) (p + i + 32)));
+        c = _mm256_or_si256(c, _mm256_loadu_si256((const __m256i *) (p + i + 64)));
+        d = _mm256_or_si256(d, _mm256_loadu_si256((const __m256i *) (p + i + 96)));
+    }
+    const __m256i s = _mm256_or_si256(_mm256_or_si256(a, b), _mm256_or_si256(c, d));
+    return (uint64_t) _mm256_extract_epi64(s, 0) | (uint64_t) _mm256_extract_epi64(s, 3);
+}
+uint64_t read_span(const uint8_t * p, size_t n) {
+    static const bool wide = __builtin_cpu_supports("avx512f");
+    return wide ? read_span_512(p, n) : read_span_256(p, n);
+}
+#else
+uint64_t read_span(const uint8_t * p, size_t n) {
+    uint64_t s = 0;
+    for (size_t i = 0; i + 8 <= n; i += 8) {
+        uint64_t v;
+        std::memcpy(&v, p + i, 8);
+        s |= v;
+    }
+    return s;
+}
+#endif
+
+// Seconds for `threads` threads to stream-read n bytes of buf from `offset` (each its share).
+double read_seconds(const std::vector<uint8_t> & buf, size_t offset, size_t n, int threads) {
+    std::vector<std::thread> pool;
+    std::vector<uint64_t> out((size_t) threads);
+    const size_t share = n / threads / 256 * 256;
+    const auto t0 = Clock::now();
+    for (int i = 0; i < threads; i++) {
+        pool.emplace_back([&, i] { out[(size_t) i] = read_span(buf.data() + offset + share * i, share); });
+    }
+    for (auto & t : pool) t.join();
+    const double dt = seconds_since(t0);
+    for (uint64_t v : out) g_sink = g_sink ^ v;
+    return dt * n / (share * threads);
 }
 
-// Best GB/s over `passes` full matrix-vector products, each on the next copy of the matrix.
-template <typename Dot>
-double matvec_bandwidth(DType t, const std::vector<std::vector<uint8_t>> & copies, const std::vector<uint8_t> & x,
-                        int64_t rows, int64_t cols, int passes, Dot dot) {
-    const size_t row_bytes = row_size(t, cols);
-    std::vector<float> y((size_t) rows);
-    double best = 0.0;
-    for (int p = 0; p < passes; p++) {
-        const uint8_t * m = copies[(size_t) p % copies.size()].data();
-        const auto t0 = Clock::now();
-        for (int64_t r = 0; r < rows; r++) y[(size_t) r] = dot(t, cols, m + (size_t) r * row_bytes, x.data());
-        const double dt = seconds_since(t0);
-        g_sink = y[0];
-        best = std::max(best, (double) row_bytes * rows / dt / 1e9);
-    }
-    return best;
+std::string format_line(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string format_line(const char * fmt, ...) {
+    char buf[256];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(buf, sizeof buf, fmt, args);
+    va_end(args);
+    return buf;
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
 }
 
 }  // namespace
@@ -104,78 +142,90 @@ double matvec_bandwidth(DType t, const std::vector<std::vector<uint8_t>> & copie
 int main(int argc, char ** argv) {
     const int64_t rows = argc > 2 ? atoll(argv[1]) : 4096;
     const int64_t cols = argc > 2 ? atoll(argv[2]) : 4096;
+    std::vector<int> thread_counts;
+    for (int i = 3; i < argc; i++) thread_counts.push_back(atoi(argv[i]));
+    if (thread_counts.empty()) thread_counts = {1, 2};
     if (cols % QK_K != 0) {
         std::fprintf(stderr, "cols must be a multiple of %lld\n", (long long) QK_K);
         return 1;
     }
     std::mt19937 rng(42);
-    std::printf("bench_quant: %lld x %lld matrix-vector product, 1 thread, kernels %s\n", (long long) rows,
-                (long long) cols, simd_level());
-
+    const size_t min_working_set = (size_t) 1 << 30;  // well past any last-level cache (260 MiB seen)
+    std::vector<uint8_t> big(min_working_set, 1);
     const DType types[] = {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0,
                            DType::Q4_1, DType::Q4_K, DType::Q5_K, DType::Q6_K};
-    const size_t min_working_set = (size_t) 128 << 20;
-    bool printed_baseline = false;
-    std::printf("%-6s %10s %12s %14s %8s\n", "type", "MiB/matrix", "SIMD GB/s", "scalar GB/s", "ratio");
-    for (DType t : types) {
-        const size_t bytes = row_size(t, cols) * (size_t) rows;
-        const size_t n_copies = std::max<size_t>(2, (min_working_set + bytes - 1) / bytes);
-        std::vector<std::vector<uint8_t>> copies;
-        copies.push_back(make_matrix(t, rows, cols, rng));
-        for (size_t c = 1; c < n_copies; c++) copies.push_back(copies[0]);
-        if (!printed_baseline) {
-            std::printf("%-6s %10s %12.2f   (streaming read of the same buffers)\n", "read", "", read_bandwidth(copies, 8));
-            printed_baseline = true;
-        }
+    const int batches[] = {1, 2, 4, 5, 8, 16};
 
-        std::vector<float> xf((size_t) cols);
-        std::normal_distribution<float> normal(0.0f, 1.0f);
-        for (auto & v : xf) v = normal(rng);
-        const DType dt = traits(t).dot_type;
-        std::vector<uint8_t> x(row_size(dt, cols));
-        quantize_row(dt, xf.data(), x.data(), cols);
-
-        const int simd_passes = (int) std::max<size_t>(8, 2 * n_copies);
-        const double simd = matvec_bandwidth(t, copies, x, rows, cols, simd_passes,
-                                             [](DType tt, int64_t n, const void * w, const void * xx) { return vec_dot(tt, n, w, xx); });
-        const double scalar = matvec_bandwidth(t, copies, x, rows, cols, 3, [](DType tt, int64_t n, const void * w, const void * xx) {
-            return ref::vec_dot(tt, n, w, xx);
-        });
-        std::printf("%-6s %10.1f %12.2f %14.2f %7.1fx\n", traits(t).name, bytes / 1048576.0, simd, scalar, simd / scalar);
+    std::printf("bench_quant: %lld x %lld weights, kernels %s\n", (long long) rows, (long long) cols, simd_level());
+    // What a parallel op pays to start and join its threads (a decode step runs ~5 per layer).
+    for (int threads : thread_counts) {
+        if (threads < 2) continue;
+        ThreadPool pool(threads);
+        std::atomic<int64_t> sink{0};
+        const int n = 200000;
+        pool.run([&](int ith, int) { sink += ith; });  // wake the workers
+        const auto t0 = Clock::now();
+        for (int i = 0; i < n; i++) pool.run([&](int ith, int) { sink += ith; });
+        std::printf("thread pool, %d threads: %.2f us per dispatch (empty job)\n", threads, seconds_since(t0) / n * 1e6);
     }
+    // The machine's bandwidth drifts (other tenants, frequency): the read baseline is measured
+    // before and after each thread count's table, and the kernels' medians are set against both.
+    for (int threads : thread_counts) {
+        auto be = make_cpu_backend(threads);
+        auto read_gbs = [&] {
+            std::vector<double> v;
+            for (int i = 0; i < 5; i++) v.push_back(big.size() / read_seconds(big, 0, big.size(), threads) / 1e9);
+            return median(v);
+        };
+        const double read_before = read_gbs();
+        std::vector<std::string> lines;
+        std::vector<double> k1_gbs;
+        for (DType t : types) {
+            const size_t bytes = row_size(t, cols) * (size_t) rows;
+            // SPARROW_BENCH_CACHED=1: one copy, so a small matrix stays in cache (kernel compute speed)
+            const size_t n_copies = getenv("SPARROW_BENCH_CACHED") ? 1 : std::max<size_t>(2, (min_working_set + bytes - 1) / bytes);
+            const std::vector<uint8_t> matrix = make_matrix(t, rows, cols, rng);
+            std::vector<std::vector<uint8_t>> copies(n_copies, matrix);
+            auto store = make_cpu_weight_store(false);
+            std::vector<Tensor> w;
+            for (auto & c : copies) w.push_back(store->matmul_weight(Tensor::matrix(t, cols, rows, c.data())));
+            if (w[0].panels) copies.clear();  // the store holds what the backend reads
 
-    std::printf("\nmul_mat, 1 thread: weight GB/s with k activation rows (time relative to k = 1)\n%-6s", "type");
-    const int batches[] = {1, 2, 4, 8, 16};
-    for (int k : batches) std::printf("  %13s", ("k=" + std::to_string(k)).c_str());
-    std::printf("\n");
-    for (DType t : types) {
-        const size_t row_bytes = row_size(t, cols), bytes = row_bytes * (size_t) rows;
-        const size_t n_copies = std::max<size_t>(2, (min_working_set + bytes - 1) / bytes);
-        std::vector<std::vector<uint8_t>> copies(n_copies, make_matrix(t, rows, cols, rng));
-        const DType dt = traits(t).dot_type;
-        const size_t x_row = row_size(dt, cols);
-        std::vector<float> xf((size_t) cols);
-        std::normal_distribution<float> normal(0.0f, 1.0f);
-        std::vector<uint8_t> x(x_row * 16);
-        for (int c = 0; c < 16; c++) {
-            for (auto & v : xf) v = normal(rng);
-            quantize_row(dt, xf.data(), x.data() + c * x_row, cols);
-        }
-        std::vector<float> y((size_t) rows * 16);
-        std::printf("%-6s", traits(t).name);
-        double t1 = 0.0;
-        for (int k : batches) {
-            double best = 1e30;
-            for (size_t p = 0; p < std::max<size_t>(6, 2 * n_copies); p++) {
-                const auto t0 = Clock::now();
-                mul_mat(t, cols, copies[p % n_copies].data(), row_bytes, rows, x.data(), x_row, k, y.data(), rows);
-                best = std::min(best, seconds_since(t0));
+            std::vector<float> x((size_t) cols * 16), y((size_t) rows * 16);
+            std::normal_distribution<float> normal(0.0f, 1.0f);
+            for (auto & v : x) v = normal(rng);
+            std::string line = format_line("%-6s", traits(t).name);
+            double t1 = 0.0;
+            for (int k : batches) {
+                std::vector<double> times;
+                Tensor xt = Tensor::matrix(DType::F32, cols, k, x.data()), yt = Tensor::matrix(DType::F32, rows, k, y.data());
+                for (size_t p = 0; p < std::max<size_t>(9, 2 * n_copies + 1); p++) {
+                    const auto t0 = Clock::now();
+                    be->matmul(w[p % n_copies], xt, yt, nullptr);
+                    times.push_back(seconds_since(t0));
+                }
+                if (k == 1) {
+                    t1 = median(times);
+                    k1_gbs.push_back(bytes / t1 / 1e9);
+                    line += format_line(" %8.2f %%READ%%", k1_gbs.back());
+                } else {
+                    line += format_line("  %7.2f", median(times) / t1);
+                }
             }
-            g_sink = y[0];
-            if (k == 1) t1 = best;
-            std::printf("  %6.2f (%4.2fx)", bytes / best / 1e9, best / t1);
+            lines.push_back(line + (w[0].panels ? "  (panels)" : "  (rows)"));
+        }
+        const double read_after = read_gbs(), read = 0.5 * (read_before + read_after);
+        std::printf("\n%d thread(s): streaming read %.1f GB/s before, %.1f after\n%-6s %8s %7s", threads, read_before,
+                    read_after, "type", "k=1 GB/s", "/ read");
+        for (int k : batches) {
+            if (k > 1) std::printf("  %7s", ("t(" + std::to_string(k) + ")/t(1)").c_str());
         }
         std::printf("\n");
+        for (size_t i = 0; i < lines.size(); i++) {
+            std::string l = lines[i];
+            l.replace(l.find("%READ%"), 6, format_line("%6.0f%%", 100.0 * k1_gbs[i] / read));
+            std::printf("%s\n", l.c_str());
+        }
     }
     return 0;
 }

@@ -1,21 +1,25 @@
-"""Sparrow vs llama.cpp on the same GGUF files, side by side in one process (issue 6).
+"""Sparrow vs llama.cpp on the same GGUF files, side by side in one process, per core.
 
-    python bench/compare_llamacpp.py [--types f16 q8_0 q4_0 q4_k] [--pairs 5] [--threads 2]
-                                     [--llama-venv ~/.cache/sparrow/llama-cpp-venv] [--no-1.5b]
+    python bench/compare_llamacpp.py [--types f16 bf16 q8_0 q4_0 q4_1 q4_k q5_k q6_k] [--threads 1 2]
+                                     [--pairs 3] [--llama-venv ~/.cache/sparrow/llama-cpp-venv]
 
-Models are random-weight files with Qwen2.5 shapes, written once into --cache (bench/.cache) by
-bench_lm.py's writer: f16, q8_0 and q4_0 with Qwen2.5-0.5B shapes; q4_k (random valid blocks)
-and a second q4_0 with Qwen2.5-1.5B shapes (0.5B's hidden size, 896, is not a whole number of
-256-element k-quant blocks, so a 0.5B q4_K file would be mostly llama.cpp's fallback types).
+Models are random-weight files written once into --cache (bench/.cache) by bench_lm.py's writer:
+f16, bf16, q8_0, q4_0 and q4_1 with Qwen2.5-0.5B shapes; the k-quants (random valid blocks) with
+a hidden size of 1024 (0.5B's 896 is not a whole number of 256-element blocks): Qwen3-0.6B's
+sizes in a qwen2 file. --big adds Qwen2.5-1.5B-shaped q4_0 and q4_k files.
 
-For every file both engines run alternately, --pairs times (who goes first alternates too):
+For every file and thread count both engines run alternately, --pairs times (who goes first
+alternates too):
   decode   one token at a time after a --context token prompt
   batch k  k tokens in one forward pass on top of that prompt, logits for all k (a speculative
            verify batch), rolled back after each measurement; k = 2, 4, 8, 16
   prefill  --prefill tokens (512) into an empty cache, logits for the last
-Printed: tokens/s of each engine (median [min, max] over the pairs), the ratio Sparrow /
-llama.cpp of the medians, time(batch k) / time(1 token) for each engine, and the weight bytes
-a decode step reads per second against the copy bandwidth measured in the same run.
+Printed first: the CPU model, the SIMD level Sparrow chose, and the streaming read bandwidth at
+each thread count (bench/read_bandwidth.c, compiled here with the system's cc and -march=native;
+numpy's max over a 1 GiB buffer when there is no compiler). Then per thread count a table of
+ratios Sparrow / llama.cpp (tokens/s medians over the pairs), one cell per measurement, and the
+tokens/s behind them; for decode, the weight bytes read per second as a share of the read
+bandwidth (decode reads every weight once per token).
 
 llama.cpp comes from llama-cpp-python built from source in its own virtual environment: it is an
 optional benchmark dependency, never imported by the runtime or tests. Its site-packages are
@@ -25,12 +29,19 @@ on 2 cores) with --build-llama, or by hand:
     python -m venv ~/.cache/sparrow/llama-cpp-venv
     CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="$CFLAGS" \\
     CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \\
-      -DLLAMA_BUILD_EXAMPLES=OFF" ~/.cache/sparrow/llama-cpp-venv/bin/pip install \\
+      -DLLAMA_BUILD_EXAMPLES=OFF" ~/.cache/sparrow/llama-cpp-venv/bin/pip install --no-cache-dir \\
       --no-binary llama-cpp-python llama-cpp-python==0.3.36
 
 AMX is compiled out: on the virtual machines here the CPU reports AMX but the kernel does not
 grant its register state, and llama.cpp's AMX q8_0 / q4_0 kernels die on the first tileloadd
 (SIGILL). Sparrow has no AMX code either, so both engines use AVX-512 VNNI.
+
+The AVX2 path on an AVX-512 machine: a second llama.cpp built without AVX-512 (CMAKE_ARGS with
+-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+-DGGML_AVX512=OFF, into its own venv; --no-cache-dir, or pip reuses the first wheel) against
+Sparrow capped with SPARROW_SIMD=avx2:
+
+    SPARROW_SIMD=avx2 python bench/compare_llamacpp.py --llama-venv ~/.cache/sparrow/llama-cpp-avx2-venv
 """
 from __future__ import annotations
 
@@ -53,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_lm import SHAPES as SHAPES_0_5B  # noqa: E402
 from bench_lm import ensure_model  # noqa: E402
 
+SHAPES_H1024 = dict(hidden=1024, layers=28, heads=16, kv_heads=8, ffn=3072, vocab=151936, ctx=32768, rope_base=1_000_000.0)
 SHAPES_1_5B = dict(hidden=1536, layers=28, heads=12, kv_heads=2, ffn=8960, vocab=151936, ctx=32768, rope_base=1_000_000.0)
 LLAMA_CPP_VERSION = "0.3.36"
 LLAMA_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # CFLAGS/CXXFLAGS: see the docstring
@@ -199,16 +211,43 @@ def measure(runner, rng, n_context: int, n_prefill: int, n_decode: int, batch_re
     return out
 
 
-def copy_bandwidth(mb: int = 512, repeats: int = 5) -> float:
-    """GB/s of a large numpy copy, counting the bytes read (the copy also writes as many)."""
-    src = np.ones(mb << 20, dtype=np.uint8)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return src.nbytes / best / 1e9
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def read_bandwidth(threads: int, cache: Path) -> tuple[float, str]:
+    """GB/s of streaming reads with `threads` threads, and how it was measured."""
+    src = Path(__file__).parent / "read_bandwidth.c"
+    exe = cache / "read_bandwidth"
+    try:
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            subprocess.run(["cc", "-O2", "-march=native", "-pthread", str(src), "-o", str(exe)], check=True,
+                           capture_output=True)
+        out = subprocess.run([str(exe), str(threads)], check=True, capture_output=True, text=True).stdout
+        return float(out.strip()), "read_bandwidth.c"
+    except (OSError, subprocess.CalledProcessError):
+        import threading
+
+        buf = np.ones(1 << 30, dtype=np.uint8)
+        parts = np.array_split(buf, threads)
+        best = 0.0
+        for _ in range(5):
+            ts = [threading.Thread(target=np.max, args=(part,)) for part in parts]
+            t0 = time.perf_counter()
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            best = max(best, buf.nbytes / (time.perf_counter() - t0) / 1e9)
+        return best, "numpy max (no C compiler)"
 
 
 def weight_bytes(path: Path) -> int:
@@ -225,10 +264,18 @@ def fmt_stat(values, digits=1) -> str:
     return f"{statistics.median(values):8.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
 
 
-def run_file(label: str, path: Path, lc, args, bandwidth: float) -> list[str]:
+KEYS = [1, *BATCHES, "prefill"]
+
+
+def key_name(key, args) -> str:
+    return "decode" if key == 1 else (f"prefill {args.prefill}" if key == "prefill" else f"batch {key}")
+
+
+def run_file(path: Path, lc, args, threads: int) -> dict:
+    """tokens/s per engine and measurement key, over the pairs."""
     n_ctx = max(args.prefill, args.context + max(BATCHES) + 8) + 16
     n_batch = max(args.prefill, max(BATCHES), args.context)
-    runners = [SparrowRunner(path, n_ctx, args.threads, n_batch), LlamaRunner(lc, path, n_ctx, args.threads, n_batch)]
+    runners = [SparrowRunner(path, n_ctx, threads, n_batch), LlamaRunner(lc, path, n_ctx, threads, n_batch)]
     results = {r.name: [] for r in runners}
     rng = np.random.default_rng(0)
     try:
@@ -236,40 +283,25 @@ def run_file(label: str, path: Path, lc, args, bandwidth: float) -> list[str]:
             order = runners if p % 2 == 0 else runners[::-1]
             for r in order:
                 results[r.name].append(measure(r, rng, args.context, args.prefill, args.decode, args.batch_repeats))
-            print(f"  {label}: pair {p + 1}/{args.pairs} done", file=sys.stderr)
+            print(f"  {path.name}, {threads} thread(s): pair {p + 1}/{args.pairs} done", file=sys.stderr)
     finally:
         for r in runners:
             r.close()
-
-    wb = weight_bytes(path)
-    rows = []
-    keys = [1, *BATCHES, "prefill"]
-    for key in keys:
-        n_tok = 1 if key == 1 else (args.prefill if key == "prefill" else key)
-        tps = {name: [n_tok / m[key] for m in ms] for name, ms in results.items()}
-        ratio = statistics.median(tps["sparrow"]) / statistics.median(tps["llama.cpp"])
-        what = "decode" if key == 1 else ("prefill " + str(args.prefill) if key == "prefill" else f"batch {key}")
-        extra = ""
-        if key == 1:
-            gbs = {name: wb * statistics.median(v) / 1e9 for name, v in tps.items()}
-            extra = (f"weights {gbs['sparrow']:.1f} / {gbs['llama.cpp']:.1f} GB/s "
-                     f"({100 * gbs['sparrow'] / bandwidth:.0f}% / {100 * gbs['llama.cpp'] / bandwidth:.0f}% of copy)")
-        elif key != "prefill":
-            rel = {name: statistics.median([m[key] for m in ms]) / statistics.median([m[1] for m in ms])
-                   for name, ms in results.items()}
-            extra = f"t(k)/t(1) {rel['sparrow']:.2f} / {rel['llama.cpp']:.2f}"
-        rows.append(f"{label:18} {what:12} {fmt_stat(tps['sparrow']):>26} {fmt_stat(tps['llama.cpp']):>26} "
-                    f"{ratio:6.2f}  {extra}")
-    return rows
+    tps = {}
+    for name, ms in results.items():
+        for key in KEYS:
+            n_tok = 1 if key == 1 else (args.prefill if key == "prefill" else key)
+            tps[(name, key)] = [n_tok / m[key] for m in ms]
+    return tps
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_0", "q4_k"],
-                    help="f16 q8_0 q4_0 q4_1 (0.5B shapes); q4_k (1.5B shapes)")
-    ap.add_argument("--no-1.5b", dest="big", action="store_false", help="skip the Qwen2.5-1.5B-shaped q4_0 row")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--pairs", type=int, default=5, help="alternating runs of both engines (>= 5 for the issue)")
+    ap.add_argument("--types", nargs="+", default=["f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"],
+                    help="f16 bf16 q8_0 q4_0 q4_1 (0.5B shapes); q4_k q5_k q6_k (hidden 1024)")
+    ap.add_argument("--big", action="store_true", help="also Qwen2.5-1.5B-shaped q4_0 and q4_k files")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--pairs", type=int, default=3, help="alternating runs of both engines per file and thread count")
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--context", type=int, default=128, help="prompt before decode / batch measurements")
     ap.add_argument("--decode", type=int, default=16, help="decode steps averaged per measurement")
@@ -286,28 +318,54 @@ def main() -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     files = []
     for t in args.types:
-        if t == "q4_k":
-            files.append(("1.5B q4_k", ensure_model(args.cache, "q4_k", "random-qwen2-1.5b", SHAPES_1_5B)))
+        if t in ("q4_k", "q5_k", "q6_k"):
+            files.append((f"0.6B {t}", ensure_model(args.cache, t, "random-qwen2-h1024", SHAPES_H1024)))
         else:
             files.append((f"0.5B {t}", ensure_model(args.cache, t, "random-qwen2-0.5b", SHAPES_0_5B)))
     if args.big:
-        files.append(("1.5B q4_0", ensure_model(args.cache, "q4_0", "random-qwen2-1.5b", SHAPES_1_5B)))
+        for t in ("q4_0", "q4_k"):
+            files.append((f"1.5B {t}", ensure_model(args.cache, t, "random-qwen2-1.5b", SHAPES_1_5B)))
 
-    bw = [copy_bandwidth()]
-    lines = []
-    for label, path in files:
-        lines += run_file(label, path, lc, args, bw[0])
-    bw.append(copy_bandwidth())
-    bandwidth = statistics.median(bw)
+    bandwidth = {th: read_bandwidth(th, args.cache) for th in args.threads}
+    tables = {th: [] for th in args.threads}
+    for th in args.threads:
+        for label, path in files:
+            tables[th].append((label, path, run_file(path, lc, args, th)))
+    after = {th: read_bandwidth(th, args.cache)[0] for th in args.threads}
 
-    print(f"# sparrow {sp.__version__} ({args.threads} threads) vs llama.cpp (llama-cpp-python {lc.__version__}) | "
-          f"random weights | {args.pairs} alternating pairs, median [min, max] | copy bandwidth "
-          f"{min(bw):.1f}-{max(bw):.1f} GB/s (bytes read per s)")
-    print(f"# decode after a {args.context}-token prompt; batch k = k tokens in one pass with k logit rows "
-          f"on that prompt; ratio = sparrow / llama.cpp")
-    print(f"{'model':18} {'what':12} {'sparrow tok/s':>26} {'llama.cpp tok/s':>26} {'ratio':>6}  notes (sparrow / llama.cpp)")
-    for line in lines:
-        print(line)
+    try:
+        llama_info = lc.llama_print_system_info().decode().strip()
+    except Exception:  # noqa: BLE001 - informational only
+        llama_info = "?"
+    print(f"# CPU: {cpu_model()} ({os.cpu_count()} logical CPUs here)")
+    print(f"# sparrow {sp.__version__}: {sp.system_info()}")
+    print(f"# llama.cpp (llama-cpp-python {lc.__version__}): {llama_info}")
+    for th in args.threads:
+        gbs, how = bandwidth[th]
+        print(f"# streaming read bandwidth, {th} thread(s): {gbs:.1f} GB/s before, {after[th]:.1f} after ({how})")
+    print(f"# random weights; {args.pairs} alternating pairs per file and thread count; decode after a "
+          f"{args.context}-token prompt; batch k = k tokens in one pass with k logit rows on that prompt")
+    cols = [key_name(k, args) for k in KEYS]
+    for th in args.threads:
+        read = 0.5 * (bandwidth[th][0] + after[th])
+        print(f"\n## {th} thread(s): ratio sparrow / llama.cpp of median tokens/s")
+        print(f"| model | {' | '.join(cols)} | decode weights GB/s (% of read) |")
+        print("|---" * (len(cols) + 2) + "|")
+        for label, path, tps in tables[th]:
+            cells = []
+            for k in KEYS:
+                ratio = statistics.median(tps[("sparrow", k)]) / statistics.median(tps[("llama.cpp", k)])
+                cells.append(f"{ratio:.2f}")
+            wb = weight_bytes(path)
+            g = {n: wb * statistics.median(tps[(n, 1)]) / 1e9 for n in ("sparrow", "llama.cpp")}
+            cells.append(f"{g['sparrow']:.1f} ({100 * g['sparrow'] / read:.0f}%) / {g['llama.cpp']:.1f} "
+                         f"({100 * g['llama.cpp'] / read:.0f}%)")
+            print(f"| {label} | {' | '.join(cells)} |")
+        print(f"\ntokens/s, sparrow / llama.cpp, median [min, max] over the pairs ({th} thread(s)):")
+        for label, path, tps in tables[th]:
+            for k in KEYS:
+                print(f"  {label:10} {key_name(k, args):12} {fmt_stat(tps[('sparrow', k)]):>26} "
+                      f"{fmt_stat(tps[('llama.cpp', k)]):>26}")
     return 0
 
 

@@ -10,8 +10,16 @@ Importing this package loads only the runtime (cffi + numpy); the converter
 """
 from sparrow_py.errors import SparrowError
 
-__all__ = ["Engine", "Media", "MEDIA_TOKEN", "DraftSession", "VisionEncoder", "SparrowError", "__version__"]
+__all__ = ["Engine", "Media", "MEDIA_TOKEN", "DraftSession", "VisionEncoder", "SparrowError", "system_info",
+           "__version__"]
 __version__ = "0.1.0"
+
+
+def system_info() -> str:
+    """The runtime's build and CPU: backends, the SIMD level its kernels use, threads available."""
+    from sparrow_py._native import ffi, lib
+
+    return ffi.string(lib.sparrow_system_info()).decode()
 
 
 def __getattr__(name):

@@ -25,9 +25,12 @@ def _add_run(sub) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the model's chat template")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--draft", help="Sparrow draft GGUF for speculative decoding (the output stays the model's own)")
-    p.add_argument("--n-draft", type=int, default=4, help="tokens drafted per verification (default 4)")
+    p.add_argument("--n-draft", type=int, default=4, help="tokens drafted per verification, at most (default 4)")
     p.add_argument("--speculative", choices=["chain", "tree"], default="chain",
                    help="with --draft: a chain of --n-draft tokens or an EAGLE-2 dynamic tree (default chain)")
+    p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+                   help="always draft --n-draft tokens (or the whole tree); by default each round drafts what pays "
+                        "on this machine, down to plain decoding")
     v = p.add_argument_group("video and images (need --mmproj)")
     v.add_argument("--mmproj", help="the model's vision GGUF (convert/to_gguf.py --mmproj)")
     v.add_argument("--video", help="video file (extra `video`: PyAV) or .npy array of HxWx3 uint8 frames")
@@ -57,7 +60,7 @@ def _run(args) -> int:
                 stop=args.stop,
             )
             if args.draft:
-                gen_kwargs.update(n_draft=args.n_draft, speculative=args.speculative)
+                gen_kwargs.update(n_draft=args.n_draft, speculative=args.speculative, adaptive=args.adaptive)
             if args.chat:
                 content = prompt
                 if visual:  # Hugging Face style parts: the template places the vision tokens
@@ -81,8 +84,10 @@ def _run(args) -> int:
             )
             if args.draft:
                 by_depth = ", ".join(f"{a:.2f}" for a in s["acceptance_by_depth"])
+                rounds = ", ".join(f"{k}: {n}" for k, n in enumerate(s["n_draft_rounds"]) if n)
                 print(f"speculative: mean accepted length {s['mean_accepted_length']:.2f}, "
-                      f"acceptance by depth [{by_depth}], draft {s['draft_ms']:.0f} ms, verify {s['verify_ms']:.0f} ms",
+                      f"acceptance by depth [{by_depth}], draft {s['draft_ms']:.0f} ms, verify {s['verify_ms']:.0f} ms, "
+                      f"rounds by tokens drafted {{{rounds}}}" + (f", tree rounds {s['n_tree_rounds']}" if s["n_tree_rounds"] else ""),
                       file=sys.stderr)
     except SparrowError as exc:
         print(f"sparrow: error: {exc}", file=sys.stderr)

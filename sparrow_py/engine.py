@@ -28,6 +28,12 @@ _FINISH_NAMES = {
 MEDIA_TOKEN = -1  # a prompt token standing for one visual token (sparrow.h SPARROW_MEDIA_TOKEN)
 
 
+def _trim_zeros(counts: list) -> list:
+    while counts and counts[-1] == 0:
+        counts = counts[:-1]
+    return counts
+
+
 @dataclass
 class Media:
     """One image or video in a prompt: the vision encoder's embeddings and where they sit.
@@ -296,6 +302,7 @@ class Engine(OwnsHandles):
         tree_depth: int = 5,
         tree_top_k: int = 4,
         tree_total_tokens: int = 24,
+        adaptive: bool = True,
         media: Optional[Sequence[Media]] = None,
         video=None,
         images=None,
@@ -310,7 +317,10 @@ class Engine(OwnsHandles):
         With a draft attached, decoding is speculative: "chain" (the default then) drafts n_draft
         tokens per target forward; "tree" drafts an EAGLE-2 dynamic tree (tree_depth levels,
         tree_top_k children per expanded node, the tree_total_tokens best verified together);
-        "none" turns speculation off.
+        "none" turns speculation off. adaptive (default) sizes each round from what this machine
+        and this text show: up to n_draft tokens, or a plain decode step when speculating does
+        not pay (last_stats["n_draft_rounds"] counts what it chose); adaptive=False always drafts
+        n_draft (or the whole tree).
         video / images (needs mmproj=): a video file, a list or array of HxWx3 uint8 RGB frames,
         and a list of images. They go where the prompt text says "<video>" / "<image>", else
         before the text, wrapped in the model's vision markers. fps / num_frames choose frames;
@@ -358,6 +368,7 @@ class Engine(OwnsHandles):
         params.tree_depth = int(tree_depth)
         params.tree_top_k = int(tree_top_k)
         params.tree_total_tokens = int(tree_total_tokens)
+        params.adaptive = bool(adaptive)
         keep_alive = [ffi.new("char[]", s.encode("utf-8")) for s in (stop or [])]
         stop_array = ffi.new("char *[]", keep_alive) if keep_alive else ffi.NULL
         params.stop = stop_array
@@ -532,6 +543,9 @@ class Engine(OwnsHandles):
             "draft_ms": s.t_draft_ms,
             "verify_ms": s.t_verify_ms,
             "draft_kv_entries": s.draft_kv_entries,
+            # rounds by tokens drafted (index 0: plain decode steps), trimmed after the last used
+            "n_draft_rounds": _trim_zeros([s.n_draft_rounds[k] for k in range(33)]),
+            "n_tree_rounds": s.n_tree_rounds,
         }
 
     @property

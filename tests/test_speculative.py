@@ -39,12 +39,15 @@ def prompts(engine, n=20, seed=0):
     return [rng.integers(0, engine.n_vocab, size=int(rng.integers(1, 40))).tolist() for _ in range(n)]
 
 
+# adaptive=False: the rounds draft what they are told even though this random draft never pays
 SPEC_MODES = {
-    "chain-1": dict(speculative="chain", n_draft=1),
-    "chain-3": dict(speculative="chain", n_draft=3),
-    "chain-6": dict(speculative="chain", n_draft=6),
-    "tree-4x3": dict(speculative="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=10),
-    "tree-6x4": dict(speculative="tree", tree_depth=6, tree_top_k=4, tree_total_tokens=24),
+    "chain-1": dict(speculative="chain", n_draft=1, adaptive=False),
+    "chain-3": dict(speculative="chain", n_draft=3, adaptive=False),
+    "chain-6": dict(speculative="chain", n_draft=6, adaptive=False),
+    "tree-4x3": dict(speculative="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=10, adaptive=False),
+    "tree-6x4": dict(speculative="tree", tree_depth=6, tree_top_k=4, tree_total_tokens=24, adaptive=False),
+    "chain-6-adaptive": dict(speculative="chain", n_draft=6),
+    "tree-adaptive": dict(speculative="tree", tree_depth=4, tree_top_k=3, tree_total_tokens=10),
 }
 
 
@@ -61,6 +64,30 @@ def test_greedy_output_equals_plain_decoding(target, draft, mode):
             assert spec.last_tokens == ar.last_tokens
             s = spec.last_stats
             assert s["n_drafted"] > 0 and 1.0 <= s["mean_accepted_length"] <= max_depth + 1
+            if not kw.get("adaptive", True):  # every round drafted, none decoded plainly
+                assert (s["n_draft_rounds"] or [0])[0] == 0
+
+
+def test_adaptive_speculation_rests_a_useless_draft(target, draft):
+    """A random draft is (almost) never accepted: adaptive speculation turns to plain decode
+    steps within a few rounds and only probes now and then, so decoding costs about what it
+    costs without a draft (bench/bench_speculative.py measures the speed itself)."""
+    with sp.Engine(str(target), n_ctx=512, n_threads=2, kv_type="f32") as ar, \
+         sp.Engine(str(target), n_ctx=512, n_threads=2, kv_type="f32", draft=str(draft)) as spec:
+        prompt = list(range(1, 30))
+        for mode in ("chain", "tree"):
+            want = "".join(ar.generate(prompt, max_tokens=400, ignore_eos=True))
+            got = "".join(spec.generate(prompt, max_tokens=400, ignore_eos=True, speculative=mode, n_draft=6,
+                                        tree_depth=4, tree_top_k=3, tree_total_tokens=10))
+            assert got == want
+            s = spec.last_stats
+            assert s["mean_accepted_length"] < 1.1, "the test needs a draft that is not accepted"
+            plain = (s["n_draft_rounds"] or [0])[0]
+            assert plain >= 0.9 * s["n_target_forwards"], s["n_draft_rounds"]
+            # the draft's work: a few rounds' drafts before it rests, then a probe every 32 steps
+            # (a chain probe drafts 1 token, a tree probe the whole tree, 9 tokens here)
+            per_probe = 1 if mode == "chain" else 9
+            assert s["n_drafted"] <= per_probe * s["n_generated"] / 32 + 40, (mode, s["n_drafted"])
 
 
 def test_small_window_draft_is_lossless_and_bounded(target, small_window_draft):

@@ -267,6 +267,13 @@ typedef struct sparrow_generate_params {
     int32_t tree_depth;                 /* tree: levels drafted, 1..32                    */
     int32_t tree_top_k;                 /* tree: children per expanded node, 1..16        */
     int32_t tree_total_tokens;          /* tree: tokens verified per target forward, 2..128 */
+    bool adaptive;                      /* speculation adapts to this machine and this text (default
+                                           true): each chain round drafts the number of tokens, up
+                                           to n_draft, that maximizes the expected tokens per second
+                                           from measured costs and the running acceptance by depth;
+                                           0 (a plain decode step) when speculation does not pay.
+                                           Tree rounds likewise give way to plain steps. false: always
+                                           n_draft (or the whole tree) */
 } sparrow_generate_params;
 
 SPARROW_API sparrow_generate_params sparrow_generate_default_params(void);
@@ -327,6 +334,10 @@ typedef struct sparrow_stats {
     double t_draft_ms;
     double t_verify_ms;
     int32_t draft_kv_entries;   /* draft KV entries in use (at most G + S + W + the chain)    */
+    int32_t n_draft_rounds[33]; /* rounds by the tokens drafted in them (capped at 32); [0]: plain
+                                   decode steps (what adaptive speculation chose, or the first
+                                   step, which measures a decode)                             */
+    int32_t n_tree_rounds;      /* tree rounds                                                */
 } sparrow_stats;
 
 SPARROW_API sparrow_status sparrow_get_stats(const sparrow_context * ctx, sparrow_stats * out);

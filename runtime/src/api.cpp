@@ -126,17 +126,20 @@ sparrow_status sparrow_model_load(const char * path, sparrow_model_params params
         require(path != nullptr, "path is NULL");
         std::unique_ptr<sparrow_model> m(new sparrow_model());
         m->file = GGUFFile::open(path, params.use_mmap);
+        m->store = make_cpu_weight_store(params.use_mmap);
         m->arch = m->file->get_string("general.architecture", "");
         try {
             if (vision_supports_arch(m->arch)) {  // a vision tower + projector: no tokenizer either
                 m->vision.reset(new VisionModel());
                 vision_load(*m->file, *m->vision);
+                vision_prepare_weights(*m->store, *m->vision);
                 *out_model = m.release();
                 return;
             }
             if (draft_supports_arch(m->arch)) {  // a draft: no tokenizer, it runs on its target's
                 m->is_draft = true;
                 draft_load(*m->file, m->draft_hparams, m->draft_weights);
+                draft_prepare_weights(*m->store, m->draft_weights);
                 *out_model = m.release();
                 return;
             }
@@ -155,7 +158,10 @@ sparrow_status sparrow_model_load(const char * path, sparrow_model_params params
                     fail(SPARROW_ERR_FORMAT, format("the tokenizer has %d tokens but the embedding only %d rows",
                                                     m->tokenizer->n_vocab(), m->hparams.n_vocab));
                 }
+                // fault the pages in first (with progress), then pack: packing reads them once
+                // more from memory and hands the packed matrices' pages back
                 if (params.use_mmap) prefault(*m->file, params);
+                lm_prepare_weights(*m->store, m->weights);
             }
         } catch (const Error & e) {
             fail(e.status(), format("%s: %s", path, e.what()));
@@ -350,6 +356,7 @@ sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_mo
         ctx->spec.state.reset(new DraftState(*ctx->backend, draft->draft_hparams, draft->draft_weights, ctx->model->weights,
                                              ctx->params.n_ctx, kMaxSpeculativeEntries));
         ctx->spec.draft = draft;
+        ctx->spec.policy.reset();  // acceptance and costs are the new draft's to learn
         ctx->spec.prefill_layers = draft->draft_hparams.taps;
         if (draft->draft_hparams.n_glimpses > 0) ctx->spec.prefill_layers.push_back(draft->draft_hparams.ivsb_layer + 1);
     });
@@ -459,6 +466,7 @@ sparrow_generate_params sparrow_generate_default_params(void) {
     p.tree_depth = 5;
     p.tree_top_k = 4;
     p.tree_total_tokens = 24;
+    p.adaptive = true;
     return p;
 }
 
@@ -570,6 +578,7 @@ void begin_generation(sparrow_context * ctx, const sparrow_token * prompt, int32
     ctx->spec.tree_depth = params.tree_depth;
     ctx->spec.tree_top_k = params.tree_top_k;
     ctx->spec.tree_total = params.tree_total_tokens;
+    ctx->spec.adaptive = params.adaptive;
     ctx->generated.clear();
     for (int32_t i = 0; i < params.n_stop; ++i) {
         require(params.stop[i] != nullptr, "a stop string is NULL");

@@ -25,6 +25,11 @@ struct Tensor {
     DType type = DType::F32;
     int64_t ne[4] = {1, 1, 1, 1};
     void * data = nullptr;
+    // A weight matrix the CPU backend repacked into 16-row panels (cpu/panels.h): data points at
+    // the panels, ne is still the logical shape, and only matmul may read it.
+    bool panels = false;
+    // The file's name for a weight (errors name the tensor); null for activations.
+    const char * name = nullptr;
 
     int64_t cols() const { return ne[0]; }
     int64_t rows() const { return ne[1] * ne[2] * ne[3]; }
@@ -94,6 +99,13 @@ enum class GeluKind {
     Quick,  // x * sigmoid(1.702 x): Qwen2-VL ViT's quick_gelu
 };
 
+// One product of a matmul group: out = x . w^T (+ bias).
+struct MatmulOut {
+    const Tensor * w;
+    Tensor * out;
+    const Tensor * bias;
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
@@ -114,6 +126,10 @@ public:
     virtual void gather_rows(const Tensor & x, const int32_t * rows, int64_t n, Tensor & out) = 0;
     // out[n, m] = x[n, k] . w[m, k]^T (+ bias[m]); w of any type, x and out f32.
     virtual void matmul(const Tensor & w, const Tensor & x, Tensor & out, const Tensor * bias) = 0;
+    // Several products of the same activations (a layer's q/k/v, gate/up): the same results as
+    // matmul for each in turn, done with the activations converted once and in one pass over
+    // the backend's threads.
+    virtual void matmul_group(const Tensor & x, const MatmulOut * outs, int n) = 0;
     // out = x / rms(x) * weight, per row.
     virtual void rms_norm(const Tensor & x, const Tensor & weight, float eps, Tensor & out) = 0;
     // In place on x[n, n_head * head_dim]. pos holds n positions (4 * n for MRope, stream-major:
@@ -148,5 +164,19 @@ public:
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int n_threads);
+
+// Weights in the form the backend's matmul reads best, made once at load and shared by every
+// context of the model. The CPU store repacks quantized matrices into panels (cpu/panels.h) and
+// lets the kernel drop the mapped file's pages it no longer needs; other views pass through.
+class WeightStore {
+public:
+    virtual ~WeightStore() = default;
+    // The matmul form of a weight view into the mapped file (the view itself stays valid).
+    virtual Tensor matmul_weight(const Tensor & view) = 0;
+    virtual size_t bytes() const = 0;  // memory the store holds
+};
+
+// release_mapped_pages: the views come from a read-only file mapping whose pages may be dropped.
+std::unique_ptr<WeightStore> make_cpu_weight_store(bool release_mapped_pages);
 
 }  // namespace sparrow

@@ -7,6 +7,7 @@
 #include "model.h"
 #include "models/draft.h"
 #include "sampling.h"
+#include "spec-policy.h"
 #include "text-stream.h"
 
 #include <functional>
@@ -74,6 +75,8 @@ struct sparrow_context {
         bool tree = false;                       // with an EAGLE-2 tree rather than a chain
         int32_t n_draft = 4;
         int32_t tree_depth = 5, tree_top_k = 4, tree_total = 24;
+        bool adaptive = true;                    // rounds sized by the policy (spec-policy.h)
+        sparrow::SpecPolicy policy;              // kept across generations: costs carry over
         std::vector<sparrow::DraftEntry> pending;  // committed entries the draft has yet to run
         std::vector<float> pending_g;            // their features, n_embd each
         std::vector<float> scratch_g, scratch_h, scratch_logits;

@@ -14,6 +14,8 @@
 
 struct sparrow_model {
     std::unique_ptr<sparrow::GGUFFile> file;
+    // The weights' matmul forms (packed panels), owned here and shared by every context.
+    std::unique_ptr<sparrow::WeightStore> store;
     std::unique_ptr<sparrow::Tokenizer> tokenizer;
     std::string arch;
     bool vocab_only = false;

@@ -52,23 +52,13 @@ void dequantize_row_bf16(const void * src, float * dst, int64_t n);
 void mul_mat_f32(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 void mul_mat_f16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 void mul_mat_bf16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
-void mul_mat_q8_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
-void mul_mat_q4_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
-void mul_mat_q4_1(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
-void mul_mat_q4_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
-void mul_mat_q6_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 }  // namespace avx2
 
-// cpu/matmul_avx512.cpp (AVX-512 F/BW/VL/DQ + VNNI); types not listed keep their AVX2 kernels on
-// such CPUs, and vec_dot stays AVX2 (decode goes through mul_mat's tiles, see tiled_single_row).
+// cpu/matmul_avx512.cpp (AVX-512 F/BW/VL/DQ): the float tiles on zmm; vec_dot stays AVX2.
 namespace avx512 {
 void mul_mat_f32(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 void mul_mat_f16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 void mul_mat_bf16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
-void mul_mat_q8_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
-void mul_mat_q4_0(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
-void mul_mat_q4_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
-void mul_mat_q6_K(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
 }  // namespace avx512
 #endif
 
@@ -546,13 +536,11 @@ struct Kernels {
     VecDotFn vec_dot[kMaxTypeId] = {};
     QuantizeFn quantize[kMaxTypeId] = {};
     DequantizeFn dequantize[kMaxTypeId] = {};
-    MulMatFn mul_mat[kMaxTypeId] = {};  // nullptr: vec_dot per (row, column) pair
-    // mul_mat also takes single activation rows (decode). Tiles of several weight rows keep
-    // several streams of weight reads in flight where vec_dot keeps one, and one core's single
-    // stream falls well short of its share of the memory bandwidth (bench_quant, 1 thread, 4096
-    // columns: f16 8 -> 11 GB/s, q8_0 5.3 -> 10.4, q4_0 4.7 -> 8.1, q6_K 4.8 -> 7.8). q4_K and
-    // q4_1 tiles spend more per byte than their vec_dot, which wins there.
-    bool tiled_single_row[kMaxTypeId] = {};
+    // Register tiles for the float types; nullptr (quantized types, whose matrices the backend
+    // multiplies in panels, cpu/panels.h): vec_dot per (row, column) pair. The tiles take single
+    // activation rows (decode) too: several weight rows' reads in flight where vec_dot keeps one,
+    // and the same arithmetic per row as in a batch (batch invariance).
+    MulMatFn mul_mat[kMaxTypeId] = {};
     const char * level = "scalar";
 };
 
@@ -599,25 +587,12 @@ Kernels select_kernels() {
         k.mul_mat[(size_t) DType::F32] = avx2::mul_mat_f32;
         k.mul_mat[(size_t) DType::F16] = avx2::mul_mat_f16;
         k.mul_mat[(size_t) DType::BF16] = avx2::mul_mat_bf16;
-        k.mul_mat[(size_t) DType::Q8_0] = avx2::mul_mat_q8_0;
-        k.mul_mat[(size_t) DType::Q4_0] = avx2::mul_mat_q4_0;
-        k.mul_mat[(size_t) DType::Q4_1] = avx2::mul_mat_q4_1;
-        k.mul_mat[(size_t) DType::Q4_K] = avx2::mul_mat_q4_K;
-        k.mul_mat[(size_t) DType::Q6_K] = avx2::mul_mat_q6_K;
-        for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q6_K}) {
-            k.tiled_single_row[(size_t) t] = true;
-        }
         k.level = "AVX2";
     }
     if (level >= SimdLevel::Avx512) {
         k.mul_mat[(size_t) DType::F32] = avx512::mul_mat_f32;
         k.mul_mat[(size_t) DType::F16] = avx512::mul_mat_f16;
         k.mul_mat[(size_t) DType::BF16] = avx512::mul_mat_bf16;
-        k.mul_mat[(size_t) DType::Q8_0] = avx512::mul_mat_q8_0;
-        k.mul_mat[(size_t) DType::Q4_0] = avx512::mul_mat_q4_0;
-        k.mul_mat[(size_t) DType::Q4_K] = avx512::mul_mat_q4_K;
-        k.mul_mat[(size_t) DType::Q6_K] = avx512::mul_mat_q6_K;
-        k.tiled_single_row[(size_t) DType::Q4_K] = true;  // its 16-row panels beat vec_dot here
         k.level = "AVX512-VNNI";
     }
 #endif
@@ -671,9 +646,7 @@ void run_mul_mat(const Kernels & k, DType t, int64_t n, const void * w, size_t w
                  size_t xs, int64_t nc, float * y, int64_t ys) {
     const size_t id = (size_t) t;
     MulMatFn tiled = id < kMaxTypeId ? k.mul_mat[id] : nullptr;
-    // One activation row (decode) goes to the tiles only where they beat vec_dot (see
-    // tiled_single_row).
-    if (tiled && (nc > 1 || k.tiled_single_row[id])) {
+    if (tiled) {
         tiled(n, w, ws, nr, x, xs, nc, y, ys);
         return;
     }
@@ -695,6 +668,7 @@ void mul_mat(DType t, int64_t k, const void * w, size_t w_stride, int64_t nr, co
     run_mul_mat(active_kernels(), t, k, w, w_stride, nr, x, x_stride, nc, y, y_stride);
 }
 const char * simd_level() { return active_kernels().level; }
+bool mul_mat_supported(DType t) { return (size_t) t < kMaxTypeId && reference_kernels().vec_dot[(size_t) t] != nullptr; }
 
 namespace ref {
 void dequantize_row(DType t, const void * src, float * dst, int64_t n) { run_dequantize(reference_kernels(), t, src, dst, n); }

@@ -2,10 +2,11 @@
 //
 // Weights keep the exact byte layout llama.cpp writes (so its GGUFs load unchanged).
 // Matrix products quantize the activations once per row into each weight type's "dot type"
-// (Q8_0 for q8_0/q4_0/q4_1, Q8_K for the k-quants, F32 for the float types) and then run
-// mul_mat's register tiles (vec_dot row by row where no tile pays). Both dispatch at run time to
-// the best kernels the CPU supports (cpu/features.h);
-// the scalar kernels in namespace ref are compiled everywhere and are what tests compare with.
+// (Q8_0 for q8_0/q4_0/q4_1, Q8_K for the k-quants, F32 for the float types). Float weights then
+// run mul_mat's register tiles; the CPU backend multiplies quantized weights in the 16-row
+// panels it repacks them into at load (cpu/panels.h), and mul_mat on their rows is vec_dot per
+// pair. Both dispatch at run time to the best kernels the CPU supports (cpu/features.h); the
+// scalar kernels in namespace ref are compiled everywhere and are what tests compare with.
 #pragma once
 
 #include <cstddef>
@@ -38,13 +39,16 @@ void dequantize_row(DType t, const void * src, float * dst, int64_t n);
 void quantize_row(DType t, const float * src, void * dst, int64_t n);
 // Dot product of a weight row of type t with an activation row already in traits(t).dot_type.
 float vec_dot(DType t, int64_t n, const void * w, const void * x);
+// Can weights of type t be multiplied at all (is there a dot product)? Q8_K, an activation-only
+// type, cannot: a file that stores a weight in it is refused at load.
+bool mul_mat_supported(DType t);
 
 // A block of a matrix product: y[c * y_stride + r] = dot(w row r, x row c) for r < nr, c < nc.
 // Weight rows are w_stride bytes apart, activation rows (already in traits(t).dot_type) x_stride
-// bytes apart. The SIMD kernels register-tile this (several weight rows x several activation
-// rows per micro-kernel) so each weight load serves several tokens: what makes prefill and
-// verify batches cheaper than that many decodes. Results match nr * nc vec_dot calls within
-// float rounding.
+// bytes apart. For float weights the SIMD kernels register-tile this (several weight rows x
+// several activation rows per micro-kernel) so each weight load serves several tokens, with the
+// same arithmetic for a (row, activation row) pair whatever the tile; results match nr * nc
+// vec_dot calls within float rounding.
 void mul_mat(DType t, int64_t k, const void * w, size_t w_stride, int64_t nr, const void * x, size_t x_stride,
              int64_t nc, float * y, int64_t y_stride);
 

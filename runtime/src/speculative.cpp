@@ -117,6 +117,45 @@ void verify(sparrow_context & ctx, const std::vector<int32_t> & tokens, const st
     ctx.stats.n_target_forwards += 1;
 }
 
+// The target's own next token from logits: greedy or sampled, as plain decoding draws it.
+int32_t target_token(sparrow_context & ctx, const float * logits) {
+    const sparrow_sampler_params & sp = ctx.gen.params.sampling;
+    const int32_t n_vocab = ctx.model->hparams.n_vocab;
+    if (sp.temperature == 0.0f) return argmax(logits, n_vocab);
+    sampling_distribution(logits, n_vocab, sp, ctx.spec.p_dist);
+    return draw(ctx.spec.p_dist, ctx.gen.rng);
+}
+
+// Pending committed entries the draft catches up on while speculation rests (plain steps), so
+// that they do not pile up; the lead (the last) stays pending for the next round.
+constexpr size_t kMaxPendingWhileResting = 64;
+
+// A plain decode step inside a speculative generation: the target decodes the lead token alone
+// (its taps captured, so the draft can pick up from here); the draft does nothing.
+void plain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
+    auto & s = ctx.spec;
+    const int64_t H = ctx.model->hparams.n_embd;
+    if (s.pending.size() > kMaxPendingWhileResting) {
+        const DraftEntry lead = s.pending.back();
+        std::vector<float> lead_g(s.pending_g.end() - H, s.pending_g.end());
+        s.pending.pop_back();
+        s.pending_g.resize(s.pending_g.size() - H);
+        run_pending(ctx, false);
+        s.pending.push_back(lead);
+        s.pending_g = std::move(lead_g);
+    }
+    const double t0 = now_ms();
+    const std::vector<int32_t> batch{s.pending.back().token};
+    const int64_t n_before = ctx.cache->size();
+    verify(ctx, batch, nullptr);
+    const int32_t next = target_token(ctx, ctx.logits.data());
+    finish_round(ctx, n_before, 1, {0}, {}, next, produced);
+    const double ms = now_ms() - t0;
+    ctx.stats.t_verify_ms += ms;
+    ctx.stats.n_draft_rounds[0] += 1;
+    s.policy.record_chain(0, 0, 0.0, ms);
+}
+
 void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     auto & s = ctx.spec;
     auto & g = ctx.gen;
@@ -129,7 +168,12 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
 
     // room in the target cache: the verify batch is the lead token plus the drafts
     const int64_t room = ctx.cache->capacity() - ctx.cache->size();
-    const int32_t k = (int32_t) std::max<int64_t>(0, std::min<int64_t>(s.n_draft, room - 1));
+    const int32_t k_max = (int32_t) std::max<int64_t>(0, std::min<int64_t>(s.n_draft, room - 1));
+    const int32_t k = s.adaptive ? s.policy.choose_chain(k_max) : k_max;
+    if (k == 0) {
+        plain_round(ctx, produced);
+        return;
+    }
     const DraftEntry lead = s.pending.back();
     // the draft entry reading token d_i sits at the target position of the token before it
     const int32_t first_pos = context_next_pos(ctx);
@@ -162,7 +206,8 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     }
     ctx.stats.draft_kv_entries = (int32_t) std::max<int64_t>(ctx.stats.draft_kv_entries, draft.n_kv_entries());
     draft.drop_speculative();
-    ctx.stats.t_draft_ms += now_ms() - t_draft0;
+    const double draft_ms = now_ms() - t_draft0;
+    ctx.stats.t_draft_ms += draft_ms;
 
     // ---- verify: the lead token and the drafts in one target forward ----
     const double t_verify0 = now_ms();
@@ -198,8 +243,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
         ctx.stats.accepted_by_depth[std::min(i, 32) - 1] += 1;
     }
     if (bonus < 0) {  // every draft accepted: the target's own next token follows them
-        const float * logits = ctx.logits.data() + (size_t) accepted * n_vocab;
-        bonus = greedy ? argmax(logits, n_vocab) : (sampling_distribution(logits, n_vocab, sp, s.p_dist), draw(s.p_dist, g.rng));
+        bonus = target_token(ctx, ctx.logits.data() + (size_t) accepted * n_vocab);
     }
     ctx.stats.n_drafted += k;
     ctx.stats.n_accepted += accepted;
@@ -207,7 +251,10 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     std::vector<int32_t> rows((size_t) accepted + 1);
     std::iota(rows.begin(), rows.end(), 0);
     finish_round(ctx, n_before, (int64_t) batch.size(), rows, drafts, bonus, produced);
-    ctx.stats.t_verify_ms += now_ms() - t_verify0;
+    const double verify_ms = now_ms() - t_verify0;
+    ctx.stats.t_verify_ms += verify_ms;
+    ctx.stats.n_draft_rounds[std::min(k, 32)] += 1;
+    s.policy.record_chain(k, accepted, draft_ms, verify_ms);
 }
 
 // ---- EAGLE-2 dynamic trees -------------------------------------------------------------------
@@ -274,6 +321,10 @@ void propose_children(sparrow_context & ctx, const float * logits, int32_t paren
 
 void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     auto & s = ctx.spec;
+    if (s.adaptive && !s.policy.choose_tree()) {
+        plain_round(ctx, produced);
+        return;
+    }
     auto & g = ctx.gen;
     DraftState & draft = *s.state;
     const LMHparams & hp = ctx.model->hparams;
@@ -439,7 +490,10 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     ctx.stats.n_drafted += (int32_t) selected.size();
     ctx.stats.n_accepted += (int32_t) accepted_tokens.size();
     finish_round(ctx, n_before, (int64_t) batch.size(), rows, accepted_tokens, bonus, produced);
-    ctx.stats.t_verify_ms += now_ms() - t_verify0;
+    const double t_end = now_ms();
+    ctx.stats.t_verify_ms += t_end - t_verify0;
+    ctx.stats.n_tree_rounds += 1;
+    s.policy.record_tree((int32_t) accepted_tokens.size() + 1, t_end - t_draft0);
 }
 
 }  // namespace

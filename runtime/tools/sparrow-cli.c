@@ -28,8 +28,10 @@ static void usage(FILE * out) {
             "  -s, --seed N          sampling seed\n"
             "      --no-special      do not parse special tokens written in the prompt\n"
             "      --draft FILE      Sparrow draft GGUF: speculative decoding (the output stays the model's)\n"
-            "      --n-draft N       tokens drafted per verification (default 4)\n"
+            "      --n-draft N       tokens drafted per verification, at most (default 4)\n"
             "      --tree            draft an EAGLE-2 dynamic tree instead of a chain\n"
+            "      --no-adaptive     always draft --n-draft tokens (or the whole tree); by default each\n"
+            "                        round drafts what pays on this machine, down to plain decoding\n"
             "  -h, --help            show this help\n");
 }
 
@@ -99,6 +101,7 @@ int main(int argc, char ** argv) {
         else if (FLAG(NULL, "--draft")) { NEED_VALUE(); draft_path = v; }
         else if (FLAG(NULL, "--n-draft")) { NEED_VALUE(); gparams.n_draft = atoi(v); }
         else if (FLAG(NULL, "--tree")) { gparams.speculative = SPARROW_SPEC_TREE; }
+        else if (FLAG(NULL, "--no-adaptive")) { gparams.adaptive = false; }
         else { fprintf(stderr, "sparrow-cli: unknown argument '%s' (see --help)\n", a); return 2; }
 #undef FLAG
 #undef NEED_VALUE
@@ -172,6 +175,12 @@ int main(int argc, char ** argv) {
                         "draft %.1f ms, verify %.1f ms\n",
                 stats.mean_accepted_length, stats.n_drafted, stats.n_accepted, stats.n_target_forwards,
                 stats.t_draft_ms, stats.t_verify_ms);
+        fprintf(stderr, "rounds by tokens drafted:");
+        for (int k = 0; k <= 32; k++) {
+            if (stats.n_draft_rounds[k]) fprintf(stderr, " %d:%d", k, stats.n_draft_rounds[k]);
+        }
+        if (stats.n_tree_rounds) fprintf(stderr, " tree:%d", stats.n_tree_rounds);
+        fprintf(stderr, " (0: plain decode steps)\n");
     }
     rc = 0;
 done:

@@ -6,6 +6,7 @@
 
 #include "common.h"
 #include "cpu/ops.h"
+#include "cpu/panels.h"
 #include "quant.h"
 
 #include <algorithm>
@@ -108,9 +109,74 @@ void test_mul_mat(DType t) {
     std::printf("  mul_mat %-5s %3d cases\n", traits(t).name, cases);
 }
 
+// Panels: packing round-trips byte for byte; the panel kernel of the active SIMD level matches
+// ref::mul_mat on the file layout; and a (row, activation row) result is the same bits whatever
+// run of panels and range of activation rows the call that computed it covered.
+void test_panels(DType t) {
+    if (!panels_supported(t)) return;
+    const DType dt = traits(t).dot_type;
+    const int64_t bs = traits(t).block_size;
+    int cases = 0;
+    const int64_t shapes[][3] = {{1, 1, 1}, {3, 15, 2}, {2, 16, 17}, {5, 17, 5}, {1, 33, 16}, {4, 50, 9}, {2, 64, 21}, {7, 3, 1}};
+    for (const auto & s : shapes) {
+        const int64_t k = s[0] * bs, nr = s[1], nc = s[2];
+        const std::vector<uint8_t> w = make_weights(t, nr, k);
+        const size_t wrb = row_size(t, k), xrb = row_size(dt, k);
+        std::vector<uint8_t> packed(packed_bytes(t, k, nr) + 64);
+        uint8_t * pk = (uint8_t *) (((uintptr_t) packed.data() + 63) / 64 * 64);  // the store's alignment
+        pack_panels(t, k, w.data(), wrb, nr, pk);
+        std::vector<uint8_t> row(wrb);
+        for (int64_t r = 0; r < nr; r++) {
+            unpack_panel_row(t, k, pk, r, row.data());
+            check(std::memcmp(row.data(), w.data() + r * wrb, wrb) == 0,
+                  format("panels %s k=%lld: row %lld does not round-trip", traits(t).name, (long long) k, (long long) r));
+        }
+        std::vector<uint8_t> x(xrb * (size_t) nc), sums(summary_bytes(t, k) * (size_t) nc);
+        std::vector<float> xf((size_t) k);
+        for (int64_t c = 0; c < nc; c++) {
+            for (auto & v : xf) v = normal();
+            ref::quantize_row(dt, xf.data(), x.data() + c * xrb, k);
+        }
+        summarize_activations(t, k, x.data(), xrb, nc, sums.data());
+        const int64_t ys = nr + 3;
+        std::vector<float> y((size_t) (nc * ys), -7.0f), y_ref((size_t) (nc * ys), -7.0f), y_split((size_t) (nc * ys), -7.0f);
+        PanelProduct p{t, k, pk, nr, x.data(), xrb, sums.data(), y.data(), ys};
+        const int64_t n_panels = (nr + kPanelRows - 1) / kPanelRows;
+        panel_mul_mat(p, 0, n_panels, 0, nc);
+        ref::mul_mat(t, k, w.data(), wrb, nr, x.data(), xrb, nc, y_ref.data(), ys);
+        // the same products one panel and a few activation rows at a time
+        p.y = y_split.data();
+        for (int64_t pi = 0; pi < n_panels; pi++) {
+            for (int64_t c0 = 0; c0 < nc;) {
+                const int64_t cc = std::min<int64_t>(nc - c0, pick(1, 5));
+                panel_mul_mat(p, pi, 1, c0, cc);
+                c0 += cc;
+            }
+        }
+        for (int64_t c = 0; c < nc; c++) {
+            std::vector<float> wf((size_t) k), xc((size_t) k);
+            ref::dequantize_row(dt, x.data() + c * xrb, xc.data(), k);
+            for (int64_t r = 0; r < nr; r++) {
+                ref::dequantize_row(t, w.data() + r * wrb, wf.data(), k);
+                double magnitude = 0.0;
+                for (int64_t i = 0; i < k; i++) magnitude += std::fabs((double) wf[i] * xc[i]);
+                const float a = y[c * ys + r], b = y_ref[c * ys + r];
+                check(std::fabs((double) a - b) <= 1e-5 * magnitude + 1e-30,
+                      format("panels %s k=%lld nr=%lld nc=%lld (r=%lld, c=%lld): %.9g vs ref %.9g", traits(t).name,
+                             (long long) k, (long long) nr, (long long) nc, (long long) r, (long long) c, a, b));
+                check(std::memcmp(&a, &y_split[c * ys + r], sizeof a) == 0,
+                      format("panels %s: (r=%lld, c=%lld) differs when computed in pieces", traits(t).name, (long long) r, (long long) c));
+            }
+            for (int64_t r = nr; r < ys; r++) check(y[c * ys + r] == -7.0f, format("panels %s wrote past nr", traits(t).name));
+        }
+        cases++;
+    }
+    std::printf("  panels  %-5s %3d cases\n", traits(t).name, cases);
+}
+
 // Attention: the SIMD kernel against the reference for f16/f32 caches, head sizes that are and
-// are not whole vectors, GQA groups of 1..8, lengths around the block size, masks that hide
-// whole blocks, and a row with nothing visible (zeros).
+// are not whole vectors, GQA groups of 1..8, lengths around the block size, row lists (masks)
+// that skip whole blocks, and a query with nothing visible (zeros).
 void test_attention() {
     const OpsKernels & simd = ops_kernels();
     const OpsKernels & scalar = ref::ops_kernels();
@@ -151,8 +217,12 @@ void test_attention() {
                         t.v_stride = (size_t) n_head_kv * hd * (v_f16 ? 2 : 4);
                         t.k_f16 = k_f16;
                         t.v_f16 = v_f16;
-                        t.n_kv = n_kv;
-                        t.mask = mask_kind ? mask.data() : nullptr;
+                        std::vector<int32_t> rows;  // a mask becomes the list of rows it shows
+                        for (int64_t j = 0; j < n_kv; j++) {
+                            if (mask[j]) rows.push_back((int32_t) j);
+                        }
+                        t.n_kv = mask_kind ? (int64_t) rows.size() : n_kv;
+                        t.rows = mask_kind ? rows.data() : nullptr;
                         std::vector<float> out((size_t) group * hd), out_ref(out.size());
                         std::vector<float> scratch(attention_scratch_floats(group, hd));
                         t.out = out.data();
@@ -172,6 +242,73 @@ void test_attention() {
         }
     }
     std::printf("  attention %d cases\n", cases);
+}
+
+// Runs of causal queries in one task: each query's output is the same bits as the query alone
+// (the SIMD kernel's batch invariance), and matches the reference.
+void test_attention_runs() {
+    const OpsKernels & simd = ops_kernels();
+    const OpsKernels & scalar = ref::ops_kernels();
+    int cases = 0;
+    for (int hd : {16, 64, 80, 128, 12}) {
+        for (int group : {1, 7}) {
+            for (int n_queries : {2, 5, 8}) {
+                for (int64_t n_kv : {1, 60, 64, 130}) {
+                    for (int kv_kind = 0; kv_kind < 4; kv_kind++) {
+                        const bool k_f16 = kv_kind & 1, v_f16 = kv_kind & 2;
+                        const int64_t rows = n_kv + n_queries - 1;
+                        const size_t q_stride = (size_t) (group + 1) * hd;  // rows wider than the group
+                        std::vector<float> q(q_stride * n_queries), kf((size_t) rows * hd), vf(kf.size());
+                        for (auto & v : q) v = normal();
+                        for (auto & v : kf) v = normal();
+                        for (auto & v : vf) v = normal();
+                        std::vector<uint8_t> kc(kf.size() * (k_f16 ? 2 : 4)), vc(vf.size() * (v_f16 ? 2 : 4));
+                        if (k_f16) ref::quantize_row(DType::F16, kf.data(), kc.data(), (int64_t) kf.size());
+                        else std::memcpy(kc.data(), kf.data(), kc.size());
+                        if (v_f16) ref::quantize_row(DType::F16, vf.data(), vc.data(), (int64_t) vf.size());
+                        else std::memcpy(vc.data(), vf.data(), vc.size());
+                        AttnTask t;
+                        t.n_group = group;
+                        t.head_dim = hd;
+                        t.scale = 1.0f / std::sqrt((float) hd);
+                        t.k = kc.data();
+                        t.v = vc.data();
+                        t.k_stride = (size_t) hd * (k_f16 ? 2 : 4);
+                        t.v_stride = (size_t) hd * (v_f16 ? 2 : 4);
+                        t.k_f16 = k_f16;
+                        t.v_f16 = v_f16;
+                        std::vector<float> out(q.size(), -7.0f), one((size_t) group * hd), one_ref(one.size());
+                        std::vector<float> scratch(attention_scratch_floats(group, hd, n_queries));
+                        t.q = q.data();
+                        t.out = out.data();
+                        t.n_kv = n_kv;
+                        t.n_queries = n_queries;
+                        t.q_stride = q_stride;
+                        simd.attention(t, scratch.data());
+                        for (int i = 0; i < n_queries; i++) {
+                            AttnTask a = t;
+                            a.q = q.data() + i * q_stride;
+                            a.n_kv = n_kv + i;
+                            a.n_queries = 1;
+                            a.out = one.data();
+                            simd.attention(a, scratch.data());
+                            a.out = one_ref.data();
+                            scalar.attention(a, scratch.data());
+                            const float * got = out.data() + i * q_stride;
+                            float worst = 0.0f;
+                            for (size_t d = 0; d < one.size(); d++) worst = std::max(worst, std::fabs(got[d] - one_ref[d]));
+                            check(std::memcmp(got, one.data(), one.size() * sizeof(float)) == 0 && worst <= 2e-5f,
+                                  format("attention run hd=%d group=%d queries=%d n_kv=%lld kv=%d: query %d differs from "
+                                         "alone (max error vs ref %.3g)", hd, group, n_queries, (long long) n_kv, kv_kind, i, worst));
+                            check(got[one.size()] == -7.0f || i + 1 == n_queries, "attention run wrote past a query's heads");
+                        }
+                        cases++;
+                    }
+                }
+            }
+        }
+    }
+    std::printf("  attention runs %d cases\n", cases);
 }
 
 void test_silu_mul() {
@@ -204,8 +341,10 @@ int main(int argc, char ** argv) {
         for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4_K,
                         DType::Q5_K, DType::Q6_K}) {
             test_mul_mat(t);
+            test_panels(t);
         }
         test_attention();
+        test_attention_runs();
         test_silu_mul();
     } catch (const std::exception & e) {
         std::fprintf(stderr, "FAIL: unexpected exception: %s\n", e.what());

@@ -8,6 +8,7 @@
 #include "backend.h"
 #include "common.h"
 #include "cpu/ops.h"
+#include "cpu/panels.h"
 #include "cpu/threadpool.h"
 
 #include <algorithm>
@@ -30,6 +31,9 @@ constexpr size_t kMatmulColChunkBytes = 256 << 10;
 // Jobs per thread and column chunk: enough to even out threads that get descheduled or run
 // slower, few enough that handing them out stays negligible.
 constexpr int64_t kMatmulJobsPerThread = 4;
+// Causal queries per attention task (see attention): enough that a verify batch reads the KV
+// cache once, few enough to leave several tasks per thread in a prefill.
+constexpr int64_t kAttnQueriesPerTask = 8;
 
 class CpuBackend final : public Backend {
 public:
@@ -68,24 +72,18 @@ public:
     }
 
     void matmul(const Tensor & w, const Tensor & x, Tensor & out, const Tensor * bias) override {
+        if (w.panels) {
+            const MatmulOut one{&w, &out, bias};
+            matmul_panels(x, &one, 1);
+            return;
+        }
         const int64_t k = w.cols(), m = w.rows(), n = x.rows();
         const DType dot_type = traits(w.type).dot_type;
         const size_t x_row_bytes = row_size(dot_type, k);
         const bool parallel = (double) m * k * n >= kMatmulMinParallelWork && pool_.size() > 1;
 
         // Activations go into the weight type's dot type once, not once per weight row.
-        const uint8_t * xq;
-        if (dot_type == DType::F32) {
-            xq = (const uint8_t *) x.data;
-        } else {
-            if (scratch_.size() < x_row_bytes * n) scratch_.resize(x_row_bytes * n);
-            for_each_part(n, [&](int ith, int nth) {
-                int64_t b, e;
-                split_range(n, ith, nth, &b, &e);
-                for (int64_t i = b; i < e; ++i) quantize_row(dot_type, x.f32() + i * k, scratch_.data() + i * x_row_bytes, k);
-            });
-            xq = scratch_.data();
-        }
+        const uint8_t * xq = quantize_activations(w.type, x, false);
 
         // Jobs are (block of weight rows) x (chunk of activation rows), chunk-major so that all
         // threads work on the same activation rows (shared in L3) while the weights stream by;
@@ -121,6 +119,19 @@ public:
         pool_.run([&](int, int) {
             for (int64_t job; (job = next_job_.fetch_add(1, std::memory_order_relaxed)) < n_jobs;) run_job(job);
         });
+    }
+
+    void matmul_group(const Tensor & x, const MatmulOut * outs, int n) override {
+        // one pass when every weight is in panels of one dot type (the usual q/k/v, gate/up)
+        bool shared = n > 0;
+        for (int i = 0; i < n && shared; ++i) {
+            shared = outs[i].w->panels && traits(outs[i].w->type).dot_type == traits(outs[0].w->type).dot_type;
+        }
+        if (shared) {
+            matmul_panels(x, outs, n);
+            return;
+        }
+        for (int i = 0; i < n; ++i) matmul(*outs[i].w, x, *outs[i].out, outs[i].bias);
     }
 
     void rms_norm(const Tensor & x, const Tensor & weight, float eps, Tensor & out) override {
@@ -197,23 +208,32 @@ public:
         const int64_t n_q = q.rows();
         const int hd = p.head_dim;
         const int group = p.n_head / p.n_head_kv;
-        const int64_t tasks = n_q * p.n_head_kv;
+        // causal queries share tasks in runs of up to kAttnQueriesPerTask (each K/V block read
+        // once for the run); masked (tree) and segmented queries go one by one
+        const bool runs = !p.mask && !p.segments && n_q > 1 && p.q_first + n_q <= p.n_kv;
+        const int64_t per_task = runs ? kAttnQueriesPerTask : 1;
+        const int64_t n_runs = (n_q + per_task - 1) / per_task;
+        const int64_t tasks = n_runs * p.n_head_kv;
         const bool k_f16 = k_cache.type == DType::F16, v_f16 = v_cache.type == DType::F16;
-        const size_t per_thread = attention_scratch_floats(group, hd);
+        const size_t per_thread = attention_scratch_floats(group, hd, (int) per_task);
         if (attn_scratch_.size() < per_thread * pool_.size()) attn_scratch_.resize(per_thread * pool_.size());
+        const size_t rows_per_thread = p.mask ? (size_t) p.n_kv : 0;
+        if (attn_rows_.size() < rows_per_thread * pool_.size()) attn_rows_.resize(rows_per_thread * pool_.size());
         const OpsKernels & kernels = ops_kernels();
 
-        // One task = one query token x one KV head (its whole GQA group of query heads, so each
-        // key/value row is loaded once for the group). Handed out dynamically, latest query
-        // first: under the causal mask those see the most rows, so the longest tasks start
-        // early and the short ones fill in at the end.
-        auto run_task = [&](int64_t task, float * scratch) {
-            const int64_t i = n_q - 1 - task / p.n_head_kv;
+        // One task = a run of query tokens x one KV head (its whole GQA group of query heads, so
+        // each key/value row is loaded once for the group). Handed out dynamically, latest
+        // queries first: under the causal mask those see the most rows, so the longest tasks
+        // start early and the short ones fill in at the end.
+        auto run_task = [&](int64_t task, float * scratch, int32_t * rows) {
+            const int64_t i = (n_runs - 1 - task / p.n_head_kv) * per_task;  // the run's first query
             const int hkv = (int) (task % p.n_head_kv);
             AttnTask t;
             const size_t head_offset = (size_t) i * p.n_head * hd + (size_t) hkv * group * hd;
             t.q = q.f32() + head_offset;
             t.out = out.f32() + head_offset;
+            t.n_queries = (int) std::min<int64_t>(per_task, n_q - i);
+            t.q_stride = (size_t) p.n_head * hd;
             t.n_group = group;
             t.head_dim = hd;
             t.scale = p.scale;
@@ -223,8 +243,16 @@ public:
             t.v_stride = v_cache.row_bytes();
             t.k_f16 = k_f16;
             t.v_f16 = v_f16;
-            t.n_kv = p.mask ? p.n_kv : std::min<int64_t>(p.n_kv, p.q_first + i + 1);
-            t.mask = p.mask ? p.mask + i * p.n_kv : nullptr;
+            t.n_kv = std::min<int64_t>(p.n_kv, p.q_first + i + 1);
+            if (p.mask) {  // the rows query i sees, in order (see AttnTask::rows)
+                const uint8_t * mask = p.mask + i * p.n_kv;
+                int64_t n = 0;
+                for (int64_t j = 0; j < p.n_kv; ++j) {
+                    if (mask[j]) rows[n++] = (int32_t) j;
+                }
+                t.rows = rows;
+                t.n_kv = n;
+            }
             if (p.segments) {  // block-diagonal: the keys of query i's segment, all of them
                 const int32_t * seg = std::upper_bound(p.segments, p.segments + p.n_segments + 1, (int32_t) i) - 1;
                 t.k = (const uint8_t *) t.k + (size_t) seg[0] * t.k_stride;
@@ -234,13 +262,14 @@ public:
             kernels.attention(t, scratch);
         };
         if (tasks == 1) {
-            run_task(0, attn_scratch_.data());
+            run_task(0, attn_scratch_.data(), attn_rows_.data());
             return;
         }
         next_job_.store(0, std::memory_order_relaxed);
         pool_.run([&](int ith, int) {
             float * scratch = attn_scratch_.data() + per_thread * ith;
-            for (int64_t task; (task = next_job_.fetch_add(1, std::memory_order_relaxed)) < tasks;) run_task(task, scratch);
+            int32_t * rows = attn_rows_.data() + rows_per_thread * ith;
+            for (int64_t task; (task = next_job_.fetch_add(1, std::memory_order_relaxed)) < tasks;) run_task(task, scratch, rows);
         });
     }
 
@@ -322,6 +351,79 @@ public:
     }
 
 private:
+    // x's rows in the dot type of weights of type wt (in scratch_; x itself for f32 dot types),
+    // and with summarize, their per-block summaries for the panel kernels (in sums_). Each row
+    // is converted on its own, so a row's bytes do not depend on the batch it came in.
+    const uint8_t * quantize_activations(DType wt, const Tensor & x, bool summarize) {
+        const int64_t k = x.cols(), n = x.rows();
+        const DType dot_type = traits(wt).dot_type;
+        if (dot_type == DType::F32) return (const uint8_t *) x.data;
+        const size_t row_bytes = row_size(dot_type, k), sum_bytes = summarize ? summary_bytes(wt, k) : 0;
+        if (scratch_.size() < row_bytes * n) scratch_.resize(row_bytes * n);
+        if (sums_.size() < sum_bytes * n) sums_.resize(sum_bytes * n);
+        for_each_part(n, [&](int ith, int nth) {
+            int64_t b, e;
+            split_range(n, ith, nth, &b, &e);
+            for (int64_t i = b; i < e; ++i) {
+                uint8_t * row = scratch_.data() + i * row_bytes;
+                quantize_row(dot_type, x.f32() + i * k, row, k);
+                if (summarize) summarize_activations(wt, k, row, row_bytes, 1, sums_.data() + i * sum_bytes);
+            }
+        });
+        return scratch_.data();
+    }
+
+    // Products of one activation matrix with weights packed into panels (cpu/panels.h), all of one
+    // dot type (their activation summaries are the same too): the activations are converted once, and the jobs of every product, (run of
+    // panels) x (chunk of activation rows), are handed out dynamically in one pass over the
+    // threads. A row's result does not depend on which job, thread or chunk computed it.
+    void matmul_panels(const Tensor & x, const MatmulOut * outs, int n_outs) {
+        const int64_t k = x.cols(), n = x.rows();
+        const DType wt = outs[0].w->type;
+        const uint8_t * xq = quantize_activations(wt, x, true);
+        const size_t x_stride = row_size(traits(wt).dot_type, k);
+        int64_t work = 0, total_panels = 0;
+        for (int i = 0; i < n_outs; ++i) {
+            work += outs[i].w->rows() * k * n;
+            total_panels += (outs[i].w->rows() + kPanelRows - 1) / kPanelRows;
+        }
+        const int nth = (double) work >= kMatmulMinParallelWork ? pool_.size() : 1;
+        const int64_t col_chunk = std::min<int64_t>(n, std::max<int64_t>(16, (int64_t) (kMatmulColChunkBytes / x_stride)));
+        const int64_t panels_per_job = std::max<int64_t>(1, (total_panels + nth * kMatmulJobsPerThread - 1) / (nth * kMatmulJobsPerThread));
+        panel_jobs_.clear();
+        for (int64_t c0 = 0; c0 < n; c0 += col_chunk) {
+            for (int i = 0; i < n_outs; ++i) {
+                const int64_t n_panels = (outs[i].w->rows() + kPanelRows - 1) / kPanelRows;
+                for (int64_t p0 = 0; p0 < n_panels; p0 += panels_per_job) {
+                    panel_jobs_.push_back({i, p0, std::min(panels_per_job, n_panels - p0), c0, std::min(col_chunk, n - c0)});
+                }
+            }
+        }
+        auto run_job = [&](const PanelJob & job) {
+            const MatmulOut & o = outs[job.out];
+            const int64_t m = o.w->rows();
+            PanelProduct p{o.w->type, k, (const uint8_t *) o.w->data, m, xq, x_stride, sums_.data(), o.out->f32(), m};
+            panel_mul_mat(p, job.p0, job.np, job.c0, job.nc);
+            if (o.bias) {
+                const float * b = o.bias->f32();
+                const int64_t r0 = job.p0 * kPanelRows, r1 = std::min(m, (job.p0 + job.np) * kPanelRows);
+                for (int64_t c = job.c0; c < job.c0 + job.nc; ++c) {
+                    float * yc = p.y + c * m;
+                    for (int64_t r = r0; r < r1; ++r) yc[r] += b[r];
+                }
+            }
+        };
+        const int64_t n_jobs = (int64_t) panel_jobs_.size();
+        if (nth == 1 || n_jobs == 1) {
+            for (const PanelJob & job : panel_jobs_) run_job(job);
+            return;
+        }
+        next_job_.store(0, std::memory_order_relaxed);
+        pool_.run([&](int, int) {
+            for (int64_t j; (j = next_job_.fetch_add(1, std::memory_order_relaxed)) < n_jobs;) run_job(panel_jobs_[(size_t) j]);
+        });
+    }
+
     // RopeMode::Vision (see backend.h): two sections of pairs, each with its own position
     // stream and its own frequency ladder base^(-2j / (n_dims / 2)).
     void rope_vision(Tensor & x, int n_head, int head_dim, const int32_t * pos, const RopeParams & p) {
@@ -367,8 +469,16 @@ private:
 
     ThreadPool pool_;
     std::atomic<int64_t> next_job_{0};  // dynamic work counter of the op in flight
-    std::vector<uint8_t> scratch_;
+    std::vector<uint8_t> scratch_;  // quantized activations of the matmul in flight
+    std::vector<uint8_t> sums_;     // and their block summaries (panel matmuls)
+    struct PanelJob {
+        int out;             // which product of the group
+        int64_t p0, np;      // its panels [p0, p0 + np)
+        int64_t c0, nc;      // activation rows [c0, c0 + nc)
+    };
+    std::vector<PanelJob> panel_jobs_;
     std::vector<float> attn_scratch_;
+    std::vector<int32_t> attn_rows_;  // per thread: the cache rows a masked query sees
     std::vector<double> inv_freq_;
     float inv_freq_base_ = 0.0f;
     int inv_freq_dims_ = 0;

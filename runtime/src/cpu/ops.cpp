@@ -24,11 +24,24 @@ void attention(const AttnTask & t, float * scratch);
 }  // namespace avx512
 #endif
 
-// Enough for either implementation: the SIMD one converts blocks of K and V rows to f32 and
-// keeps a block of scores, the accumulators and the running max / sum per head of the group.
-size_t attention_scratch_floats(int n_group, int head_dim) {
+// Enough for either implementation: the SIMD one converts blocks of K and V rows to f32 (V rows
+// also when a row list scatters them) and keeps a block of scores, the accumulators and the
+// running max / sum per head of the group.
+size_t attention_scratch_floats(int n_group, int head_dim, int n_queries) {
     constexpr size_t kBlock = 64;
-    return (size_t) n_group * (kBlock + (size_t) head_dim + 2) + 2 * kBlock * (size_t) head_dim + 64;
+    return (size_t) n_group * kBlock + 2 * kBlock * (size_t) head_dim +
+           (size_t) n_queries * n_group * ((size_t) head_dim + 2) + 64;
+}
+
+void attention_one_query_at_a_time(const AttnTask & t, float * scratch, void (*single)(const AttnTask &, float *)) {
+    for (int i = 0; i < t.n_queries; i++) {
+        AttnTask one = t;
+        one.q = t.q + i * t.q_stride;
+        one.out = t.out + i * t.q_stride;
+        one.n_kv = t.n_kv + i;
+        one.n_queries = 1;
+        single(one, scratch);
+    }
 }
 
 namespace ref {
@@ -41,9 +54,9 @@ const float * row_f32(const void * base, size_t stride, int64_t j, bool f16, int
     return buf;
 }
 
-// The definition, one head at a time: running max m and normaliser l; when a score raises the
-// max, what was accumulated is rescaled by exp(m_old - m_new).
-void attention(const AttnTask & t, float * scratch) {
+// The definition, one query and head at a time: running max m and normaliser l; when a score
+// raises the max, what was accumulated is rescaled by exp(m_old - m_new).
+void attention_one(const AttnTask & t, float * scratch) {
     const int hd = t.head_dim;
     float * kbuf = scratch;
     float * vbuf = kbuf + hd;
@@ -53,12 +66,11 @@ void attention(const AttnTask & t, float * scratch) {
         float m = -INFINITY, l = 0.0f;
         std::fill(acc, acc + hd, 0.0f);
         for (int64_t j = 0; j < t.n_kv; j++) {
-            if (t.mask && !t.mask[j]) continue;
-            const float * k = row_f32(t.k, t.k_stride, j, t.k_f16, hd, kbuf);
+            const float * k = row_f32(t.k, t.k_stride, t.row(j), t.k_f16, hd, kbuf);
             float s = 0.0f;
             for (int d = 0; d < hd; d++) s += q[d] * k[d];
             s *= t.scale;
-            const float * v = row_f32(t.v, t.v_stride, j, t.v_f16, hd, vbuf);
+            const float * v = row_f32(t.v, t.v_stride, t.row(j), t.v_f16, hd, vbuf);
             if (s > m) {
                 const float correction = std::exp(m - s);
                 for (int d = 0; d < hd; d++) acc[d] *= correction;
@@ -74,6 +86,8 @@ void attention(const AttnTask & t, float * scratch) {
         for (int d = 0; d < hd; d++) o[d] = acc[d] * inv;
     }
 }
+
+void attention(const AttnTask & t, float * scratch) { attention_one_query_at_a_time(t, scratch, attention_one); }
 
 void silu_mul(const float * gate, const float * up, float * out, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];

@@ -22,12 +22,23 @@ struct AttnTask {
     const void * v = nullptr;
     size_t k_stride = 0, v_stride = 0;
     bool k_f16 = false, v_f16 = false;  // f16 or f32 rows
-    int64_t n_kv = 0;            // rows [0, n_kv) are candidates
-    const uint8_t * mask = nullptr;  // n_kv bytes, non-zero = visible; nullptr = all visible
+    // The task attends over n_kv cache rows: rows[0 .. n_kv) (increasing), or [0, n_kv) when
+    // rows is null. A masked query (a tree node) passes just the rows it sees, so that its keys
+    // go through the blocks in the same groups and order as a query that sees them as one
+    // contiguous run: the same bits as decoding that node's path alone (batch invariance).
+    int64_t n_kv = 0;
+    const int32_t * rows = nullptr;
+    int64_t row(int64_t j) const { return rows ? rows[j] : j; }
+    // Consecutive queries of a causal batch may share one task, so that each block of keys and
+    // values is read once for all of them: query i reads q + i * q_stride, writes out + i *
+    // q_stride (floats) and sees rows [0, n_kv + i). Each gets the bits it would get alone.
+    // Without a row list only.
+    int n_queries = 1;
+    size_t q_stride = 0;
 };
 
-// Floats of scratch attention() needs per thread.
-size_t attention_scratch_floats(int n_group, int head_dim);
+// Floats of scratch attention() needs per thread for tasks of up to n_queries queries.
+size_t attention_scratch_floats(int n_group, int head_dim, int n_queries = 1);
 
 struct OpsKernels {
     // Streaming (online) softmax over the visible rows, never materialising all scores: rows
@@ -39,6 +50,9 @@ struct OpsKernels {
 };
 
 const OpsKernels & ops_kernels();  // best for this CPU
+
+// For kernels that take one query at a time: runs single() on each query of t.
+void attention_one_query_at_a_time(const AttnTask & t, float * scratch, void (*single)(const AttnTask &, float *));
 
 namespace ref {
 const OpsKernels & ops_kernels();

@@ -80,13 +80,12 @@ void block_scores(const float * q, int n_group, int hd, const void * k, float sc
     }
 }
 
-// acc[0 .. 8 NV) += sum over the visible rows of p[row] * v[row][0 .. 8 NV), in registers.
+// acc[0 .. 8 NV) += sum over the block's n rows of p[row] * v[row][0 .. 8 NV), in registers.
 template <int NV>
-inline void accumulate_values(float * acc, const float * p, const float * vrows, int hd, const int * visible, int n_visible) {
+inline void accumulate_values(float * acc, const float * p, const float * vrows, int hd, int n) {
     __m256 a[NV];
     for (int i = 0; i < NV; i++) a[i] = _mm256_loadu_ps(acc + 8 * i);
-    for (int t = 0; t < n_visible; t++) {
-        const int jj = visible[t];
+    for (int jj = 0; jj < n; jj++) {
         const __m256 pv = _mm256_broadcast_ss(p + jj);
         const float * v = vrows + (size_t) jj * hd;
         for (int i = 0; i < NV; i++) a[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * i), a[i]);
@@ -101,8 +100,8 @@ void attention_impl(const AttnTask & t, float * scratch) {
     float * acc = scores + (size_t) G * kBlock;        // G x hd
     float * m_run = acc + (size_t) G * hd;             // G
     float * l_run = m_run + G;                         // G
-    float * vbuf = l_run + G;                          // kBlock x hd (f16 values as f32)
-    int visible[kBlock];
+    float * vbuf = l_run + G;                          // kBlock x hd (f16 or scattered values as f32)
+    const bool v_in_place = !kVF16 && !t.rows;  // a contiguous run of f32 value rows
 
     std::fill(acc, acc + (size_t) G * hd, 0.0f);
     std::fill(m_run, m_run + G, -INFINITY);
@@ -110,33 +109,30 @@ void attention_impl(const AttnTask & t, float * scratch) {
 
     for (int64_t j0 = 0; j0 < t.n_kv; j0 += kBlock) {
         const int nb = (int) std::min<int64_t>(kBlock, t.n_kv - j0);
-        int n_visible = 0;
-        for (int jj = 0; jj < nb; jj++) {
-            if (!t.mask || t.mask[j0 + jj]) visible[n_visible++] = jj;
-        }
-        if (n_visible == 0) continue;
-        // scores; hidden rows and the padding up to a whole vector stay -inf (exp -> 0)
+        // scores; the padding up to a whole vector stays -inf (exp -> 0)
         const int nb8 = (nb + 7) & ~7;
         for (int g = 0; g < G; g++) std::fill(scores + g * kBlock, scores + g * kBlock + nb8, -INFINITY);
-        for (int vi = 0; vi < n_visible; vi++) {
-            const int jj = visible[vi];
-            const void * krow = (const uint8_t *) t.k + (size_t) (j0 + jj) * t.k_stride;
+        for (int jj = 0; jj < nb; jj++) {
+            const void * krow = (const uint8_t *) t.k + (size_t) t.row(j0 + jj) * t.k_stride;
             block_scores<kKF16>(t.q, G, hd, krow, t.scale, scores + jj);
         }
         // value rows of the block as f32, once for the whole group
         const float * vrows;
-        if (kVF16) {
-            for (int vi = 0; vi < n_visible; vi++) {
-                const int jj = visible[vi];
-                const uint16_t * src = (const uint16_t *) ((const uint8_t *) t.v + (size_t) (j0 + jj) * t.v_stride);
+        if (!v_in_place) {
+            for (int jj = 0; jj < nb; jj++) {
+                const uint8_t * src = (const uint8_t *) t.v + (size_t) t.row(j0 + jj) * t.v_stride;
                 float * dst = vbuf + (size_t) jj * hd;
-                for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (src + d))));
+                for (int d = 0; d < hd; d += 8) {
+                    const __m256 v = kVF16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const uint16_t *) src + d)))
+                                           : _mm256_loadu_ps((const float *) src + d);
+                    _mm256_storeu_ps(dst + d, v);
+                }
             }
             vrows = vbuf;
         } else {
             vrows = (const float *) ((const uint8_t *) t.v + (size_t) j0 * t.v_stride);
         }
-        const int v_row_floats = kVF16 ? hd : (int) (t.v_stride / sizeof(float));
+        const int v_row_floats = v_in_place ? (int) (t.v_stride / sizeof(float)) : hd;
         for (int g = 0; g < G; g++) {
             float * s = scores + g * kBlock;
             __m256 mx = _mm256_set1_ps(-INFINITY);
@@ -160,11 +156,11 @@ void attention_impl(const AttnTask & t, float * scratch) {
             }
             l_run[g] += hsum(sum);
             int d = 0;
-            for (; d + 32 <= hd; d += 32) accumulate_values<4>(a + d, s, vrows + d, v_row_floats, visible, n_visible);
+            for (; d + 32 <= hd; d += 32) accumulate_values<4>(a + d, s, vrows + d, v_row_floats, nb);
             switch ((hd - d) / 8) {
-                case 3: accumulate_values<3>(a + d, s, vrows + d, v_row_floats, visible, n_visible); break;
-                case 2: accumulate_values<2>(a + d, s, vrows + d, v_row_floats, visible, n_visible); break;
-                case 1: accumulate_values<1>(a + d, s, vrows + d, v_row_floats, visible, n_visible); break;
+                case 3: accumulate_values<3>(a + d, s, vrows + d, v_row_floats, nb); break;
+                case 2: accumulate_values<2>(a + d, s, vrows + d, v_row_floats, nb); break;
+                case 1: accumulate_values<1>(a + d, s, vrows + d, v_row_floats, nb); break;
                 default: break;
             }
         }
@@ -177,6 +173,14 @@ void attention_impl(const AttnTask & t, float * scratch) {
     }
 }
 
+void attention_one(const AttnTask & t, float * scratch) {
+    if (t.k_f16) {
+        if (t.v_f16) attention_impl<true, true>(t, scratch); else attention_impl<true, false>(t, scratch);
+    } else {
+        if (t.v_f16) attention_impl<false, true>(t, scratch); else attention_impl<false, false>(t, scratch);
+    }
+}
+
 }  // namespace
 
 void attention(const AttnTask & t, float * scratch) {
@@ -186,11 +190,7 @@ void attention(const AttnTask & t, float * scratch) {
         ref::ops_kernels().attention(t, scratch);
         return;
     }
-    if (t.k_f16) {
-        if (t.v_f16) attention_impl<true, true>(t, scratch); else attention_impl<true, false>(t, scratch);
-    } else {
-        if (t.v_f16) attention_impl<false, true>(t, scratch); else attention_impl<false, false>(t, scratch);
-    }
+    attention_one_query_at_a_time(t, scratch, attention_one);
 }
 
 void silu_mul(const float * gate, const float * up, float * out, int64_t n) {

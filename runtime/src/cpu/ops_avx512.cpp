@@ -1,5 +1,7 @@
 // ops_avx512.cpp - AVX-512 fused attention for cpu/ops.h (same task, same online softmax as
-// ops_avx2.cpp).
+// ops_avx2.cpp), for several consecutive queries at once: a verify batch's tokens share each
+// block of keys and values, read and converted once, instead of each query reading the whole
+// cache (at 16k-25k video tokens that read is most of a verify's cost).
 //
 // The AVX2 kernel computes each (head, key) score as a dot product ending in a horizontal sum.
 // Here a block of 64 keys is transposed once per task into kT[d][key] (f32), shared by the GQA
@@ -89,55 +91,44 @@ inline __m512 load_row16(const void * row, int d) {
 
 template <bool kKF16, bool kVF16>
 void attention_impl(const AttnTask & t, float * scratch) {
-    const int G = t.n_group, hd = t.head_dim, nv = hd / 16;
-    float * scores = scratch;                          // G x kBlock
-    float * acc = scores + (size_t) G * kBlock;        // G x hd
-    float * m_run = acc + (size_t) G * hd;             // G
-    float * l_run = m_run + G;                         // G
-    float * kT = l_run + G;                            // hd x kBlock: the block's keys, transposed
-    float * vbuf = kT + (size_t) hd * kBlock;          // kBlock x hd (f16 values as f32)
+    const int G = t.n_group, hd = t.head_dim, nv = hd / 16, Q = t.n_queries;
+    float * scores = scratch;                          // G x kBlock (one query at a time)
+    float * kT = scores + (size_t) G * kBlock;         // hd x kBlock: the block's keys, transposed
+    float * vbuf = kT + (size_t) hd * kBlock;          // kBlock x hd (f16 or scattered values as f32)
+    float * acc = vbuf + (size_t) kBlock * hd;         // Q x G x hd
+    float * m_run = acc + (size_t) Q * G * hd;         // Q x G
+    float * l_run = m_run + (size_t) Q * G;            // Q x G
+    const bool v_in_place = !kVF16 && !t.rows;         // a contiguous run of f32 value rows
 
-    std::fill(acc, acc + (size_t) G * hd, 0.0f);
-    std::fill(m_run, m_run + G, -INFINITY);
-    std::fill(l_run, l_run + G, 0.0f);
+    std::fill(acc, acc + (size_t) Q * G * hd, 0.0f);
+    std::fill(m_run, m_run + (size_t) Q * G, -INFINITY);
+    std::fill(l_run, l_run + (size_t) Q * G, 0.0f);
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    const int64_t n_kv_last = t.n_kv + Q - 1;  // rows the last query sees
 
-    for (int64_t j0 = 0; j0 < t.n_kv; j0 += kBlock) {
-        const int nb = (int) std::min<int64_t>(kBlock, t.n_kv - j0);
-        const int n16 = (nb + 15) / 16;
-        __mmask16 visible[kBlock / 16];
-        bool any = false;
-        for (int tile = 0; tile < n16; tile++) {
-            uint32_t bits = 0;
-            for (int i = 0; i < 16; i++) {
-                const int j = 16 * tile + i;
-                if (j < nb && (!t.mask || t.mask[j0 + j])) bits |= 1u << i;
-            }
-            visible[tile] = (__mmask16) bits;
-            any |= bits != 0;
-        }
-        if (!any) continue;
-
+    for (int64_t j0 = 0; j0 < n_kv_last; j0 += kBlock) {
+        const int nb_all = (int) std::min<int64_t>(kBlock, n_kv_last - j0);
+        const int n16_all = (nb_all + 15) / 16;
         // keys -> kT, 16 keys x 16 dimensions per transpose (rows past the block are zeros)
-        for (int tile = 0; tile < n16; tile++) {
+        for (int tile = 0; tile < n16_all; tile++) {
             for (int d0 = 0; d0 < hd; d0 += 16) {
                 __m512 r[16];
                 for (int i = 0; i < 16; i++) {
                     const int j = 16 * tile + i;
-                    r[i] = j < nb ? load_row16<kKF16>((const uint8_t *) t.k + (size_t) (j0 + j) * t.k_stride, d0)
-                                  : _mm512_setzero_ps();
+                    r[i] = j < nb_all ? load_row16<kKF16>((const uint8_t *) t.k + (size_t) t.row(j0 + j) * t.k_stride, d0)
+                                      : _mm512_setzero_ps();
                 }
                 transpose16(r);
                 for (int i = 0; i < 16; i++) _mm512_storeu_ps(kT + (size_t) (d0 + i) * kBlock + 16 * tile, r[i]);
             }
         }
-        // value rows of the block as f32, once for the whole group
+        // value rows of the block as f32, once for the whole group and every query
         const float * vrows;
         size_t v_row_floats;
-        if (kVF16) {
-            for (int j = 0; j < nb; j++) {
-                const uint8_t * src = (const uint8_t *) t.v + (size_t) (j0 + j) * t.v_stride;
-                for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(vbuf + (size_t) j * hd + d, load_row16<true>(src, d));
+        if (!v_in_place) {
+            for (int j = 0; j < nb_all; j++) {
+                const uint8_t * src = (const uint8_t *) t.v + (size_t) t.row(j0 + j) * t.v_stride;
+                for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(vbuf + (size_t) j * hd + d, load_row16<kVF16>(src, d));
             }
             vrows = vbuf;
             v_row_floats = (size_t) hd;
@@ -146,66 +137,78 @@ void attention_impl(const AttnTask & t, float * scratch) {
             v_row_floats = t.v_stride / sizeof(float);
         }
 
-        for (int g = 0; g < G; g++) {
-            const float * q = t.q + (size_t) g * hd;
-            float * s = scores + (size_t) g * kBlock;
-            // scores of the block's keys: even and odd dimensions in separate chains
-            __m512 sc[2][kBlock / 16];
-            for (int tile = 0; tile < n16; tile++) sc[0][tile] = sc[1][tile] = _mm512_setzero_ps();
-            for (int d = 0; d < hd; d += 2) {
-                const __m512 q0 = _mm512_set1_ps(q[d]), q1 = _mm512_set1_ps(q[d + 1]);
-                for (int tile = 0; tile < n16; tile++) {
-                    sc[0][tile] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(kT + (size_t) d * kBlock + 16 * tile), sc[0][tile]);
-                    sc[1][tile] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(kT + (size_t) (d + 1) * kBlock + 16 * tile), sc[1][tile]);
+        // Each query goes through exactly the steps it would take alone: its own rows of the
+        // block (nb), its own tiles, later rows of the block masked off (batch invariance).
+        for (int qi = 0; qi < Q; qi++) {
+            const int nb = (int) std::min<int64_t>(kBlock, t.n_kv + qi - j0);
+            if (nb <= 0) continue;
+            const int n16 = (nb + 15) / 16;
+            __mmask16 visible[kBlock / 16];
+            for (int tile = 0; tile < n16; tile++) visible[tile] = (__mmask16) ((1u << std::min(16, nb - 16 * tile)) - 1);
+            for (int g = 0; g < G; g++) {
+                const float * q = t.q + (size_t) qi * t.q_stride + (size_t) g * hd;
+                float * s = scores + (size_t) g * kBlock;
+                // scores of the block's keys: even and odd dimensions in separate chains
+                __m512 sc[2][kBlock / 16];
+                for (int tile = 0; tile < n16; tile++) sc[0][tile] = sc[1][tile] = _mm512_setzero_ps();
+                for (int d = 0; d < hd; d += 2) {
+                    const __m512 q0 = _mm512_set1_ps(q[d]), q1 = _mm512_set1_ps(q[d + 1]);
+                    for (int tile = 0; tile < n16; tile++) {
+                        sc[0][tile] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(kT + (size_t) d * kBlock + 16 * tile), sc[0][tile]);
+                        sc[1][tile] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(kT + (size_t) (d + 1) * kBlock + 16 * tile), sc[1][tile]);
+                    }
                 }
+                __m512 mx = neg_inf;
+                for (int tile = 0; tile < n16; tile++) {
+                    const __m512 v = _mm512_mask_mov_ps(neg_inf, visible[tile],
+                                                        _mm512_mul_ps(_mm512_add_ps(sc[0][tile], sc[1][tile]), _mm512_set1_ps(t.scale)));
+                    _mm512_storeu_ps(s + 16 * tile, v);
+                    mx = _mm512_max_ps(mx, v);
+                }
+                const float block_max = _mm512_reduce_max_ps(mx);
+                if (block_max == -INFINITY) continue;  // every score -inf: nothing to add
+                const size_t state = (size_t) qi * G + g;
+                float * a = acc + state * hd;
+                if (block_max > m_run[state]) {
+                    // rescale what was accumulated under the old max (exp(-inf) = 0 the first time)
+                    const float correction = std::exp(m_run[state] - block_max);
+                    const __m512 cv = _mm512_set1_ps(correction);
+                    for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), cv));
+                    l_run[state] *= correction;
+                    m_run[state] = block_max;
+                }
+                const __m512 m = _mm512_set1_ps(m_run[state]);
+                __m512 sum = _mm512_setzero_ps();
+                for (int tile = 0; tile < n16; tile++) {
+                    const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * tile), m));
+                    _mm512_storeu_ps(s + 16 * tile, p);
+                    sum = _mm512_add_ps(sum, p);
+                }
+                l_run[state] += _mm512_reduce_add_ps(sum);
+                // probabilities times values
+                __m512 av[2][kMaxHeadDim / 16];
+                for (int i = 0; i < nv; i++) {
+                    av[0][i] = _mm512_loadu_ps(a + 16 * i);
+                    av[1][i] = _mm512_setzero_ps();
+                }
+                for (int j = 0; j < nb; j++) {
+                    const __m512 pj = _mm512_set1_ps(s[j]);
+                    const float * v = vrows + (size_t) j * v_row_floats;
+                    __m512 * set = av[j & 1];
+                    for (int i = 0; i < nv; i++) set[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16 * i), set[i]);
+                }
+                for (int i = 0; i < nv; i++) _mm512_storeu_ps(a + 16 * i, _mm512_add_ps(av[0][i], av[1][i]));
             }
-            __m512 mx = neg_inf;
-            for (int tile = 0; tile < n16; tile++) {
-                const __m512 v = _mm512_mask_mov_ps(neg_inf, visible[tile],
-                                                    _mm512_mul_ps(_mm512_add_ps(sc[0][tile], sc[1][tile]), _mm512_set1_ps(t.scale)));
-                _mm512_storeu_ps(s + 16 * tile, v);
-                mx = _mm512_max_ps(mx, v);
-            }
-            const float block_max = _mm512_reduce_max_ps(mx);
-            if (block_max == -INFINITY) continue;  // this head sees nothing here (whole-block mask)
-            float * a = acc + (size_t) g * hd;
-            if (block_max > m_run[g]) {
-                // rescale what was accumulated under the old max (exp(-inf) = 0 the first time)
-                const float correction = std::exp(m_run[g] - block_max);
-                const __m512 cv = _mm512_set1_ps(correction);
-                for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(a + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), cv));
-                l_run[g] *= correction;
-                m_run[g] = block_max;
-            }
-            const __m512 m = _mm512_set1_ps(m_run[g]);
-            __m512 sum = _mm512_setzero_ps();
-            for (int tile = 0; tile < n16; tile++) {
-                const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * tile), m));
-                _mm512_storeu_ps(s + 16 * tile, p);
-                sum = _mm512_add_ps(sum, p);
-            }
-            l_run[g] += _mm512_reduce_add_ps(sum);
-            // probabilities times values; hidden keys have p = 0 and are skipped
-            __m512 av[2][kMaxHeadDim / 16];
-            for (int i = 0; i < nv; i++) {
-                av[0][i] = _mm512_loadu_ps(a + 16 * i);
-                av[1][i] = _mm512_setzero_ps();
-            }
-            for (int j = 0; j < nb; j++) {
-                if (!(visible[j / 16] >> (j % 16) & 1)) continue;
-                const __m512 pj = _mm512_set1_ps(s[j]);
-                const float * v = vrows + (size_t) j * v_row_floats;
-                __m512 * set = av[j & 1];
-                for (int i = 0; i < nv; i++) set[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16 * i), set[i]);
-            }
-            for (int i = 0; i < nv; i++) _mm512_storeu_ps(a + 16 * i, _mm512_add_ps(av[0][i], av[1][i]));
         }
     }
-    for (int g = 0; g < G; g++) {
-        const __m512 inv = _mm512_set1_ps(l_run[g] > 0.0f ? 1.0f / l_run[g] : 0.0f);
-        const float * a = acc + (size_t) g * hd;
-        float * o = t.out + (size_t) g * hd;
-        for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), inv));
+    for (int qi = 0; qi < Q; qi++) {
+        for (int g = 0; g < G; g++) {
+            const size_t state = (size_t) qi * G + g;
+            const __m512 inv = _mm512_set1_ps(l_run[state] > 0.0f ? 1.0f / l_run[state] : 0.0f);
+            const float * a = acc + state * hd;
+            float * o = t.out + (size_t) qi * t.q_stride + (size_t) g * hd;
+            for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), inv));
+        }
     }
 }
 

@@ -44,6 +44,7 @@ void ThreadPool::run_raw(RawFn fn, void * ctx) {
         fn(ctx, 0, 1);
         return;
     }
+    error_ = nullptr;
     job_fn_ = fn;
     job_ctx_ = ctx;
     pending_.store(n_threads_ - 1, std::memory_order_relaxed);
@@ -54,16 +55,31 @@ void ThreadPool::run_raw(RawFn fn, void * ctx) {
         { std::lock_guard<std::mutex> lock(mutex_); }
         wake_.notify_all();
     }
-    fn(ctx, 0, n_threads_);
-    if (pending_.load(std::memory_order_acquire) == 0) return;
-    const auto yield_after = std::chrono::steady_clock::now() + kPureSpinTime;
-    bool yielding = false;
-    for (int spins = 1; pending_.load(std::memory_order_acquire) != 0; ++spins) {
-        SPARROW_PAUSE();
-        if (spins % kSpinsPerCheck == 0) {
-            if (yielding) std::this_thread::yield();
-            else yielding = std::chrono::steady_clock::now() > yield_after;
+    call(fn, ctx, 0);
+    if (pending_.load(std::memory_order_acquire) != 0) {
+        const auto yield_after = std::chrono::steady_clock::now() + kPureSpinTime;
+        bool yielding = false;
+        for (int spins = 1; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+            SPARROW_PAUSE();
+            if (spins % kSpinsPerCheck == 0) {
+                if (yielding) std::this_thread::yield();
+                else yielding = std::chrono::steady_clock::now() > yield_after;
+            }
         }
+    }
+    if (error_) {
+        std::exception_ptr e = error_;
+        error_ = nullptr;
+        std::rethrow_exception(e);
+    }
+}
+
+void ThreadPool::call(RawFn fn, void * ctx, int ith) {
+    try {
+        fn(ctx, ith, n_threads_);
+    } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex_);
+        if (!error_) error_ = std::current_exception();
     }
 }
 
@@ -87,7 +103,7 @@ void ThreadPool::worker(int ith) {
         }
         seen = generation_.load(std::memory_order_acquire);
         if (stop_.load()) return;
-        job_fn_(job_ctx_, ith, n_threads_);
+        call(job_fn_, job_ctx_, ith);
         pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
 }

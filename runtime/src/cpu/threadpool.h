@@ -1,7 +1,10 @@
 // threadpool.h - a persistent pool for the CPU backend's data-parallel ops.
 //
 // run(fn) calls fn(ith, nth) on every thread (the caller is thread 0) and returns when all are
-// done. Ops arrive back to back during a forward pass, so dispatch must cost well under a
+// done. An exception thrown by fn on any thread is caught there and rethrown by run on the
+// caller once every thread has finished (the first one, if several threw): nothing escapes a
+// worker, which would terminate the process, and nothing unwinds the job's stack while
+// workers still use it. Ops arrive back to back during a forward pass, so dispatch must cost well under a
 // microsecond: workers spin on a generation counter for a while before sleeping, the caller
 // takes the mutex and signals only when some worker is actually asleep, and the job is passed
 // as a plain function pointer plus context (no std::function, so no allocation per op).
@@ -11,6 +14,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -37,6 +41,7 @@ public:
 private:
     using RawFn = void (*)(void * ctx, int ith, int nth);
     void run_raw(RawFn fn, void * ctx);
+    void call(RawFn fn, void * ctx, int ith);  // fn, its exception kept in error_
     void worker(int ith);
 
     int n_threads_;
@@ -48,6 +53,8 @@ private:
     alignas(64) std::atomic<int> pending_{0};
     alignas(64) std::atomic<int> sleepers_{0};
     std::atomic<bool> stop_{false};
+    std::exception_ptr error_;  // the job's first exception (guarded by error_mutex_)
+    std::mutex error_mutex_;
     std::mutex mutex_;
     std::condition_variable wake_;
 };

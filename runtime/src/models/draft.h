@@ -43,6 +43,8 @@ struct DraftWeights {
 
 bool draft_supports_arch(const std::string & arch);
 void draft_load(const GGUFFile & file, DraftHparams & hp, DraftWeights & w);
+// Every matrix the draft multiplies by, in its store form (see lm_prepare_weights).
+void draft_prepare_weights(WeightStore & store, DraftWeights & w);
 // Refuse (SPARROW_ERR_INVALID_ARGUMENT, one clear line) a draft made for another target.
 void draft_check_fits(const DraftHparams & draft, const LMHparams & target);
 

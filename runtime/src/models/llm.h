@@ -48,6 +48,9 @@ Tensor bind_tensor(const GGUFFile & f, const std::string & name, int64_t cols, i
 bool lm_supports_arch(const std::string & arch);
 // Read hparams and bind weight views into the mapped file; validates every shape and type.
 void lm_load(const GGUFFile & file, LMHparams & hp, LMWeights & w);
+// Replace every matrix the forward pass multiplies by by its store form (backend.h WeightStore).
+// The embedding table stays a view: get_rows reads it, also when the output head is tied to it.
+void lm_prepare_weights(WeightStore & store, LMWeights & w);
 
 // Scratch activations for batches of up to n_batch tokens, allocated once per context.
 struct LMScratch {

@@ -101,6 +101,7 @@ Tensor bind_tensor(const GGUFFile & f, const std::string & name, int64_t cols, i
                                              type_traits(info->type)->name));
     }
     Tensor t = Tensor::matrix((DType) info->type, cols, rows, const_cast<uint8_t *>(f.tensor_data(*info)));
+    t.name = info->name.c_str();
     return t;
 }
 
@@ -195,6 +196,13 @@ void lm_load(const GGUFFile & f, LMHparams & hp, LMWeights & w) {
     }
 }
 
+void lm_prepare_weights(WeightStore & store, LMWeights & w) {
+    w.output = store.matmul_weight(w.output);
+    for (LMLayer & L : w.layers) {
+        for (Tensor * t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_gate, &L.ffn_up, &L.ffn_down}) *t = store.matmul_weight(*t);
+    }
+}
+
 void lm_scratch_init(Backend & be, const LMHparams & hp, int64_t n_batch, LMScratch & s) {
     const int64_t H = hp.n_embd, q_dim = (int64_t) hp.n_head * hp.head_dim, kv_dim = (int64_t) hp.n_head_kv * hp.head_dim;
     auto make = [&](int64_t cols, int64_t rows) {
@@ -273,9 +281,9 @@ bool lm_forward(Backend & be, const LMHparams & hp, const LMWeights & w, KVCache
         capture(l);
 
         be.rms_norm(x, L.attn_norm, hp.rms_eps, h);
-        be.matmul(L.wq, h, q, L.has_qkv_bias ? &L.bq : nullptr);
-        be.matmul(L.wk, h, k, L.has_qkv_bias ? &L.bk : nullptr);
-        be.matmul(L.wv, h, v, L.has_qkv_bias ? &L.bv : nullptr);
+        const bool b = L.has_qkv_bias;
+        const MatmulOut qkv[3] = {{&L.wq, &q, b ? &L.bq : nullptr}, {&L.wk, &k, b ? &L.bk : nullptr}, {&L.wv, &v, b ? &L.bv : nullptr}};
+        be.matmul_group(h, qkv, 3);
         be.rope(q, hp.n_head, hp.head_dim, req.pos, hp.rope);
         be.rope(k, hp.n_head_kv, hp.head_dim, req.pos, hp.rope);
         be.store_rows(k, cache.k(l), kv_first);
@@ -285,8 +293,8 @@ bool lm_forward(Backend & be, const LMHparams & hp, const LMWeights & w, KVCache
         be.add(x, o, x);
 
         be.rms_norm(x, L.ffn_norm, hp.rms_eps, h);
-        be.matmul(L.ffn_gate, h, gate, nullptr);
-        be.matmul(L.ffn_up, h, up, nullptr);
+        const MatmulOut gate_up[2] = {{&L.ffn_gate, &gate, nullptr}, {&L.ffn_up, &up, nullptr}};
+        be.matmul_group(h, gate_up, 2);
         be.swiglu(gate, up, gate);
         be.matmul(L.ffn_down, gate, o, nullptr);
         be.add(x, o, x);

@@ -170,6 +170,12 @@ void draft_load(const GGUFFile & f, DraftHparams & hp, DraftWeights & w) {
     }
 }
 
+void draft_prepare_weights(WeightStore & store, DraftWeights & w) {
+    for (Tensor * t : {&w.fc, &w.wq, &w.wk, &w.wv, &w.wo, &w.ffn_gate, &w.ffn_up, &w.ffn_down, &w.output, &w.glimpse_proj}) {
+        *t = store.matmul_weight(*t);
+    }
+}
+
 void draft_check_fits(const DraftHparams & d, const LMHparams & t) {
     std::string wrong;
     auto mismatch = [&](const char * what, const std::string & target, const std::string & draft) {
@@ -367,9 +373,8 @@ void DraftState::run(const DraftEntry * entries, int64_t n, const float * g, con
         be_.concat_cols(e, gn, x);
 
         Tensor q = q_.row_slice(0, cn), k = k_new_.row_slice(0, cn), v = v_new_.row_slice(0, cn);
-        be_.matmul(w_.wq, x, q, nullptr);
-        be_.matmul(w_.wk, x, k, nullptr);
-        be_.matmul(w_.wv, x, v, nullptr);
+        const MatmulOut qkv[3] = {{&w_.wq, &q, nullptr}, {&w_.wk, &k, nullptr}, {&w_.wv, &v, nullptr}};
+        be_.matmul_group(x, qkv, 3);
         be_.rope(q, hp_.n_head, hp_.head_dim, pos_.data(), hp_.rope);
         be_.rope(k, hp_.n_head_kv, hp_.head_dim, pos_.data(), hp_.rope);
         for (int64_t i = 0; i < cn; ++i) {
@@ -404,8 +409,8 @@ void DraftState::run(const DraftEntry * entries, int64_t n, const float * g, con
         be_.matmul(w_.wo, attn, r, nullptr);
         be_.add(gin, r, r);  // the residual stream is g
         be_.rms_norm(r, w_.ffn_norm, hp_.rms_eps, hn);
-        be_.matmul(w_.ffn_gate, hn, gate, nullptr);
-        be_.matmul(w_.ffn_up, hn, up, nullptr);
+        const MatmulOut gate_up[2] = {{&w_.ffn_gate, &gate, nullptr}, {&w_.ffn_up, &up, nullptr}};
+        be_.matmul_group(hn, gate_up, 2);
         be_.swiglu(gate, up, gate);
         be_.matmul(w_.ffn_down, gate, hh, nullptr);
         be_.add(r, hh, hh);

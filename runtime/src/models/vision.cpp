@@ -121,7 +121,9 @@ Tensor bind_patch_kernel(const GGUFFile & f, const char * name, int64_t patch, i
                                              type_traits(info->type) ? type_traits(info->type)->name : "unknown"));
     }
     *channels = (int32_t) info->ne[2];
-    return Tensor::matrix(type, info->ne[2] * patch * patch, n_out, const_cast<uint8_t *>(f.tensor_data(*info)));
+    Tensor t = Tensor::matrix(type, info->ne[2] * patch * patch, n_out, const_cast<uint8_t *>(f.tensor_data(*info)));
+    t.name = info->name.c_str();
+    return t;
 }
 
 void load_qwen(const GGUFFile & f, VisionHparams & hp, VisionWeights & w) {
@@ -272,6 +274,14 @@ void vision_load(const GGUFFile & f, VisionModel & m) {
         load_siglip(f, hp, m.w);
     } else {
         load_qwen(f, hp, m.w);
+    }
+}
+
+void vision_prepare_weights(WeightStore & store, VisionModel & m) {
+    VisionWeights & w = m.w;
+    for (Tensor * t : {&w.patch_embd[0], &w.patch_embd[1], &w.mm0_w, &w.mm2_w}) *t = store.matmul_weight(*t);
+    for (VisionLayer & l : w.layers) {
+        for (Tensor * t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down}) *t = store.matmul_weight(*t);
     }
 }
 

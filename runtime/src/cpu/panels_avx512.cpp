@@ -1,0 +1,336 @@
+// panels_avx512.cpp - matrix products over 16-row panels (cpu/panels.h) with AVX-512 VNNI.
+//
+// One 512-bit vector holds 4 quants of each of a panel's 16 rows (row r in dword lane r), so one
+// vpdpbusd against a broadcast group of 4 activation quants advances all 16 rows, and row r's
+// sum ends in lane r: no horizontal reductions, no transposes, no gathers. A tile is one panel
+// times C activation rows: the panel's unpacked quants stay in registers while the C rows go
+// past. Per (row, activation row) the operations and their order do not depend on C or on the
+// panel's place, which is what makes the products batch-invariant (see panels.h).
+//
+// vpdpbusd multiplies unsigned weight bytes by signed activation bytes: q8_0's quants are stored
+// plus 128 and q4_0's nibbles are 8 above their value, so each block's integer sum starts from
+// -128 (or -8) times the activation block's quant sum (SumQ8_0::sum); q6_K's from -32 times
+// each 16 quants' sum. k-quant sub-block scales are applied in float, once per 16 or 32 quants.
+
+#if defined(__x86_64__) || defined(__i386__)
+
+#include "cpu/panels.h"
+
+#include <immintrin.h>
+
+#include <array>
+#include <cstring>
+#include <utility>
+
+namespace sparrow {
+namespace avx512 {
+namespace {
+
+using panel::SumQ8_0;
+using panel::SumQ8_K;
+
+inline __m512i bcast_group(const int8_t * q) {
+    int32_t v;
+    std::memcpy(&v, q, 4);
+    return _mm512_set1_epi32(v);
+}
+
+inline __m512i load(const uint8_t * p) { return _mm512_load_si512((const void *) p); }
+inline __m512 load_halfs(const uint8_t * p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) p)); }
+
+// Store 16 rows of one activation row's results, fewer for a partial panel.
+inline void store_rows(float * y, __m512 v, int valid) {
+    if (valid >= kPanelRows) _mm512_storeu_ps(y, v);
+    else _mm512_mask_storeu_ps(y, (__mmask16) ((1u << valid) - 1), v);
+}
+
+struct Job {
+    const PanelProduct & p;
+    int64_t nb;          // blocks per row
+    size_t quant, meta;  // bytes per block of each region
+    size_t pb;           // bytes per panel
+    size_t sum_bytes;    // summary bytes per activation row
+};
+
+// Runs Kern::tile<C> over every panel of the job and every tile of up to Kern::kCols activation
+// rows. Kern::tile(job, panel, c, valid_rows) with c the first activation row.
+template <typename Kern, int... I>
+constexpr std::array<void (*)(const Job &, const uint8_t *, int64_t, int), sizeof...(I)> make_tiles(std::integer_sequence<int, I...>) {
+    return {{&Kern::template tile<I + 1>...}};
+}
+
+template <typename Kern>
+void run(const PanelProduct & p, int64_t first_panel, int64_t n_panels, int64_t c0, int64_t nc) {
+    static constexpr auto tiles = make_tiles<Kern>(std::make_integer_sequence<int, Kern::kCols>());
+    const panel::Geometry g = panel::geometry(p.type);
+    const Job job = {p, p.k / g.block, g.quant, g.meta, panel_bytes(p.type, p.k), summary_bytes(p.type, p.k)};
+    for (int64_t pi = first_panel; pi < first_panel + n_panels; pi++) {
+        const uint8_t * panel = p.panels + (size_t) pi * job.pb;
+        const int valid = (int) std::min<int64_t>(kPanelRows, p.rows - pi * kPanelRows);
+        for (int64_t c = c0; c < c0 + nc; c += Kern::kCols) {
+            const int cc = (int) std::min<int64_t>(Kern::kCols, c0 + nc - c);
+            tiles[cc - 1](job, panel, c, valid);
+        }
+    }
+}
+
+// Software prefetch of the bytes a little ahead of the block about to be read. The hardware
+// prefetchers bring the stream to L2, but a kernel that computes for a while per cache line
+// (the 4-bit types, the k-quants' scales) keeps too few of its own L1 misses in flight to reach
+// the read bandwidth: at 2 threads the k-quants' decode went from 55-70% of it to 70-85%
+// (bench_quant). Past a panel's end the addresses run on into the next panel, which is what
+// usually comes next.
+constexpr size_t kPrefetchBytes = 1536;
+inline void prefetch_block(const Job & j, const uint8_t * panel, const uint8_t * meta, int64_t b) {
+    const uint8_t * q = panel + b * j.quant + kPrefetchBytes;
+    for (size_t i = 0; i < j.quant; i += 64) _mm_prefetch((const char *) (q + i), _MM_HINT_T0);
+    _mm_prefetch((const char *) (meta + b * j.meta + kPrefetchBytes / 4), _MM_HINT_T0);
+}
+
+// Pointers for activation row c.
+template <typename Sum>
+inline const Sum * sums_of(const Job & j, int64_t c) { return (const Sum *) (j.p.summaries + (size_t) c * j.sum_bytes); }
+inline const uint8_t * row_of(const Job & j, int64_t c) { return j.p.x + (size_t) c * j.p.x_stride; }
+inline float * out_of(const Job & j, int64_t c, const uint8_t * panel) {
+    return j.p.y + c * j.p.y_stride + (panel - j.p.panels) / (ptrdiff_t) j.pb * kPanelRows;
+}
+
+// ---- q8_0, q4_0, q4_1: 32-quant blocks against q8_0 activations ---------------------------------
+
+// The 8 quant vectors of a block, vector j against activation quants 4j .. 4j + 3.
+struct UnpackQ8_0 {
+    static constexpr int32_t kOffset = 128;  // stored quant - value
+    static constexpr bool kHighTimes16 = false;
+    static void unpack(const uint8_t * q, __m512i * w) {
+        for (int j = 0; j < 8; j++) w[j] = load(q + 64 * j);
+    }
+};
+// q4_0 / q4_1: low nibbles are quants 4j.., high nibbles 16 + 4j... The high nibbles stay in
+// place (16 times their value: one AND instead of a shift and an AND); their integer sum is
+// divided by 16 again, exactly, since every term is a multiple of 16.
+struct UnpackQ4 {
+    static constexpr int32_t kOffset = 8;
+    static constexpr bool kHighTimes16 = true;
+    static void unpack(const uint8_t * q, __m512i * w) {
+        const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8((char) 0xf0);
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = load(q + 64 * j);
+            w[j] = _mm512_and_si512(v, low4);
+            w[j + 4] = _mm512_and_si512(v, high4);
+        }
+    }
+};
+
+// The block's integer dot: quants 0..15 and 16..31 in two chains (shorter dependencies).
+template <typename Unpack>
+inline __m512i dot_block(__m512i start, const __m512i * w, const int8_t * xq) {
+    __m512i a = start, b = _mm512_setzero_si512();
+    for (int j = 0; j < 4; j++) {
+        a = _mm512_dpbusd_epi32(a, w[j], bcast_group(xq + 4 * j));
+        b = _mm512_dpbusd_epi32(b, w[j + 4], bcast_group(xq + 16 + 4 * j));
+    }
+    return _mm512_add_epi32(a, Unpack::kHighTimes16 ? _mm512_srai_epi32(b, 4) : b);
+}
+
+template <typename Unpack>
+struct Kern32 {  // q8_0, q4_0
+    static constexpr int kCols = 16;
+    template <int C>
+    static void tile(const Job & j, const uint8_t * panel, int64_t c0, int valid) {
+        __m512 acc[C];
+        for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+        const uint8_t * meta = panel + j.nb * j.quant;
+        for (int64_t b = 0; b < j.nb; b++) {
+            __m512i w[8];
+            prefetch_block(j, panel, meta, b);
+            Unpack::unpack(panel + b * j.quant, w);
+            const __m512 dw = load_halfs(meta + b * j.meta);
+            for (int c = 0; c < C; c++) {
+                const SumQ8_0 s = sums_of<SumQ8_0>(j, c0 + c)[b];
+                const int8_t * xq = ((const BlockQ8_0 *) row_of(j, c0 + c))[b].qs;
+                const __m512i isum = dot_block<Unpack>(_mm512_set1_epi32(-Unpack::kOffset * s.sum), w, xq);
+                acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(s.d)), _mm512_cvtepi32_ps(isum), acc[c]);
+            }
+        }
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel), acc[c], valid);
+    }
+};
+
+struct KernQ4_1 {
+    static constexpr int kCols = 16;
+    template <int C>
+    static void tile(const Job & j, const uint8_t * panel, int64_t c0, int valid) {
+        __m512 acc[C];
+        for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+        const uint8_t * meta = panel + j.nb * j.quant;
+        for (int64_t b = 0; b < j.nb; b++) {
+            __m512i w[8];
+            prefetch_block(j, panel, meta, b);
+            UnpackQ4::unpack(panel + b * j.quant, w);
+            const __m512 dw = load_halfs(meta + b * j.meta), mw = load_halfs(meta + b * j.meta + 32);
+            for (int c = 0; c < C; c++) {
+                const SumQ8_0 s = sums_of<SumQ8_0>(j, c0 + c)[b];
+                const int8_t * xq = ((const BlockQ8_0 *) row_of(j, c0 + c))[b].qs;
+                const __m512i isum = dot_block<UnpackQ4>(_mm512_setzero_si512(), w, xq);
+                acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(s.d)), _mm512_cvtepi32_ps(isum), acc[c]);
+                acc[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(s.dsum), acc[c]);
+            }
+        }
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel), acc[c], valid);
+    }
+};
+
+// ---- k-quants against q8_K activations ------------------------------------------------------------
+
+// q4_K / q5_K: d * scale_s and dmin * min_s of the panel's 16 rows for the 8 sub-blocks, from the
+// 12 packed scale bytes of each row (ggml's get_scale_min_k4 on 16 rows at once).
+struct KScales {
+    __m512 scale[8];
+    __m512 min[8];
+};
+
+inline void unpack_k_scales(const uint8_t * meta, KScales & out) {
+    const __m512 d = load_halfs(meta), dmin = load_halfs(meta + 32);
+    const __m512i w0 = load(meta + 64), w1 = load(meta + 128), w2 = load(meta + 192);
+    const __m512i low6 = _mm512_set1_epi32(0x3f3f3f3f), low4 = _mm512_set1_epi32(0x0f0f0f0f);
+    const __m512i low2 = _mm512_set1_epi32(0x03030303), byte = _mm512_set1_epi32(0xff);
+    const __m512i packed[4] = {
+        _mm512_and_si512(w0, low6),  // scales 0..3
+        _mm512_or_si512(_mm512_and_si512(w2, low4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w0, 6), low2), 4)),
+        _mm512_and_si512(w1, low6),  // mins 0..3
+        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), low4),
+                        _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w1, 6), low2), 4)),
+    };
+    for (int s = 0; s < 4; s++) {
+        auto field = [&](int which) { return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(packed[which], 8 * s), byte)); };
+        out.scale[s] = _mm512_mul_ps(d, field(0));
+        out.scale[s + 4] = _mm512_mul_ps(d, field(1));
+        out.min[s] = _mm512_mul_ps(dmin, field(2));
+        out.min[s + 4] = _mm512_mul_ps(dmin, field(3));
+    }
+}
+
+// q4_K (kFive = false) and q5_K, a pair of sub-blocks (the low and high nibbles of 32 bytes per
+// row) at a time. Per activation row and super-block: blk = sum over sub-blocks s of isum_s *
+// d scale_s, then acc += blk * d_x - sum_s dmin min_s * d_x sum_s(x). q4_K's high nibbles stay in
+// place (16 times their value, as in UnpackQ4): their sub-block's scale is taken / 16 (exact).
+template <bool kFive>
+struct KernK45 {
+    static constexpr int kCols = 16;
+    template <int C>
+    static void tile(const Job & j, const uint8_t * panel, int64_t c0, int valid) {
+        const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8((char) 0xf0), bit4 = _mm512_set1_epi8(0x10);
+        const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
+        __m512 acc[C];
+        for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+        const uint8_t * meta = panel + j.nb * j.quant;
+        for (int64_t b = 0; b < j.nb; b++) {
+            const uint8_t * quant = panel + b * j.quant;
+            const uint8_t * qs = kFive ? quant + 512 : quant;
+            prefetch_block(j, panel, meta, b);
+            KScales ks;
+            unpack_k_scales(meta + b * j.meta, ks);
+            __m512 blk[C];
+            for (int c = 0; c < C; c++) blk[c] = _mm512_setzero_ps();
+            for (int p = 0; p < 4; p++) {  // sub-blocks 2p (low nibbles) and 2p + 1 (high)
+                __m512i lo[8], hi[8];
+                for (int g = 0; g < 8; g++) {
+                    const __m512i v = load(qs + 64 * (8 * p + g));
+                    lo[g] = _mm512_and_si512(v, low4);
+                    if (kFive) {  // bit s of the qh bytes -> bit 4 of sub-block s's quants
+                        const __m512i h = load(quant + 64 * g);
+                        const int s0 = 2 * p, s1 = 2 * p + 1;
+                        const __m512i m0 = s0 <= 4 ? _mm512_slli_epi16(h, 4 - s0) : _mm512_srli_epi16(h, s0 - 4);
+                        const __m512i m1 = s1 <= 4 ? _mm512_slli_epi16(h, 4 - s1) : _mm512_srli_epi16(h, s1 - 4);
+                        lo[g] = _mm512_ternarylogic_epi32(lo[g], m0, bit4, 0xf8);  // lo | (m0 & bit4)
+                        hi[g] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), m1, bit4, 0xf8);
+                    } else {
+                        hi[g] = _mm512_and_si512(v, high4);
+                    }
+                }
+                const __m512 scale_hi = kFive ? ks.scale[2 * p + 1] : _mm512_mul_ps(ks.scale[2 * p + 1], sixteenth);
+                for (int c = 0; c < C; c++) {
+                    const int8_t * xq = ((const BlockQ8_K *) row_of(j, c0 + c))[b].qs + 64 * p;
+                    __m512i sum_lo = _mm512_setzero_si512(), sum_hi = _mm512_setzero_si512();
+                    for (int g = 0; g < 8; g++) {
+                        sum_lo = _mm512_dpbusd_epi32(sum_lo, lo[g], bcast_group(xq + 4 * g));
+                        sum_hi = _mm512_dpbusd_epi32(sum_hi, hi[g], bcast_group(xq + 32 + 4 * g));
+                    }
+                    blk[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lo), ks.scale[2 * p], blk[c]);
+                    blk[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_hi), scale_hi, blk[c]);
+                }
+            }
+            for (int c = 0; c < C; c++) {
+                const SumQ8_K & sx = sums_of<SumQ8_K>(j, c0 + c)[b];
+                __m512 mins = _mm512_mul_ps(ks.min[0], _mm512_set1_ps(sx.dsum32[0]));
+                for (int s = 1; s < 8; s++) mins = _mm512_fmadd_ps(ks.min[s], _mm512_set1_ps(sx.dsum32[s]), mins);
+                acc[c] = _mm512_sub_ps(_mm512_fmadd_ps(blk[c], _mm512_set1_ps(sx.d), acc[c]), mins);
+            }
+        }
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel), acc[c], valid);
+    }
+};
+
+// q6_K: element 128 h + 32 g + 4 t + i (t < 8) has its low 4 bits in ql group 16 h + 8 (g & 1) + t
+// (low nibble for g < 2) and its top 2 bits at bits 2g of qh group 8 h + t; it belongs to
+// sub-block 8 h + 2 g + t / 4.
+struct KernQ6_K {
+    static constexpr int kCols = 16;
+    template <int C>
+    static void tile(const Job & j, const uint8_t * panel, int64_t c0, int valid) {
+        const __m512i low4 = _mm512_set1_epi8(0x0f), top2 = _mm512_set1_epi8(0x30);
+        __m512 acc[C];
+        for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+        const uint8_t * meta = panel + j.nb * j.quant;
+        for (int64_t b = 0; b < j.nb; b++) {
+            const uint8_t * ql = panel + b * j.quant;
+            const uint8_t * qh = ql + 2048;
+            const uint8_t * mb = meta + b * j.meta;
+            prefetch_block(j, panel, meta, b);
+            const __m512 d = load_halfs(mb);
+            __m512 blk[C];
+            for (int c = 0; c < C; c++) blk[c] = _mm512_setzero_ps();
+            for (int h = 0; h < 2; h++) {
+                for (int g = 0; g < 4; g++) {
+                    __m512i w[8];
+                    for (int t = 0; t < 8; t++) {
+                        const __m512i lv = load(ql + 64 * (16 * h + 8 * (g & 1) + t));
+                        const __m512i hv = load(qh + 64 * (8 * h + t));
+                        const __m512i lo = _mm512_and_si512(g < 2 ? lv : _mm512_srli_epi16(lv, 4), low4);
+                        const __m512i hi = g < 2 ? _mm512_slli_epi16(hv, 4 - 2 * g) : (g == 2 ? hv : _mm512_srli_epi16(hv, 2));
+                        w[t] = _mm512_ternarylogic_epi32(lo, hi, top2, 0xf8);  // lo | (hi & 0x30)
+                    }
+                    for (int half = 0; half < 2; half++) {
+                        const int s = 8 * h + 2 * g + half;
+                        const __m512 scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                  _mm_loadu_si128((const __m128i *) (mb + 32 + 16 * s)))));
+                        for (int c = 0; c < C; c++) {
+                            const int8_t * xq = ((const BlockQ8_K *) row_of(j, c0 + c))[b].qs + 128 * h + 32 * g + 16 * half;
+                            __m512i isum = _mm512_set1_epi32(sums_of<SumQ8_K>(j, c0 + c)[b].start16[s]);
+                            for (int t = 0; t < 4; t++) isum = _mm512_dpbusd_epi32(isum, w[4 * half + t], bcast_group(xq + 4 * t));
+                            blk[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, blk[c]);
+                        }
+                    }
+                }
+            }
+            for (int c = 0; c < C; c++) {
+                acc[c] = _mm512_fmadd_ps(blk[c], _mm512_set1_ps(sums_of<SumQ8_K>(j, c0 + c)[b].d), acc[c]);
+            }
+        }
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel), acc[c], valid);
+    }
+};
+
+}  // namespace
+
+void panel_q8_0(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<Kern32<UnpackQ8_0>>(p, f, n, c0, nc); }
+void panel_q4_0(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<Kern32<UnpackQ4>>(p, f, n, c0, nc); }
+void panel_q4_1(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernQ4_1>(p, f, n, c0, nc); }
+void panel_q4_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernK45<false>>(p, f, n, c0, nc); }
+void panel_q5_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernK45<true>>(p, f, n, c0, nc); }
+void panel_q6_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernQ6_K>(p, f, n, c0, nc); }
+
+}  // namespace avx512
+}  // namespace sparrow
+
+#endif  // x86
