@@ -297,9 +297,10 @@ def run_file(path: Path, lc, args, threads: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--types", nargs="+", default=["f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"],
+    ap.add_argument("--types", nargs="*", default=["f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"],
                     help="f16 bf16 q8_0 q4_0 q4_1 (0.5B shapes); q4_k q5_k q6_k (hidden 1024)")
     ap.add_argument("--big", action="store_true", help="also Qwen2.5-1.5B-shaped q4_0 and q4_k files")
+    ap.add_argument("--gguf", type=Path, nargs="+", default=[], help="also these GGUF files (real models)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--pairs", type=int, default=3, help="alternating runs of both engines per file and thread count")
     ap.add_argument("--prefill", type=int, default=512)
@@ -325,6 +326,7 @@ def main() -> int:
     if args.big:
         for t in ("q4_0", "q4_k"):
             files.append((f"1.5B {t}", ensure_model(args.cache, t, "random-qwen2-1.5b", SHAPES_1_5B)))
+    files += [(path.stem[:18], path) for path in args.gguf]
 
     bandwidth = {th: read_bandwidth(th, args.cache) for th in args.threads}
     tables = {th: [] for th in args.threads}
@@ -343,7 +345,8 @@ def main() -> int:
     for th in args.threads:
         gbs, how = bandwidth[th]
         print(f"# streaming read bandwidth, {th} thread(s): {gbs:.1f} GB/s before, {after[th]:.1f} after ({how})")
-    print(f"# random weights; {args.pairs} alternating pairs per file and thread count; decode after a "
+    print(f"# {'random weights' if not args.gguf else 'random weights and ' + ', '.join(p.name for p in args.gguf)}; "
+          f"{args.pairs} alternating pairs per file and thread count; decode after a "
           f"{args.context}-token prompt; batch k = k tokens in one pass with k logit rows on that prompt")
     cols = [key_name(k, args) for k in KEYS]
     for th in args.threads:

@@ -83,7 +83,7 @@ def test_adaptive_speculation_rests_a_useless_draft(target, draft):
             s = spec.last_stats
             assert s["mean_accepted_length"] < 1.1, "the test needs a draft that is not accepted"
             plain = (s["n_draft_rounds"] or [0])[0]
-            assert plain >= 0.9 * s["n_target_forwards"], s["n_draft_rounds"]
+            assert plain >= 0.85 * s["n_target_forwards"], (mode, s)
             # the draft's work: a few rounds' drafts before it rests, then a probe every 32 steps
             # (a chain probe drafts 1 token, a tree probe the whole tree, 9 tokens here)
             per_probe = 1 if mode == "chain" else 9

@@ -18,7 +18,12 @@ constexpr double kGuessVerifyExtra = 0.05, kGuessDraftStep = 0.05;
 // While speculation is off, a one-token round every this many plain steps.
 constexpr int32_t kProbeEvery = 32;
 
-double blend(double old, double sample, bool have) { return have ? old + kCostWeight * (sample - old) : sample; }
+// A running mean that a single hiccup (the thread descheduled, a page fault) cannot throw far:
+// a new timing counts for at most 4 times the current estimate.
+double blend(double old, double sample, bool have) {
+    if (!have) return sample;
+    return old + kCostWeight * (std::min(sample, 4.0 * old) - old);
+}
 }  // namespace
 
 void SpecPolicy::reset() { *this = SpecPolicy(); }

@@ -19,6 +19,11 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                                                        "distribution; default 0)")
     g.add_argument("--cache-dtype", choices=["bf16", "f32"], default="bf16", help="storage of the taps (default bf16)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--runtime-target", metavar="GGUF",
+                   help="the target's GGUF: text samples are generated and featurized by the Sparrow runtime (its "
+                        "speed, the quantized model the draft will serve); samples with video or images still use the "
+                        "Hugging Face target")
+    g.add_argument("--threads", type=int, default=None, help="runtime threads for --runtime-target (default: all)")
 
 
 def add_train_commands(sub) -> None:
@@ -76,6 +81,49 @@ def add_train_commands(sub) -> None:
     _add_data_options(e)
     e.set_defaults(func=_eval_draft, sample=False)
 
+    m = sub.add_parser("make-prompts", help="prompts written by the target itself (Magpie), for self-distillation",
+                       description="Sample user requests from an instruction-tuned model given only its chat "
+                                   "template's user-turn header (Magpie), with the Sparrow runtime: a prompt set in "
+                                   "the model's own domain when no corpus is at hand. Writes JSONL {\"prompt\": ...} "
+                                   "records for `sparrow train --data`.")
+    m.add_argument("-m", "--model", required=True, help="the target's GGUF (with its chat template)")
+    m.add_argument("-n", type=int, default=1000, help="distinct prompts to write (default 1000)")
+    m.add_argument("-o", "--out", required=True, help="output JSONL")
+    m.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    m.add_argument("--max-tokens", type=int, default=96, help="longest prompt kept, in tokens (default 96)")
+    m.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    m.add_argument("--top-p", type=float, default=0.95, help="top-p filter (default 0.95)")
+    m.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=_make_prompts)
+
+
+def _make_prompts(args) -> int:
+    from sparrow_py.errors import SparrowError
+
+    from .prompts import write_prompts
+
+    if args.n < 1:
+        print("sparrow make-prompts: error: -n must be at least 1", file=sys.stderr)
+        return 1
+    try:
+        n = write_prompts(args.model, args.out, args.n, seed=args.seed, threads=args.threads, max_tokens=args.max_tokens,
+                          temperature=args.temperature, top_p=args.top_p, progress=not args.quiet)
+    except (SparrowError, ValueError, OSError) as e:
+        print(f"sparrow make-prompts: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {n} prompts to {args.out}" + ("" if n == args.n else f" (asked for {args.n}: the model repeated "
+                                                                       f"itself or ran on too often)"))
+    return 0 if n > 0 else 1
+
+
+def _with_runtime(target, args):
+    """The data step's target: the runtime for text samples when --runtime-target is given."""
+    if not getattr(args, "runtime_target", None):
+        return target
+    from .runtime_target import RuntimeTarget
+    return RuntimeTarget(target, args.runtime_target, n_ctx=args.max_len + 8, n_threads=args.threads)
+
 
 def _device(name):
     import torch
@@ -112,11 +160,12 @@ def _train(args) -> int:
     opts = _data_options(args)
     from .trainer import _ddp
     rank, world = _ddp()
-    files, summary = build_cache(target, args.data, cache_dir, config, opts, progress=not args.quiet,
+    data_target = _with_runtime(target, args)
+    files, summary = build_cache(data_target, args.data, cache_dir, config, opts, progress=not args.quiet,
                                  rank=rank, world_size=world)
     if world > 1:  # every rank needs every feature file
         torch.distributed.barrier()
-        files, summary = build_cache(target, args.data, cache_dir, config, opts, progress=False)
+        files, summary = build_cache(data_target, args.data, cache_dir, config, opts, progress=False)
     if rank == 0:
         for line in summary.lines():
             print(line)
@@ -124,7 +173,7 @@ def _train(args) -> int:
     if args.eval_data:
         eval_opts = _data_options(args)
         eval_opts.sample = False
-        ef, es = build_cache(target, args.eval_data, cache_dir.with_name(cache_dir.name + "-eval"), config,
+        ef, es = build_cache(data_target, args.eval_data, cache_dir.with_name(cache_dir.name + "-eval"), config,
                              eval_opts, progress=not args.quiet)
         for line in es.lines():
             print("held-out " + line)
@@ -170,7 +219,8 @@ def _eval_draft(args) -> int:
         print(f"sparrow eval-draft: error: {e}", file=sys.stderr)
         return 1
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.draft) / "features-eval"
-    files, summary = build_cache(target, args.data, cache_dir, model.config, _data_options(args), progress=False)
+    files, summary = build_cache(_with_runtime(target, args), args.data, cache_dir, model.config, _data_options(args),
+                                 progress=False)
     for line in summary.lines():
         print(line)
     stats = evaluate(model, [load_sample(f) for f in files], args.depth)

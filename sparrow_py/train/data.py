@@ -186,9 +186,11 @@ def make_sample(target: Target, messages, visual: VisualInputs | None, config: D
     return tensors, meta
 
 
-def cache_meta(target_dir: Path, config: DraftConfig, options: DataOptions) -> dict[str, Any]:
+def cache_meta(target_dir: Path, config: DraftConfig, options: DataOptions, runtime_gguf: Path | None = None
+               ) -> dict[str, Any]:
     """What the cached features depend on: a cache made with other settings is refused."""
-    return {"format": CACHE_FORMAT, "target": str(Path(target_dir).resolve()), "taps": config.taps,
+    return {"format": CACHE_FORMAT, "target": str(Path(target_dir).resolve()),
+            "generator": str(Path(runtime_gguf).resolve()) if runtime_gguf else "transformers", "taps": config.taps,
             "ivsb_layer": config.ivsb_layer, "glimpses": config.glimpses, "topk": options.topk,
             "cache_dtype": options.cache_dtype, "max_new_tokens": options.max_new_tokens,
             "sample": options.sample, "temperature": options.temperature, "max_len": options.max_len,
@@ -205,7 +207,7 @@ def build_cache(target: Target, manifests: list[str | Path], cache_dir: str | Pa
     cache_dir = Path(cache_dir)
     samples_dir = cache_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
-    meta = cache_meta(target.dir, config, options)
+    meta = cache_meta(target.dir, config, options, getattr(target, "gguf", None))
     meta_path = cache_dir / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -15,6 +15,7 @@
 #include "backend.h"
 #include "common.h"
 #include "quant.h"
+#include "test_util.h"
 
 #include <cmath>
 #include <cstdio>
@@ -27,44 +28,9 @@ using namespace sparrow;
 
 namespace {
 
-int g_failures = 0;
-
-void check(bool ok, const std::string & what) {
-    if (ok) return;
-    if (g_failures < 30) std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-    g_failures++;
-}
-
-std::mt19937_64 g_rng(4242);
-float normal() { return std::normal_distribution<float>(0.0f, 1.0f)(g_rng); }
+using namespace sparrow_test;
 
 bool same_bits(const float * a, const float * b, int64_t n) { return std::memcmp(a, b, (size_t) n * sizeof(float)) == 0; }
-
-std::vector<uint8_t> make_weights(DType t, int64_t rows, int64_t k) {
-    const size_t rb = row_size(t, k);
-    std::vector<uint8_t> w(rb * (size_t) rows);
-    if (t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K) {
-        for (auto & b : w) b = (uint8_t) g_rng();
-        for (int64_t r = 0; r < rows; r++) {
-            for (int64_t i = 0; i < k / QK_K; i++) {
-                uint8_t * blk = w.data() + r * rb + i * traits(t).type_size;
-                if (t == DType::Q6_K) {
-                    ((BlockQ6_K *) blk)->d = fp32_to_fp16(0.01f * normal());
-                } else {
-                    ((uint16_t *) blk)[0] = fp32_to_fp16(0.01f * std::fabs(normal()));
-                    ((uint16_t *) blk)[1] = fp32_to_fp16(0.01f * std::fabs(normal()));
-                }
-            }
-        }
-        return w;
-    }
-    std::vector<float> f((size_t) k);
-    for (int64_t r = 0; r < rows; r++) {
-        for (auto & v : f) v = normal();
-        ref::quantize_row(t, f.data(), w.data() + r * rb, k);
-    }
-    return w;
-}
 
 void test_matmul(DType t, int64_t rows, int64_t k) {
     const int64_t n_rows = 16;
@@ -246,10 +212,5 @@ int main(int argc, char ** argv) {
         std::fprintf(stderr, "FAIL: unexpected exception: %s\n", e.what());
         return 1;
     }
-    if (g_failures) {
-        std::fprintf(stderr, "test_batch_invariance: %d failure(s)\n", g_failures);
-        return 1;
-    }
-    std::printf("test_batch_invariance: all passed\n");
-    return 0;
+    return finish("test_batch_invariance");
 }

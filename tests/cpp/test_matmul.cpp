@@ -8,6 +8,7 @@
 #include "cpu/ops.h"
 #include "cpu/panels.h"
 #include "quant.h"
+#include "test_util.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,45 +22,29 @@ using namespace sparrow;
 
 namespace {
 
-int g_failures = 0;
+using namespace sparrow_test;
 
-void check(bool ok, const std::string & what) {
-    if (ok) return;
-    if (g_failures < 30) std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-    g_failures++;
-}
-
-std::mt19937_64 g_rng(777);
-float normal() { return std::normal_distribution<float>(0.0f, 1.0f)(g_rng); }
-int64_t pick(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g_rng); }
-
-// Weights of type t: quantized from floats where a quantizer exists, otherwise random bytes
-// with sane fp16 scales (every k-quant bit pattern is a valid block).
-std::vector<uint8_t> make_weights(DType t, int64_t rows, int64_t k) {
-    const size_t rb = row_size(t, k);
-    std::vector<uint8_t> w(rb * (size_t) rows);
-    const bool k_quant = t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K;
-    if (!k_quant) {
-        std::vector<float> f((size_t) k);
-        for (int64_t r = 0; r < rows; r++) {
-            for (auto & v : f) v = normal();
-            ref::quantize_row(t, f.data(), w.data() + r * rb, k);
+// y (stride ys, prefilled with -7) against the reference products y_ref of the same weights
+// (file layout) and activations (in the dot type): within 1e-5 of the sum of |w x| terms, and
+// nothing written past row nr.
+void check_against_ref(const char * what, DType t, int64_t k, const uint8_t * w, int64_t nr, const uint8_t * x,
+                       int64_t nc, const float * y, const float * y_ref, int64_t ys) {
+    const DType dt = traits(t).dot_type;
+    const size_t wrb = row_size(t, k), xrb = row_size(dt, k);
+    std::vector<float> wf((size_t) k), xc((size_t) k);
+    for (int64_t c = 0; c < nc; c++) {
+        ref::dequantize_row(dt, x + c * xrb, xc.data(), k);
+        for (int64_t r = 0; r < nr; r++) {
+            ref::dequantize_row(t, w + r * wrb, wf.data(), k);
+            double magnitude = 0.0;
+            for (int64_t i = 0; i < k; i++) magnitude += std::fabs((double) wf[i] * xc[i]);
+            const float a = y[c * ys + r], b = y_ref[c * ys + r];
+            check(std::fabs((double) a - b) <= 1e-5 * magnitude + 1e-30,
+                  format("%s %s k=%lld nr=%lld nc=%lld (r=%lld, c=%lld): %.9g vs ref %.9g", what, traits(t).name,
+                         (long long) k, (long long) nr, (long long) nc, (long long) r, (long long) c, a, b));
         }
-        return w;
+        for (int64_t r = nr; r < ys; r++) check(y[c * ys + r] == -7.0f, format("%s %s wrote past nr", what, traits(t).name));
     }
-    for (auto & b : w) b = (uint8_t) g_rng();
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = 0; i < k / QK_K; i++) {
-            uint8_t * blk = w.data() + r * rb + i * traits(t).type_size;
-            if (t == DType::Q6_K) {
-                ((BlockQ6_K *) blk)->d = fp32_to_fp16(0.01f * normal());
-            } else {  // q4_K / q5_K start with d, dmin
-                ((uint16_t *) blk)[0] = fp32_to_fp16(0.01f * std::fabs(normal()));
-                ((uint16_t *) blk)[1] = fp32_to_fp16(0.01f * std::fabs(normal()));
-            }
-        }
-    }
-    return w;
 }
 
 // mul_mat(SIMD) vs ref::mul_mat (one reference vec_dot per pair) on an nr x nc block with
@@ -89,20 +74,7 @@ void test_mul_mat(DType t) {
             std::vector<float> y((size_t) (nc * ys), -7.0f), y_ref((size_t) (nc * ys), -7.0f);
             mul_mat(t, k, w.data(), wrb, nr, x.data(), xrb, nc, y.data(), ys);
             ref::mul_mat(t, k, w.data(), wrb, nr, x.data(), xrb, nc, y_ref.data(), ys);
-            for (int64_t c = 0; c < nc; c++) {
-                std::vector<float> wf((size_t) k), xc((size_t) k);
-                ref::dequantize_row(dt, x.data() + c * xrb, xc.data(), k);
-                for (int64_t r = 0; r < nr; r++) {
-                    ref::dequantize_row(t, w.data() + r * wrb, wf.data(), k);
-                    double magnitude = 0.0;
-                    for (int64_t i = 0; i < k; i++) magnitude += std::fabs((double) wf[i] * xc[i]);
-                    const float a = y[c * ys + r], b = y_ref[c * ys + r];
-                    check(std::fabs((double) a - b) <= 1e-5 * magnitude + 1e-30,
-                          format("mul_mat %s k=%lld nr=%lld nc=%lld (r=%lld, c=%lld): %.9g vs ref %.9g", traits(t).name,
-                                 (long long) k, (long long) nr, (long long) nc, (long long) r, (long long) c, a, b));
-                }
-                for (int64_t r = nr; r < ys; r++) check(y[c * ys + r] == -7.0f, format("mul_mat %s wrote past nr", traits(t).name));
-            }
+            check_against_ref("mul_mat", t, k, w.data(), nr, x.data(), nc, y.data(), y_ref.data(), ys);
             cases++;
         }
     }
@@ -153,21 +125,12 @@ void test_panels(DType t) {
                 c0 += cc;
             }
         }
+        check_against_ref("panels", t, k, w.data(), nr, x.data(), nc, y.data(), y_ref.data(), ys);
         for (int64_t c = 0; c < nc; c++) {
-            std::vector<float> wf((size_t) k), xc((size_t) k);
-            ref::dequantize_row(dt, x.data() + c * xrb, xc.data(), k);
             for (int64_t r = 0; r < nr; r++) {
-                ref::dequantize_row(t, w.data() + r * wrb, wf.data(), k);
-                double magnitude = 0.0;
-                for (int64_t i = 0; i < k; i++) magnitude += std::fabs((double) wf[i] * xc[i]);
-                const float a = y[c * ys + r], b = y_ref[c * ys + r];
-                check(std::fabs((double) a - b) <= 1e-5 * magnitude + 1e-30,
-                      format("panels %s k=%lld nr=%lld nc=%lld (r=%lld, c=%lld): %.9g vs ref %.9g", traits(t).name,
-                             (long long) k, (long long) nr, (long long) nc, (long long) r, (long long) c, a, b));
-                check(std::memcmp(&a, &y_split[c * ys + r], sizeof a) == 0,
+                check(std::memcmp(&y[c * ys + r], &y_split[c * ys + r], sizeof(float)) == 0,
                       format("panels %s: (r=%lld, c=%lld) differs when computed in pieces", traits(t).name, (long long) r, (long long) c));
             }
-            for (int64_t r = nr; r < ys; r++) check(y[c * ys + r] == -7.0f, format("panels %s wrote past nr", traits(t).name));
         }
         cases++;
     }
@@ -203,7 +166,7 @@ void test_attention() {
                         store(kf, k_f16, kc);
                         store(vf, v_f16, vc);
                         std::vector<uint8_t> mask((size_t) n_kv, 1);
-                        if (mask_kind == 1) for (auto & m : mask) m = (uint8_t) (g_rng() % 3 == 0);  // sparse tree-like
+                        if (mask_kind == 1) for (auto & m : mask) m = (uint8_t) (rng()() % 3 == 0);  // sparse tree-like
                         if (mask_kind == 2) for (int64_t j = 0; j < n_kv; j++) mask[j] = j >= n_kv / 2;  // window: late rows only
                         if (mask_kind == 3) std::fill(mask.begin(), mask.end(), 0);  // nothing visible
                         AttnTask t;
@@ -350,10 +313,5 @@ int main(int argc, char ** argv) {
         std::fprintf(stderr, "FAIL: unexpected exception: %s\n", e.what());
         return 1;
     }
-    if (g_failures) {
-        std::fprintf(stderr, "test_matmul: %d failure(s)\n", g_failures);
-        return 1;
-    }
-    std::printf("test_matmul: all passed\n");
-    return 0;
+    return finish("test_matmul");
 }

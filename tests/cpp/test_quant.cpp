@@ -6,6 +6,7 @@
 
 #include "common.h"
 #include "quant.h"
+#include "test_util.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,13 +21,9 @@ using namespace sparrow;
 
 namespace {
 
-int g_failures = 0;
-
-void check(bool ok, const std::string & what) {
-    if (ok) return;
-    if (g_failures < 30) std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-    g_failures++;
-}
+using sparrow_test::check;
+using sparrow_test::finish;
+using sparrow_test::g_failures;
 
 std::mt19937_64 g_rng(20240611);
 
@@ -481,10 +478,5 @@ int main(int argc, char ** argv) {
         std::fprintf(stderr, "FAIL: unexpected exception: %s\n", e.what());
         return 1;
     }
-    if (g_failures) {
-        std::fprintf(stderr, "test_quant: %d failure(s)\n", g_failures);
-        return 1;
-    }
-    std::printf("test_quant: all passed\n");
-    return 0;
+    return finish("test_quant");
 }

@@ -10,6 +10,7 @@
 //   - trees give way to plain steps when their tokens per millisecond fall below a decode's.
 
 #include "spec-policy.h"
+#include "test_util.h"
 
 #include <cstdio>
 #include <string>
@@ -18,13 +19,7 @@ using namespace sparrow;
 
 namespace {
 
-int g_failures = 0;
-
-void check(bool ok, const std::string & what) {
-    if (ok) return;
-    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-    g_failures++;
-}
+using namespace sparrow_test;
 
 constexpr double kDecodeMs = 10.0;
 
@@ -128,10 +123,5 @@ int main(int argc, char ** argv) {
     test_useless_draft_rests_and_recovers();
     test_expensive_verification();
     test_trees();
-    if (g_failures) {
-        std::fprintf(stderr, "test_spec_policy: %d failure(s)\n", g_failures);
-        return 1;
-    }
-    std::printf("test_spec_policy: all passed\n");
-    return 0;
+    return finish("test_spec_policy");
 }

@@ -5,6 +5,7 @@
 
 #include "common.h"
 #include "cpu/threadpool.h"
+#include "test_util.h"
 
 #include <atomic>
 #include <cstdio>
@@ -15,13 +16,7 @@ using namespace sparrow;
 
 namespace {
 
-int g_failures = 0;
-
-void check(bool ok, const std::string & what) {
-    if (ok) return;
-    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-    g_failures++;
-}
+using namespace sparrow_test;
 
 void test_pool(int n_threads) {
     ThreadPool pool(n_threads);
@@ -65,10 +60,5 @@ void test_pool(int n_threads) {
 int main(int argc, char ** argv) {
     (void) argc, (void) argv;
     for (int n : {1, 2, 3, 4}) test_pool(n);
-    if (g_failures) {
-        std::fprintf(stderr, "test_threadpool: %d failure(s)\n", g_failures);
-        return 1;
-    }
-    std::printf("test_threadpool: all passed\n");
-    return 0;
+    return finish("test_threadpool");
 }

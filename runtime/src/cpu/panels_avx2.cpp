@@ -11,14 +11,11 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 
-#include "cpu/panels.h"
+#include "cpu/panel_driver.h"
 
 #include <immintrin.h>
 
-#include <algorithm>
-#include <array>
 #include <cstring>
-#include <utility>
 
 namespace sparrow {
 namespace avx2 {
@@ -48,55 +45,10 @@ inline void store_rows(float * y, __m256 v, int valid) {
     for (int r = 0; r < valid; r++) y[r] = tmp[r];
 }
 
-struct Job {
-    const PanelProduct & p;
-    int64_t nb;
-    size_t quant, meta, pb, sum_bytes;
-};
-
-template <typename Kern, int... I>
-constexpr std::array<void (*)(const Job &, const uint8_t *, int, int64_t, int), sizeof...(I)> make_tiles(
-    std::integer_sequence<int, I...>) {
-    return {{&Kern::template tile<I + 1>...}};
-}
-
-template <typename Kern>
-void run(const PanelProduct & p, int64_t first_panel, int64_t n_panels, int64_t c0, int64_t nc) {
-    static constexpr auto tiles = make_tiles<Kern>(std::make_integer_sequence<int, Kern::kCols>());
-    const panel::Geometry g = panel::geometry(p.type);
-    const Job job = {p, p.k / g.block, g.quant, g.meta, panel_bytes(p.type, p.k), summary_bytes(p.type, p.k)};
-    for (int64_t pi = first_panel; pi < first_panel + n_panels; pi++) {
-        const uint8_t * panel = p.panels + (size_t) pi * job.pb;
-        for (int half = 0; half < 2; half++) {
-            const int valid = (int) std::min<int64_t>(kHalfRows, p.rows - pi * kPanelRows - half * kHalfRows);
-            if (valid <= 0) break;
-            for (int64_t c = c0; c < c0 + nc; c += Kern::kCols) {
-                const int cc = (int) std::min<int64_t>(Kern::kCols, c0 + nc - c);
-                tiles[cc - 1](job, panel, half, c, valid);
-            }
-        }
-    }
-}
-
-// Software prefetch a little ahead of the block about to be read (see panels_avx512.cpp).
-constexpr size_t kPrefetchBytes = 1536;
-inline void prefetch_block(const Job & j, const uint8_t * panel, const uint8_t * meta, int64_t b) {
-    const uint8_t * q = panel + b * j.quant + kPrefetchBytes;
-    for (size_t i = 0; i < j.quant; i += 64) _mm_prefetch((const char *) (q + i), _MM_HINT_T0);
-    _mm_prefetch((const char *) (meta + b * j.meta + kPrefetchBytes / 4), _MM_HINT_T0);
-}
-
-template <typename Sum>
-inline const Sum * sums_of(const Job & j, int64_t c) { return (const Sum *) (j.p.summaries + (size_t) c * j.sum_bytes); }
-inline const uint8_t * row_of(const Job & j, int64_t c) { return j.p.x + (size_t) c * j.p.x_stride; }
-inline float * out_of(const Job & j, int64_t c, const uint8_t * panel, int half) {
-    return j.p.y + c * j.p.y_stride + (panel - j.p.panels) / (ptrdiff_t) j.pb * kPanelRows + half * kHalfRows;
-}
-
 // ---- q8_0, q4_0, q4_1 -------------------------------------------------------------------------
 
 struct KernQ8_0 {
-    static constexpr int kCols = 4;
+    static constexpr int kCols = 4, kParts = 2;
     template <int C>
     static void tile(const Job & j, const uint8_t * panel, int half, int64_t c0, int valid) {
         const __m256i flip = _mm256_set1_epi8((char) 0x80);
@@ -122,7 +74,7 @@ struct KernQ8_0 {
                 acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(dx)), _mm256_cvtepi32_ps(isum), acc[c]);
             }
         }
-        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, half), acc[c], valid);
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, half * kHalfRows), acc[c], valid);
     }
 };
 
@@ -144,7 +96,7 @@ inline __m256i dot_q4_block(const __m256i * w, const int8_t * xq) {
 
 template <bool kMins>  // false: q4_0, true: q4_1
 struct KernQ4 {
-    static constexpr int kCols = 4;
+    static constexpr int kCols = 4, kParts = 2;
     template <int C>
     static void tile(const Job & j, const uint8_t * panel, int half, int64_t c0, int valid) {
         __m256 acc[C];
@@ -170,7 +122,7 @@ struct KernQ4 {
                 }
             }
         }
-        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, half), acc[c], valid);
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, half * kHalfRows), acc[c], valid);
     }
 };
 
@@ -203,9 +155,12 @@ inline void unpack_k_scales(const uint8_t * meta, int half, KScales & out) {
     }
 }
 
-template <bool kFive>  // q4_K, q5_K
+// q4_K, q5_K: a pair of sub-blocks (the low and high nibbles of 32 bytes per row) at a time, each
+// group of 4 quant bytes loaded once and met by every activation row of the tile. 4-bit values
+// add 8 groups in int16 (a whole sub-block), 5-bit ones 4 (then widen): below 32768 either way.
+template <bool kFive>
 struct KernK45 {
-    static constexpr int kCols = 4;
+    static constexpr int kCols = 4, kParts = 2;
     template <int C>
     static void tile(const Job & j, const uint8_t * panel, int half, int64_t c0, int valid) {
         const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
@@ -220,31 +175,38 @@ struct KernK45 {
             unpack_k_scales(meta + b * j.meta, half, ks);
             __m256 blk[C];
             for (int c = 0; c < C; c++) blk[c] = _mm256_setzero_ps();
-            for (int s = 0; s < 8; s++) {
-                __m256i w[8];
+            const int8_t * xs[C];
+            for (int c = 0; c < C; c++) xs[c] = ((const BlockQ8_K *) row_of(j, c0 + c))[b].qs;
+            for (int p = 0; p < 4; p++) {  // sub-blocks 2p (low nibbles) and 2p + 1 (high)
+                __m256i lo16[C], hi16[C], lo32[C], hi32[C];
+                for (int c = 0; c < C; c++) lo16[c] = hi16[c] = lo32[c] = hi32[c] = _mm256_setzero_si256();
                 for (int g = 0; g < 8; g++) {
-                    const __m256i v = load(qs + 64 * (8 * (s / 2) + g) + 32 * half);
-                    w[g] = _mm256_and_si256(s & 1 ? _mm256_srli_epi16(v, 4) : v, low4);
-                    if (kFive) {
+                    const __m256i v = load(qs + 64 * (8 * p + g) + 32 * half);
+                    __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    if (kFive) {  // bit s of the qh bytes -> bit 4 of sub-block s's quants
                         const __m256i h = load(quant + 64 * g + 32 * half);
-                        const __m256i moved = s <= 4 ? _mm256_slli_epi16(h, 4 - s) : _mm256_srli_epi16(h, s - 4);
-                        w[g] = _mm256_or_si256(w[g], _mm256_and_si256(moved, bit4));
+                        const __m256i m0 = 2 * p <= 4 ? _mm256_slli_epi16(h, 4 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 4);
+                        const __m256i m1 = 2 * p + 1 <= 4 ? _mm256_slli_epi16(h, 3 - 2 * p) : _mm256_srli_epi16(h, 2 * p - 3);
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(m0, bit4));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(m1, bit4));
+                    }
+                    for (int c = 0; c < C; c++) {
+                        lo16[c] = _mm256_add_epi16(lo16[c], _mm256_maddubs_epi16(lo, bcast_group(xs[c] + 64 * p + 4 * g)));
+                        hi16[c] = _mm256_add_epi16(hi16[c], _mm256_maddubs_epi16(hi, bcast_group(xs[c] + 64 * p + 32 + 4 * g)));
+                    }
+                    if (kFive && g % 4 == 3) {  // 5-bit values: widen every 4 groups
+                        for (int c = 0; c < C; c++) {
+                            lo32[c] = _mm256_add_epi32(lo32[c], widen_pairs(lo16[c]));
+                            hi32[c] = _mm256_add_epi32(hi32[c], widen_pairs(hi16[c]));
+                            lo16[c] = hi16[c] = _mm256_setzero_si256();
+                        }
                     }
                 }
                 for (int c = 0; c < C; c++) {
-                    const int8_t * xq = ((const BlockQ8_K *) row_of(j, c0 + c))[b].qs + 32 * s;
-                    __m256i isum;
-                    if (kFive) {  // 5-bit values: 4 groups per int16 sum
-                        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-                        for (int g = 0; g < 4; g++) {
-                            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(w[g], bcast_group(xq + 4 * g)));
-                            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(w[g + 4], bcast_group(xq + 16 + 4 * g)));
-                        }
-                        isum = _mm256_add_epi32(widen_pairs(s0), widen_pairs(s1));
-                    } else {
-                        isum = dot_q4_block(w, xq);
-                    }
-                    blk[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), ks.scale[s], blk[c]);
+                    const __m256i lo_sum = kFive ? lo32[c] : widen_pairs(lo16[c]);
+                    const __m256i hi_sum = kFive ? hi32[c] : widen_pairs(hi16[c]);
+                    blk[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo_sum), ks.scale[2 * p], blk[c]);
+                    blk[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi_sum), ks.scale[2 * p + 1], blk[c]);
                 }
             }
             for (int c = 0; c < C; c++) {
@@ -254,12 +216,15 @@ struct KernK45 {
                 acc[c] = _mm256_sub_ps(_mm256_fmadd_ps(blk[c], _mm256_set1_ps(sx.d), acc[c]), mins);
             }
         }
-        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, half), acc[c], valid);
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, half * kHalfRows), acc[c], valid);
     }
 };
 
-struct KernQ6_K {  // element layout as in panels_avx512.cpp's KernQ6_K
-    static constexpr int kCols = 4;
+// q6_K (element layout as in panels_avx512.cpp's KernQ6_K), one 16-quant sub-block at a time: its
+// 4 quant vectors stay in registers while up to 8 activation rows go past (the unpacking is
+// shared by more rows than a whole half-block's 8 vectors would leave registers for).
+struct KernQ6_K {
+    static constexpr int kCols = 8, kParts = 2;
     template <int C>
     static void tile(const Job & j, const uint8_t * panel, int half, int64_t c0, int valid) {
         const __m256i low4 = _mm256_set1_epi8(0x0f), top2 = _mm256_set1_epi8(0x30);
@@ -276,15 +241,16 @@ struct KernQ6_K {  // element layout as in panels_avx512.cpp's KernQ6_K
             for (int c = 0; c < C; c++) blk[c] = _mm256_setzero_ps();
             for (int h = 0; h < 2; h++) {
                 for (int g = 0; g < 4; g++) {
-                    __m256i w[8];
-                    for (int t = 0; t < 8; t++) {
-                        const __m256i lv = load(ql + 64 * (16 * h + 8 * (g & 1) + t) + 32 * half);
-                        const __m256i hv = load(qh + 64 * (8 * h + t) + 32 * half);
-                        const __m256i lo = _mm256_and_si256(g < 2 ? lv : _mm256_srli_epi16(lv, 4), low4);
-                        const __m256i hi = g < 2 ? _mm256_slli_epi16(hv, 4 - 2 * g) : (g == 2 ? hv : _mm256_srli_epi16(hv, 2));
-                        w[t] = _mm256_or_si256(lo, _mm256_and_si256(hi, top2));
-                    }
                     for (int sub = 0; sub < 2; sub++) {
+                        __m256i w[4];
+                        for (int tt = 0; tt < 4; tt++) {
+                            const int t = 4 * sub + tt;
+                            const __m256i lv = load(ql + 64 * (16 * h + 8 * (g & 1) + t) + 32 * half);
+                            const __m256i hv = load(qh + 64 * (8 * h + t) + 32 * half);
+                            const __m256i lo = _mm256_and_si256(g < 2 ? lv : _mm256_srli_epi16(lv, 4), low4);
+                            const __m256i hi = g < 2 ? _mm256_slli_epi16(hv, 4 - 2 * g) : (g == 2 ? hv : _mm256_srli_epi16(hv, 2));
+                            w[tt] = _mm256_or_si256(lo, _mm256_and_si256(hi, top2));
+                        }
                         const int s = 8 * h + 2 * g + sub;
                         int64_t scales8;
                         std::memcpy(&scales8, mb + 32 + 16 * s + 8 * half, 8);
@@ -292,10 +258,10 @@ struct KernQ6_K {  // element layout as in panels_avx512.cpp's KernQ6_K
                         for (int c = 0; c < C; c++) {
                             const int8_t * xq = ((const BlockQ8_K *) row_of(j, c0 + c))[b].qs + 128 * h + 32 * g + 16 * sub;
                             // 6-bit values: 2 groups per int16 sum
-                            const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(w[4 * sub], bcast_group(xq)),
-                                                                _mm256_maddubs_epi16(w[4 * sub + 1], bcast_group(xq + 4)));
-                            const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(w[4 * sub + 2], bcast_group(xq + 8)),
-                                                                _mm256_maddubs_epi16(w[4 * sub + 3], bcast_group(xq + 12)));
+                            const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(w[0], bcast_group(xq)),
+                                                                _mm256_maddubs_epi16(w[1], bcast_group(xq + 4)));
+                            const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(w[2], bcast_group(xq + 8)),
+                                                                _mm256_maddubs_epi16(w[3], bcast_group(xq + 12)));
                             __m256i isum = _mm256_set1_epi32(sums_of<SumQ8_K>(j, c0 + c)[b].start16[s]);
                             isum = _mm256_add_epi32(isum, _mm256_add_epi32(widen_pairs(p0), widen_pairs(p1)));
                             blk[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, blk[c]);
@@ -307,18 +273,18 @@ struct KernQ6_K {  // element layout as in panels_avx512.cpp's KernQ6_K
                 acc[c] = _mm256_fmadd_ps(blk[c], _mm256_set1_ps(sums_of<SumQ8_K>(j, c0 + c)[b].d), acc[c]);
             }
         }
-        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, half), acc[c], valid);
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, half * kHalfRows), acc[c], valid);
     }
 };
 
 }  // namespace
 
-void panel_q8_0(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernQ8_0>(p, f, n, c0, nc); }
-void panel_q4_0(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernQ4<false>>(p, f, n, c0, nc); }
-void panel_q4_1(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernQ4<true>>(p, f, n, c0, nc); }
-void panel_q4_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernK45<false>>(p, f, n, c0, nc); }
-void panel_q5_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernK45<true>>(p, f, n, c0, nc); }
-void panel_q6_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernQ6_K>(p, f, n, c0, nc); }
+void panel_q8_0(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<KernQ8_0>(p, f, n, c0, nc); }
+void panel_q4_0(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<KernQ4<false>>(p, f, n, c0, nc); }
+void panel_q4_1(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<KernQ4<true>>(p, f, n, c0, nc); }
+void panel_q4_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<KernK45<false>>(p, f, n, c0, nc); }
+void panel_q5_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<KernK45<true>>(p, f, n, c0, nc); }
+void panel_q6_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<KernQ6_K>(p, f, n, c0, nc); }
 
 }  // namespace avx2
 }  // namespace sparrow

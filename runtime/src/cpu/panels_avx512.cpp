@@ -14,13 +14,11 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 
-#include "cpu/panels.h"
+#include "cpu/panel_driver.h"
 
 #include <immintrin.h>
 
-#include <array>
 #include <cstring>
-#include <utility>
 
 namespace sparrow {
 namespace avx512 {
@@ -42,57 +40,6 @@ inline __m512 load_halfs(const uint8_t * p) { return _mm512_cvtph_ps(_mm256_load
 inline void store_rows(float * y, __m512 v, int valid) {
     if (valid >= kPanelRows) _mm512_storeu_ps(y, v);
     else _mm512_mask_storeu_ps(y, (__mmask16) ((1u << valid) - 1), v);
-}
-
-struct Job {
-    const PanelProduct & p;
-    int64_t nb;          // blocks per row
-    size_t quant, meta;  // bytes per block of each region
-    size_t pb;           // bytes per panel
-    size_t sum_bytes;    // summary bytes per activation row
-};
-
-// Runs Kern::tile<C> over every panel of the job and every tile of up to Kern::kCols activation
-// rows. Kern::tile(job, panel, c, valid_rows) with c the first activation row.
-template <typename Kern, int... I>
-constexpr std::array<void (*)(const Job &, const uint8_t *, int64_t, int), sizeof...(I)> make_tiles(std::integer_sequence<int, I...>) {
-    return {{&Kern::template tile<I + 1>...}};
-}
-
-template <typename Kern>
-void run(const PanelProduct & p, int64_t first_panel, int64_t n_panels, int64_t c0, int64_t nc) {
-    static constexpr auto tiles = make_tiles<Kern>(std::make_integer_sequence<int, Kern::kCols>());
-    const panel::Geometry g = panel::geometry(p.type);
-    const Job job = {p, p.k / g.block, g.quant, g.meta, panel_bytes(p.type, p.k), summary_bytes(p.type, p.k)};
-    for (int64_t pi = first_panel; pi < first_panel + n_panels; pi++) {
-        const uint8_t * panel = p.panels + (size_t) pi * job.pb;
-        const int valid = (int) std::min<int64_t>(kPanelRows, p.rows - pi * kPanelRows);
-        for (int64_t c = c0; c < c0 + nc; c += Kern::kCols) {
-            const int cc = (int) std::min<int64_t>(Kern::kCols, c0 + nc - c);
-            tiles[cc - 1](job, panel, c, valid);
-        }
-    }
-}
-
-// Software prefetch of the bytes a little ahead of the block about to be read. The hardware
-// prefetchers bring the stream to L2, but a kernel that computes for a while per cache line
-// (the 4-bit types, the k-quants' scales) keeps too few of its own L1 misses in flight to reach
-// the read bandwidth: at 2 threads the k-quants' decode went from 55-70% of it to 70-85%
-// (bench_quant). Past a panel's end the addresses run on into the next panel, which is what
-// usually comes next.
-constexpr size_t kPrefetchBytes = 1536;
-inline void prefetch_block(const Job & j, const uint8_t * panel, const uint8_t * meta, int64_t b) {
-    const uint8_t * q = panel + b * j.quant + kPrefetchBytes;
-    for (size_t i = 0; i < j.quant; i += 64) _mm_prefetch((const char *) (q + i), _MM_HINT_T0);
-    _mm_prefetch((const char *) (meta + b * j.meta + kPrefetchBytes / 4), _MM_HINT_T0);
-}
-
-// Pointers for activation row c.
-template <typename Sum>
-inline const Sum * sums_of(const Job & j, int64_t c) { return (const Sum *) (j.p.summaries + (size_t) c * j.sum_bytes); }
-inline const uint8_t * row_of(const Job & j, int64_t c) { return j.p.x + (size_t) c * j.p.x_stride; }
-inline float * out_of(const Job & j, int64_t c, const uint8_t * panel) {
-    return j.p.y + c * j.p.y_stride + (panel - j.p.panels) / (ptrdiff_t) j.pb * kPanelRows;
 }
 
 // ---- q8_0, q4_0, q4_1: 32-quant blocks against q8_0 activations ---------------------------------
@@ -132,11 +79,12 @@ inline __m512i dot_block(__m512i start, const __m512i * w, const int8_t * xq) {
     return _mm512_add_epi32(a, Unpack::kHighTimes16 ? _mm512_srai_epi32(b, 4) : b);
 }
 
-template <typename Unpack>
-struct Kern32 {  // q8_0, q4_0
-    static constexpr int kCols = 16;
+// kMins: q4_1, whose blocks add m_w d_x sum(q_x) to the scaled integer dot.
+template <typename Unpack, bool kMins>
+struct Kern32 {
+    static constexpr int kCols = 16, kParts = 1;
     template <int C>
-    static void tile(const Job & j, const uint8_t * panel, int64_t c0, int valid) {
+    static void tile(const Job & j, const uint8_t * panel, int, int64_t c0, int valid) {
         __m512 acc[C];
         for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
         const uint8_t * meta = panel + j.nb * j.quant;
@@ -145,38 +93,17 @@ struct Kern32 {  // q8_0, q4_0
             prefetch_block(j, panel, meta, b);
             Unpack::unpack(panel + b * j.quant, w);
             const __m512 dw = load_halfs(meta + b * j.meta);
+            const __m512 mw = kMins ? load_halfs(meta + b * j.meta + 32) : _mm512_setzero_ps();
             for (int c = 0; c < C; c++) {
                 const SumQ8_0 s = sums_of<SumQ8_0>(j, c0 + c)[b];
                 const int8_t * xq = ((const BlockQ8_0 *) row_of(j, c0 + c))[b].qs;
-                const __m512i isum = dot_block<Unpack>(_mm512_set1_epi32(-Unpack::kOffset * s.sum), w, xq);
+                const __m512i start = _mm512_set1_epi32(kMins ? 0 : -Unpack::kOffset * s.sum);
+                const __m512i isum = dot_block<Unpack>(start, w, xq);
                 acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(s.d)), _mm512_cvtepi32_ps(isum), acc[c]);
+                if (kMins) acc[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(s.dsum), acc[c]);
             }
         }
-        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel), acc[c], valid);
-    }
-};
-
-struct KernQ4_1 {
-    static constexpr int kCols = 16;
-    template <int C>
-    static void tile(const Job & j, const uint8_t * panel, int64_t c0, int valid) {
-        __m512 acc[C];
-        for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
-        const uint8_t * meta = panel + j.nb * j.quant;
-        for (int64_t b = 0; b < j.nb; b++) {
-            __m512i w[8];
-            prefetch_block(j, panel, meta, b);
-            UnpackQ4::unpack(panel + b * j.quant, w);
-            const __m512 dw = load_halfs(meta + b * j.meta), mw = load_halfs(meta + b * j.meta + 32);
-            for (int c = 0; c < C; c++) {
-                const SumQ8_0 s = sums_of<SumQ8_0>(j, c0 + c)[b];
-                const int8_t * xq = ((const BlockQ8_0 *) row_of(j, c0 + c))[b].qs;
-                const __m512i isum = dot_block<UnpackQ4>(_mm512_setzero_si512(), w, xq);
-                acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(s.d)), _mm512_cvtepi32_ps(isum), acc[c]);
-                acc[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(s.dsum), acc[c]);
-            }
-        }
-        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel), acc[c], valid);
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, 0), acc[c], valid);
     }
 };
 
@@ -216,9 +143,9 @@ inline void unpack_k_scales(const uint8_t * meta, KScales & out) {
 // place (16 times their value, as in UnpackQ4): their sub-block's scale is taken / 16 (exact).
 template <bool kFive>
 struct KernK45 {
-    static constexpr int kCols = 16;
+    static constexpr int kCols = 16, kParts = 1;
     template <int C>
-    static void tile(const Job & j, const uint8_t * panel, int64_t c0, int valid) {
+    static void tile(const Job & j, const uint8_t * panel, int, int64_t c0, int valid) {
         const __m512i low4 = _mm512_set1_epi8(0x0f), high4 = _mm512_set1_epi8((char) 0xf0), bit4 = _mm512_set1_epi8(0x10);
         const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
         __m512 acc[C];
@@ -267,7 +194,7 @@ struct KernK45 {
                 acc[c] = _mm512_sub_ps(_mm512_fmadd_ps(blk[c], _mm512_set1_ps(sx.d), acc[c]), mins);
             }
         }
-        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel), acc[c], valid);
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, 0), acc[c], valid);
     }
 };
 
@@ -275,9 +202,9 @@ struct KernK45 {
 // (low nibble for g < 2) and its top 2 bits at bits 2g of qh group 8 h + t; it belongs to
 // sub-block 8 h + 2 g + t / 4.
 struct KernQ6_K {
-    static constexpr int kCols = 16;
+    static constexpr int kCols = 16, kParts = 1;
     template <int C>
-    static void tile(const Job & j, const uint8_t * panel, int64_t c0, int valid) {
+    static void tile(const Job & j, const uint8_t * panel, int, int64_t c0, int valid) {
         const __m512i low4 = _mm512_set1_epi8(0x0f), top2 = _mm512_set1_epi8(0x30);
         __m512 acc[C];
         for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
@@ -317,18 +244,18 @@ struct KernQ6_K {
                 acc[c] = _mm512_fmadd_ps(blk[c], _mm512_set1_ps(sums_of<SumQ8_K>(j, c0 + c)[b].d), acc[c]);
             }
         }
-        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel), acc[c], valid);
+        for (int c = 0; c < C; c++) store_rows(out_of(j, c0 + c, panel, 0), acc[c], valid);
     }
 };
 
 }  // namespace
 
-void panel_q8_0(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<Kern32<UnpackQ8_0>>(p, f, n, c0, nc); }
-void panel_q4_0(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<Kern32<UnpackQ4>>(p, f, n, c0, nc); }
-void panel_q4_1(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernQ4_1>(p, f, n, c0, nc); }
-void panel_q4_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernK45<false>>(p, f, n, c0, nc); }
-void panel_q5_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernK45<true>>(p, f, n, c0, nc); }
-void panel_q6_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run<KernQ6_K>(p, f, n, c0, nc); }
+void panel_q8_0(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<Kern32<UnpackQ8_0, false>>(p, f, n, c0, nc); }
+void panel_q4_0(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<Kern32<UnpackQ4, false>>(p, f, n, c0, nc); }
+void panel_q4_1(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<Kern32<UnpackQ4, true>>(p, f, n, c0, nc); }
+void panel_q4_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<KernK45<false>>(p, f, n, c0, nc); }
+void panel_q5_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<KernK45<true>>(p, f, n, c0, nc); }
+void panel_q6_K(const PanelProduct & p, int64_t f, int64_t n, int64_t c0, int64_t nc) { run_panels<KernQ6_K>(p, f, n, c0, nc); }
 
 }  // namespace avx512
 }  // namespace sparrow

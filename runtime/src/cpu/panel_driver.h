@@ -1,0 +1,82 @@
+// panel_driver.h - what the panel kernel files (cpu/panels_avx512.cpp, cpu/panels_avx2.cpp) share:
+// a job's geometry, where an activation row's data and a tile's outputs are, the software
+// prefetch, and the driver that cuts a job into tiles.
+//
+// A kernel type Kern provides tile<C>(job, panel, part, c0, valid) for 1 <= C <= Kern::kCols
+// activation rows starting at c0, on part `part` of the panel (Kern::kParts parts of
+// 16 / kParts rows: one 16-lane vector on AVX-512, two 8-lane halves on AVX2), `valid` of whose
+// rows exist. Each file includes this with its own kernels; the anonymous namespace keeps every
+// file's instantiations, compiled with that file's instruction set, to itself.
+#pragma once
+
+#include "cpu/panels.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+namespace sparrow {
+namespace {
+
+struct Job {
+    const PanelProduct & p;
+    int64_t nb;          // blocks per row
+    size_t quant, meta;  // bytes per block of each region
+    size_t pb;           // bytes per panel
+    size_t sum_bytes;    // summary bytes per activation row
+};
+
+// Pointers for activation row c, and for its outputs of rows [part * rows_per_part, ...) of a panel.
+template <typename Sum>
+inline const Sum * sums_of(const Job & j, int64_t c) { return (const Sum *) (j.p.summaries + (size_t) c * j.sum_bytes); }
+inline const uint8_t * row_of(const Job & j, int64_t c) { return j.p.x + (size_t) c * j.p.x_stride; }
+inline float * out_of(const Job & j, int64_t c, const uint8_t * panel, int first_row) {
+    return j.p.y + c * j.p.y_stride + (panel - j.p.panels) / (ptrdiff_t) j.pb * kPanelRows + first_row;
+}
+
+// Software prefetch of the bytes a little ahead of the block about to be read. The hardware
+// prefetchers bring the stream to L2, but a kernel that computes for a while per cache line
+// (the 4-bit types, the k-quants' scales) keeps too few of its own L1 misses in flight to reach
+// the read bandwidth: at 2 threads the k-quants' decode went from 55-70% of it to 70-85%
+// (bench_quant). Past a panel's end the addresses run on into the next panel, which is what
+// usually comes next.
+constexpr size_t kPrefetchBytes = 1536;
+inline void prefetch_block(const Job & j, const uint8_t * panel, const uint8_t * meta, int64_t b) {
+    const uint8_t * q = panel + b * j.quant + kPrefetchBytes;
+    for (size_t i = 0; i < j.quant; i += 64) _mm_prefetch((const char *) (q + i), _MM_HINT_T0);
+    _mm_prefetch((const char *) (meta + b * j.meta + kPrefetchBytes / 4), _MM_HINT_T0);
+}
+
+using PanelTileFn = void (*)(const Job &, const uint8_t *, int, int64_t, int);
+
+template <typename Kern, int... I>
+constexpr std::array<PanelTileFn, sizeof...(I)> make_panel_tiles(std::integer_sequence<int, I...>) {
+    return {{&Kern::template tile<I + 1>...}};
+}
+
+// Every panel of [first_panel, first_panel + n_panels), each part of it, every tile of up to
+// Kern::kCols activation rows of [c0, c0 + nc).
+template <typename Kern>
+void run_panels(const PanelProduct & p, int64_t first_panel, int64_t n_panels, int64_t c0, int64_t nc) {
+    static constexpr auto tiles = make_panel_tiles<Kern>(std::make_integer_sequence<int, Kern::kCols>());
+    constexpr int kPartRows = kPanelRows / Kern::kParts;
+    const panel::Geometry g = panel::geometry(p.type);
+    const Job job = {p, p.k / g.block, g.quant, g.meta, panel_bytes(p.type, p.k), summary_bytes(p.type, p.k)};
+    for (int64_t pi = first_panel; pi < first_panel + n_panels; pi++) {
+        const uint8_t * panel = p.panels + (size_t) pi * job.pb;
+        for (int part = 0; part < Kern::kParts; part++) {
+            const int valid = (int) std::min<int64_t>(kPartRows, p.rows - pi * kPanelRows - part * kPartRows);
+            if (valid <= 0) break;
+            for (int64_t c = c0; c < c0 + nc; c += Kern::kCols) {
+                tiles[std::min<int64_t>(Kern::kCols, c0 + nc - c) - 1](job, panel, part, c, valid);
+            }
+        }
+    }
+}
+
+}  // namespace
+}  // namespace sparrow

@@ -1,0 +1,76 @@
+"""The target's text side run by Sparrow's own runtime, for the data step of training.
+
+Self-distillation needs the target's responses and one forward over each sample. On a CPU,
+transformers generates a few tokens a second for a 135M model; the runtime generates from the
+target's GGUF at its own speed (the same quantized model the draft will serve) and gives the
+features of the sample in one pass: the inputs of the tap layers at every position (captured as
+the speculative loop captures them) and the next-token logits.
+
+RuntimeTarget wraps the Hugging Face Target (which still provides the chat template, the shape,
+the embeddings and head the draft shares, and everything visual): samples without video or
+images take the runtime path, others the HF path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class RuntimeTarget:
+    def __init__(self, hf_target, gguf_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None):
+        import sparrow_py as sp
+
+        self.hf = hf_target
+        self.gguf = Path(gguf_path)
+        self.engine = sp.Engine(str(self.gguf), n_ctx=n_ctx, n_threads=n_threads or 0, n_batch=512)
+        if self.engine.n_layer != hf_target.shape.num_layers or self.engine.n_embd != hf_target.shape.hidden_size:
+            raise ValueError(f"{self.gguf} ({self.engine.n_layer} layers, hidden {self.engine.n_embd}) is not the "
+                             f"target in {hf_target.dir}")
+        self._capture: list[int] | None = None
+
+    # the HF target's attributes (dir, shape, config, is_vlm, tokenizer, ...)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.hf, name)
+
+    def prompt_ids(self, prompt, visual):
+        return self.hf.prompt_ids(prompt, visual)
+
+    def generate(self, ids: list[int], visual, max_new_tokens: int, sample: bool = False, temperature: float = 1.0,
+                 seed: int = 0) -> list[int]:
+        if visual is not None:
+            return self.hf.generate(ids, visual, max_new_tokens, sample=sample, temperature=temperature, seed=seed)
+        if len(ids) + max_new_tokens > self.engine.n_ctx:
+            max_new_tokens = self.engine.n_ctx - len(ids)
+        kw = dict(temperature=temperature, seed=seed) if sample else dict(temperature=0.0)
+        for _ in self.engine.generate(ids, max_tokens=max_new_tokens, speculative="none", **kw):
+            pass
+        # the HF path stops after the end-of-turn token and keeps it: so does this
+        tokens = list(self.engine.last_tokens)
+        if self.engine.last_finish_reason == "eog":
+            tokens.append(self.hf.tokenizer.eos_token_id)
+        return tokens
+
+    def features(self, ids: list[int], visual, taps: list[int], ivsb_layer: int) -> dict[str, torch.Tensor]:
+        if visual is not None:
+            return self.hf.features(ids, visual, taps, ivsb_layer)
+        layers = list(taps) + [ivsb_layer + 1]
+        if layers != self._capture:
+            self.engine.set_capture_layers(layers)
+            self._capture = layers
+        self.engine.kv_truncate(0)
+        logits = self.engine.decode(ids, outputs=[True] * len(ids))
+        hidden = [self.engine.hidden(k) for k in range(len(layers))]
+        self.engine.kv_truncate(0)
+        n = len(ids)
+        return {
+            "ids": torch.tensor(ids),
+            "positions": torch.arange(n),
+            "visual": torch.zeros(n, dtype=torch.bool),
+            "taps": torch.from_numpy(np.concatenate(hidden[:-1], axis=-1)),
+            "ivsb": torch.from_numpy(hidden[-1]),
+            "logits": torch.from_numpy(logits),
+        }

@@ -1,0 +1,98 @@
+"""The data step on the Sparrow runtime: `sparrow train --runtime-target` featurizes text samples
+with the runtime (checked against the transformers target it replaces), and `sparrow
+make-prompts` writes prompts the target itself samples after its chat template's user header."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import sparrow_py as sp
+from sparrow_py.convert import convert
+from sparrow_py.train.data import DataOptions, build_cache, load_sample
+from sparrow_py.train.model import DraftConfig
+from sparrow_py.train.prompts import magpie_prompts, user_turn_prefix
+from sparrow_py.train.runtime_target import RuntimeTarget
+from sparrow_py.train.target import Target
+
+from conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_qwen2_dir, tmp_path_factory):
+    gguf = tmp_path_factory.mktemp("rt") / "target.gguf"
+    convert(tiny_qwen2_dir, gguf, outtype="f32", progress=False)
+    hf = Target(tiny_qwen2_dir)
+    return hf, RuntimeTarget(hf, gguf, n_ctx=256, n_threads=2), gguf
+
+
+def test_runtime_features_match_transformers(targets):
+    hf, rt, _ = targets
+    shape = hf.shape
+    taps = [0, 1, shape.num_layers]  # the embeddings, a middle layer's input, the final hidden state
+    ids = hf.prompt_ids("Speculative decoding is", None)
+    want = hf.generate(ids, None, 20)
+    got = rt.generate(ids, None, 20)
+    assert got == want, "greedy responses of the runtime and transformers differ"
+    full = ids + got
+    a, b = hf.features(full, None, taps, 0), rt.features(full, None, taps, 0)
+    assert torch.equal(a["positions"], b["positions"]) and torch.equal(a["visual"], b["visual"])
+    for key in ("taps", "ivsb", "logits"):
+        scale = a[key].abs().max()
+        assert (a[key] - b[key]).abs().max() <= 5e-4 * scale, (key, float((a[key] - b[key]).abs().max() / scale))
+
+
+def test_build_cache_with_the_runtime_target(targets, tmp_path):
+    hf, rt, _ = targets
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["The quick brown fox", "every token"]))
+    config = DraftConfig.for_target(hf.shape, glimpses=0, anchors=4, window=16)
+    opts = DataOptions(max_new_tokens=16, cache_dtype="f32", topk=8)
+    files_rt, summary = build_cache(rt, [manifest], tmp_path / "rt", config, opts, progress=False)
+    files_hf, _ = build_cache(hf, [manifest], tmp_path / "hf", config, opts, progress=False)
+    assert summary.good == 2 and len(files_rt) == len(files_hf) == 2
+    for f_rt, f_hf in zip(files_rt, files_hf):
+        s_rt, s_hf = load_sample(f_rt), load_sample(f_hf)
+        assert torch.equal(s_rt["ids"], s_hf["ids"])
+        assert torch.allclose(s_rt["taps"], s_hf["taps"], rtol=0, atol=5e-4 * float(s_hf["taps"].abs().max()))
+        assert torch.equal(s_rt["topk_idx"][:, 0], s_hf["topk_idx"][:, 0])  # the argmax at every position
+    meta = json.loads((tmp_path / "rt" / "meta.json").read_text())
+    assert meta["generator"].endswith("target.gguf")
+    with pytest.raises(ValueError, match="generator"):  # a runtime cache is not a transformers cache
+        build_cache(hf, [manifest], tmp_path / "rt", config, opts, progress=False)
+
+
+def test_magpie_prompts_come_after_the_user_header(targets):
+    _, _, gguf = targets
+    with sp.Engine(str(gguf), n_ctx=256, n_threads=2) as e:
+        prefix = user_turn_prefix(e)
+        text = e.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=False)
+        assert e.tokenize(text, add_special=False)[:len(prefix)] == prefix
+        assert e.detokenize(prefix, special=True).endswith("user\n")
+        prompts = list(magpie_prompts(e, 5, seed=3, max_tokens=48, min_chars=1))
+        assert len(set(prompts)) == len(prompts) and all(p.strip() == p and p for p in prompts)
+        # each one is what the model samples after the header (the same seed gives it again)
+        if prompts:
+            again = "".join(e.generate(prefix, max_tokens=48, temperature=1.0, top_p=0.95, seed=3 * 1_000_003,
+                                       speculative="none")).strip()
+            assert again in prompts or e.last_finish_reason != "eog" or not again
+
+
+def test_make_prompts_command(targets, tmp_path):
+    _, _, gguf = targets
+    out = tmp_path / "prompts.jsonl"
+    res = subprocess.run([sys.executable, "-m", "sparrow_py.cli", "make-prompts", "-m", str(gguf), "-n", "4", "-o",
+                          str(out), "--max-tokens", "48", "--quiet", "-t", "2"], capture_output=True, text=True,
+                         cwd=REPO_ROOT)
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    assert (res.returncode == 0) == (len(records) > 0), res.stderr
+    assert all(isinstance(r["prompt"], str) and r["prompt"] for r in records)
+    bad = subprocess.run([sys.executable, "-m", "sparrow_py.cli", "make-prompts", "-m", str(tmp_path / "nope.gguf"),
+                          "-o", str(out)], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert bad.returncode == 1 and bad.stderr.startswith("sparrow make-prompts: error:"), bad.stderr
