@@ -3,10 +3,19 @@
 The Engine owns its C handles and releases them deterministically (close(), or a with-block);
 every runtime error raises SparrowError with the runtime's message. Runtime calls release the
 GIL (cffi does so for every call), so other Python threads keep running during generation.
+
+Threads: an Engine has one context, so its generations take turns. A generation holds the Engine
+from generate() until its stream ends (last piece, error, close() or garbage collection); other
+threads' generate() and context calls wait meanwhile. The generating thread itself may call in
+(last_stats, decode ...), and a second generate() on that thread supersedes its open stream. For
+generations that run in parallel, give each thread its own Engine (each holds its own copy of the
+weights; the C API shares one model between contexts).
 """
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -88,6 +97,12 @@ class Engine(OwnsHandles):
         self._ctx = ffi.NULL
         self._draft = ffi.NULL
         self._vision = None
+        self._turn = threading.Lock()     # held by the open generation (its _Stream), or one call
+        self._in_call = threading.Lock()  # held during each runtime call on the context: close() waits
+        # the open generation: its stream's ticket (not the stream: a stream dropped unread must be
+        # collected, which ends its turn) and the thread reading it
+        self._open_ticket: Optional[object] = None
+        self._open_thread = 0
         self.last_finish_reason: Optional[str] = None
         self.last_tokens: list[int] = []
         if kv_type not in _KV_TYPES:
@@ -156,7 +171,12 @@ class Engine(OwnsHandles):
 
     # ---- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the context and the model. Safe to call twice."""
+        """Release the context and the model. Safe to call twice. A generation running on
+        another thread stops with an error at its next step (the step in flight completes)."""
+        with self._in_call:
+            self._free_handles()
+
+    def _free_handles(self) -> None:
         if self._ctx != ffi.NULL:
             lib.sparrow_context_free(self._ctx)
             self._ctx = ffi.NULL
@@ -179,6 +199,28 @@ class Engine(OwnsHandles):
         if self._ctx == ffi.NULL:
             raise SparrowError("the engine was loaded vocab-only: it can tokenize but not run", "SPARROW_ERR_STATE")
         return self._ctx
+
+    @contextmanager
+    def _context(self):
+        """The live context for one runtime call: after any other thread's open generation (the
+        generating thread's own calls go straight in), and never while close() runs."""
+        own = self._open_ticket is not None and self._open_thread == threading.get_ident()
+        if not own:
+            self._turn.acquire()
+        try:
+            with self._in_call:
+                yield self._live()
+        finally:
+            if not own:
+                self._turn.release()
+
+    def _take_turn(self, stream: "_Stream") -> None:
+        """Make stream the open generation: wait for another thread's to end; this thread's own
+        open stream, if any, is superseded (it raises if read further)."""
+        if self._open_ticket is None or self._open_thread != threading.get_ident():
+            self._turn.acquire()
+        self._open_ticket = stream.ticket
+        self._open_thread = threading.get_ident()
 
     def _live_model(self):
         if self._model == ffi.NULL:
@@ -330,7 +372,7 @@ class Engine(OwnsHandles):
         ``last_finish_reason``, ``last_tokens`` (the token ids produced) and ``last_stats``
         describe the generation afterwards.
         """
-        ctx = self._live()
+        self._live()
         if video is not None or images is not None:
             if not isinstance(prompt, str):
                 raise SparrowError("video= and images= need a text prompt")
@@ -374,6 +416,7 @@ class Engine(OwnsHandles):
         params.stop = stop_array
         params.n_stop = len(keep_alive)
         prompt_arr = ffi.new("sparrow_token[]", tokens) if tokens else ffi.NULL
+        items = None
         if media:
             keep = []
             items = ffi.new("sparrow_media[]", len(media))
@@ -387,30 +430,22 @@ class Engine(OwnsHandles):
                 item.grid_t, item.grid_h, item.grid_w = (int(x) for x in m.grid)
                 item.t_scale = float(m.t_scale)
                 item.placeholder = int(m.placeholder)
-            check(lib.sparrow_generate_begin_media(ctx, prompt_arr, len(tokens), items, len(media), params), "generate")
-        else:
-            check(lib.sparrow_generate_begin(ctx, prompt_arr, len(tokens), params), "generate")
+        stream = _Stream(self)
+        self._take_turn(stream)
+        try:
+            with self._in_call:
+                ctx = self._live()
+                if items is not None:
+                    status = lib.sparrow_generate_begin_media(ctx, prompt_arr, len(tokens), items, len(media), params)
+                else:
+                    status = lib.sparrow_generate_begin(ctx, prompt_arr, len(tokens), params)
+            check(status, "generate")
+        except BaseException:
+            stream.close()
+            raise
         self.last_finish_reason = None
         self.last_tokens = []
-        return self._stream(ctx)
-
-    def _stream(self, ctx) -> Iterator[str]:
-        buf = ffi.new("char[]", 4096)
-        size = ffi.new("size_t *")
-        finish = ffi.new("int32_t *")
-        while True:
-            if self._ctx != ctx:
-                raise SparrowError("the engine was closed during generation", "SPARROW_ERR_STATE")
-            check(lib.sparrow_generate_next(ctx, buf, 4096, size, finish, ffi.NULL), "generate")
-            if size[0]:
-                yield ffi.unpack(buf, size[0]).decode("utf-8", "replace")
-            if finish[0] != lib.SPARROW_FINISH_NONE:
-                self.last_finish_reason = _FINISH_NAMES.get(finish[0], "unknown")
-                tokens = ffi.new("sparrow_token **")
-                n = ffi.new("int32_t *")
-                check(lib.sparrow_generated_tokens(ctx, tokens, n))
-                self.last_tokens = list(ffi.unpack(tokens[0], n[0]))
-                return
+        return stream
 
     # ---- images and videos -------------------------------------------------------------------
     def _vision_token(self, text: str) -> int:
@@ -523,7 +558,8 @@ class Engine(OwnsHandles):
     def last_stats(self) -> dict:
         """Statistics of the last generation: token counts, times and speeds."""
         out = ffi.new("sparrow_stats *")
-        check(lib.sparrow_get_stats(self._live(), out))
+        with self._context() as ctx:
+            check(lib.sparrow_get_stats(ctx, out))
         s = out[0]
         return {
             "n_prompt": s.n_prompt,
@@ -554,14 +590,14 @@ class Engine(OwnsHandles):
         mean of the target's ivsb-layer outputs over each segment of the visual tokens, before
         glimpse_proj; positions [G], each segment's first visual token). Empty for text prompts
         or drafts without glimpses."""
-        ctx = self._live()
         n = ffi.new("int32_t *")
-        check(lib.sparrow_get_glimpses(ctx, ffi.NULL, ffi.NULL, 0, n))
-        pooled = np.zeros((n[0], self.n_embd), np.float32)
-        pos = np.zeros(n[0], np.int32)
-        if n[0]:
-            check(lib.sparrow_get_glimpses(ctx, ffi.cast("float *", pooled.ctypes.data),
-                                           ffi.cast("int32_t *", pos.ctypes.data), n[0], n))
+        with self._context() as ctx:
+            check(lib.sparrow_get_glimpses(ctx, ffi.NULL, ffi.NULL, 0, n))
+            pooled = np.zeros((n[0], self.n_embd), np.float32)
+            pos = np.zeros(n[0], np.int32)
+            if n[0]:
+                check(lib.sparrow_get_glimpses(ctx, ffi.cast("float *", pooled.ctypes.data),
+                                               ffi.cast("int32_t *", pos.ctypes.data), n[0], n))
         return pooled, pos
 
     # ---- low level -----------------------------------------------------------------------
@@ -578,7 +614,7 @@ class Engine(OwnsHandles):
         parents makes the batch a token tree (speculative verification): parents[i] is the index
         of token i's parent in the batch, or -1; each token attends to the cache, its ancestors
         and itself."""
-        ctx = self._live()
+        self._live()
         tokens = [int(t) for t in tokens]
         n = len(tokens)
         if n == 0:
@@ -599,44 +635,115 @@ class Engine(OwnsHandles):
         batch.pos = pos
         batch.outputs = outs
         batch.parents = par
-        check(lib.sparrow_decode(ctx, batch[0]), "decode")
-        n_out = lib.sparrow_n_outputs(ctx)
-        result = np.empty((n_out, self.n_vocab), dtype=np.float32)
-        for i in range(n_out):
-            ptr = lib.sparrow_get_logits(ctx, i)
-            result[i] = np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32)
+        with self._context() as ctx:
+            check(lib.sparrow_decode(ctx, batch[0]), "decode")
+            n_out = lib.sparrow_n_outputs(ctx)
+            result = np.empty((n_out, self.n_vocab), dtype=np.float32)
+            for i in range(n_out):
+                ptr = lib.sparrow_get_logits(ctx, i)
+                result[i] = np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32)
         return result
 
     def set_capture_layers(self, layers: Sequence[int]) -> None:
         """Record the input of these layers (n_layer = final hidden state) at output rows."""
         layers = [int(x) for x in layers]
         arr = ffi.new("int32_t[]", layers) if layers else ffi.NULL
-        check(lib.sparrow_set_capture_layers(self._live(), arr, len(layers)), "set_capture_layers")
+        with self._context() as ctx:
+            check(lib.sparrow_set_capture_layers(ctx, arr, len(layers)), "set_capture_layers")
         self._capture = layers
 
     def hidden(self, slot: int) -> np.ndarray:
         """Captured hidden states of capture slot `slot` for every output row of the last
         decode, shape (n_outputs, n_embd)."""
-        ctx = self._live()
-        n_out = lib.sparrow_n_outputs(ctx)
-        out = np.empty((n_out, self.n_embd), dtype=np.float32)
-        for i in range(n_out):
-            ptr = lib.sparrow_get_hidden(ctx, slot, i)
-            if ptr == ffi.NULL:
-                raise SparrowError(f"no captured hidden state for slot {slot}")
-            out[i] = np.frombuffer(ffi.buffer(ptr, 4 * self.n_embd), dtype=np.float32)
+        with self._context() as ctx:
+            n_out = lib.sparrow_n_outputs(ctx)
+            out = np.empty((n_out, self.n_embd), dtype=np.float32)
+            for i in range(n_out):
+                ptr = lib.sparrow_get_hidden(ctx, slot, i)
+                if ptr == ffi.NULL:
+                    raise SparrowError(f"no captured hidden state for slot {slot}")
+                out[i] = np.frombuffer(ffi.buffer(ptr, 4 * self.n_embd), dtype=np.float32)
         return out
 
     @property
     def kv_size(self) -> int:
-        return lib.sparrow_kv_size(self._live())
+        with self._context() as ctx:
+            return lib.sparrow_kv_size(ctx)
 
     def kv_truncate(self, n_keep: int) -> None:
         """Roll the KV cache back to its first n_keep tokens."""
-        check(lib.sparrow_kv_truncate(self._live(), int(n_keep)), "kv_truncate")
+        with self._context() as ctx:
+            check(lib.sparrow_kv_truncate(ctx, int(n_keep)), "kv_truncate")
 
     def kv_compact(self, n_keep: int, rows: Sequence[int]) -> None:
         """Keep cache rows [0, n_keep) followed by `rows` (increasing), e.g. an accepted tree path."""
         rows = [int(r) for r in rows]
         arr = ffi.new("int32_t[]", rows) if rows else ffi.NULL
-        check(lib.sparrow_kv_compact(self._live(), int(n_keep), arr, len(rows)), "kv_compact")
+        with self._context() as ctx:
+            check(lib.sparrow_kv_compact(ctx, int(n_keep), arr, len(rows)), "kv_compact")
+
+
+class _Stream:
+    """The pieces of one generate() call, and its hold on the Engine (the module's docstring):
+    released at the last piece, on an error, by close(), or when the stream is collected."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self.ticket = object()
+        self._done = False
+        self._buf = ffi.new("char[]", 4096)
+        self._size = ffi.new("size_t *")
+        self._finish = ffi.new("int32_t *")
+
+    def __iter__(self) -> "_Stream":
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        e = self._engine
+        if e._open_ticket is not self.ticket:
+            self._done = True
+            raise SparrowError("this generation was superseded by a later generate() on the same Engine",
+                               "SPARROW_ERR_STATE")
+        e._open_thread = threading.get_ident()  # the reading thread's own calls go straight in
+        try:
+            while True:
+                with e._in_call:
+                    if e._ctx == ffi.NULL:
+                        raise SparrowError("the engine was closed during generation", "SPARROW_ERR_STATE")
+                    check(lib.sparrow_generate_next(e._ctx, self._buf, 4096, self._size, self._finish, ffi.NULL),
+                          "generate")
+                    piece = ffi.unpack(self._buf, self._size[0]).decode("utf-8", "replace") if self._size[0] else ""
+                    finish = self._finish[0]
+                    if finish != lib.SPARROW_FINISH_NONE:
+                        tokens = ffi.new("sparrow_token **")
+                        n = ffi.new("int32_t *")
+                        check(lib.sparrow_generated_tokens(e._ctx, tokens, n))
+                        # (an empty generation's array may be NULL: an end of text came first)
+                        e.last_tokens = list(ffi.unpack(tokens[0], n[0])) if n[0] else []
+                        e.last_finish_reason = _FINISH_NAMES.get(finish, "unknown")
+                if finish != lib.SPARROW_FINISH_NONE:
+                    self.close()
+                    if piece:
+                        return piece
+                    raise StopIteration
+                if piece:
+                    return piece
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop reading: the Engine is free for other generations."""
+        self._done = True
+        e = self._engine
+        if e._open_ticket is self.ticket:
+            e._open_ticket = None
+            e._turn.release()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the Engine may be half torn down
+            pass

@@ -16,8 +16,10 @@
  * Thread safety
  *   - A sparrow_model is immutable once loaded: any number of contexts, on any threads, may share
  *     it. Free it only after every context created from it has been freed.
- *   - A sparrow_context must be used by one thread at a time (callers serialise access).
- *     Contexts are independent of each other.
+ *   - A sparrow_context serves one thread at a time (callers serialise access). A call made
+ *     while another call is inside the same context (from another thread, or from its abort
+ *     callback) fails with SPARROW_ERR_STATE; it is not queued. Contexts are independent of
+ *     each other: one context per thread runs in parallel. Draft sessions likewise.
  *   - sparrow_last_error() is thread-local: it reports the last failure on the calling thread.
  *   - The tokenizer functions only read the model and may be called from any thread.
  */

@@ -8,12 +8,14 @@
 #include "api-common.h"  // guard() and the thread-local last error, shared with api-vision.cpp
 #include "common.h"
 #include "context.h"
+#include "memory-budget.h"
 #include "models/llm.h"
 #include "quant.h"
 #include "speculative.h"
 #include "text-stream.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <chrono>
 #include <cstring>
@@ -42,6 +44,29 @@ const Tokenizer & tokenizer_of(const sparrow_model & m) {
     if (!m.tokenizer) fail(SPARROW_ERR_INVALID_ARGUMENT, "this model has no tokenizer (a draft or vision file): use its language model's");
     return *m.tokenizer;
 }
+
+// sparrow.h's contract, checked: a context (or a draft session) serves one call at a time. A
+// call that arrives while another is inside it, from another thread or re-entered from an abort
+// callback, fails with SPARROW_ERR_STATE rather than racing on the KV cache and the generation.
+class CallClaim {
+public:
+    CallClaim(std::atomic<bool> & in_use, const char * what) : in_use_(in_use) {
+        if (in_use_.exchange(true, std::memory_order_acquire)) {
+            fail(SPARROW_ERR_STATE, format("the %s is in use by another call: it serves one thread at a time (give each "
+                                           "thread its own)", what));
+        }
+    }
+    ~CallClaim() { in_use_.store(false, std::memory_order_release); }
+    CallClaim(const CallClaim &) = delete;
+    CallClaim & operator=(const CallClaim &) = delete;
+
+private:
+    std::atomic<bool> & in_use_;
+};
+
+#define CLAIM_CONTEXT(ctx)                  \
+    require((ctx) != nullptr, "ctx is NULL"); \
+    CallClaim claim_((ctx)->in_use, "context")
 
 void require_weights(const sparrow_model & m) {
     if (m.is_draft) fail(SPARROW_ERR_INVALID_ARGUMENT, "this is a draft model: attach it to a target context with sparrow_context_set_draft");
@@ -326,8 +351,11 @@ sparrow_status sparrow_context_init(sparrow_model * model, sparrow_context_param
         const int n_threads = params.n_threads > 0 ? params.n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
         ctx->params.n_threads = n_threads;
         ctx->params.n_batch = std::min(params.n_batch, ctx->params.n_ctx);
-        ctx->backend = make_cpu_backend(n_threads);
         const LMHparams & hp = m.hparams;
+        const int64_t kv_bytes = 2 * (int64_t) hp.n_layer * ctx->params.n_ctx * hp.n_head_kv * hp.head_dim *
+                                 (params.kv_type == SPARROW_TYPE_F16 ? 2 : 4);
+        require_memory(kv_bytes, format("the KV cache for n_ctx %d", ctx->params.n_ctx).c_str());
+        ctx->backend = make_cpu_backend(n_threads);
         ctx->cache.reset(new KVCache(*ctx->backend, hp.n_layer, ctx->params.n_ctx, (int64_t) hp.n_head_kv * hp.head_dim,
                                      (DType) params.kv_type));
         lm_scratch_init(*ctx->backend, hp, ctx->params.n_batch, ctx->scratch);
@@ -346,7 +374,7 @@ constexpr int32_t kMaxSpeculativeEntries = 16 * 32;
 
 sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_model * draft) {
     return guard([&] {
-        require(ctx != nullptr, "ctx is NULL");
+        CLAIM_CONTEXT(ctx);
         ctx->gen.active = false;
         ctx->spec.state.reset();
         ctx->spec.draft = nullptr;
@@ -366,7 +394,7 @@ sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_mo
 
 sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch) {
     return guard([&] {
-        require(ctx != nullptr, "ctx is NULL");
+        CLAIM_CONTEXT(ctx);
         require(batch.n_tokens > 0 && batch.tokens != nullptr, "the batch has no tokens");
         ctx->gen.active = false;  // a manual forward ends any generation in progress
         ForwardOptions opt;
@@ -386,7 +414,7 @@ int32_t sparrow_n_outputs(const sparrow_context * ctx) { return ctx ? ctx->n_out
 
 sparrow_status sparrow_set_capture_layers(sparrow_context * ctx, const int32_t * layers, int32_t n_layers) {
     return guard([&] {
-        require(ctx != nullptr, "ctx is NULL");
+        CLAIM_CONTEXT(ctx);
         require(n_layers >= 0 && (layers != nullptr || n_layers == 0), "bad layer list");
         for (int32_t i = 0; i < n_layers; ++i) {
             if (layers[i] < 0 || layers[i] > ctx->model->hparams.n_layer) {
@@ -410,7 +438,7 @@ int32_t sparrow_kv_size(const sparrow_context * ctx) { return ctx ? (int32_t) ct
 
 sparrow_status sparrow_kv_truncate(sparrow_context * ctx, int32_t n_keep) {
     return guard([&] {
-        require(ctx != nullptr, "ctx is NULL");
+        CLAIM_CONTEXT(ctx);
         if (n_keep < 0 || n_keep > ctx->cache->size()) {
             fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_keep %d is outside [0, %lld]", n_keep, (long long) ctx->cache->size()));
         }
@@ -421,7 +449,7 @@ sparrow_status sparrow_kv_truncate(sparrow_context * ctx, int32_t n_keep) {
 
 sparrow_status sparrow_kv_compact(sparrow_context * ctx, int32_t n_keep, const int32_t * rows, int32_t n_rows) {
     return guard([&] {
-        require(ctx != nullptr, "ctx is NULL");
+        CLAIM_CONTEXT(ctx);
         const int64_t size = ctx->cache->size();
         if (n_keep < 0 || n_keep > size) fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_keep %d is outside [0, %lld]", n_keep, (long long) size));
         require(n_rows >= 0 && (rows != nullptr || n_rows == 0), "bad row list");
@@ -497,6 +525,13 @@ void layout_media(const LMHparams & hp, const sparrow_token * prompt, int32_t n,
         if (item.embd == nullptr || item.n_tokens != run) {
             fail(SPARROW_ERR_INVALID_ARGUMENT, format("media item %d has %d tokens but its run in the prompt has %d", m, item.n_tokens, run));
         }
+        // a NaN or an infinity here would turn every logit into NaN: refused, not sampled as token 0
+        for (int64_t k = 0; k < (int64_t) run * H; ++k) {
+            if (!std::isfinite(item.embd[k])) {
+                fail(SPARROW_ERR_INVALID_ARGUMENT, format("media item %d: embedding row %lld holds a NaN or an infinity", m,
+                                                          (long long) (k / H)));
+            }
+        }
         memcpy(&embd[(size_t) i * H], item.embd, (size_t) run * H * sizeof(float));
         for (int32_t k = 0; k < run; ++k) placeholder[i + k] = item.placeholder;
         if (mrope) {
@@ -533,7 +568,7 @@ void layout_media(const LMHparams & hp, const sparrow_token * prompt, int32_t n,
 
 void begin_generation(sparrow_context * ctx, const sparrow_token * prompt, int32_t n_prompt, const sparrow_media * media,
                       int32_t n_media, sparrow_generate_params params) {
-    require(ctx != nullptr, "ctx is NULL");
+    CLAIM_CONTEXT(ctx);
     require(n_prompt > 0 && prompt != nullptr, "the prompt is empty");
     validate_sampler_params(params.sampling);
     require(params.n_stop >= 0 && (params.stop != nullptr || params.n_stop == 0), "bad stop string list");
@@ -568,6 +603,10 @@ void begin_generation(sparrow_context * ctx, const sparrow_token * prompt, int32
         if (params.n_draft < 1 || params.n_draft > kMaxDraftTokens) {
             fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_draft must be in [1, %d] (got %d)", kMaxDraftTokens, params.n_draft));
         }
+    }
+    if (n_media > 0) {  // the prompt's input embeddings and positions, held until it is prefilled
+        require_memory((int64_t) n_prompt * (ctx->model->hparams.n_embd + 4) * 4, format("a media prompt of %d tokens",
+                                                                                            n_prompt).c_str());
     }
     auto & g = ctx->gen;
     g = sparrow_context::Generation();
@@ -624,7 +663,7 @@ sparrow_status sparrow_generate_begin_media(sparrow_context * ctx, const sparrow
 sparrow_status sparrow_generate_next(sparrow_context * ctx, char * buf, size_t buf_size, size_t * out_len,
                                      int32_t * out_finish, sparrow_token * out_token) {
     return guard([&] {
-        require(ctx != nullptr, "ctx is NULL");
+        CLAIM_CONTEXT(ctx);
         require(buf != nullptr && buf_size >= 256, "buf must hold at least 256 bytes");
         require(out_len != nullptr && out_finish != nullptr, "out_len and out_finish are required");
         if (out_token) *out_token = -1;
@@ -733,7 +772,8 @@ sparrow_status sparrow_generate_next(sparrow_context * ctx, char * buf, size_t b
 
 sparrow_status sparrow_generated_tokens(const sparrow_context * ctx, const sparrow_token ** out_tokens, int32_t * out_n) {
     return guard([&] {
-        require(ctx != nullptr && out_tokens != nullptr && out_n != nullptr, "ctx or an output is NULL");
+        CLAIM_CONTEXT(ctx);
+        require(out_tokens != nullptr && out_n != nullptr, "an output is NULL");
         *out_tokens = ctx->generated.data();
         *out_n = (int32_t) ctx->generated.size();
     });
@@ -741,7 +781,8 @@ sparrow_status sparrow_generated_tokens(const sparrow_context * ctx, const sparr
 
 sparrow_status sparrow_get_stats(const sparrow_context * ctx, sparrow_stats * out) {
     return guard([&] {
-        require(ctx != nullptr && out != nullptr, "ctx or out is NULL");
+        CLAIM_CONTEXT(ctx);
+        require(out != nullptr, "out is NULL");
         *out = ctx->stats;
     });
 }
@@ -749,7 +790,8 @@ sparrow_status sparrow_get_stats(const sparrow_context * ctx, sparrow_stats * ou
 sparrow_status sparrow_get_glimpses(const sparrow_context * ctx, float * pooled, int32_t * pos, int32_t max,
                                     int32_t * n_out) {
     return guard([&] {
-        require(ctx != nullptr && n_out != nullptr, "ctx or n_out is NULL");
+        CLAIM_CONTEXT(ctx);
+        require(n_out != nullptr, "n_out is NULL");
         require(max >= 0, "max must be >= 0");
         const auto & s = ctx->spec;
         const int32_t n = (int32_t) s.glimpse_pos.size();
@@ -768,7 +810,12 @@ struct sparrow_draft_session {
     const sparrow_model * draft = nullptr;
     std::unique_ptr<Backend> backend;
     std::unique_ptr<DraftState> state;
+    std::atomic<bool> in_use{false};  // CallClaim
 };
+
+#define CLAIM_SESSION(session)                      \
+    require((session) != nullptr, "session is NULL"); \
+    CallClaim claim_((session)->in_use, "draft session")
 
 sparrow_status sparrow_draft_session_init(const sparrow_model * target, const sparrow_model * draft, int32_t n_ctx,
                                           int32_t n_threads, sparrow_draft_session ** out) {
@@ -795,7 +842,7 @@ void sparrow_draft_session_free(sparrow_draft_session * session) { delete sessio
 
 sparrow_status sparrow_draft_session_reset(sparrow_draft_session * session, int32_t anchor_start) {
     return guard([&] {
-        require(session != nullptr, "session is NULL");
+        CLAIM_SESSION(session);
         require(anchor_start >= 0, "anchor_start must be >= 0");
         session->state->reset(anchor_start);
     });
@@ -803,7 +850,8 @@ sparrow_status sparrow_draft_session_reset(sparrow_draft_session * session, int3
 
 sparrow_status sparrow_draft_fuse_taps(sparrow_draft_session * session, const float * taps, int32_t n, float * g_out) {
     return guard([&] {
-        require(session != nullptr && taps != nullptr && g_out != nullptr && n > 0, "bad arguments");
+        CLAIM_SESSION(session);
+        require(taps != nullptr && g_out != nullptr && n > 0, "bad arguments");
         const int64_t H = session->draft->draft_hparams.n_embd, nT = (int64_t) session->draft->draft_hparams.taps.size();
         // row-major [n][nT*H] -> the capture-slot-major layout the loop produces
         std::vector<float> slot_major((size_t) (n * nT * H));
@@ -816,7 +864,8 @@ sparrow_status sparrow_draft_fuse_taps(sparrow_draft_session * session, const fl
 
 sparrow_status sparrow_draft_add_glimpses(sparrow_draft_session * session, const float * pooled, const int32_t * pos, int32_t n) {
     return guard([&] {
-        require(session != nullptr && n >= 0 && (n == 0 || (pooled != nullptr && pos != nullptr)), "bad arguments");
+        CLAIM_SESSION(session);
+        require(n >= 0 && (n == 0 || (pooled != nullptr && pos != nullptr)), "bad arguments");
         session->state->add_glimpses(pooled, pos, n);
     });
 }
@@ -824,7 +873,8 @@ sparrow_status sparrow_draft_add_glimpses(sparrow_draft_session * session, const
 sparrow_status sparrow_draft_run(sparrow_draft_session * session, const sparrow_token * tokens, const float * g,
                                  const int32_t * pos, const int32_t * parents, int32_t n, float * h_out, float * logits_out) {
     return guard([&] {
-        require(session != nullptr && tokens != nullptr && g != nullptr && pos != nullptr && h_out != nullptr && n > 0,
+        CLAIM_SESSION(session);
+        require(tokens != nullptr && g != nullptr && pos != nullptr && h_out != nullptr && n > 0,
                 "bad arguments");
         DraftState & st = *session->state;
         const int32_t n_vocab = session->target->hparams.n_vocab;
@@ -852,7 +902,7 @@ sparrow_status sparrow_draft_run(sparrow_draft_session * session, const sparrow_
 
 sparrow_status sparrow_draft_drop_speculative(sparrow_draft_session * session) {
     return guard([&] {
-        require(session != nullptr, "session is NULL");
+        CLAIM_SESSION(session);
         session->state->drop_speculative();
     });
 }

@@ -10,12 +10,16 @@
 #include "spec-policy.h"
 #include "text-stream.h"
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 struct sparrow_context {
+    // Set while a C API call is inside the context (api.cpp's CallClaim): a second call that
+    // arrives meanwhile fails instead of racing. mutable: the const readers claim it too.
+    mutable std::atomic<bool> in_use{false};
     sparrow_model * model = nullptr;
     sparrow_context_params params{};
     std::unique_ptr<sparrow::Backend> backend;

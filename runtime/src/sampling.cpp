@@ -26,6 +26,11 @@ int32_t argmax(const float * logits, int32_t n_vocab) {
     for (int32_t i = 1; i < n_vocab; ++i) {
         if (logits[i] > logits[best]) best = i;
     }
+    // NaN compares false, so NaN logits would all come out as token 0: an error, not text
+    if (std::isnan(logits[best])) {
+        fail(SPARROW_ERR_INTERNAL, "the model computed NaN logits (its weights hold non-finite values, or its activations "
+                                   "overflowed)");
+    }
     return best;
 }
 
@@ -89,7 +94,8 @@ int32_t draw(const std::vector<TokenProb> & dist, Rng & rng) {
 
 int32_t sample_token(const float * logits, int32_t n_vocab, const sparrow_sampler_params & params, Rng & rng,
                      std::vector<TokenProb> & scratch) {
-    if (params.temperature == 0.0f) return argmax(logits, n_vocab);
+    const int32_t best = argmax(logits, n_vocab);  // (refuses NaN logits)
+    if (params.temperature == 0.0f) return best;
     sampling_distribution(logits, n_vocab, params, scratch);
     return draw(scratch, rng);
 }

@@ -27,6 +27,8 @@ import math
 
 import numpy as np
 
+from .frames import VideoInputError
+
 # Pillow: PRECISION_BITS = 32 - 8 - 2, so a sum of 8-bit pixels times weights fits in int32.
 _PRECISION_BITS = 22
 _BICUBIC_SUPPORT = 2.0
@@ -39,9 +41,9 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     the area within [min_pixels, max_pixels], the aspect ratio kept as closely as possible.
     The rule (rounding first, then floor when too big, ceil when too small) is transformers'."""
     if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
+        raise VideoInputError(f"image size must be positive, got {height}x{width}")
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio must be at most 200, got {height}x{width}")
+        raise VideoInputError(f"aspect ratio must be at most 200, got {height}x{width}")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:

@@ -11,6 +11,7 @@
 #include "common.h"
 #include "gguf.h"
 #include "kv-cache.h"
+#include "quant.h"
 
 #include <cmath>
 #include <cstring>
@@ -102,6 +103,18 @@ Tensor bind_tensor(const GGUFFile & f, const std::string & name, int64_t cols, i
     }
     Tensor t = Tensor::matrix((DType) info->type, cols, rows, const_cast<uint8_t *>(f.tensor_data(*info)));
     t.name = info->name.c_str();
+    // Norm weights and biases scale activations as they are (no quantization between them and
+    // the logits), so one NaN in them would turn every logit into NaN: refused here, by name.
+    // They are small; the matrices are not scanned.
+    if (rows == 1 && (t.type == DType::F32 || t.type == DType::F16)) {
+        for (int64_t i = 0; i < cols; ++i) {
+            const float v = t.type == DType::F32 ? ((const float *) t.data)[i] : fp16_to_fp32(((const uint16_t *) t.data)[i]);
+            if (!std::isfinite(v)) {
+                fail(SPARROW_ERR_FORMAT, format("tensor '%s' holds a NaN or an infinity at index %lld", name.c_str(),
+                                                (long long) i));
+            }
+        }
+    }
     return t;
 }
 
@@ -131,7 +144,7 @@ void lm_load(const GGUFFile & f, LMHparams & hp, LMWeights & w) {
 
     hp.rope.mode = ai->rope_mode;
     hp.rope.freq_base = (float) f.get_float(key(kKeyRopeFreqBase, a), 10000.0);
-    if (!(hp.rope.freq_base > 1.0f)) fail(SPARROW_ERR_FORMAT, "rope.freq_base is out of range");
+    if (!(hp.rope.freq_base > 1.0f) || !std::isfinite(hp.rope.freq_base)) fail(SPARROW_ERR_FORMAT, "rope.freq_base is out of range");
     hp.rope.n_dims = (int) f.get_int(key(kKeyRopeDimCount, a), hp.head_dim);
     if (hp.rope.n_dims != hp.head_dim) {
         fail(SPARROW_ERR_UNSUPPORTED, format("partial rotary (rope.dimension_count %d of head %d) is not supported",

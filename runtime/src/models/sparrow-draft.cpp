@@ -63,11 +63,18 @@ void read_layer_shape(const GGUFFile & f, const char * arch, RopeMode rope_mode,
     if (hp.n_head % hp.n_head_kv != 0 || hp.head_dim <= 0 || hp.head_dim % 2 != 0) {
         fail(SPARROW_ERR_FORMAT, "draft attention heads are inconsistent");
     }
+    // values and keys share one head size (the runtime's attention assumes it)
+    if (f.has(k("attention.value_length")) && f.get_int(k("attention.value_length")) != hp.head_dim) {
+        fail(SPARROW_ERR_UNSUPPORTED, "draft attention.value_length differs from its key_length");
+    }
     hp.rms_eps = (float) f.get_float(k("attention.layer_norm_rms_epsilon"), 1e-6);
+    if (!(hp.rms_eps > 0.0f) || hp.rms_eps > 1.0f) fail(SPARROW_ERR_FORMAT, "draft layer_norm_rms_epsilon is out of range");
     hp.rope.mode = rope_mode;
     hp.rope.n_dims = (int) f.get_int(k("rope.dimension_count"), hp.head_dim);
     hp.rope.freq_base = (float) f.get_float(k("rope.freq_base"), 10000.0);
-    if (hp.rope.n_dims != hp.head_dim || !(hp.rope.freq_base > 1.0f)) fail(SPARROW_ERR_FORMAT, "draft rope settings are invalid");
+    if (hp.rope.n_dims != hp.head_dim || !(hp.rope.freq_base > 1.0f) || !std::isfinite(hp.rope.freq_base)) {
+        fail(SPARROW_ERR_FORMAT, "draft rope settings are invalid");
+    }
 }
 
 void read_sparrow_hparams(const GGUFFile & f, DraftHparams & hp) {

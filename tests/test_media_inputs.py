@@ -1,0 +1,88 @@
+"""Odd media and non-finite numbers: each gives a clear error or a correct generation.
+
+Before: video= with 1x1 frames (or any generation whose first token ended it) raised an internal
+cffi error; NaN or infinite embeddings through media= were sampled as token 0 ("!!!!"); a model
+whose weights hold NaN did the same.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sparrow_py as sp
+from sparrow_py.errors import SparrowError
+from sparrow_py.video.frames import VideoInputError
+
+from gguf_edit import copy_gguf
+
+DEMO = Path(sp.__file__).parent / "demo" / "data"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with sp.Engine(str(DEMO / "target.gguf"), mmproj=str(DEMO / "mmproj.gguf"), n_ctx=2048, n_threads=2) as e:
+        yield e
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 3), (1, 1, 1, 3), (2, 13, 13, 3), (4, 3, 500, 3)])
+def test_tiny_and_thin_frames_are_resized_and_run(engine, shape):
+    rng = np.random.default_rng(sum(shape))
+    frames = rng.integers(0, 256, shape, dtype=np.uint8)
+    text_only = len(engine.tokenize("Describe it.", add_special=False))
+    "".join(engine.generate("Describe it.", video=frames, max_tokens=8, add_special=False))
+    assert engine.last_finish_reason in ("eog", "length")
+    assert len(engine.last_tokens) <= 8
+    assert engine.last_stats["n_prompt"] > text_only + 4  # the frames became visual tokens
+
+
+def test_an_empty_generation_reports_no_tokens(engine):
+    # whatever the first token is, generation that ends at once leaves an empty token list, not an error
+    "".join(engine.generate("x", max_tokens=0))
+    assert engine.last_tokens == [] and engine.last_finish_reason == "length"
+
+
+def test_extreme_aspect_ratio_is_refused(engine):
+    with pytest.raises(VideoInputError, match="aspect ratio"):
+        "".join(engine.generate("Describe it.", video=np.zeros((2, 3000, 2, 3), np.uint8), max_tokens=4))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_media_embeddings_are_refused(engine, bad):
+    embd = np.ones((4, engine.n_embd), np.float32)
+    embd[2, 5] = bad
+    prompt = engine.tokenize("<|im_start|>user\n", add_special=False) + [sp.MEDIA_TOKEN] * 4 + [13]
+    with pytest.raises(SparrowError, match="NaN or an infinity") as info:
+        "".join(engine.generate(prompt, media=[sp.Media(embd, (1, 2, 2), 1.0, 0)], max_tokens=4))
+    assert info.value.status == "SPARROW_ERR_INVALID_ARGUMENT"
+    # the same prompt with finite values runs
+    embd[2, 5] = 0.0
+    "".join(engine.generate(prompt, media=[sp.Media(embd, (1, 2, 2), 1.0, 0)], max_tokens=4))
+    assert engine.last_finish_reason in ("eog", "length")
+
+
+def test_nan_in_a_norm_weight_is_refused_at_load(tmp_path):
+    import gguf
+
+    src = REPO / "tests" / "data" / "tiny-qwen2.gguf"
+    reader = gguf.GGUFReader(str(src))
+    norm = next(t for t in reader.tensors if t.name == "output_norm.weight")
+    poisoned = np.array(norm.data, dtype=np.float32).copy()
+    poisoned[3] = np.nan
+    bad = tmp_path / "nan.gguf"
+    copy_gguf(src, bad, replace_tensors={"output_norm.weight": poisoned})
+    with pytest.raises(SparrowError, match="'output_norm.weight' holds a NaN or an infinity at index 3") as info:
+        sp.Engine(str(bad), n_ctx=128, n_threads=1)
+    assert info.value.status == "SPARROW_ERR_FORMAT"
+
+
+def test_a_context_that_cannot_fit_is_refused_before_it_is_used(monkeypatch):
+    # Linux would hand out the KV cache lazily and kill the process midway through a long prefill;
+    # the runtime compares it first with the memory available (capped here by the variable)
+    monkeypatch.setenv("SPARROW_MEMORY_LIMIT_MB", "2")
+    kv_mib = 2 * 4 * 4096 * 64 * 2 / 2**20  # K and V, 4 layers, 4096 tokens, 2 kv heads x 32, f16
+    with pytest.raises(SparrowError, match=f"KV cache for n_ctx 4096 needs {kv_mib:.0f} MiB but only 2 MiB") as info:
+        sp.Engine(str(DEMO / "target.gguf"), n_ctx=4096, n_threads=1)
+    assert info.value.status == "SPARROW_ERR_OUT_OF_MEMORY"
+    with sp.Engine(str(DEMO / "target.gguf"), n_ctx=1024, n_threads=1) as e:  # 1 MiB fits
+        "".join(e.generate("Hello", max_tokens=2))
