@@ -14,7 +14,8 @@ resumes; the time each step took is kept in steps.json and printed:
   3. draft      `sparrow train --runtime-target` (the runtime generates and featurizes the data),
                 converted to q8_0;
   4. measure    on the held-out prompts, greedy, --tokens tokens each: decode tokens/s of plain
-                decoding, chain and tree speculation (adaptive, the default), and llama.cpp's plain
+                decoding, chain and tree speculation (adaptive, the default), chain-fixed (every
+                round drafts --n-draft: the draft's own acceptance) and llama.cpp's plain
                 decoding of the same GGUF; medians of --pairs alternating rounds; every speculative
                 output checked identical to plain decoding; mean accepted length and acceptance by
                 depth.
@@ -130,9 +131,11 @@ def measure(args, gguf: Path, draft: Path) -> None:
     held_out = [json.loads(line)["prompt"] for line in (args.cache / "held-out.jsonl").read_text().splitlines()]
     held_out = held_out[:args.prompts]
     modes = {"plain": dict(speculative="none"), "chain": dict(speculative="chain", n_draft=args.n_draft),
-             "tree": dict(speculative="tree")}
+             "tree": dict(speculative="tree"),
+             # every round drafts n_draft: the draft's own acceptance, and what speculation costs here
+             "chain-fixed": dict(speculative="chain", n_draft=args.n_draft, adaptive=False)}
     tps = {m: [] for m in [*modes, "llama.cpp"]}
-    stats = {m: [] for m in ("chain", "tree")}
+    stats = {m: [] for m in ("chain", "tree", "chain-fixed")}
     n_ctx = 1024
     with sp.Engine(str(gguf), n_ctx=n_ctx, n_threads=args.threads) as plain, \
             sp.Engine(str(gguf), n_ctx=n_ctx, n_threads=args.threads, draft=str(draft)) as spec:
@@ -171,7 +174,7 @@ def measure(args, gguf: Path, draft: Path) -> None:
           f"greedy, {args.tokens} tokens; chain of up to {args.n_draft}; speculative outputs identical to plain: yes")
     plain_tps = statistics.median(tps["plain"])
     llama_tps = statistics.median(tps["llama.cpp"])
-    print(f"{'mode':10} {'decode tok/s':>13} {'vs plain':>9} {'vs llama.cpp':>13}  notes")
+    print(f"{'mode':11} {'decode tok/s':>13} {'vs plain':>9} {'vs llama.cpp':>13}  notes")
     for m in [*modes, "llama.cpp"]:
         t = statistics.median(tps[m])
         note = ""
@@ -183,7 +186,7 @@ def measure(args, gguf: Path, draft: Path) -> None:
             note = (f"mean accepted length {tau:.2f}, acceptance by depth "
                     f"[{', '.join(f'{a:.2f}' for a in depth if not np.isnan(a))}], rounds by tokens drafted "
                     f"{{{', '.join(f'{k}: {n}' for k, n in enumerate(rounds) if n)}}}")
-        print(f"{m:10} {t:13.1f} {t / plain_tps:9.2f} {t / llama_tps:13.2f}  {note}")
+        print(f"{m:11} {t:13.1f} {t / plain_tps:9.2f} {t / llama_tps:13.2f}  {note}")
 
 
 def main() -> int:

@@ -86,3 +86,22 @@ def test_a_context_that_cannot_fit_is_refused_before_it_is_used(monkeypatch):
     assert info.value.status == "SPARROW_ERR_OUT_OF_MEMORY"
     with sp.Engine(str(DEMO / "target.gguf"), n_ctx=1024, n_threads=1) as e:  # 1 MiB fits
         "".join(e.generate("Hello", max_tokens=2))
+
+
+def test_a_huge_frame_is_resized_in_bounded_memory():
+    # the resampler used to widen the whole frame to int64 (and its output to int64 sums): 14x the
+    # frame's bytes at the peak (506 MiB here), 10 GB for one 16k x 16k frame; now a block of lines
+    # at a time: the output and a few MB of sums, whatever the frame's size
+    import tracemalloc
+
+    from sparrow_py.video import qwen
+
+    frame = np.random.default_rng(0).integers(0, 256, (4000, 3000, 3), dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        out = qwen.preprocess_image(frame, qwen.QwenPreprocessConfig.for_images())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.pixel_values.shape[0] > 0
+    assert peak < frame.nbytes + 48 * 2**20, f"peak {peak / 2**20:.0f} MiB for a {frame.nbytes / 2**20:.0f} MiB frame"

@@ -89,15 +89,32 @@ def _fixed_point_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarr
     return np.where(valid, index, 0), fixed.astype(np.int64)
 
 
+# int64 elements in flight per block of lines: the fixed-point sums stay a few MB whatever the
+# frame's size (a 16k x 16k frame in int64 at once would take 6 GB).
+_BLOCK_ELEMENTS = 1 << 20
+
+
 def _resample_axis(pixels: np.ndarray, axis: int, out_size: int) -> np.ndarray:
-    """One separable pass along `axis` of a uint8 array; returns uint8 (Pillow's clip8)."""
+    """One separable pass along `axis` of a uint8 array; returns uint8 (Pillow's clip8). Lines are
+    independent, so the array is cut across another spatial axis and resampled a block at a time:
+    the same sums, in bounded memory, and no widened copy of the whole frame."""
     index, weights = _fixed_point_taps(pixels.shape[axis], out_size)
-    moved = np.moveaxis(pixels, axis, -1).astype(np.int64)
-    acc = np.full(moved.shape[:-1] + (out_size,), 1 << (_PRECISION_BITS - 1), dtype=np.int64)
-    for tap in range(index.shape[1]):
-        acc += moved[..., index[:, tap]] * weights[:, tap]
-    out = np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
-    return np.moveaxis(out, -1, axis)
+    out_shape = list(pixels.shape)
+    out_shape[axis] = out_size
+    out = np.empty(out_shape, dtype=np.uint8)
+    spatial = [a for a in range(pixels.ndim - 1) if a != axis]  # the last axis holds the channels
+    along = max(spatial, key=lambda a: pixels.shape[a])
+    per_index = pixels.size // pixels.shape[axis] // pixels.shape[along] * max(pixels.shape[axis], out_size)
+    per_block = max(1, _BLOCK_ELEMENTS // per_index)
+    for start in range(0, pixels.shape[along], per_block):
+        cut = [slice(None)] * pixels.ndim
+        cut[along] = slice(start, start + per_block)
+        block = np.moveaxis(pixels[tuple(cut)], axis, -1).astype(np.int64)
+        acc = np.full(block.shape[:-1] + (out_size,), 1 << (_PRECISION_BITS - 1), dtype=np.int64)
+        for tap in range(index.shape[1]):
+            acc += block[..., index[:, tap]] * weights[:, tap]
+        out[tuple(cut)] = np.moveaxis(np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8), -1, axis)
+    return out
 
 
 def resize_bicubic(frames: np.ndarray, height: int, width: int, *, vertical_first: bool | None = None
