@@ -1,13 +1,12 @@
 // backend.h - the op interface model code is written against.
 //
 // Model files (models/*.cpp) describe a forward pass as a sequence of these ops on Tensor
-// views; a backend (cpu/ always, cuda/ optionally) executes them. Ops run eagerly and in
-// order, like a tape: there is no graph to build, which keeps the decode loop free of
-// allocation and makes every op testable on its own (each CUDA op is checked against the
-// CPU op on the same inputs).
+// views; a backend executes them (cpu/ is the only one today; a device backend is meant to plug
+// in here). Ops run eagerly and in order, like a tape: there is no graph to build, which keeps the
+// decode loop free of allocation and makes every op testable on its own.
 //
 // Memory: a Tensor's data pointer lives in the executing backend's memory (host memory for the
-// CPU backend; device memory for CUDA). Index arrays (token ids, positions, row lists) are host
+// CPU backend; a device backend's would be device memory). Index arrays (token ids, positions, row lists) are host
 // pointers, since they come from the caller. Activations are F32 and contiguous; weights may
 // be any supported type (see quant.h). Shapes follow ggml: ne[0] is the contiguous row length,
 // ne[1] the number of rows.

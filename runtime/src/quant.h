@@ -76,8 +76,8 @@ uint16_t fp32_to_bf16(float f);
 }  // namespace sparrow
 
 // ---- block layouts ---------------------------------------------------------------------------
-// Appended to the interface above because every kernel file (quant.cpp, cpu/quant_avx2.cpp, and
-// later the CUDA kernels) must agree on them byte for byte. They are ggml's layouts: fp16 scales
+// Appended to the interface above because every kernel file (quant.cpp, cpu/quant_avx2.cpp,
+// cpu/panels*.cpp) must agree on them byte for byte. They are ggml's layouts: fp16 scales
 // are stored as raw uint16_t bits, all structs are packed by construction (no padding), and a
 // row of n elements is n / block_size consecutive blocks.
 namespace sparrow {
