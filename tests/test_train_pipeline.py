@@ -289,6 +289,32 @@ def test_cli_train_then_eval(tiny_qwen2_dir, tmp_path, capsys):
     assert rc == 0 and "mean accepted length" in text and "acceptance by depth" in text
 
 
+def test_target_without_chat_template(tiny_qwen2_dir, tmp_path, capsys):
+    """A clear error that names the fix (it was a transformers traceback), and --raw-prompts."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_qwen2_dir, bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DraftConfigError, match="no chat template.*--raw-prompts"):
+        Target(bare)
+    raw = Target(bare, raw_prompts=True)
+    assert raw.prompt_ids("the red circle", None) == raw.tokenizer("the red circle")["input_ids"]
+    from sparrow_py.cli import main
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"prompt": "the red circle"}) + "\n")
+    args = ["train", "--target", str(bare), "--data", str(m), "--out", str(tmp_path / "d"), "--steps", "1",
+            "--mtp-steps", "1", "--glimpses", "0", "--max-new-tokens", "4", "--quiet"]
+    assert main(args) == 1
+    assert "no chat template" in capsys.readouterr().err
+    assert main(args + ["--raw-prompts"]) == 0
+    meta = json.loads((tmp_path / "d" / "features" / "meta.json").read_text())
+    assert meta["prompts"] == "raw"
+
+
 def test_cli_help_documents_every_option():
     for cmd in ("train", "eval-draft"):
         r = subprocess.run([sys.executable, "-c", f"import sys; from sparrow_py.cli import main; "

@@ -24,6 +24,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                         "speed, the quantized model the draft will serve); samples with video or images still use the "
                         "Hugging Face target")
     g.add_argument("--threads", type=int, default=None, help="runtime threads for --runtime-target (default: all)")
+    g.add_argument("--raw-prompts", action="store_true",
+                   help="use each prompt's text as it is, without the chat template (for targets that have none)")
 
 
 def add_train_commands(sub) -> None:
@@ -148,7 +150,8 @@ def _train(args) -> int:
     import torch
     device = _device(args.device)
     try:
-        target = Target(args.target, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        target = Target(args.target, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                        raw_prompts=args.raw_prompts)
         taps = [int(x) for x in args.taps.split(",")] if args.taps else None
         config = DraftConfig.for_target(target.shape, taps=taps, ivsb_layer=args.ivsb_layer, glimpses=args.glimpses,
                                         anchors=args.anchors, window=args.window, draft_vocab_size=args.draft_vocab)
@@ -212,8 +215,8 @@ def _eval_draft(args) -> int:
     from .target import Target
 
     device = _device(args.device)
-    target = Target(args.target, device=device)
     try:
+        target = Target(args.target, device=device, raw_prompts=args.raw_prompts)
         model = load_draft(args.draft, target).to(device)
     except DraftConfigError as e:
         print(f"sparrow eval-draft: error: {e}", file=sys.stderr)

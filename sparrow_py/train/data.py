@@ -208,6 +208,8 @@ def build_cache(target: Target, manifests: list[str | Path], cache_dir: str | Pa
     samples_dir = cache_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     meta = cache_meta(target.dir, config, options, getattr(target, "gguf", None))
+    if getattr(target, "raw_prompts", False):  # (only then: caches made before the option still match)
+        meta["prompts"] = "raw"
     meta_path = cache_dir / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text(encoding="utf-8"))

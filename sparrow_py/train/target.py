@@ -136,7 +136,9 @@ def default_video_loader(video: Any, vision_config: dict[str, Any]) -> VisualInp
 class Target:
     """A frozen HF target with hooks. device/dtype: where and how it runs (bf16 on GPU is fine)."""
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 raw_prompts: bool = False):
+        """raw_prompts: each prompt's text as it is (for a target without a chat template)."""
         import transformers
 
         self.dir = Path(model_dir)
@@ -154,6 +156,11 @@ class Target:
         self.visual_token_ids = {int(self.config[k]) for k in ("image_token_id", "video_token_id") if k in self.config}
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
+        self.raw_prompts = raw_prompts
+        if not raw_prompts and not getattr(self.tokenizer, "chat_template", None):
+            raise DraftConfigError(f"{model_dir}: the tokenizer has no chat template, so prompts cannot be written as "
+                                   "chat turns: add one to tokenizer_config.json, or pass --raw-prompts to use each "
+                                   "prompt's text as it is")
 
     # --- weights the draft shares ---
     def embed_and_head(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +177,14 @@ class Target:
         (vision_start, n pad tokens, vision_end) goes at the start of the (last) user message."""
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         tok = self.tokenizer
+        if self.raw_prompts:  # the turns' texts as they are; a visual block goes first
+            ids = tok("\n".join(m["content"] for m in messages))["input_ids"]
+            block = []
+            for n in (visual.n_tokens if visual is not None else []):
+                pad_key = "video_token_id" if visual.kind == "video" else "image_token_id"
+                block += ([int(self.config["vision_start_token_id"])] + [int(self.config[pad_key])] * n
+                          + [int(self.config["vision_end_token_id"])])
+            return block + ids
         if visual is None:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return tok(text, add_special_tokens=False)["input_ids"]
