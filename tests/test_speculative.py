@@ -57,15 +57,20 @@ def test_greedy_output_equals_plain_decoding(target, draft, mode):
     max_depth = kw.get("n_draft", kw.get("tree_depth"))
     with sp.Engine(str(target), n_ctx=256, n_threads=2, kv_type="f32") as ar, \
          sp.Engine(str(target), n_ctx=256, n_threads=2, kv_type="f32", draft=str(draft)) as spec:
+        drafted = 0
         for prompt in prompts(ar, n=20, seed=len(mode)):
             want = "".join(ar.generate(prompt, max_tokens=48, ignore_eos=True))
             got = "".join(spec.generate(prompt, max_tokens=48, ignore_eos=True, **kw))
             assert got == want
             assert spec.last_tokens == ar.last_tokens
             s = spec.last_stats
-            assert s["n_drafted"] > 0 and 1.0 <= s["mean_accepted_length"] <= max_depth + 1
+            drafted += s["n_drafted"]
+            assert 1.0 <= s["mean_accepted_length"] <= max_depth + 1
             if not kw.get("adaptive", True):  # every round drafted, none decoded plainly
-                assert (s["n_draft_rounds"] or [0])[0] == 0
+                assert s["n_drafted"] > 0 and (s["n_draft_rounds"] or [0])[0] == 0
+        # adaptive: this random draft is soon rested, and probed ever more rarely (its speculative
+        # rounds were still checked above whenever there were some)
+        assert drafted > 0
 
 
 def test_adaptive_speculation_rests_a_useless_draft(target, draft):

@@ -15,8 +15,9 @@ constexpr double kCostWeight = 0.2;  // weight of a new timing in the running me
 constexpr double kPriorAccepted = 1.0, kPriorReached = 2.0;
 // Unmeasured costs, as fractions of a decode step: cheap, so that speculation is tried.
 constexpr double kGuessVerifyExtra = 0.05, kGuessDraftStep = 0.05;
-// While speculation is off, a one-token round every this many plain steps.
-constexpr int32_t kProbeEvery = 32;
+// While speculation is off, a one-token round (or one tree) after this many plain steps, then
+// twice as many after each probe, up to kMaxProbeEvery, until the estimates say speculation pays.
+constexpr int32_t kProbeEvery = 32, kMaxProbeEvery = 512;
 
 // A running mean that a single hiccup (the thread descheduled, a page fault) cannot throw far:
 // a new timing counts for at most 4 times the current estimate.
@@ -59,26 +60,27 @@ int32_t SpecPolicy::choose_chain(int32_t max_k) {
     }
     if (best > 0) {
         rounds_since_probe_ = 0;
+        probe_every_ = kProbeEvery;
         return best;
     }
-    if (++rounds_since_probe_ >= kProbeEvery) {
-        rounds_since_probe_ = 0;
-        return 1;
-    }
-    return 0;
+    return probe_now() ? 1 : 0;
 }
 
 bool SpecPolicy::choose_tree() {
     if (plain_ms_ <= 0.0) return false;
     if (!have_tree_ || tree_tokens_ / tree_ms_ > rate(0)) {
         rounds_since_probe_ = 0;
+        probe_every_ = kProbeEvery;
         return true;
     }
-    if (++rounds_since_probe_ >= kProbeEvery) {
-        rounds_since_probe_ = 0;
-        return true;
-    }
-    return false;
+    return probe_now();
+}
+
+bool SpecPolicy::probe_now() {
+    if (++rounds_since_probe_ < probe_every_) return false;
+    rounds_since_probe_ = 0;
+    probe_every_ = std::min(2 * probe_every_, kMaxProbeEvery);  // back to kProbeEvery once speculation pays
+    return true;
 }
 
 void SpecPolicy::record_chain(int32_t k, int32_t accepted, double draft_ms, double verify_ms) {

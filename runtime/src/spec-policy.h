@@ -8,7 +8,8 @@
 // verified token, a draft step), and picks the k that maximizes E(k) / T(k), down to 0 when
 // speculation does not pay and back up when it does: speculation never costs the user much,
 // whatever the draft. While at 0 it tries a short round now and then, so that a draft that
-// starts to agree is noticed.
+// starts to agree is noticed: after 32 plain steps, then twice as many after each probe (up to
+// 512: a tree probe costs several decodes), and every 32 again once speculation pays.
 //
 // Trees are judged as a whole: tokens per round and time per round of tree rounds against the
 // plain decode step.
@@ -39,6 +40,7 @@ public:
 
 private:
     double rate(int32_t k) const;  // estimated tokens per millisecond of a k-token chain round
+    bool probe_now();              // counts a plain step; true when it is time to try speculating
 
     double accepted_[kMaxDepth] = {};  // decayed counts: drafts accepted at depth d + 1
     double reached_[kMaxDepth] = {};   // and drafts proposed there (the depth was reached)
@@ -47,6 +49,7 @@ private:
     double draft_step_ms_ = 0.0;       // the draft, per token drafted
     double tree_tokens_ = 0.0, tree_ms_ = 0.0;  // per tree round (decayed means)
     int32_t rounds_since_probe_ = 0;   // plain steps since speculation was last tried
+    int32_t probe_every_ = 32;         // plain steps between probes (kProbeEvery; backs off while they fail)
     bool have_verify_ = false, have_tree_ = false;
 };
 

@@ -4,7 +4,8 @@
 //   - a draft that is always accepted, on a machine where a verified token costs 10% of a
 //     decode and a draft step 5%, gets the longest chain allowed;
 //   - a draft that is never accepted falls to plain steps within a few rounds, tries a one-token
-//     round every 32 plain steps, and goes back to drafting once the draft starts agreeing;
+//     round after 32 plain steps, then 64, 128 ... (up to 512), and goes back to drafting once the
+//     probes show the draft agreeing;
 //   - expensive verification (each extra token as dear as a decode) makes even a perfect draft
 //     not worth it beyond what pays: E(k) / T(k) computed here agrees with the choice;
 //   - trees give way to plain steps when their tokens per millisecond fall below a decode's.
@@ -57,9 +58,9 @@ void test_useless_draft_rests_and_recovers() {
     }
     check(rounds_to_rest < 20, "a draft that is never accepted is given up");
     check(rounds_to_rest <= 6, "and quickly (" + std::to_string(rounds_to_rest) + " rounds)");
-    // resting: plain steps, with a one-token probe every 32
+    // resting: plain steps, with one-token probes after 32, 64, 128, 256, 512, 512 ... of them
     int probes = 0, plain = 0;
-    for (int i = 0; i < 320; i++) {
+    for (int i = 0; i < 32 + 64 + 128 + 256 + 512 + 512; i++) {
         const int32_t k = p.choose_chain(6);
         if (k == 0) {
             plain++;
@@ -70,10 +71,10 @@ void test_useless_draft_rests_and_recovers() {
             chain(p, k, 0, 1.0, 0.5);
         }
     }
-    check(probes == 10, "one probe per 32 steps (got " + std::to_string(probes) + ")");
+    check(probes == 6, "probes back off while they fail (got " + std::to_string(probes) + ")");
     // the draft starts agreeing: probes see it, and chains come back
     bool back = false;
-    for (int i = 0; i < 200 && !back; i++) {
+    for (int i = 0; i < 600 && !back; i++) {  // (the next probe may be up to 512 steps away)
         const int32_t k = p.choose_chain(6);
         if (k == 0) {
             p.record_chain(0, 0, 0.0, kDecodeMs);
@@ -110,8 +111,16 @@ void test_trees() {
     check(p.choose_tree(), "a tree that beats decoding is kept");
     for (int i = 0; i < 60; i++) p.record_tree(1, 30.0);  // 0.033 tokens/ms < 0.1
     int trees = 0;
-    for (int i = 0; i < 64; i++) trees += p.choose_tree();
-    check(trees == 2, "a losing tree gives way to plain steps, probed every 32 (got " + std::to_string(trees) + ")");
+    for (int i = 0; i < 32 + 64 + 128; i++) trees += p.choose_tree();
+    check(trees == 3, "a losing tree gives way to plain steps, probed after 32, 64, 128 (got " + std::to_string(trees) +
+                          ")");
+    // the tree starts paying: kept, and when it loses again the probes start over at 32
+    for (int i = 0; i < 60; i++) p.record_tree(3, 20.0);
+    check(p.choose_tree(), "a tree that pays again is kept");
+    for (int i = 0; i < 60; i++) p.record_tree(1, 30.0);
+    int wait = 1;
+    while (!p.choose_tree() && wait < 1000) wait++;
+    check(wait == 32, "probes start over at 32 steps (got " + std::to_string(wait) + ")");
 }
 
 }  // namespace
