@@ -204,7 +204,7 @@ class Engine(OwnsHandles):
     def _context(self):
         """The live context for one runtime call: after any other thread's open generation (the
         generating thread's own calls go straight in), and never while close() runs."""
-        own = self._open_ticket is not None and self._open_thread == threading.get_ident()
+        own = self._holds_turn()
         if not own:
             self._turn.acquire()
         try:
@@ -214,10 +214,14 @@ class Engine(OwnsHandles):
             if not own:
                 self._turn.release()
 
+    def _holds_turn(self) -> bool:
+        """Whether this thread is reading the open generation (its calls need no turn)."""
+        return self._open_ticket is not None and self._open_thread == threading.get_ident()
+
     def _take_turn(self, stream: "_Stream") -> None:
         """Make stream the open generation: wait for another thread's to end; this thread's own
         open stream, if any, is superseded (it raises if read further)."""
-        if self._open_ticket is None or self._open_thread != threading.get_ident():
+        if not self._holds_turn():
             self._turn.acquire()
         self._open_ticket = stream.ticket
         self._open_thread = threading.get_ident()

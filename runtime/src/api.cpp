@@ -351,11 +351,8 @@ sparrow_status sparrow_context_init(sparrow_model * model, sparrow_context_param
         const int n_threads = params.n_threads > 0 ? params.n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
         ctx->params.n_threads = n_threads;
         ctx->params.n_batch = std::min(params.n_batch, ctx->params.n_ctx);
-        const LMHparams & hp = m.hparams;
-        const int64_t kv_bytes = 2 * (int64_t) hp.n_layer * ctx->params.n_ctx * hp.n_head_kv * hp.head_dim *
-                                 (params.kv_type == SPARROW_TYPE_F16 ? 2 : 4);
-        require_memory(kv_bytes, format("the KV cache for n_ctx %d", ctx->params.n_ctx).c_str());
         ctx->backend = make_cpu_backend(n_threads);
+        const LMHparams & hp = m.hparams;
         ctx->cache.reset(new KVCache(*ctx->backend, hp.n_layer, ctx->params.n_ctx, (int64_t) hp.n_head_kv * hp.head_dim,
                                      (DType) params.kv_type));
         lm_scratch_init(*ctx->backend, hp, ctx->params.n_batch, ctx->scratch);

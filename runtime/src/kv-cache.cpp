@@ -2,6 +2,7 @@
 #include "kv-cache.h"
 
 #include "common.h"
+#include "memory-budget.h"
 
 namespace sparrow {
 
@@ -10,6 +11,9 @@ KVCache::KVCache(Backend & be, int n_layer, int64_t n_ctx, int64_t kv_dim, DType
     if (type != DType::F16 && type != DType::F32) {
         fail(SPARROW_ERR_INVALID_ARGUMENT, "kv_type must be SPARROW_TYPE_F16 or SPARROW_TYPE_F32");
     }
+    // refused before any of it is allocated (memory-budget.h: Linux would hand it out lazily)
+    require_memory(2 * (int64_t) n_layer * (int64_t) Tensor::matrix(type, kv_dim, n_ctx, nullptr).nbytes(),
+                   format("the KV cache for n_ctx %lld", (long long) n_ctx).c_str());
     for (int l = 0; l < n_layer; ++l) {
         Tensor k = Tensor::matrix(type, kv_dim, n_ctx, nullptr);
         Tensor v = k;

@@ -21,16 +21,20 @@ void validate_sampler_params(const sparrow_sampler_params & p) {
     }
 }
 
+namespace {
+// NaN compares false: greedy would answer token 0 and sorting for sampling has no order at all.
+[[noreturn]] void fail_nan_logits() {
+    fail(SPARROW_ERR_INTERNAL, "the model computed NaN logits (its weights hold non-finite values, or its activations "
+                               "overflowed)");
+}
+}  // namespace
+
 int32_t argmax(const float * logits, int32_t n_vocab) {
     int32_t best = 0;
     for (int32_t i = 1; i < n_vocab; ++i) {
         if (logits[i] > logits[best]) best = i;
     }
-    // NaN compares false, so NaN logits would all come out as token 0: an error, not text
-    if (std::isnan(logits[best])) {
-        fail(SPARROW_ERR_INTERNAL, "the model computed NaN logits (its weights hold non-finite values, or its activations "
-                                   "overflowed)");
-    }
+    if (std::isnan(logits[best])) fail_nan_logits();
     return best;
 }
 
@@ -38,7 +42,12 @@ void sampling_distribution(const float * logits, int32_t n_vocab, const sparrow_
                            std::vector<TokenProb> & out) {
     const float inv_t = 1.0f / params.temperature;
     out.resize((size_t) n_vocab);
-    for (int32_t i = 0; i < n_vocab; ++i) out[i] = {i, logits[i] * inv_t};
+    bool nan = false;
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        out[i] = {i, logits[i] * inv_t};
+        nan |= std::isnan(out[i].p);
+    }
+    if (nan) fail_nan_logits();  // before the sort, which needs an order
     auto by_logit = [](const TokenProb & a, const TokenProb & b) { return a.p > b.p || (a.p == b.p && a.id < b.id); };
 
     // top-k: keep the k largest logits
@@ -94,8 +103,7 @@ int32_t draw(const std::vector<TokenProb> & dist, Rng & rng) {
 
 int32_t sample_token(const float * logits, int32_t n_vocab, const sparrow_sampler_params & params, Rng & rng,
                      std::vector<TokenProb> & scratch) {
-    const int32_t best = argmax(logits, n_vocab);  // (refuses NaN logits)
-    if (params.temperature == 0.0f) return best;
+    if (params.temperature == 0.0f) return argmax(logits, n_vocab);
     sampling_distribution(logits, n_vocab, params, scratch);
     return draw(scratch, rng);
 }

@@ -27,7 +27,7 @@ void validate_sampler_params(const sparrow_sampler_params & params);
 int32_t argmax(const float * logits, int32_t n_vocab);
 
 // The filtered distribution, most probable first, probabilities summing to 1.
-// Requires temperature > 0.
+// Requires temperature > 0. Throws INTERNAL when a logit is NaN.
 void sampling_distribution(const float * logits, int32_t n_vocab, const sparrow_sampler_params & params,
                            std::vector<TokenProb> & out);
 

@@ -178,13 +178,7 @@ class Target:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         tok = self.tokenizer
         if self.raw_prompts:  # the turns' texts as they are; a visual block goes first
-            ids = tok("\n".join(m["content"] for m in messages))["input_ids"]
-            block = []
-            for n in (visual.n_tokens if visual is not None else []):
-                pad_key = "video_token_id" if visual.kind == "video" else "image_token_id"
-                block += ([int(self.config["vision_start_token_id"])] + [int(self.config[pad_key])] * n
-                          + [int(self.config["vision_end_token_id"])])
-            return block + ids
+            return self._visual_block(visual) + tok("\n".join(m["content"] for m in messages))["input_ids"]
         if visual is None:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return tok(text, add_special_tokens=False)["input_ids"]
@@ -194,13 +188,18 @@ class Target:
         messages[last_user]["content"] = marker + messages[last_user]["content"]
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         before, after = text.split(marker)
-        pad_key = "video_token_id" if visual.kind == "video" else "image_token_id"
+        return (tok(before, add_special_tokens=False)["input_ids"] + self._visual_block(visual)
+                + tok(after, add_special_tokens=False)["input_ids"])
+
+    def _visual_block(self, visual: VisualInputs | None) -> list[int]:
+        """vision_start, n pad tokens, vision_end for each video / image (nothing without visuals)."""
+        if visual is None:
+            return []
+        pad = int(self.config["video_token_id" if visual.kind == "video" else "image_token_id"])
         block = []
         for n in visual.n_tokens:
-            block += ([int(self.config["vision_start_token_id"])] + [int(self.config[pad_key])] * n
-                      + [int(self.config["vision_end_token_id"])])
-        return (tok(before, add_special_tokens=False)["input_ids"] + block
-                + tok(after, add_special_tokens=False)["input_ids"])
+            block += [int(self.config["vision_start_token_id"])] + [pad] * n + [int(self.config["vision_end_token_id"])]
+        return block
 
     def visual_inputs(self, record_video: Any, loader: VideoLoader | None = None) -> VisualInputs:
         if not self.is_vlm:
