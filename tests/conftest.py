@@ -199,7 +199,7 @@ def _tiny_tokenizer_with_media_tokens(src: Path, out: Path) -> Path:
     return out
 
 
-def build_tiny_llava_ov(out: Path, tokenizer_dir: Path, **save_kwargs) -> Path:
+def build_tiny_llava_ov(out: Path, tokenizer_dir: Path, text_model_type: str = "qwen2", **save_kwargs) -> Path:
     import torch
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
@@ -207,7 +207,7 @@ def build_tiny_llava_ov(out: Path, tokenizer_dir: Path, **save_kwargs) -> Path:
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=2, image_size=LLAVA_OV_IMAGE_SIZE, patch_size=14,
                   hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False)
-    text = dict(model_type="qwen2", **_lm_sizes(rope_theta=1e6))
+    text = dict(model_type=text_model_type, **_lm_sizes(rope_theta=1e6))
     s = LLAVA_OV_IMAGE_SIZE
     config = LlavaOnevisionConfig(
         vision_config=vision, text_config=text, image_token_index=LLAVA_OV_IMAGE_TOKEN_ID,

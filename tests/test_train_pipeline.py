@@ -20,7 +20,7 @@ from sparrow_py.train.data import DataOptions, build_cache, load_sample  # noqa:
 from sparrow_py.train.evaluate import evaluate  # noqa: E402
 from sparrow_py.train.export import load_draft, save_draft  # noqa: E402
 from sparrow_py.train.model import DraftConfig, DraftConfigError, SparrowDraft  # noqa: E402
-from sparrow_py.train.target import Target  # noqa: E402
+from sparrow_py.train.target import MediaOptions, Target  # noqa: E402
 from sparrow_py.train.trainer import TrainOptions, init_from_target, train  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "Speculative decoding is", "Qwen2-VL uses", "Llama models permute",
@@ -77,7 +77,48 @@ def test_target_features_match_transformers(text_target):
     torch.testing.assert_close(normed, ref.hidden_states[L][0])
     torch.testing.assert_close(f["ivsb"], ref.hidden_states[1][0])  # output of layer 0
     torch.testing.assert_close(f["logits"], ref.logits[0])
+    torch.testing.assert_close(f["final"], ref.hidden_states[L][0])  # the head's input
     assert f["positions"].tolist() == list(range(len(ids)))
+
+
+@pytest.mark.parametrize("draft_vocab", [0, 40])
+def test_hidden_store_is_the_full_distribution_in_fewer_bytes(text_target, tmp_path, draft_vocab):
+    """The default cache keeps the head's input instead of the logits: the frozen head gives the
+    target's logits back, the loss equals the loss on full logits (with a reduced draft vocabulary
+    too), and a sample takes H floats a position instead of V."""
+    from safetensors import safe_open
+    from sparrow_py.train.data import collate, sample_to_rows
+    from sparrow_py.train.trainer import mtp_loss
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
+    config = DraftConfig.for_target(text_target.shape, glimpses=0, anchors=4, window=16, draft_vocab_size=draft_vocab)
+    caches = {}
+    for store in ("hidden", "logits"):
+        files, _ = build_cache(text_target, [manifest], tmp_path / store, config,
+                               DataOptions(max_new_tokens=12, cache_dtype="f32", store=store), progress=False)
+        caches[store] = files
+    draft = new_draft(config, text_target)
+    if draft_vocab:
+        with torch.no_grad():
+            draft.d2t.copy_(torch.randperm(config.vocab_size, generator=torch.Generator().manual_seed(0))[:draft_vocab]
+                            .sort().values)
+    for f_hidden, f_logits in zip(caches["hidden"], caches["logits"]):
+        h, lg = load_sample(f_hidden), load_sample(f_logits)
+        assert "topk_val" not in h and "final" not in lg
+        torch.testing.assert_close(h["final"] @ draft.target_head.t(), lg["topk_val"], rtol=1e-5, atol=1e-5)
+        with safe_open(str(f_hidden), "pt") as a, safe_open(str(f_logits), "pt") as b:
+            assert a.get_slice("final").get_shape()[1] == config.hidden_size
+            assert b.get_slice("topk_val").get_shape()[1] == config.vocab_size
+    batches = {store: collate([sample_to_rows(load_sample(f), 2) for f in files]) for store, files in caches.items()}
+    with torch.no_grad():
+        b = batches["hidden"]
+        logits, _ = draft(b["taps"], b["tokens"], b["positions"], b["n_entries"], b["anchor_start"], 2,
+                          b["glimpses"], b["glimpse_pos"], b["glimpse_valid"])
+        loss_hidden, parts_hidden = mtp_loss(logits, batches["hidden"], draft, 0.8)
+        loss_logits, parts_logits = mtp_loss(logits, batches["logits"], draft, 0.8)
+    torch.testing.assert_close(loss_hidden, loss_logits, rtol=1e-4, atol=1e-6)
+    assert np.allclose(parts_hidden, parts_logits, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_records_skipped_and_counted(text_target, tmp_path, capsys):
@@ -115,21 +156,23 @@ def test_video_sample_glimpses(video_target_dir, tmp_path):
     config = DraftConfig.for_target(target.shape, ivsb_layer=0, glimpses=3, anchors=4, window=8)
     frames = (np.random.RandomState(0).rand(6, 56, 56, 3) * 255).astype(np.uint8)  # 3 temporal patches x 4 tokens
     np.save(tmp_path / "clip.npy", frames)
-    np.save(tmp_path / "broken.npy", frames[:, :50])                                 # not a multiple of 28
+    np.save(tmp_path / "broken.npy", frames[0])                                      # one image, not a clip
     m = tmp_path / "m.jsonl"
     m.write_text("\n".join(json.dumps(r) for r in [
         {"video": "clip.npy", "prompt": "Describe the video."},
         {"video": "broken.npy", "prompt": "x"},
         {"video": "gone.npy", "prompt": "x"},
         {"prompt": "text only works too"}]) + "\n")
-    files, s = build_cache(target, [m], tmp_path / "c", config, DataOptions(max_new_tokens=6), progress=False)
-    assert s.good == 2 and dict(s.bad) == {"unreadable video (ValueError)": 1, "missing video file": 1}
+    media = MediaOptions(max_pixels=56 * 56)  # the frames stay 56x56, as `sparrow run --max-pixels 3136` keeps them
+    files, s = build_cache(target, [m], tmp_path / "c", config, DataOptions(max_new_tokens=6, media=media),
+                           progress=False)
+    assert s.good == 2 and dict(s.bad) == {"unreadable video (VideoInputError)": 1, "missing video file": 1}
     sample = load_sample(files[0])
     ids, visual = sample["ids"].long(), sample["visual"].bool()
     vis_pos = torch.nonzero(visual).flatten()
     assert len(vis_pos) == 12 and int(ids[vis_pos[0] - 1]) == target.config["vision_start_token_id"]
     # independent reference: HF hidden_states[ivsb_layer + 1] at the visual positions, pooled 4/4/4
-    visual_inputs = target.visual_inputs(frames)
+    visual_inputs = target.visual_inputs(frames, media)
     with torch.no_grad():
         ref = target.model(input_ids=ids[None], output_hidden_states=True,
                            **target._model_kwargs(ids[None], visual_inputs))

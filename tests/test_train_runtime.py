@@ -43,7 +43,7 @@ def test_runtime_features_match_transformers(targets):
     full = ids + got
     a, b = hf.features(full, None, taps, 0), rt.features(full, None, taps, 0)
     assert torch.equal(a["positions"], b["positions"]) and torch.equal(a["visual"], b["visual"])
-    for key in ("taps", "ivsb", "logits"):
+    for key in ("taps", "ivsb", "final", "logits"):
         scale = a[key].abs().max()
         assert (a[key] - b[key]).abs().max() <= 5e-4 * scale, (key, float((a[key] - b[key]).abs().max() / scale))
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import quantize
 from .errors import ConvertError
-from .names import (ADD_SPECIAL_TOKEN_KEYS, ARCH_LLAMA, ARCH_QWEN2, ARCH_QWEN2VL, HF_ARCHITECTURES,
+from .names import (ADD_SPECIAL_TOKEN_KEYS, ARCH_LLAMA, ARCH_QWEN2, ARCH_QWEN2VL, lm_architecture,
                     HF_TENSORS, SPECIAL_TOKEN_ID_KEYS, Keys, Tensor, hf_to_gguf_name,
                     is_ignored_tensor, is_vision_tensor)
 from .safetensors_reader import Checkpoint
@@ -82,13 +82,12 @@ def load_config(model_dir: Path) -> dict[str, Any]:
 
 
 def architecture(config: dict[str, Any], config_path: Path) -> str:
-    hf_archs = config.get("architectures") or []
-    if not hf_archs:
+    if not config.get("architectures"):
         raise ConvertError(f"{config_path}: no 'architectures' entry")
-    if hf_archs[0] not in HF_ARCHITECTURES:
-        raise ConvertError(f"{config_path}: unsupported architecture {hf_archs[0]!r} "
-                           f"(supported: {', '.join(HF_ARCHITECTURES)})")
-    return HF_ARCHITECTURES[hf_archs[0]]
+    try:
+        return lm_architecture(config)
+    except ValueError as e:
+        raise ConvertError(f"{config_path}: {e}") from None
 
 
 def load_hparams(config: dict[str, Any], arch: str, config_path: Path) -> HParams:

@@ -16,19 +16,9 @@ import re
 
 # --- architectures -------------------------------------------------------------------------
 
-ARCH_LLAMA = "llama"
-ARCH_QWEN2 = "qwen2"
-ARCH_QWEN2VL = "qwen2vl"  # Qwen2-VL and Qwen2.5-VL share it: the LM differs only in M-RoPE
-
-# Hugging Face `architectures[0]` -> GGUF general.architecture (as convert_hf_to_gguf.py registers them)
-HF_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": ARCH_LLAMA,
-    "Qwen2ForCausalLM": ARCH_QWEN2,
-    "Qwen2VLForConditionalGeneration": ARCH_QWEN2VL,
-    "Qwen2_5_VLForConditionalGeneration": ARCH_QWEN2VL,
-    # LLaVA-OneVision's language model is a plain Qwen2 (M-RoPE is not used: 1-D positions)
-    "LlavaOnevisionForConditionalGeneration": ARCH_QWEN2,
-}
+# the architecture tables live in sparrow_py.architectures (the trainer reads them too, without gguf)
+from ..architectures import (ARCH_LLAMA, ARCH_QWEN2, ARCH_QWEN2VL, HF_ARCHITECTURES,  # noqa: F401
+                             lm_architecture)
 
 
 # --- metadata keys ---------------------------------------------------------------------------

@@ -138,15 +138,14 @@ class CaptionBatches:
         self.target = target
         self.rng = np.random.default_rng([0xBA7C, seed])
         self.next_clip = 0
-        self.vision_config = target.config["vision_config"]
         self.pad = target.tokenizer.pad_token_id
         self.eos = target.tokenizer.eos_token_id
 
     def example(self, clip_seed: int, prompt: str):
-        from ..train.target import frames_to_qwen2vl_video
+        from ..train.target import MediaOptions
 
         c = synthetic.clip(clip_seed)
-        visual = frames_to_qwen2vl_video(c.frames, self.vision_config)
+        visual = self.target.visual_inputs(c.frames, MediaOptions(max_pixels=MAX_PIXELS))  # as the demo runs it
         prompt_ids = self.target.prompt_ids(prompt, visual)
         answer = self.target.tokenizer(synthetic.caption(c.scene, prompt), add_special_tokens=False)["input_ids"]
         return prompt_ids, answer + [self.eos], visual, c
@@ -282,7 +281,7 @@ def build(out: Path, work: Path, opts: BuildOptions, log: Callable[[str], None] 
             "--anchors", str(DRAFT_KNOBS["anchors"]), "--window", str(DRAFT_KNOBS["window"]),
             "--mtp-steps", str(DRAFT_KNOBS["mtp_steps"]), "--steps", str(opts.draft_steps),
             "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", str(max(1, opts.draft_steps // 20)),
-            "--max-new-tokens", "48", "--cache-dtype", "f32", "--position-jitter", "64",
+            "--max-new-tokens", "48", "--cache-dtype", "f32", "--position-jitter", "64", "--max-pixels", str(MAX_PIXELS),
             "--seed", str(opts.seed), "--eval-every", str(max(1, opts.draft_steps // 4)), "--quiet"]
     if sparrow_main(args) != 0:
         raise RuntimeError("sparrow train failed")

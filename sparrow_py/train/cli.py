@@ -15,8 +15,13 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample", action="store_true", help="sample the target's responses (default: greedy)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature with --sample (default 1)")
     g.add_argument("--max-len", type=int, default=2048, help="skip samples longer than this many tokens (default 2048)")
-    g.add_argument("--topk", type=int, default=0, help="keep the target's top-k logits per position (0 = full "
-                                                       "distribution; default 0)")
+    g.add_argument("--store", choices=["hidden", "logits"], default=None,
+                   help="how the cache keeps the target's next-token distribution: hidden = its final hidden state "
+                        "(H floats a position whatever the vocabulary; the frozen head gives the logits back in "
+                        "training), logits = the logits (V floats a position, or --topk). Default: hidden, or "
+                        "logits when --topk is given")
+    g.add_argument("--topk", type=int, default=0, help="with --store logits: keep the top-k logits per position "
+                                                       "(0 = all; default 0)")
     g.add_argument("--cache-dtype", choices=["bf16", "f32"], default="bf16", help="storage of the taps (default bf16)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--runtime-target", metavar="GGUF",
@@ -24,6 +29,12 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                         "speed, the quantized model the draft will serve); samples with video or images still use the "
                         "Hugging Face target")
     g.add_argument("--threads", type=int, default=None, help="runtime threads for --runtime-target (default: all)")
+    g.add_argument("--fps", type=float, default=None,
+                   help="video frames per second to sample, as `sparrow run --fps` (default: the family's rule)")
+    g.add_argument("--num-frames", type=int, default=None, help="video frames to sample, as `sparrow run --num-frames`")
+    g.add_argument("--max-pixels", type=int, default=None,
+                   help="Qwen targets: pixel budget per frame or image, as `sparrow run --max-pixels` (train with the "
+                        "setting you will run with: the draft learns on those frames)")
     g.add_argument("--raw-prompts", action="store_true",
                    help="use each prompt's text as it is, without the chat template (for targets that have none)")
 
@@ -32,9 +43,11 @@ def add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="train a Sparrow draft for a Hugging Face target",
                        description="Train a Sparrow draft (spec v1: IVSB glimpses, VATA, MTP) on the target's own "
                                    "responses. Under torchrun it uses every GPU (DDP). See docs/draft.md.")
-    p.add_argument("--target", required=True, help="Hugging Face target folder (Qwen2, Llama, Qwen2-VL, Qwen2.5-VL)")
+    p.add_argument("--target", required=True, help="Hugging Face target folder (Qwen2, Llama, Qwen2-VL, Qwen2.5-VL, "
+                                                   "LLaVA-OneVision)")
     p.add_argument("--data", required=True, action="append",
-                   help="JSONL manifest ({video|images|prompt} or ShareGPT records); repeatable")
+                   help="JSONL manifest ({video|images|prompt}, ShareGPT or LLaVA-Video-178K records), or a .json "
+                        "array of records; repeatable")
     p.add_argument("--eval-data", action="append", default=[], help="held-out JSONL for acceptance (repeatable)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt, model.safetensors, config.json")
     g = p.add_argument_group("draft (spec v1 knobs)")
@@ -68,6 +81,9 @@ def add_train_commands(sub) -> None:
     t.add_argument("--eval-depth", type=int, default=4, help="chain length for held-out acceptance (default 4)")
     t.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
     t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on CUDA)")
+    t.add_argument("--sample-cache-mb", type=int, default=1024,
+                   help="training samples kept in memory between uses, in MiB; the rest stream from the feature "
+                        "cache on disk (default 1024)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_data_options(p)
     p.set_defaults(func=_train)
@@ -134,9 +150,11 @@ def _device(name):
 
 def _data_options(args):
     from .data import DataOptions
+    from .target import MediaOptions
     return DataOptions(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
-                       max_len=args.max_len, topk=args.topk, cache_dtype=args.cache_dtype,
-                       seed=getattr(args, "seed", 0))
+                       max_len=args.max_len, store=args.store, topk=args.topk, cache_dtype=args.cache_dtype,
+                       seed=getattr(args, "seed", 0),
+                       media=MediaOptions(fps=args.fps, num_frames=args.num_frames, max_pixels=args.max_pixels))
 
 
 def _train(args) -> int:
@@ -197,7 +215,7 @@ def _train(args) -> int:
                         step_weight=args.step_weight, position_jitter=args.position_jitter, seed=args.seed,
                         save_every=args.save_every, eval_every=args.eval_every, eval_depth=args.eval_depth,
                         device=device, bf16=None if args.bf16 == "auto" else args.bf16 == "on",
-                        progress=not args.quiet)
+                        progress=not args.quiet, sample_cache_mb=args.sample_cache_mb)
     result = train(model, files, eval_samples, topt, out, resume=not args.no_resume)
     if rank == 0 and result.losses:
         print(f"loss: first {result.losses[0]:.4f}, last {result.losses[-1]:.4f}; "

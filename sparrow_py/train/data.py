@@ -3,8 +3,13 @@
 Input: JSONL files, one record a line, either
     {"video": path|null, "images": [path, ...]|null, "prompt": str}         (the Sparrow manifest)
     {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}  (ShareGPT chat)
-For ShareGPT the prompt is the conversation up to its last human turn (earlier gpt turns kept as
-context); whatever answer the record holds is replaced by the target's own (self-distillation).
+    {"video": path, "conversations": [...]} / {"image": path, "conversations": [...]}  (LLaVA-Video-178K,
+                                                                       LLaVA-OneVision data)
+or a .json file holding an array of such records. Relative media paths are taken from the
+manifest's folder. For conversations the prompt is the conversation up to its last human turn
+(earlier gpt turns kept as context; a "<video>" / "<image>" placeholder in a turn marks where the
+media goes, else it goes first in the last human turn); whatever answer the record holds is
+replaced by the target's own (self-distillation).
 
 Output (build_cache): cache_dir/meta.json + cache_dir/samples/<manifest>-<line>.safetensors, one
 file per good record, written atomically, so an interrupted run resumes where it stopped. A
@@ -13,8 +18,11 @@ sample holds, for the N tokens of prompt + response:
     text_pos [T] i32            the text positions t = 0..N-1 that are not visual
     taps [T', nT*H] bf16/f32    tap inputs at the draft entries (text positions t < N-1: T' of them)
     glimpses [G', H] f32, glimpse_pos [G'] i32   pooled ivsb outputs (G' = min(G, visual tokens))
-    topk_val [T, k] f16/f32, topk_idx [T, k] i32 the target's next-token logits at the text
-                                positions, top-k compressed (k = V: exact)
+  and the target's next-token distribution at the text positions, as one of
+    final [T, H] f32            the head's input (store "hidden", the default): H floats a position
+                                whatever the vocabulary; training puts it through the frozen head
+    topk_val [T, k] f16/f32, topk_idx [T, k] i32   the logits (store "logits"), top-k compressed
+                                (k = V: all of them; V floats a position)
   metadata: prompt_len, anchor_start (draft index of the first text position after the last visual one).
 Bad records are skipped and counted by reason; the summary says how many and why.
 """
@@ -32,7 +40,7 @@ import numpy as np
 import torch
 
 from .model import DraftConfig, pool_glimpses
-from .target import Target, VideoLoader, VisualInputs, images_to_qwen2vl
+from .target import MediaOptions, Target, VisualInputs
 
 CACHE_FORMAT = 1
 
@@ -43,9 +51,20 @@ class DataOptions:
     sample: bool = False            # sampled responses instead of greedy
     temperature: float = 1.0
     max_len: int = 2048             # samples with more tokens are skipped ("over-long")
-    topk: int = 0                   # 0: keep the full target distribution
+    # the target's distribution as its final hidden state ("hidden") or as "logits"; default: hidden,
+    # or logits when topk is set
+    store: str | None = None
+    topk: int = 0                   # with store="logits": keep the top-k logits (0: all of them)
     cache_dtype: str = "bf16"       # taps storage: bf16 or f32
     seed: int = 0
+    media: MediaOptions = field(default_factory=MediaOptions)  # frame choice and size, as `sparrow run` takes them
+
+    def __post_init__(self):
+        self.store = self.store or ("logits" if self.topk else "hidden")
+        if self.store not in ("hidden", "logits"):
+            raise ValueError(f"store must be 'hidden' or 'logits', not {self.store!r}")
+        if self.store == "hidden" and self.topk:
+            raise ValueError("topk keeps top-k logits: it needs store='logits'")
 
 
 @dataclass
@@ -72,7 +91,17 @@ class BadRecord(Exception):
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed record or BadRecord) for each non-empty line."""
+    """(line number, parsed record or BadRecord) for each non-empty line; a .json file holding one
+    array (as LLaVA-Video-178K and LLaVA-OneVision's data ship) gives (index + 1, record) instead."""
+    if path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e}); a .json manifest holds one array of records") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: a .json manifest holds one array of records (or use JSONL, one a line)")
+        yield from enumerate(records, 1)
+        return
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -99,31 +128,37 @@ def record_messages(record: Any) -> tuple[list[dict[str, str]], Any, Any]:
         users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
         if not users:
             raise BadRecord("no human turn")
-        return msgs[:users[-1] + 1], record.get("video"), record.get("images")
+        return msgs[:users[-1] + 1], record.get("video"), _record_images(record)
     prompt = record.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadRecord("missing prompt")
-    return [{"role": "user", "content": prompt}], record.get("video"), record.get("images")
+    return [{"role": "user", "content": prompt}], record.get("video"), _record_images(record)
 
 
-def load_visual(target: Target, video: Any, images: Any, video_loader: VideoLoader | None,
-                base_dir: Path) -> VisualInputs | None:
+def _record_images(record: dict) -> Any:
+    """"images": [paths], or LLaVA data's "image": path (or list)."""
+    images = record.get("images", record.get("image"))
+    return [images] if isinstance(images, str) else images
+
+
+def load_visual(target: Target, video: Any, images: Any, media: MediaOptions, base_dir: Path) -> VisualInputs | None:
     if video is None and not images:
         return None
     if not target.is_vlm:
         raise BadRecord("video/images given but the target has no vision tower")
     if video is not None and images:
         raise BadRecord("both video and images given")
-    vc = target.config.get("vision_config") or {}
     if video is not None:
         if isinstance(video, str) and not Path(video).is_absolute():
             video = base_dir / video
         if isinstance(video, (str, Path)) and not Path(video).is_file():
             raise BadRecord("missing video file")
         try:
-            return target.visual_inputs(video, video_loader)
+            return target.visual_inputs(video, media)
         except Exception as e:  # any decoder failure is a bad record, never a crash
             raise BadRecord(f"unreadable video ({type(e).__name__})") from None
+    if isinstance(images, str):
+        images = [images]
     arrays = []
     for im in images:
         path = Path(im) if Path(im).is_absolute() else base_dir / im
@@ -134,7 +169,7 @@ def load_visual(target: Target, video: Any, images: Any, video_loader: VideoLoad
         except Exception as e:
             raise BadRecord(f"unreadable image ({type(e).__name__})") from None
     try:
-        return images_to_qwen2vl(arrays, vc)
+        return target.image_inputs(arrays, media)
     except Exception as e:
         raise BadRecord(f"unreadable image ({type(e).__name__})") from None
 
@@ -164,12 +199,6 @@ def make_sample(target: Target, messages, visual: VisualInputs | None, config: D
     last_visual = int(vis_pos[-1]) if len(vis_pos) else -1
     anchor_start = int((entries <= last_visual).sum())
     pooled, gpos = pool_glimpses(f["ivsb"][vis_pos], f["positions"][vis_pos], config.glimpses)
-    logits = f["logits"][text_pos]
-    k = options.topk if 0 < options.topk < logits.shape[-1] else logits.shape[-1]
-    if k == logits.shape[-1]:
-        val, idx = logits, torch.arange(k).expand(len(text_pos), k)
-    else:
-        val, idx = logits.topk(k, dim=-1)
     tap_dtype = torch.bfloat16 if options.cache_dtype == "bf16" else torch.float32
     tensors = {
         "ids": torch.tensor(ids, dtype=torch.int32),
@@ -179,9 +208,19 @@ def make_sample(target: Target, messages, visual: VisualInputs | None, config: D
         "taps": f["taps"][entries].to(tap_dtype).contiguous(),
         "glimpses": pooled.float().contiguous(),
         "glimpse_pos": gpos.to(torch.int32),
-        "topk_val": val.to(torch.float16 if k < logits.shape[-1] and options.cache_dtype == "bf16" else torch.float32).contiguous(),
-        "topk_idx": idx.to(torch.int32).contiguous(),
     }
+    if options.store == "hidden":  # H floats a position; the frozen head gives the logits back in training
+        tensors["final"] = f["final"][text_pos].float().contiguous()
+    else:
+        logits = f["logits"]  # [text positions, V]
+        k = options.topk if 0 < options.topk < logits.shape[-1] else logits.shape[-1]
+        if k == logits.shape[-1]:
+            val, idx = logits, torch.arange(k).expand(len(text_pos), k)
+        else:
+            val, idx = logits.topk(k, dim=-1)
+        small = k < logits.shape[-1] and options.cache_dtype == "bf16"
+        tensors["topk_val"] = val.to(torch.float16 if small else torch.float32).contiguous()
+        tensors["topk_idx"] = idx.to(torch.int32).contiguous()
     meta = {"prompt_len": str(len(prompt)), "anchor_start": str(anchor_start)}
     return tensors, meta
 
@@ -194,11 +233,14 @@ def cache_meta(target_dir: Path, config: DraftConfig, options: DataOptions, runt
             "ivsb_layer": config.ivsb_layer, "glimpses": config.glimpses, "topk": options.topk,
             "cache_dtype": options.cache_dtype, "max_new_tokens": options.max_new_tokens,
             "sample": options.sample, "temperature": options.temperature, "max_len": options.max_len,
-            "seed": options.seed}
+            "seed": options.seed,
+            **({"store": "hidden"} if options.store == "hidden" else {}),  # absent in logit caches made before it
+            # only when asked for: caches made before these options existed still match
+            **{f"media_{k}": v for k, v in vars(options.media).items() if v is not None}}
 
 
 def build_cache(target: Target, manifests: list[str | Path], cache_dir: str | Path, config: DraftConfig,
-                options: DataOptions, video_loader: VideoLoader | None = None, progress: bool = True,
+                options: DataOptions, progress: bool = True,
                 rank: int = 0, world_size: int = 1) -> tuple[list[Path], DataSummary]:
     """Compute (or reuse) the feature file of every good record; returns (files, summary).
     Under DDP each rank computes the records with index % world_size == rank."""
@@ -244,7 +286,7 @@ def build_cache(target: Target, manifests: list[str | Path], cache_dir: str | Pa
             if isinstance(rec, BadRecord):
                 raise rec
             messages, video, images = record_messages(rec)
-            visual = load_visual(target, video, images, video_loader, m.parent)
+            visual = load_visual(target, video, images, options.media, m.parent)
             tensors, smeta = make_sample(target, messages, visual, config, options, options.seed + i)
         except BadRecord as e:
             summary.bad[str(e)] += 1
@@ -272,7 +314,7 @@ def load_sample(path: Path) -> dict[str, Any]:
 
 def sample_to_rows(s: dict[str, Any], steps: int, position_jitter: int = 0) -> dict[str, torch.Tensor]:
     """One sample's draft-sequence tensors for forward_mtp with `steps` MTP steps, plus the loss
-    targets: target_row[j, s] indexes the sample's text positions (topk_val rows) holding the
+    targets: target_row[j, s] indexes the sample's text positions (final / topk_val rows) holding the
     target distribution for step s of the chain starting at entry j, or -1 where there is none
     (beyond the sequence, or the chain would cross a visual position).
     position_jitter: added to the text entries' RoPE positions (not the glimpses'), the random
@@ -299,12 +341,13 @@ def sample_to_rows(s: dict[str, Any], steps: int, position_jitter: int = 0) -> d
     positions = s["positions"].long()[entries] + position_jitter
     return {"taps": s["taps"], "tokens": tokens, "positions": positions, "target_row": target_row,
             "anchor_start": torch.tensor(s["anchor_start"]), "glimpses": s["glimpses"],
-            "glimpse_pos": s["glimpse_pos"].long(), "topk_val": s["topk_val"], "topk_idx": s["topk_idx"].long()}
+            "glimpse_pos": s["glimpse_pos"].long(),
+            **({"final": s["final"]} if "final" in s else {"topk_val": s["topk_val"], "topk_idx": s["topk_idx"].long()})}
 
 
 def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Pad a list of sample_to_rows outputs into a batch. target_row becomes a row of the
-    concatenated topk_val/topk_idx of the batch."""
+    concatenated final (or topk_val/topk_idx) of the batch."""
     B = len(rows)
     M = max(r["tokens"].shape[0] for r in rows)
     G = max(r["glimpses"].shape[0] for r in rows)
@@ -322,7 +365,10 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         "glimpse_valid": torch.zeros(B, G, dtype=torch.bool),
     }
     offset = 0
-    vals, idxs = [], []
+    dist_keys = ("final",) if "final" in rows[0] else ("topk_val", "topk_idx")
+    if any(k not in r for r in rows for k in dist_keys):
+        raise ValueError("a batch mixes samples that store the target's distribution differently")
+    dist = {k: [] for k in dist_keys}
     for b, r in enumerate(rows):
         m, g = r["tokens"].shape[0], r["glimpses"].shape[0]
         out["taps"][b, :m] = r["taps"].float()
@@ -333,9 +379,8 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         out["glimpses"][b, :g] = r["glimpses"]
         out["glimpse_pos"][b, :g] = r["glimpse_pos"]
         out["glimpse_valid"][b, :g] = True
-        offset += r["topk_val"].shape[0]
-        vals.append(r["topk_val"].float())
-        idxs.append(r["topk_idx"])
-    out["topk_val"] = torch.cat(vals)
-    out["topk_idx"] = torch.cat(idxs)
+        offset += r[dist_keys[0]].shape[0]
+        for k in dist_keys:
+            dist[k].append(r[k].float() if r[k].is_floating_point() else r[k])
+    out.update({k: torch.cat(v) for k, v in dist.items()})
     return out

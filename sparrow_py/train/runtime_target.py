@@ -57,7 +57,8 @@ class RuntimeTarget:
     def features(self, ids: list[int], visual, taps: list[int], ivsb_layer: int) -> dict[str, torch.Tensor]:
         if visual is not None:
             return self.hf.features(ids, visual, taps, ivsb_layer)
-        layers = list(taps) + [ivsb_layer + 1]
+        L = self.hf.shape.num_layers
+        layers = list(taps) + [ivsb_layer + 1, L]  # L: the final hidden state, before the norm
         if layers != self._capture:
             self.engine.set_capture_layers(layers)
             self._capture = layers
@@ -70,7 +71,8 @@ class RuntimeTarget:
             "ids": torch.tensor(ids),
             "positions": torch.arange(n),
             "visual": torch.zeros(n, dtype=torch.bool),
-            "taps": torch.from_numpy(np.concatenate(hidden[:-1], axis=-1)),
-            "ivsb": torch.from_numpy(hidden[-1]),
+            "taps": torch.from_numpy(np.concatenate(hidden[:len(taps)], axis=-1)),
+            "ivsb": torch.from_numpy(hidden[len(taps)]),
+            "final": self.hf.final_norm(torch.from_numpy(hidden[-1])),
             "logits": torch.from_numpy(logits),
         }

@@ -6,10 +6,15 @@ One forward over a whole sample (prompt + response) gives, per position t:
   ivsb      the output of decoder layer ivsb_layer (the input of layer ivsb_layer + 1 / of the norm);
   positions the RoPE position ids the target used, captured at its rotary embedding (for M-RoPE
             targets the temporal row: for text tokens all three rows are equal);
-  logits    the target's next-token logits.
+  final     the head's input (the final hidden state after the norm);
+  logits    the target's next-token logits at the text positions (the visual rows predict nothing
+            the draft learns).
 
-Video handling lives behind one function, visual_inputs(): a record's frames (or a loader the
-video module provides later) become the HF processor tensors plus the number of visual tokens.
+Visual inputs go through visual_inputs() and image_inputs(): sparrow_py.video makes the pixels
+exactly as the runtime's Engine does (the same code, the same frame choice and sizes), and they
+become the HF model's tensors plus the number of LM tokens each video or image takes. Families:
+Qwen2-VL / Qwen2.5-VL (M-RoPE) and LLaVA-OneVision (SigLIP frames pooled 2x2 plus a newline,
+anyres image tiles, 1-D positions).
 """
 
 from __future__ import annotations
@@ -17,39 +22,33 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from sparrow_py.architectures import lm_architecture, vision_family
+
 from .model import DraftConfigError, TargetShape
-
-# HF architectures[0] -> GGUF architecture of the LM (the converter's names)
-_HF_TO_ARCH = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen2VLForConditionalGeneration": "qwen2vl",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2vl",
-}
-
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, **(config.get("text_config") or {})}
 
 
 def target_shape(model_dir: str | Path) -> TargetShape:
-    """Read the target's shape from its config.json (no weights loaded)."""
+    """Read the target's shape from its config.json (no weights loaded). arch is the GGUF
+    architecture of its language model, as the converter writes it (the draft must match it)."""
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    arch_hf = (config.get("architectures") or ["?"])[0]
-    if arch_hf not in _HF_TO_ARCH:
-        raise DraftConfigError(f"{model_dir}: unsupported target architecture {arch_hf!r} "
-                               f"(supported: {', '.join(_HF_TO_ARCH)})")
+    try:
+        arch = lm_architecture(config)
+    except ValueError as e:
+        raise DraftConfigError(f"{model_dir}: {e}") from None
     hp = _text_config(config)
     n_head = int(hp["num_attention_heads"])
     rope = hp.get("rope_parameters") or hp.get("rope_scaling") or {}
     theta = rope.get("rope_theta", hp.get("rope_theta", 10000.0))
     tied = config.get("tie_word_embeddings", hp.get("tie_word_embeddings", True))
-    return TargetShape(arch=_HF_TO_ARCH[arch_hf], num_layers=int(hp["num_hidden_layers"]),
+    return TargetShape(arch=arch, num_layers=int(hp["num_hidden_layers"]),
                        vocab_size=int(hp["vocab_size"]), hidden_size=int(hp["hidden_size"]),
                        intermediate_size=int(hp["intermediate_size"]), num_attention_heads=n_head,
                        num_key_value_heads=int(hp.get("num_key_value_heads") or n_head),
@@ -66,71 +65,24 @@ class VisualInputs:
     n_tokens: list[int]             # LM tokens of each video / image, in order
 
 
-def frames_to_qwen2vl_video(frames: np.ndarray, vision_config: dict[str, Any]) -> VisualInputs:
-    """Pre-decoded frames [T, h, w, 3] (uint8 or float in 0..1) -> Qwen2-VL video inputs.
-
-    A minimal stand-in for the HF video processor, for pre-decoded arrays: CLIP mean/std
-    normalisation, frames padded to a multiple of temporal_patch_size by repeating the last,
-    h and w must already be multiples of patch_size * spatial_merge_size (no resizing here: that
-    is the video module's job). Patch layout as Qwen2VLImageProcessor flattens it.
-    """
-    p = int(vision_config.get("patch_size", 14))
-    tp = int(vision_config.get("temporal_patch_size", 2))
-    m = int(vision_config.get("spatial_merge_size", 2))
-    x = np.asarray(frames)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"frames must be [T, h, w, 3], got {x.shape}")
-    T, h, w, _ = x.shape
-    if h % (p * m) or w % (p * m) or T == 0:
-        raise ValueError(f"frame size {h}x{w} is not a multiple of {p * m} (resize first)")
-    x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
-    mean = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-    std = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-    x = ((x - mean) / std).transpose(0, 3, 1, 2)                      # T, C, h, w
-    if T % tp:
-        x = np.concatenate([x, np.repeat(x[-1:], tp - T % tp, axis=0)])
-    gt, gh, gw = x.shape[0] // tp, h // p, w // p
-    x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    patches = x.reshape(gt * gh * gw, 3 * tp * p * p)
-    return VisualInputs(kind="video",
-                        tensors={"pixel_values_videos": torch.from_numpy(np.ascontiguousarray(patches)),
-                                 "video_grid_thw": torch.tensor([[gt, gh, gw]])},
-                        n_tokens=[gt * gh * gw // (m * m)])
+@dataclass
+class MediaOptions:
+    """Frame choice and size, as `sparrow run` and Engine.generate take them, so that a draft trains
+    on the frames it will be served (the same sparrow_py.video code makes both)."""
+    fps: float | None = None
+    num_frames: int | None = None
+    max_pixels: int | None = None    # Qwen: per-frame pixel budget; LLaVA-OneVision frames have a fixed size
 
 
-def images_to_qwen2vl(images: list[np.ndarray], vision_config: dict[str, Any]) -> VisualInputs:
-    """Pre-decoded images [h, w, 3] -> Qwen2-VL image inputs (each image is a one-frame clip)."""
-    parts = [frames_to_qwen2vl_video(np.asarray(im)[None], vision_config) for im in images]
-    return VisualInputs(kind="image",
-                        tensors={"pixel_values": torch.cat([p.tensors["pixel_values_videos"] for p in parts]),
-                                 "image_grid_thw": torch.cat([p.tensors["video_grid_thw"] for p in parts])},
-                        n_tokens=[p.n_tokens[0] for p in parts])
-
-
-# A video loader turns a record's "video" value (a path, or an array in tests) into VisualInputs.
-VideoLoader = Callable[[Any, dict[str, Any]], VisualInputs]
-
-
-def default_video_loader(video: Any, vision_config: dict[str, Any]) -> VisualInputs:
-    """The one place video enters training. Arrays and .npy files of frames work here; decoding
-    real video files belongs to the video module, which replaces this function."""
+def _load_frames(video: Any) -> Any:
+    """A record's video: a file path (decoded by sparrow_py.video), a .npy of [T, H, W, 3] uint8
+    frames, or such an array."""
     if isinstance(video, np.ndarray):
-        return frames_to_qwen2vl_video(video, vision_config)
+        return video
     path = Path(video)
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
-    if path.suffix == ".npy":
-        return frames_to_qwen2vl_video(np.load(path), vision_config)
-    try:
-        from sparrow_py import video as video_module  # the video issue's decoder
-    except ImportError:
-        video_module = None
-    load_for_training = getattr(video_module, "load_for_training", None)
-    if load_for_training is None:
-        raise RuntimeError(f"cannot decode {path.name}: sparrow_py.video has no load_for_training(path, "
-                           f"vision_config) yet (pass frames as .npy)")
-    return load_for_training(path, vision_config)
+    return np.load(path) if path.suffix == ".npy" else path
 
 
 class Target:
@@ -152,8 +104,13 @@ class Target:
         self.device = torch.device(device)
         lm = self.model.model
         self.lm = getattr(lm, "language_model", lm)   # the decoder stack (Qwen2-VL nests it)
-        self.is_vlm = self.shape.arch == "qwen2vl"
-        self.visual_token_ids = {int(self.config[k]) for k in ("image_token_id", "video_token_id") if k in self.config}
+        self.family = vision_family(self.config)      # "qwen2vl", "llava_onevision" or None (text only)
+        self.is_vlm = self.family is not None
+        # LLaVA-OneVision's config spells them image_token_index / video_token_index
+        self.media_token_ids = {kind: int(v) for kind in ("image", "video")
+                                for v in [self.config.get(f"{kind}_token_id", self.config.get(f"{kind}_token_index"))]
+                                if v is not None}
+        self.visual_token_ids = set(self.media_token_ids.values())
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
         self.raw_prompts = raw_prompts
@@ -173,51 +130,132 @@ class Target:
 
     # --- prompts ---
     def prompt_ids(self, prompt: str | list[dict[str, str]], visual: VisualInputs | None) -> list[int]:
-        """Token ids of a chat prompt ending with the assistant turn's header. The visual block
-        (vision_start, n pad tokens, vision_end) goes at the start of the (last) user message."""
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        """Token ids of a chat prompt ending with the assistant turn's header. The visual block goes
+        where a turn's "<video>" / "<image>" placeholder is (LLaVA data writes one), else at the start
+        of the (last) user message."""
+        messages = [dict(m) for m in (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])]
         tok = self.tokenizer
-        if self.raw_prompts:  # the turns' texts as they are; a visual block goes first
-            return self._visual_block(visual) + tok("\n".join(m["content"] for m in messages))["input_ids"]
-        if visual is None:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return tok(text, add_special_tokens=False)["input_ids"]
         marker = "\u0001SPARROW_VISUAL\u0001"
-        messages = [dict(m) for m in messages]
-        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-        messages[last_user]["content"] = marker + messages[last_user]["content"]
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if visual is not None:
+            placed = False
+            for m in messages:  # the first placeholder becomes the media, any other is dropped
+                for placeholder in ("<video>\n", "<image>\n", "<video>", "<image>"):
+                    while placeholder in m["content"]:
+                        m["content"] = m["content"].replace(placeholder, "" if placed else marker, 1)
+                        placed = True
+            if not placed:
+                last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+                messages[last_user]["content"] = marker + messages[last_user]["content"]
+            # LLaVA-OneVision's own template writes "<video>\n" before the question
+            sep = "\n" if self.family == "llava_onevision" else ""
+            for m in messages:
+                m["content"] = m["content"].replace(marker, marker + sep)
+        if self.raw_prompts:  # the turns' texts as they are
+            text = "\n".join(m["content"] for m in messages)
+        else:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if visual is None:
+            return tok(text, add_special_tokens=self.raw_prompts)["input_ids"]
         before, after = text.split(marker)
-        return (tok(before, add_special_tokens=False)["input_ids"] + self._visual_block(visual)
+        return (tok(before, add_special_tokens=self.raw_prompts)["input_ids"] + self._visual_block(visual)
                 + tok(after, add_special_tokens=False)["input_ids"])
 
     def _visual_block(self, visual: VisualInputs | None) -> list[int]:
-        """vision_start, n pad tokens, vision_end for each video / image (nothing without visuals)."""
+        """The tokens each video / image takes: Qwen wraps its n pad tokens in vision_start and
+        vision_end; LLaVA-OneVision repeats its <video> / <image> token n times (nothing without visuals)."""
         if visual is None:
             return []
-        pad = int(self.config["video_token_id" if visual.kind == "video" else "image_token_id"])
-        block = []
-        for n in visual.n_tokens:
-            block += [int(self.config["vision_start_token_id"])] + [pad] * n + [int(self.config["vision_end_token_id"])]
-        return block
+        pad = self.media_token_ids[visual.kind]
+        if self.family == "llava_onevision":
+            return [pad] * sum(visual.n_tokens)
+        start, end = int(self.config["vision_start_token_id"]), int(self.config["vision_end_token_id"])
+        return [tok for n in visual.n_tokens for tok in [start] + [pad] * n + [end]]
 
-    def visual_inputs(self, record_video: Any, loader: VideoLoader | None = None) -> VisualInputs:
+    # --- visual inputs, made by sparrow_py.video exactly as the runtime makes them ---
+    def visual_inputs(self, video: Any, media: MediaOptions | None = None) -> VisualInputs:
+        """A record's video (file, .npy of frames or an array) -> the HF model's tensors."""
         if not self.is_vlm:
             raise ValueError("this target has no vision tower")
-        return (loader or default_video_loader)(record_video, self.config.get("vision_config") or {})
+        media = media or MediaOptions()
+        frames = _load_frames(video)
+        if self.family == "llava_onevision":
+            from sparrow_py.video import llava_onevision as ov
+
+            v = ov.preprocess_video(frames, self._llava_preprocess_config(), fps=media.fps, num_frames=media.num_frames)
+            pooled = -(-self._llava_side() // 2)  # each frame's features are pooled 2x2 (ceil), then one newline
+            return VisualInputs("video", {"pixel_values_videos": torch.from_numpy(v.pixel_values)[None]},
+                                [len(v.pixel_values) * pooled * pooled + 1])
+        from sparrow_py.video import qwen
+
+        v = qwen.preprocess_video(frames, qwen.runtime_config("video", media.max_pixels), fps=media.fps,
+                                  num_frames=media.num_frames)
+        tensors = {"pixel_values_videos": torch.from_numpy(v.pixel_values), "video_grid_thw": torch.tensor([v.grid_thw])}
+        if self.config["architectures"][0] == "Qwen2_5_VLForConditionalGeneration":
+            # temporal positions step by tokens_per_second * second_per_grid_ts, as the runtime places them
+            tensors["second_per_grid_ts"] = torch.tensor([float(v.second_per_grid_ts)])
+        return VisualInputs("video", tensors, [v.n_tokens])
+
+    def image_inputs(self, images: list[np.ndarray], media: MediaOptions | None = None) -> VisualInputs:
+        """HxWx3 uint8 images -> the HF model's tensors (Qwen: each a one-frame clip; LLaVA-OneVision:
+        anyres tiles)."""
+        if not self.is_vlm:
+            raise ValueError("this target has no vision tower")
+        media = media or MediaOptions()
+        if self.family == "llava_onevision":
+            from sparrow_py.video import llava_onevision as ov
+
+            cfg = self._llava_preprocess_config()
+            pinpoints = self.config.get("image_grid_pinpoints") or [[cfg.height, cfg.width]]
+            items = [ov.preprocess_image(np.asarray(im), cfg, pinpoints) for im in images]
+            n_tokens = [ov.image_token_count(item, self._llava_side(), self._llava_max_tiles()) for item in items]
+            # the model takes [images, tiles, C, H, W], each image's tiles first (image_sizes says how many)
+            tiles = max(len(item.pixel_values) for item in items)
+            pixels = np.zeros((len(items), tiles, *items[0].pixel_values.shape[1:]), np.float32)
+            for i, item in enumerate(items):
+                pixels[i, :len(item.pixel_values)] = item.pixel_values
+            return VisualInputs("image", {"pixel_values": torch.from_numpy(pixels),
+                                          "image_sizes": torch.tensor([item.image_size for item in items])}, n_tokens)
+        from sparrow_py.video import qwen
+
+        cfg = qwen.runtime_config("image", media.max_pixels)
+        items = [qwen.preprocess_image(np.asarray(im), cfg) for im in images]
+        return VisualInputs("image", {"pixel_values": torch.from_numpy(np.concatenate([i.pixel_values for i in items])),
+                                      "image_grid_thw": torch.tensor([i.grid_thw for i in items])},
+                            [i.n_tokens for i in items])
+
+    def _llava_side(self) -> int:
+        vc = self.config["vision_config"]
+        return int(vc["image_size"]) // int(vc["patch_size"])
+
+    def _llava_max_tiles(self) -> int:
+        """anyres_max_N's N: how many tiles' worth of features an image keeps (transformers' rule)."""
+        aspect = str(self.config.get("vision_aspect_ratio") or "anyres_max_9")
+        return int(aspect.rsplit("_", 1)[-1]) if aspect.startswith("anyres_max_") else 9
+
+    def _llava_preprocess_config(self):
+        """The checkpoint's preprocessor settings; the tower's own image size when the folder has none
+        (what the converter writes into the mmproj, which the runtime reads)."""
+        from sparrow_py.video import llava_onevision as ov
+
+        cfg = ov.LlavaOnevisionPreprocessConfig.for_videos(self.dir)
+        size = int(self.config["vision_config"]["image_size"])
+        if (cfg.height, cfg.width) != (size, size):
+            cfg = ov.LlavaOnevisionPreprocessConfig(height=size, width=size, image_mean=cfg.image_mean,
+                                                    image_std=cfg.image_std, rescale_factor=cfg.rescale_factor)
+        return cfg
 
     def _model_kwargs(self, ids: torch.Tensor, visual: VisualInputs | None) -> dict[str, torch.Tensor]:
-        """The processor tensors plus mm_token_type_ids (0 text, 1 image, 2 video), which
+        """The processor tensors, plus for Qwen mm_token_type_ids (0 text, 1 image, 2 video), which
         transformers >= 5 needs to build M-RoPE position ids."""
         if visual is None:
             return {}
         kwargs = {k: v.to(self.device) for k, v in visual.tensors.items()}
-        mm = torch.zeros_like(ids, dtype=torch.int32)
-        if "image_token_id" in self.config:
-            mm[ids == int(self.config["image_token_id"])] = 1
-        if "video_token_id" in self.config:
-            mm[ids == int(self.config["video_token_id"])] = 2
-        kwargs["mm_token_type_ids"] = mm
+        if self.family == "qwen2vl":
+            mm = torch.zeros_like(ids, dtype=torch.int32)
+            for kind, code in (("image", 1), ("video", 2)):
+                if kind in self.media_token_ids:
+                    mm[ids == self.media_token_ids[kind]] = code
+            kwargs["mm_token_type_ids"] = mm
         return kwargs
 
     @torch.no_grad()
@@ -260,7 +298,10 @@ class Target:
         try:
             x = torch.tensor([ids], device=self.device)
             kwargs = self._model_kwargs(x, visual)
-            out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False, **kwargs)
+            # the base model, not the one with the head: logits over every visual row would take
+            # N x V floats (gigabytes for a long video); the head runs on the text rows below
+            final = self.model.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False,
+                                     **kwargs).last_hidden_state[0]
         finally:
             for h in hooks:
                 h.remove()
@@ -268,11 +309,18 @@ class Target:
         visual_mask = torch.zeros(len(ids), dtype=torch.bool)
         for vid in self.visual_token_ids:
             visual_mask |= ids_t == vid
+        text = torch.nonzero(~visual_mask).flatten()
         return {
             "ids": ids_t,
             "positions": captured["positions"],
             "visual": visual_mask,
             "taps": torch.cat([captured[f"in{t}"] for t in taps], dim=-1),
             "ivsb": captured[f"in{ivsb_layer + 1}"],
-            "logits": out.logits[0].float().cpu(),
+            "final": final.float().cpu(),
+            "logits": self.model.get_output_embeddings()(final[text.to(final.device)]).float().cpu(),
         }
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The target's final norm: the hidden state before it (tap L) -> the head's input."""
+        norm = self.lm.norm
+        return norm(hidden.to(norm.weight.device, norm.weight.dtype)).float().cpu()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -47,6 +47,7 @@ class TrainOptions:
     eval_every: int = 0             # held-out acceptance every n steps (0: only at the end)
     eval_depth: int = 4             # chain length simulated in held-out evaluation
     eval_samples: int = 16          # held-out samples used for the progress-bar acceptance
+    sample_cache_mb: int = 1024     # training samples kept in memory between uses (the rest stream from disk)
     device: str = "cpu"
     bf16: bool | None = None        # autocast to bf16; None: on for CUDA
     progress: bool = True
@@ -64,9 +65,10 @@ def mtp_loss(logits: list[torch.Tensor], batch: dict[str, torch.Tensor], model: 
              step_weight: float) -> tuple[torch.Tensor, list[float]]:
     """sum_s step_weight^s * mean over valid (entry, step) of KL(target distribution || draft).
 
-    The target distribution is softmax over the stored (top-k) logits, renormalised over the
-    kept ids; with a reduced draft vocabulary, target ids outside it are dropped and the rest
-    renormalised (the draft cannot propose them anyway)."""
+    The target distribution is softmax over its logits: the frozen head applied to the stored
+    final hidden state, or the stored (top-k) logits renormalised over the kept ids; with a reduced
+    draft vocabulary, target ids outside it are dropped and the rest renormalised (the draft
+    cannot propose them anyway)."""
     total = logits[0].new_zeros(())
     per_step = []
     t2d = None
@@ -80,18 +82,24 @@ def mtp_loss(logits: list[torch.Tensor], batch: dict[str, torch.Tensor], model: 
             per_step.append(float("nan"))
             continue
         logq = F.log_softmax(lg[valid].float(), dim=-1)
-        vals = batch["topk_val"][rows[valid]]
-        idx = batch["topk_idx"][rows[valid]]
-        if t2d is not None:
-            idx = t2d[idx]
-            vals = vals.masked_fill(idx < 0, float("-inf"))
-            keep = torch.isfinite(vals).any(-1)
-            logq, vals, idx = logq[keep], vals[keep], idx[keep]
-            idx = idx.clamp(min=0)
+        if "final" in batch:  # the target's logits again, through its frozen head: every id kept
+            vals = batch["final"][rows[valid]] @ model.target_head.t()
+            if model.d2t is not None:
+                vals = vals[:, model.d2t]
+        else:
+            vals = batch["topk_val"][rows[valid]]
+            idx = batch["topk_idx"][rows[valid]]
+            if t2d is not None:
+                idx = t2d[idx]
+                vals = vals.masked_fill(idx < 0, float("-inf"))
+                keep = torch.isfinite(vals).any(-1)
+                logq, vals, idx = logq[keep], vals[keep], idx[keep]
+                idx = idx.clamp(min=0)
+            logq = logq.gather(-1, idx)
         p = torch.softmax(vals, dim=-1)
         # KL(p || q) = CE(p, q) - H(p): the same gradient as the CE of the spec, but 0 at a perfect
         # draft, so the logged loss shows how far the draft is from the target however flat p is
-        kl = (p * (torch.log_softmax(vals, dim=-1).clamp(min=-1e4) - logq.gather(-1, idx))).sum(-1).mean()
+        kl = (p * (torch.log_softmax(vals, dim=-1).clamp(min=-1e4) - logq)).sum(-1).mean()
         per_step.append(float(kl.detach()))
         total = total + (step_weight ** s) * kl
     return total, per_step
@@ -204,14 +212,24 @@ def train(model: SparrowDraft, train_files: list[Path], eval_samples: list[dict]
         result.losses, result.step_losses = ck["losses"], ck["step_losses"]
         log(f"resumed from {ckpt_path} at step {start}/{total}")
     use_bf16 = opt.bf16 if opt.bf16 is not None else dev.type == "cuda"
-    cache: dict[int, dict] = {}
+    # samples stream from disk; the most recent stay in memory up to opt.sample_cache_mb, so that
+    # the trainer's memory does not grow with the data set
+    cache: OrderedDict[int, dict] = OrderedDict()
+    cache_bytes = 0
 
     def sample(i: int) -> dict:
-        if i not in cache:
-            cache[i] = load_sample(train_files[i])
-            if len(cache) > 4096:
-                cache.pop(next(iter(cache)))
-        return cache[i]
+        nonlocal cache_bytes
+        if i in cache:
+            cache.move_to_end(i)
+            return cache[i]
+        s = load_sample(train_files[i])
+        size = sum(v.nbytes for v in s.values() if isinstance(v, torch.Tensor))
+        cache[i] = s
+        cache_bytes += size
+        while cache_bytes > opt.sample_cache_mb * 2**20 and len(cache) > 1:
+            _, old = cache.popitem(last=False)
+            cache_bytes -= sum(v.nbytes for v in old.values() if isinstance(v, torch.Tensor))
+        return s
 
     def save(step: int):
         if rank != 0:

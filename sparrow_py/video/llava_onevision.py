@@ -206,3 +206,12 @@ def pack_image_features(features: np.ndarray, image: LlavaOnevisionImageInput, n
         grid = bilinear_resize(grid, int(cur_h // ratio), int(cur_w // ratio))
     grid = np.concatenate([grid, np.broadcast_to(newline.astype(np.float32)[:, None, None], (dim, grid.shape[1], 1))], axis=2)
     return np.concatenate([features[0], grid.reshape(dim, -1).T]).astype(np.float32)
+
+
+def image_token_count(image: LlavaOnevisionImageInput, side: int, max_num_tiles: int = 9) -> int:
+    """How many LM tokens pack_image_features makes of this image (side x side features per tile),
+    before any tile is encoded: the same arithmetic run on one-wide placeholder features."""
+    n_tiles = 1 + image.tile_grid[0] * image.tile_grid[1]
+    placeholder = np.zeros((n_tiles, side * side, 1), np.float32)
+    return len(pack_image_features(placeholder, image, np.zeros(1, np.float32), max_num_tiles))
+

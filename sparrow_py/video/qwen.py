@@ -82,6 +82,24 @@ class QwenPreprocessConfig:
         return cls(**values)
 
 
+# a pixel budget's floor: with max_pixels asked for, frames smaller than transformers' video minimum
+# (128 patches of 28) are kept small rather than enlarged
+BUDGET_MIN_PIXELS = 56 * 56
+
+
+def runtime_config(kind: str, max_pixels: int | None = None) -> QwenPreprocessConfig:
+    """The settings Engine.generate (`sparrow run`) uses, and so training too: transformers' defaults
+    for "video" or "image", or a per-frame pixel budget max_pixels with the floor lowered to
+    min(max_pixels, BUDGET_MIN_PIXELS)."""
+    budget = {} if max_pixels is None else {"max_pixels": int(max_pixels),
+                                            "min_pixels": min(int(max_pixels), BUDGET_MIN_PIXELS)}
+    if kind == "video":
+        return QwenPreprocessConfig.for_videos(**budget)
+    if kind == "image":
+        return QwenPreprocessConfig.for_images(**budget)
+    raise ValueError(f"kind must be 'video' or 'image', not {kind!r}")
+
+
 @dataclass
 class QwenVisualInput:
     pixel_values: np.ndarray
