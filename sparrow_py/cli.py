@@ -1,4 +1,5 @@
-"""The `sparrow` command: `sparrow run` streams a model's output, llama.cpp style."""
+"""The `sparrow` command: `sparrow run` streams a model's output, llama.cpp style; `sparrow serve`
+serves it over the OpenAI API (sparrow_py.server)."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +139,8 @@ def main(argv=None) -> int:
     add_train_commands(sub)
     from sparrow_py.demo import add_demo_command
     add_demo_command(sub)
+    from sparrow_py.server.config import add_serve_command  # Starlette and uvicorn are imported only when it runs
+    add_serve_command(sub)
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)

@@ -8,8 +8,8 @@ Threads: an Engine has one context, so its generations take turns. A generation 
 from generate() until its stream ends (last piece, error, close() or garbage collection); other
 threads' generate() and context calls wait meanwhile. The generating thread itself may call in
 (last_stats, decode ...), and a second generate() on that thread supersedes its open stream. For
-generations that run in parallel, give each thread its own Engine (each holds its own copy of the
-weights; the C API shares one model between contexts).
+generations that run in parallel, give each thread its own Engine: engine.share() makes one on the
+same loaded files (the weights are in memory once; each Engine has its own context).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -60,6 +60,48 @@ class Media:
     placeholder: int = 0
 
 
+class _Weights:
+    """The handles an Engine and the Engines its share() made have in common (the model, its draft
+    and its vision file): freed when the last of them closes, since a model must outlive every
+    context made from it (sparrow.h)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.draft = ffi.NULL
+        self.vision = None
+        self._users = 1
+        self._lock = threading.Lock()
+
+    def retain(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                raise SparrowError("the engine is closed", "SPARROW_ERR_STATE")
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+        if self.draft != ffi.NULL:
+            lib.sparrow_model_free(self.draft)
+            self.draft = ffi.NULL
+        if self.vision is not None:
+            self.vision.close()
+            self.vision = None
+        if self.model != ffi.NULL:
+            lib.sparrow_model_free(self.model)
+            self.model = ffi.NULL
+
+
+def _check_context_options(n_ctx, n_threads, n_batch, seed, kv_type) -> None:
+    if kv_type not in _KV_TYPES:
+        raise SparrowError(f"kv_type must be one of {sorted(_KV_TYPES)}, not {kv_type!r}")
+    for name, value in (("n_ctx", n_ctx), ("n_threads", n_threads), ("n_batch", n_batch), ("seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise SparrowError(f"{name} must be a non-negative integer, not {value!r}")
+
+
 class Engine(OwnsHandles):
     """Run a GGUF language model.
 
@@ -78,6 +120,10 @@ class Engine(OwnsHandles):
             then take video= and images=.
         progress: a callable(progress: float) -> bool|None called while loading; return False
             to cancel.
+        abort: a callable() -> bool called between steps of long work (a layer, a prompt
+            chunk); True stops the generation in progress at once: its stream raises SparrowError
+            (status SPARROW_ERR_ABORTED) and the Engine stays usable. For cancelling a long
+            prompt (a video) from another thread.
     """
 
     def __init__(
@@ -92,24 +138,10 @@ class Engine(OwnsHandles):
         draft: Optional[Union[str, os.PathLike]] = None,
         mmproj: Optional[Union[str, os.PathLike]] = None,
         progress=None,
+        abort: Optional[Callable[[], bool]] = None,
     ):
-        self._model = ffi.NULL
-        self._ctx = ffi.NULL
-        self._draft = ffi.NULL
-        self._vision = None
-        self._turn = threading.Lock()     # held by the open generation (its _Stream), or one call
-        self._in_call = threading.Lock()  # held during each runtime call on the context: close() waits
-        # the open generation: its stream's ticket (not the stream: a stream dropped unread must be
-        # collected, which ends its turn) and the thread reading it
-        self._open_ticket: Optional[object] = None
-        self._open_thread = 0
-        self.last_finish_reason: Optional[str] = None
-        self.last_tokens: list[int] = []
-        if kv_type not in _KV_TYPES:
-            raise SparrowError(f"kv_type must be one of {sorted(_KV_TYPES)}, not {kv_type!r}")
-        for name, value in (("n_ctx", n_ctx), ("n_threads", n_threads), ("n_batch", n_batch), ("seed", seed)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise SparrowError(f"{name} must be a non-negative integer, not {value!r}")
+        self._init_state()
+        _check_context_options(n_ctx, n_threads, n_batch, seed, kv_type)
         path = os.fspath(model)
         if not os.path.exists(path):
             raise SparrowError(f"model file not found: {path}", "SPARROW_ERR_IO")
@@ -130,30 +162,19 @@ class Engine(OwnsHandles):
         out_model = ffi.new("sparrow_model **")
         check(lib.sparrow_model_load(path.encode(), mparams, out_model), f"cannot load {path}")
         self._model = out_model[0]
+        self._weights = _Weights(self._model)
         self.vocab_only = bool(vocab_only)
         if self.vocab_only:
             return
 
-        cparams = lib.sparrow_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_threads = n_threads
-        cparams.n_batch = n_batch
-        cparams.kv_type = _KV_TYPES[kv_type]
-        cparams.seed = seed
-        out_ctx = ffi.new("sparrow_context **")
-        try:
-            check(lib.sparrow_context_init(self._model, cparams, out_ctx), "cannot create a context")
-        except SparrowError:
-            self.close()
-            raise
-        self._ctx = out_ctx[0]
+        self._init_context(n_ctx, n_threads, n_batch, kv_type, seed, abort)
         try:
             if draft is not None:
                 self._attach_draft(os.fspath(draft))
             if mmproj is not None:
                 from sparrow_py.vision import VisionEncoder
 
-                self._vision = VisionEncoder(mmproj, n_threads=n_threads)
+                self._weights.vision = self._vision = VisionEncoder(mmproj, n_threads=n_threads)
                 if self._vision.n_embd != self.n_embd:
                     raise SparrowError(f"the vision file projects to {self._vision.n_embd} dimensions but the model "
                                        f"has {self.n_embd}: it belongs to another model")
@@ -161,18 +182,79 @@ class Engine(OwnsHandles):
             self.close()
             raise
 
+    def _init_state(self) -> None:
+        self._model = ffi.NULL
+        self._ctx = ffi.NULL
+        self._draft = ffi.NULL
+        self._vision = None
+        self._weights: Optional[_Weights] = None
+        self._abort_callback = None       # the cffi callback the context calls: kept alive with it
+        self.vocab_only = False
+        self._turn = threading.Lock()     # held by the open generation (its _Stream), or one call
+        self._in_call = threading.Lock()  # held during each runtime call on the context: close() waits
+        # the open generation: its stream's ticket (not the stream: a stream dropped unread must be
+        # collected, which ends its turn) and the thread reading it
+        self._open_ticket: Optional[object] = None
+        self._open_thread = 0
+        self.last_finish_reason: Optional[str] = None
+        self.last_tokens: list[int] = []
+
+    def _init_context(self, n_ctx, n_threads, n_batch, kv_type, seed, abort) -> None:
+        cparams = lib.sparrow_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_threads = n_threads
+        cparams.n_batch = n_batch
+        cparams.kv_type = _KV_TYPES[kv_type]
+        cparams.seed = seed
+        if abort is not None:
+
+            def on_abort(_user_data):
+                try:
+                    return bool(abort())
+                except Exception:  # an exception in a callback cannot cross C: treat as a request to stop
+                    return True
+
+            self._abort_callback = ffi.callback("bool(void *)", on_abort)
+            cparams.abort_callback = self._abort_callback
+        out_ctx = ffi.new("sparrow_context **")
+        try:
+            check(lib.sparrow_context_init(self._model, cparams, out_ctx), "cannot create a context")
+            self._ctx = out_ctx[0]
+            if self._draft != ffi.NULL:  # a shared draft (share()): this context drafts with it too
+                check(lib.sparrow_context_set_draft(self._ctx, self._draft), "cannot use the draft")
+        except SparrowError:
+            self.close()
+            raise
+
+    def share(self, n_ctx: int = 0, n_threads: int = 0, seed: int = 0x5EED, n_batch: int = 256,
+              kv_type: str = "f16", abort: Optional[Callable[[], bool]] = None) -> "Engine":
+        """Another Engine on this one's loaded files, with a context of its own: the model, draft
+        and vision file are shared (in memory once), so the two generate in parallel on different
+        threads. Either may be closed first: the files stay loaded until the last Engine sharing
+        them is closed. Arguments as Engine's."""
+        self._live()
+        _check_context_options(n_ctx, n_threads, n_batch, seed, kv_type)
+        other = Engine.__new__(Engine)
+        other._init_state()
+        self._weights.retain()
+        other._weights = self._weights
+        other._model, other._draft, other._vision = self._model, self._draft, self._vision
+        other._init_context(n_ctx, n_threads, n_batch, kv_type, seed, abort)
+        return other
+
     def _attach_draft(self, path: str) -> None:
         if not os.path.exists(path):
             raise SparrowError(f"draft file not found: {path}", "SPARROW_ERR_IO")
         out = ffi.new("sparrow_model **")
         check(lib.sparrow_model_load(path.encode(), lib.sparrow_model_default_params(), out), f"cannot load {path}")
-        self._draft = out[0]
+        self._weights.draft = self._draft = out[0]
         check(lib.sparrow_context_set_draft(self._ctx, self._draft), "cannot use the draft")
 
     # ---- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the context and the model. Safe to call twice. A generation running on
-        another thread stops with an error at its next step (the step in flight completes)."""
+        """Release the context, and the model once no Engine shares it (share()). Safe to call
+        twice. A generation running on another thread stops with an error at its next step (the
+        step in flight completes)."""
         with self._in_call:
             self._free_handles()
 
@@ -180,18 +262,10 @@ class Engine(OwnsHandles):
         if self._ctx != ffi.NULL:
             lib.sparrow_context_free(self._ctx)
             self._ctx = ffi.NULL
-        if self._draft != ffi.NULL:
-            lib.sparrow_model_free(self._draft)
-            self._draft = ffi.NULL
-        if getattr(self, "_vision", None) is not None:
-            self._vision.close()
-            self._vision = None
-        if self._model != ffi.NULL:
-            lib.sparrow_model_free(self._model)
-            self._model = ffi.NULL
-
-
-
+        weights, self._weights = getattr(self, "_weights", None), None
+        self._model, self._draft, self._vision = ffi.NULL, ffi.NULL, None
+        if weights is not None:  # the model, draft and vision file: freed by the last Engine sharing them
+            weights.release()
 
     def _live(self):
         """The context handle; raises if the engine is closed or vocab-only."""
@@ -380,7 +454,7 @@ class Engine(OwnsHandles):
         if video is not None or images is not None:
             if not isinstance(prompt, str):
                 raise SparrowError("video= and images= need a text prompt")
-            items = self._encode_visuals(video, images, fps, num_frames, max_pixels)
+            items = self.encode_visuals(video, images, fps, num_frames, max_pixels)
             text = prompt
             for kind in ("video", "image"):
                 if not any(k == kind for k, _ in items):
@@ -458,8 +532,11 @@ class Engine(OwnsHandles):
             raise SparrowError(f"the model's vocabulary has no {text} token: it is not a vision model of this family")
         return ids[0]
 
-    def _encode_visuals(self, video, images, fps, num_frames, max_pixels=None) -> list:
-        """[(kind, Media)] for the video (first) and the images, encoded by the vision tower."""
+    def encode_visuals(self, video=None, images=None, fps: Optional[float] = None, num_frames: Optional[int] = None,
+                       max_pixels: Optional[int] = None) -> list[tuple[str, Media]]:
+        """[(kind, Media)] for the video (first) and the images, encoded by the vision tower: what
+        chat_prompt() takes, so that encodings can be kept and reused for several prompts. The
+        vision file is only read: any thread may call this, also while generations run."""
         if self._vision is None:
             raise SparrowError("video and images need the model's vision file: Engine(..., mmproj=...)")
         kind = self._vision.projector_type
@@ -470,15 +547,14 @@ class Engine(OwnsHandles):
                                "sparrow_py.vision.VisionEncoder and pass media= instead")
         from sparrow_py.video import qwen
 
-        budget = {} if max_pixels is None else {"max_pixels": int(max_pixels), "min_pixels": min(int(max_pixels), 56 * 56)}
         items = []
         if video is not None:
-            v = qwen.preprocess_video(video, qwen.QwenPreprocessConfig.for_videos(**budget), fps=fps, num_frames=num_frames)
+            v = qwen.preprocess_video(video, qwen.runtime_config("video", max_pixels), fps=fps, num_frames=num_frames)
             # transformers: temporal positions step by tokens_per_second * second_per_grid_t (Qwen2.5-VL)
             t_scale = self._vision.tokens_per_second() * float(v.second_per_grid_ts) if kind == "qwen2.5vl_merger" else 1.0
             items.append(("video", self._qwen_media(v, t_scale, self._vision_token("<|video_pad|>"))))
         for image in images or []:
-            im = qwen.preprocess_image(np.asarray(image), qwen.QwenPreprocessConfig.for_images(**budget))
+            im = qwen.preprocess_image(np.asarray(image), qwen.runtime_config("image", max_pixels))
             items.append(("image", self._qwen_media(im, 1.0, self._vision_token("<|image_pad|>"))))
         return items
 
@@ -548,15 +624,27 @@ class Engine(OwnsHandles):
         With video= / images=, message contents may be lists of {"type": "video"}, {"type":
         "image"} and {"type": "text", "text": ...} parts, as Hugging Face chat templates take them;
         the template's vision pad tokens are replaced by the encoded items, in order."""
+        items = None
+        if video is not None or images is not None:
+            items = self.encode_visuals(video, images, fps, num_frames, max_pixels)
+        tokens, media = self.chat_prompt(messages, items)
+        return self.generate(tokens, media=media or None, **kwargs)
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], visuals: Optional[Sequence[tuple[str, Media]]] = None
+                    ) -> tuple[list[int], list[Media]]:
+        """The prompt chat() generates from: the token ids of the chat template's rendering of
+        messages, with a run of MEDIA_TOKEN for each visual item, and the items' Media in prompt
+        order (for generate(tokens, media=...)). visuals: encode_visuals() output, videos in the
+        order the messages show videos, images likewise."""
         text = self.apply_chat_template(messages, add_generation_prompt=True)
-        if video is None and images is None:
+        if not visuals:
             # the template writes BOS itself where the model wants one
-            return self.generate(self.tokenize(text, add_special=False, parse_special=True), **kwargs)
-        items = self._encode_visuals(video, images, fps, num_frames, max_pixels)
+            return self.tokenize(text, add_special=False, parse_special=True), []
+        if self._vision is None:
+            raise SparrowError("video and images need the model's vision file: Engine(..., mmproj=...)")
         llava = self._vision.projector_type == "llava_onevision"
         markers = {"video": "<video>", "image": "<image>"} if llava else {"video": "<|video_pad|>", "image": "<|image_pad|>"}
-        tokens, media = self._tokens_with_visuals(text, items, False, markers=markers)
-        return self.generate(tokens, media=media, **kwargs)
+        return self._tokens_with_visuals(text, list(visuals), False, markers=markers)
 
     @property
     def last_stats(self) -> dict:
