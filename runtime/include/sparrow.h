@@ -40,6 +40,17 @@
 #define SPARROW_API
 #endif
 
+/* The version of this header. sparrow_version() returns the library's own, which differs when an
+ * app runs with another build than the one it was compiled against. These lines are the project's
+ * one record of its version: CMake reads them (the soname, find_package and pkg-config versions). */
+#define SPARROW_VERSION_MAJOR 0
+#define SPARROW_VERSION_MINOR 1
+#define SPARROW_VERSION_PATCH 0
+#define SPARROW_VERSION_STRING_(major, minor, patch) #major "." #minor "." #patch
+#define SPARROW_VERSION_STRING_X_(major, minor, patch) SPARROW_VERSION_STRING_(major, minor, patch)
+#define SPARROW_VERSION_STRING \
+    SPARROW_VERSION_STRING_X_(SPARROW_VERSION_MAJOR, SPARROW_VERSION_MINOR, SPARROW_VERSION_PATCH)
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -67,7 +78,8 @@ enum {
 SPARROW_API const char * sparrow_last_error(void);
 /* A short constant name for a status code, e.g. "SPARROW_ERR_FORMAT". */
 SPARROW_API const char * sparrow_status_name(sparrow_status status);
-/* The runtime version, e.g. "0.1.0", and a description of the compiled backends / CPU features. */
+/* The library's version, e.g. "0.1.0" (SPARROW_VERSION_STRING when it matches this header), and a
+ * description of the compiled backends / CPU features. */
 SPARROW_API const char * sparrow_version(void);
 SPARROW_API const char * sparrow_system_info(void);
 

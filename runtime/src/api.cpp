@@ -125,7 +125,7 @@ const char * sparrow_status_name(sparrow_status status) {
     }
 }
 
-const char * sparrow_version(void) { return SPARROW_VERSION; }
+const char * sparrow_version(void) { return SPARROW_VERSION_STRING; }
 
 const char * sparrow_system_info(void) {
     static std::string info = format("backends: CPU; simd: %s; threads available: %u", simd_level(),
