@@ -532,6 +532,10 @@ class Engine(OwnsHandles):
             raise SparrowError(f"the model's vocabulary has no {text} token: it is not a vision model of this family")
         return ids[0]
 
+    def _media_token_room(self) -> Optional[int]:
+        """The most tokens a video can take in this Engine's context (None: model-only Engine)."""
+        return None if self._ctx == ffi.NULL else self.n_ctx
+
     def encode_visuals(self, video=None, images=None, fps: Optional[float] = None, num_frames: Optional[int] = None,
                        max_pixels: Optional[int] = None) -> list[tuple[str, Media]]:
         """[(kind, Media)] for the video (first) and the images, encoded by the vision tower: what
@@ -549,7 +553,8 @@ class Engine(OwnsHandles):
 
         items = []
         if video is not None:
-            v = qwen.preprocess_video(video, qwen.runtime_config("video", max_pixels), fps=fps, num_frames=num_frames)
+            v = qwen.preprocess_video(video, qwen.runtime_config("video", max_pixels), fps=fps, num_frames=num_frames,
+                                      max_tokens=self._media_token_room())
             # transformers: temporal positions step by tokens_per_second * second_per_grid_t (Qwen2.5-VL)
             t_scale = self._vision.tokens_per_second() * float(v.second_per_grid_ts) if kind == "qwen2.5vl_merger" else 1.0
             items.append(("video", self._qwen_media(v, t_scale, self._vision_token("<|video_pad|>"))))
@@ -567,7 +572,9 @@ class Engine(OwnsHandles):
         items = []
         if video is not None:
             side, _ = self._vision._siglip_grid(3)
-            v = ov.preprocess_video(video, self._vision.llava_preprocess_config(), fps=fps, num_frames=num_frames)
+            v = ov.preprocess_video(video, self._vision.llava_preprocess_config(), fps=fps, num_frames=num_frames,
+                                    max_tokens=self._media_token_room(),
+                                    tokens_per_frame=((side + 1) // 2) ** 2)  # pooled 2x2 (ceil)
             embd = self._vision.encode(v.pixel_values)
             items.append(("video", Media(embd, grid=(len(v.pixel_values), side, side),
                                          placeholder=self._vision_token("<video>"))))

@@ -105,3 +105,40 @@ def test_a_huge_frame_is_resized_in_bounded_memory():
         tracemalloc.stop()
     assert out.pixel_values.shape[0] > 0
     assert peak < frame.nbytes + 48 * 2**20, f"peak {peak / 2**20:.0f} MiB for a {frame.nbytes / 2**20:.0f} MiB frame"
+
+
+@pytest.mark.parametrize("shape,max_pixels", [((5, 60, 90), None), ((8, 28, 28), 56 * 56), ((3, 100, 40), 112 * 112),
+                                              ((1, 300, 200), 28 * 28 * 40)])
+def test_the_planned_token_count_is_the_preprocessed_one(shape, max_pixels):
+    from sparrow_py.video import qwen
+
+    cfg = qwen.runtime_config("video", max_pixels)
+    frames = np.zeros((*shape, 3), np.uint8)
+    assert qwen.video_token_count(shape[0], shape[1], shape[2], cfg) == qwen.preprocess_video(frames, cfg).n_tokens
+
+
+def test_a_video_too_long_for_the_context_is_refused_before_its_frames_are_processed(engine, monkeypatch, tmp_path):
+    # 10,000 frames used to be resized and encoded (minutes) before the prompt was found too long
+    from sparrow_py.video import qwen
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("frames were processed before the token budget was checked")
+    monkeypatch.setattr(qwen, "preprocess_frames", must_not_run)
+    frames = np.zeros((10_000, 28, 28, 3), np.uint8)
+    cfg = qwen.runtime_config("video")
+    want = qwen.video_token_count(10_000, 28, 28, cfg)  # an array with no fps / num_frames: every frame
+    with pytest.raises(VideoInputError, match=f"takes {want} tokens .* room for {engine.n_ctx}"):
+        "".join(engine.generate("Describe it.", video=frames, max_tokens=4))
+    # a file: its header gives the frame count and size, so nothing is decoded either
+    av = pytest.importorskip("av")
+    path = tmp_path / "long.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 640, 480, "yuv420p"
+        for _ in range(60):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((480, 640, 3), np.uint8), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(VideoInputError, match=r"takes \d+ tokens \(60 frames of 480x640\)"):
+        "".join(engine.generate("Describe it.", video=str(path), fps=30, max_tokens=4))

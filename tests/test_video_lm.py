@@ -293,3 +293,21 @@ def test_llava_onevision_video_generation_matches_transformers(llava_ov):
             logits = model(input_ids=torch.tensor([seq]), pixel_values_videos=pixels, use_cache=False).logits[0, -1]
             seq.append(int(logits.argmax()))
     assert got == seq[len(ids):]
+
+
+def test_llava_onevision_video_too_long_is_refused_before_its_frames_are_processed(llava_ov, monkeypatch):
+    from sparrow_py.video import llava_onevision as ov
+
+    _, lm, mmproj = llava_ov
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("frames were processed before the token budget was checked")
+    frames = np.zeros((40, 56, 56, 3), np.uint8)
+    with sp.Engine(str(lm), n_ctx=64, n_threads=1, mmproj=str(mmproj)) as e:
+        monkeypatch.setattr(ov, "preprocess_frames", must_not_run)
+        # 4x4 patches pooled to 2x2: 4 tokens a frame, plus the newline
+        with pytest.raises(ValueError, match=r"takes 161 tokens \(40 frames of 4 tokens\) .* room for 64"):
+            "".join(e.generate("<video> What moves?", video=frames, max_tokens=4))
+        monkeypatch.undo()
+        "".join(e.generate("<video> What moves?", video=frames[:8], max_tokens=4))  # 33 tokens fit
+        assert e.last_stats["n_prompt"] > 33

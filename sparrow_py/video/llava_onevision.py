@@ -77,11 +77,22 @@ def preprocess_frames(frames: np.ndarray, cfg: LlavaOnevisionPreprocessConfig,
 
 def preprocess_video(video: str | Path | FramesLike, cfg: LlavaOnevisionPreprocessConfig | None = None, *,
                      fps: float | None = None, num_frames: int | None = None,
-                     source_fps: float | None = None) -> LlavaOnevisionVideoInput:
+                     source_fps: float | None = None, max_tokens: int | None = None,
+                     tokens_per_frame: int = 0) -> LlavaOnevisionVideoInput:
     """A video file, list of HxWx3 uint8 frames or [T, H, W, 3] uint8 array -> pixel_values_videos.
     Sampling follows transformers' default rule (by count, or by fps); arrays with neither use
-    every frame; files with neither get DEFAULT_FILE_NUM_FRAMES frames (all, if fewer)."""
+    every frame; files with neither get DEFAULT_FILE_NUM_FRAMES frames (all, if fewer).
+    max_tokens: refuse (VideoInputError) a video whose frames x tokens_per_frame + 1 (the newline)
+    exceed it, before any frame is decoded or resized."""
+    from .qwen import check_token_budget
+
     cfg = cfg or LlavaOnevisionPreprocessConfig.for_videos()
+
+    def checked(selection: FrameSelection) -> FrameSelection:
+        n = len(selection.indices)
+        check_token_budget(n * tokens_per_frame + 1, max_tokens, f"{n} frames of {tokens_per_frame} tokens")
+        return selection
+
     if isinstance(video, (str, Path)):
         from .decode import read_frames
 
@@ -89,11 +100,11 @@ def preprocess_video(video: str | Path | FramesLike, cfg: LlavaOnevisionPreproce
             count = num_frames
             if fps is None and num_frames is None:
                 count = min(DEFAULT_FILE_NUM_FRAMES, info.total_frames)
-            return uniform_select_frames(info.total_frames, fps=fps, num_frames=count, source_fps=info.fps)
+            return checked(uniform_select_frames(info.total_frames, fps=fps, num_frames=count, source_fps=info.fps))
         frames, selection, _ = read_frames(video, select)
         return preprocess_frames(frames, cfg, selection)
     frames = as_frame_array(video)
-    selection = uniform_select_frames(len(frames), fps=fps, num_frames=num_frames, source_fps=source_fps)
+    selection = checked(uniform_select_frames(len(frames), fps=fps, num_frames=num_frames, source_fps=source_fps))
     return preprocess_frames(frames[selection.indices], cfg, selection)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, read_preprocessor_config
-from .frames import FramesLike, as_frame_array, as_image_array
+from .frames import FramesLike, VideoInputError, as_frame_array, as_image_array
 from .resize import resize_bicubic, smart_resize
 from .sampling import FrameSelection, qwen_select_frames, second_per_grid_ts
 
@@ -169,30 +169,53 @@ def preprocess_frames(frames: np.ndarray, cfg: QwenPreprocessConfig, selection: 
                            selection.indices, merge_size=cfg.merge_size)
 
 
+def video_token_count(n_frames: int, height: int, width: int, cfg: QwenPreprocessConfig) -> int:
+    """LM tokens of n_frames frames of height x width once resized, padded in time and merged."""
+    h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    grid_t = -(-n_frames // cfg.temporal_patch_size)
+    return grid_t * (h // cfg.patch_size) * (w // cfg.patch_size) // cfg.merge_size ** 2
+
+
+def check_token_budget(n_tokens: int, max_tokens: int | None, what: str) -> None:
+    """Refuse a video before any frame is resized or encoded when it cannot fit (a long video can
+    take minutes to preprocess and encode before its prompt would be found too long)."""
+    if max_tokens is not None and n_tokens > max_tokens:
+        raise VideoInputError(f"the video takes {n_tokens} tokens ({what}) but the context has room for "
+                              f"{max_tokens}: sample fewer frames (fps / num_frames), make them smaller "
+                              f"(max_pixels), or use a larger context (n_ctx)")
+
+
 def preprocess_video(video: str | Path | FramesLike, cfg: QwenPreprocessConfig | None = None, *,
                      fps: float | None = None, num_frames: int | None = None,
-                     source_fps: float | None = None, index_rule: str = "transformers") -> QwenVisualInput:
+                     source_fps: float | None = None, index_rule: str = "transformers",
+                     max_tokens: int | None = None) -> QwenVisualInput:
     """A video file, a list of HxWx3 uint8 frames or a [T, H, W, 3] uint8 array -> Qwen video input.
 
     fps / num_frames: sample with Qwen's rule (see sampling.py). For frames given as arrays,
     neither means "use every frame" (what transformers does) and source_fps is the frames' rate
     (needed for fps sampling and for second_per_grid_ts; transformers assumes 24 when unknown).
     For a file, neither means fps=2 (qwen-vl-utils' default) and the rate comes from the file.
+    max_tokens: refuse (VideoInputError) a video that would take more LM tokens, before resizing
+    or decoding its frames (a file's frame size is read from its header).
     """
     cfg = cfg or QwenPreprocessConfig.for_videos()
 
-    def select(total: int, rate: float | None, fps_: float | None) -> FrameSelection:
-        return qwen_select_frames(total, fps=fps_, num_frames=num_frames, source_fps=rate,
-                                  temporal_patch_size=cfg.temporal_patch_size, min_frames=cfg.min_frames,
-                                  max_frames=cfg.max_frames, index_rule=index_rule)
+    def select(total: int, rate: float | None, fps_: float | None, height: int, width: int) -> FrameSelection:
+        selection = qwen_select_frames(total, fps=fps_, num_frames=num_frames, source_fps=rate,
+                                       temporal_patch_size=cfg.temporal_patch_size, min_frames=cfg.min_frames,
+                                       max_frames=cfg.max_frames, index_rule=index_rule)
+        n = len(selection.indices)
+        check_token_budget(video_token_count(n, height, width, cfg), max_tokens, f"{n} frames of {height}x{width}")
+        return selection
 
     if isinstance(video, (str, Path)):
         from .decode import read_frames
         file_fps = fps if fps is not None or num_frames is not None else DEFAULT_FILE_FPS
-        frames, selection, _ = read_frames(video, lambda info: select(info.total_frames, info.fps, file_fps))
+        frames, selection, _ = read_frames(
+            video, lambda info: select(info.total_frames, info.fps, file_fps, info.height, info.width))
         return preprocess_frames(frames, cfg, selection)
     frames = as_frame_array(video)
-    selection = select(len(frames), source_fps, fps)
+    selection = select(len(frames), source_fps, fps, frames.shape[1], frames.shape[2])
     return preprocess_frames(frames[selection.indices], cfg, selection)
 
 
