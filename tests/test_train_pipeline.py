@@ -121,6 +121,16 @@ def test_hidden_store_is_the_full_distribution_in_fewer_bytes(text_target, tmp_p
     assert np.allclose(parts_hidden, parts_logits, rtol=1e-4, atol=1e-6)
 
 
+def test_batched_generation_is_generation_one_by_one(text_target):
+    """The data step generates greedy text responses in batches (left-padded): each equals the
+    target's own response to its prompt alone, cut at the same place (end of turn or its limit)."""
+    prompts = [text_target.prompt_ids(p, None) for p in PROMPTS[:5]]
+    limits = [24, 3, 24, 10, 1]
+    alone = [text_target.generate(p, None, n) for p, n in zip(prompts, limits)]
+    assert text_target.generate_batch(prompts, limits) == alone
+    assert len({len(p) for p in prompts}) > 1  # the prompts differ in length: padding is exercised
+
+
 def test_bad_records_skipped_and_counted(text_target, tmp_path, capsys):
     m = tmp_path / "m.jsonl"
     lines = [json.dumps({"prompt": "The quick brown fox"}),

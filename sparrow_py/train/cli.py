@@ -23,6 +23,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topk", type=int, default=0, help="with --store logits: keep the top-k logits per position "
                                                        "(0 = all; default 0)")
     g.add_argument("--cache-dtype", choices=["bf16", "f32"], default="bf16", help="storage of the taps (default bf16)")
+    g.add_argument("--gen-batch", type=int, default=8,
+                   help="greedy text-only responses generated together by transformers (default 8; 1 = one by one)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--runtime-target", metavar="GGUF",
                    help="the target's GGUF: text samples are generated and featurized by the Sparrow runtime (its "
@@ -154,7 +156,8 @@ def _data_options(args):
     return DataOptions(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                        max_len=args.max_len, store=args.store, topk=args.topk, cache_dtype=args.cache_dtype,
                        seed=getattr(args, "seed", 0),
-                       media=MediaOptions(fps=args.fps, num_frames=args.num_frames, max_pixels=args.max_pixels))
+                       media=MediaOptions(fps=args.fps, num_frames=args.num_frames, max_pixels=args.max_pixels),
+                       gen_batch=args.gen_batch)
 
 
 def _train(args) -> int:

@@ -58,6 +58,7 @@ class DataOptions:
     cache_dtype: str = "bf16"       # taps storage: bf16 or f32
     seed: int = 0
     media: MediaOptions = field(default_factory=MediaOptions)  # frame choice and size, as `sparrow run` takes them
+    gen_batch: int = 8              # greedy text-only responses generated together, per forward
 
     def __post_init__(self):
         self.store = self.store or ("logits" if self.topk else "hidden")
@@ -179,14 +180,25 @@ def _read_image(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def make_sample(target: Target, messages, visual: VisualInputs | None, config: DraftConfig,
-                options: DataOptions, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Generate the target's response and compute the sample's tensors (see module doc)."""
+def sample_prompt(target: Target, messages, visual: VisualInputs | None, options: DataOptions) -> tuple[list[int], int]:
+    """(prompt ids, response length limit) of a record."""
     prompt = target.prompt_ids(messages, visual)
     if len(prompt) >= options.max_len:
         raise BadRecord("over-long sample")
-    response = target.generate(prompt, visual, min(options.max_new_tokens, options.max_len - len(prompt)),
-                               sample=options.sample, temperature=options.temperature, seed=seed)
+    return prompt, min(options.max_new_tokens, options.max_len - len(prompt))
+
+
+def make_sample(target: Target, messages, visual: VisualInputs | None, config: DraftConfig,
+                options: DataOptions, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Generate the target's response and compute the sample's tensors (see module doc)."""
+    prompt, limit = sample_prompt(target, messages, visual, options)
+    response = target.generate(prompt, visual, limit, sample=options.sample, temperature=options.temperature, seed=seed)
+    return sample_tensors(target, prompt, response, visual, config, options)
+
+
+def sample_tensors(target: Target, prompt: list[int], response: list[int], visual: VisualInputs | None,
+                   config: DraftConfig, options: DataOptions) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One forward over prompt + response: the sample's tensors (see module doc)."""
     if not response:
         raise BadRecord("empty response")
     ids = prompt + response
@@ -274,6 +286,28 @@ def build_cache(target: Target, manifests: list[str | Path], cache_dir: str | Pa
     if progress and rank == 0:
         from tqdm import tqdm
         it = tqdm(records, desc="features", unit="rec", dynamic_ncols=True)
+    # greedy text-only records wait here to be generated together (a batch per forward)
+    pending: list[tuple[Path, list[int], int]] = []
+
+    def finish(out: Path, prompt: list[int], response: list[int], visual: VisualInputs | None) -> None:
+        try:
+            tensors, smeta = sample_tensors(target, prompt, response, visual, config, options)
+        except BadRecord as e:
+            summary.bad[str(e)] += 1
+            return
+        tmp = out.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=smeta)
+        os.replace(tmp, out)
+        files.append(out)
+        summary.new += 1
+
+    def flush() -> None:
+        if pending:
+            responses = target.generate_batch([p for _, p, _ in pending], [n for _, _, n in pending])
+            for (out, prompt, _), response in zip(pending, responses):
+                finish(out, prompt, response, None)
+            pending.clear()
+
     for i, (m, line_no, rec) in enumerate(it):
         out = samples_dir / f"{m.stem}-{line_no:06d}.safetensors"
         if out.exists():
@@ -287,15 +321,20 @@ def build_cache(target: Target, manifests: list[str | Path], cache_dir: str | Pa
                 raise rec
             messages, video, images = record_messages(rec)
             visual = load_visual(target, video, images, options.media, m.parent)
-            tensors, smeta = make_sample(target, messages, visual, config, options, options.seed + i)
+            prompt, limit = sample_prompt(target, messages, visual, options)
         except BadRecord as e:
             summary.bad[str(e)] += 1
             continue
-        tmp = out.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=smeta)
-        os.replace(tmp, out)
-        files.append(out)
-        summary.new += 1
+        if visual is None and not options.sample and options.gen_batch > 1:
+            pending.append((out, prompt, limit))
+            if len(pending) >= options.gen_batch:
+                flush()
+            continue
+        # sampled responses keep their per-record seed; visual ones their own pixel tensors
+        response = target.generate(prompt, visual, limit, sample=options.sample, temperature=options.temperature,
+                                   seed=options.seed + i)
+        finish(out, prompt, response, visual)
+    flush()
     return sorted(files), summary
 
 

@@ -54,6 +54,10 @@ class RuntimeTarget:
             tokens.append(self.hf.tokenizer.eos_token_id)
         return tokens
 
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
+        """One at a time: the runtime decodes a prompt at its own speed (no batch to gain)."""
+        return [self.generate(p, None, n) for p, n in zip(prompts, max_new_tokens)]
+
     def features(self, ids: list[int], visual, taps: list[int], ivsb_layer: int) -> dict[str, torch.Tensor]:
         if visual is not None:
             return self.hf.features(ids, visual, taps, ivsb_layer)

@@ -273,6 +273,29 @@ class Target:
         return out[0, len(ids):].tolist()
 
     @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
+        """Greedy responses of several text prompts in one batch (left-padded, masked), each cut
+        where generate() would stop it: after the end-of-turn token, or at its own length limit."""
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device),
+                                  max_new_tokens=max(max_new_tokens), do_sample=False, temperature=None, top_k=None,
+                                  top_p=None, eos_token_id=eos, pad_token_id=pad)
+        responses = []
+        for row, limit in enumerate(max_new_tokens):
+            tokens = out[row, width:width + limit].tolist()
+            if eos in tokens:
+                tokens = tokens[:tokens.index(eos) + 1]
+            responses.append(tokens)
+        return responses
+
+    @torch.no_grad()
     def features(self, ids: list[int], visual: VisualInputs | None, taps: list[int], ivsb_layer: int
                  ) -> dict[str, torch.Tensor]:
         """One forward over ids; everything the draft trains on (see the module doc). float32, CPU."""
