@@ -100,7 +100,7 @@ def make_prompts(gguf: Path, out: Path, n: int, seed: int, threads: int, exclude
 def train_draft(args, gguf: Path, hf: Path, out: Path) -> None:
     cmd = [sys.executable, "-m", "sparrow_py.cli", "train", "--target", str(hf), "--runtime-target", str(gguf),
            "--threads", str(args.threads), "--data", str(args.cache / "train.jsonl"), "--out", str(out),
-           "--draft-vocab", str(args.draft_vocab), "--max-new-tokens", str(args.max_new_tokens), "--topk", "32",
+           "--draft-vocab", str(args.draft_vocab), "--max-new-tokens", str(args.max_new_tokens),
            "--glimpses", "0", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--warmup-steps", "100", "--mtp-steps", "3", "--save-every", "500"]
     subprocess.run(cmd, check=True)
@@ -127,25 +127,26 @@ def greedy_llama(runner: LlamaRunner, prompt: list[int], n: int) -> tuple[list[i
 def measure(args, gguf: Path, draft: Path) -> None:
     import sparrow_py as sp
 
-    lc = import_llama_cpp(args.llama_venv.expanduser(), build=False)
+    lc = None if args.no_llama else import_llama_cpp(args.llama_venv.expanduser(), build=False)
     held_out = [json.loads(line)["prompt"] for line in (args.cache / "held-out.jsonl").read_text().splitlines()]
     held_out = held_out[:args.prompts]
     modes = {"plain": dict(speculative="none"), "chain": dict(speculative="chain", n_draft=args.n_draft),
              "tree": dict(speculative="tree"),
              # every round drafts n_draft: the draft's own acceptance, and what speculation costs here
              "chain-fixed": dict(speculative="chain", n_draft=args.n_draft, adaptive=False)}
-    tps = {m: [] for m in [*modes, "llama.cpp"]}
+    baselines = [] if args.no_llama else ["llama.cpp"]
+    tps = {m: [] for m in [*modes, *baselines]}
     stats = {m: [] for m in ("chain", "tree", "chain-fixed")}
     n_ctx = 1024
     with sp.Engine(str(gguf), n_ctx=n_ctx, n_threads=args.threads) as plain, \
             sp.Engine(str(gguf), n_ctx=n_ctx, n_threads=args.threads, draft=str(draft)) as spec:
-        llama = LlamaRunner(lc, gguf, n_ctx, args.threads, 512)
+        llama = None if lc is None else LlamaRunner(lc, gguf, n_ctx, args.threads, 512)
         try:
             prompts = [plain.tokenize(plain.apply_chat_template([{"role": "user", "content": p}]), add_special=False)
                        for p in held_out]
             for rnd in range(args.pairs):
                 for i, ids in enumerate(prompts):
-                    order = list(modes) + ["llama.cpp"]
+                    order = list(modes) + baselines
                     if (rnd + i) % 2:
                         order.reverse()
                     want = None
@@ -167,15 +168,16 @@ def measure(args, gguf: Path, draft: Path) -> None:
                             sys.exit(f"{m}: output differs from plain decoding on held-out prompt {i}")
                     print(f"  round {rnd + 1}/{args.pairs}, prompt {i + 1}/{len(prompts)}", file=sys.stderr)
         finally:
-            llama.close()
+            if llama is not None:
+                llama.close()
 
     print(f"# CPU: {cpu_model()}; sparrow {sp.system_info()}; {args.threads} thread(s)")
     print(f"# target {gguf.name}; draft {draft.name}; {len(held_out)} held-out prompts x {args.pairs} rounds, "
           f"greedy, {args.tokens} tokens; chain of up to {args.n_draft}; speculative outputs identical to plain: yes")
     plain_tps = statistics.median(tps["plain"])
-    llama_tps = statistics.median(tps["llama.cpp"])
+    llama_tps = statistics.median(tps["llama.cpp"]) if baselines else float("nan")
     print(f"{'mode':11} {'decode tok/s':>13} {'vs plain':>9} {'vs llama.cpp':>13}  notes")
-    for m in [*modes, "llama.cpp"]:
+    for m in [*modes, *baselines]:
         t = statistics.median(tps[m])
         note = ""
         if m in stats and stats[m]:
@@ -204,6 +206,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=3, help="rounds over the prompts (modes alternate within each)")
     ap.add_argument("--llama-venv", type=Path, default=Path.home() / ".cache" / "sparrow" / "llama-cpp-venv")
+    ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp baseline (ratios to plain only)")
     args = ap.parse_args()
 
     args.cache.mkdir(parents=True, exist_ok=True)

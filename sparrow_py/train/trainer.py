@@ -83,9 +83,8 @@ def mtp_loss(logits: list[torch.Tensor], batch: dict[str, torch.Tensor], model: 
             continue
         logq = F.log_softmax(lg[valid].float(), dim=-1)
         if "final" in batch:  # the target's logits again, through its frozen head: every id kept
-            vals = batch["final"][rows[valid]] @ model.target_head.t()
-            if model.d2t is not None:
-                vals = vals[:, model.d2t]
+            head = model.target_head if model.d2t is None else model.target_head[model.d2t]
+            vals = batch["final"][rows[valid]] @ head.t()
         else:
             vals = batch["topk_val"][rows[valid]]
             idx = batch["topk_idx"][rows[valid]]
