@@ -3,7 +3,8 @@
 // Model files (models/*.cpp) describe a forward pass as a sequence of these ops on Tensor
 // views; a backend executes them (cpu/ is the only one today; a device backend is meant to plug
 // in here). Ops run eagerly and in order, like a tape: there is no graph to build, which keeps the
-// decode loop free of allocation and makes every op testable on its own.
+// decode loop free of allocation and makes every op testable on its own (tests/cpp/test_backend_ops.cpp
+// checks each against a scalar reference).
 //
 // Memory: a Tensor's data pointer lives in the executing backend's memory (host memory for the
 // CPU backend; a device backend's would be device memory). Index arrays (token ids, positions, row lists) are host
@@ -66,7 +67,9 @@ struct RopeParams {
     int n_dims = 0;            // rotated dimensions per head (== head_dim for these models)
     float freq_base = 10000.0f;
     float freq_scale = 1.0f;   // linear position scaling (1 = none)
-    int sections[4] = {0, 0, 0, 0};  // MRope: frequency pairs taking positions from stream s
+    // MRope: frequency pairs taking positions from stream s; pair i belongs to the section that
+    // i mod (sum of sections) falls in (llama.cpp's rule). Vision: sections[0] and [1], see above.
+    int sections[4] = {0, 0, 0, 0};
     // Optional per-pair divisors of the frequencies (n_dims / 2 floats, llama3 rope scaling);
     // a host pointer, like the position arrays.
     const float * freq_factors = nullptr;
@@ -129,7 +132,7 @@ public:
     // matmul for each in turn, done with the activations converted once and in one pass over
     // the backend's threads.
     virtual void matmul_group(const Tensor & x, const MatmulOut * outs, int n) = 0;
-    // out = x / rms(x) * weight, per row.
+    // out = x / rms(x) * weight, per row (out may alias x).
     virtual void rms_norm(const Tensor & x, const Tensor & weight, float eps, Tensor & out) = 0;
     // In place on x[n, n_head * head_dim]. pos holds n positions (4 * n for MRope, stream-major:
     // t positions, then h, then w, then extra).
@@ -139,12 +142,13 @@ public:
     // Within one tensor, copy row src[i] to row dst[i] for i in order (dst[i] <= src[i], so
     // rows move down and a later source is never overwritten before it is read).
     virtual void move_rows(Tensor & t, const int32_t * src, const int32_t * dst, int64_t n) = 0;
-    // out[n_q, n_head * head_dim] = softmax(q k^T * scale + mask) v over cache rows [0, n_kv).
+    // out[n_q, n_head * head_dim] = softmax(q k^T * scale + mask) v over cache rows [0, n_kv). A query
+    // that may see no row (an all-zero mask row) gets zeros.
     virtual void attention(const Tensor & q, const Tensor & k_cache, const Tensor & v_cache,
                            const AttentionParams & p, Tensor & out) = 0;
-    // out = silu(gate) * up
+    // out = silu(gate) * up (out may alias gate or up)
     virtual void swiglu(const Tensor & gate, const Tensor & up, Tensor & out) = 0;
-    // out = a + b (same shapes; out may alias a)
+    // out = a + b (same shapes; out may alias a or b)
     virtual void add(const Tensor & a, const Tensor & b, Tensor & out) = 0;
     // out[i, :] = concat(a[i, :], b[i, :])
     virtual void concat_cols(const Tensor & a, const Tensor & b, Tensor & out) = 0;

@@ -1,7 +1,7 @@
 // backend_cpu.cpp - the CPU backend: every op of backend.h on host memory, multithreaded.
 //
-// Always built; the one backend today, so it is also what a device backend's ops would be
-// checked against.
+// Always built; the one backend today. tests/cpp/test_backend_ops.cpp checks each op against
+// scalar references written in the test.
 // The heavy lifting lives in kernels that pick the best SIMD code for the CPU at run time:
 // quant.h's mul_mat (register-tiled matrix products) and cpu/ops.h (fused attention, silu);
 // this file decides how work is split across threads. Nothing here allocates once the
