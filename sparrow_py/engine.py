@@ -10,6 +10,13 @@ threads' generate() and context calls wait meanwhile. The generating thread itse
 (last_stats, decode ...), and a second generate() on that thread supersedes its open stream. For
 generations that run in parallel, give each thread its own Engine: engine.share() makes one on the
 same loaded files (the weights are in memory once; each Engine has its own context).
+
+Apps with a UI run generate() on a worker thread and keep the UI thread out of the runtime. They
+get: abort= (Engine) to cancel from the UI thread, by returning a flag it sets; progress= and
+vision_progress= (generate, chat) for a long video's vision encoding and prompt prefill; and
+last_stats, which the worker may read after each piece for live figures. The callables run on
+the worker thread: hand their values to the UI thread (a queued signal) and return at once.
+examples/desktop is such an app.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import numpy as np
 from sparrow_py._native import OwnsHandles, check, ffi, lib
 from sparrow_py.chat import render_chat_template
 from sparrow_py.errors import SparrowError
+from sparrow_py.vision import _c_callback, _check_with
 
 _KV_TYPES = {"f16": lib.SPARROW_TYPE_F16, "f32": lib.SPARROW_TYPE_F32}
 _FINISH_NAMES = {
@@ -123,7 +131,8 @@ class Engine(OwnsHandles):
         abort: a callable() -> bool called between steps of long work (a layer, a prompt
             chunk); True stops the generation in progress at once: its stream raises SparrowError
             (status SPARROW_ERR_ABORTED) and the Engine stays usable. For cancelling a long
-            prompt (a video) from another thread.
+            prompt (a video) from another thread. generate() and chat() also ask it while their
+            video= / images= go through the vision tower.
     """
 
     def __init__(
@@ -189,6 +198,7 @@ class Engine(OwnsHandles):
         self._vision = None
         self._weights: Optional[_Weights] = None
         self._abort_callback = None       # the cffi callback the context calls: kept alive with it
+        self._abort_fn: Optional[Callable[[], bool]] = None  # abort=, also asked by the vision tower
         self.vocab_only = False
         self._turn = threading.Lock()     # held by the open generation (its _Stream), or one call
         self._in_call = threading.Lock()  # held during each runtime call on the context: close() waits
@@ -206,6 +216,7 @@ class Engine(OwnsHandles):
         cparams.n_batch = n_batch
         cparams.kv_type = _KV_TYPES[kv_type]
         cparams.seed = seed
+        self._abort_fn = abort
         if abort is not None:
 
             def on_abort(_user_data):
@@ -429,6 +440,8 @@ class Engine(OwnsHandles):
         fps: Optional[float] = None,
         num_frames: Optional[int] = None,
         max_pixels: Optional[int] = None,
+        progress: Optional[Callable[[float], Optional[bool]]] = None,
+        vision_progress: Optional[Callable[[float], Optional[bool]]] = None,
     ) -> Iterator[str]:
         """Yield the continuation of prompt (text or token ids) piece by piece, as produced.
 
@@ -447,6 +460,13 @@ class Engine(OwnsHandles):
         max_pixels caps each frame's size (Qwen's smart_resize budget).
         media: low level: images/videos already encoded, for a prompt of token ids holding
         runs of MEDIA_TOKEN (-1), one run per item, in order.
+        progress(fraction): the prompt's prefill, which the first piece waits for (long for a
+        video): called after each chunk of n_batch prompt tokens with the fraction done (tokens
+        reused from the cache count as done), rising to exactly 1 once the first token is ready.
+        vision_progress(fraction): video= / images= going through the vision tower (encode_visuals),
+        before this returns: per item, after each layer of each chunk of frames, rising to 1.
+        Either returning False cancels: SparrowError (SPARROW_ERR_ABORTED), the Engine stays usable.
+        They run on the calling thread (progress on the thread reading the stream).
         ``last_finish_reason``, ``last_tokens`` (the token ids produced) and ``last_stats``
         describe the generation afterwards.
         """
@@ -454,7 +474,8 @@ class Engine(OwnsHandles):
         if video is not None or images is not None:
             if not isinstance(prompt, str):
                 raise SparrowError("video= and images= need a text prompt")
-            items = self.encode_visuals(video, images, fps, num_frames, max_pixels)
+            items = self.encode_visuals(video, images, fps, num_frames, max_pixels, progress=vision_progress,
+                                        abort=self._abort_fn)
             text = prompt
             for kind in ("video", "image"):
                 if not any(k == kind for k, _ in items):
@@ -494,6 +515,10 @@ class Engine(OwnsHandles):
         params.stop = stop_array
         params.n_stop = len(keep_alive)
         prompt_arr = ffi.new("sparrow_token[]", tokens) if tokens else ffi.NULL
+        # called during the stream's first step: the stream keeps it alive
+        prefill_progress = _c_callback(progress, "progress")
+        if prefill_progress is not None:
+            params.progress_callback = prefill_progress.c
         items = None
         if media:
             keep = []
@@ -508,7 +533,7 @@ class Engine(OwnsHandles):
                 item.grid_t, item.grid_h, item.grid_w = (int(x) for x in m.grid)
                 item.t_scale = float(m.t_scale)
                 item.placeholder = int(m.placeholder)
-        stream = _Stream(self)
+        stream = _Stream(self, prefill_progress)
         self._take_turn(stream)
         try:
             with self._in_call:
@@ -537,15 +562,18 @@ class Engine(OwnsHandles):
         return None if self._ctx == ffi.NULL else self.n_ctx
 
     def encode_visuals(self, video=None, images=None, fps: Optional[float] = None, num_frames: Optional[int] = None,
-                       max_pixels: Optional[int] = None) -> list[tuple[str, Media]]:
+                       max_pixels: Optional[int] = None, progress: Optional[Callable[[float], Optional[bool]]] = None,
+                       abort: Optional[Callable[[], bool]] = None) -> list[tuple[str, Media]]:
         """[(kind, Media)] for the video (first) and the images, encoded by the vision tower: what
         chat_prompt() takes, so that encodings can be kept and reused for several prompts. The
-        vision file is only read: any thread may call this, also while generations run."""
+        vision file is only read: any thread may call this, also while generations run.
+        progress / abort: VisionEncoder.encode's, for each item in turn (the fraction rises to 1
+        per item); a cancel raises SparrowError (SPARROW_ERR_ABORTED)."""
         if self._vision is None:
             raise SparrowError("video and images need the model's vision file: Engine(..., mmproj=...)")
         kind = self._vision.projector_type
         if kind == "llava_onevision":
-            return self._encode_llava_onevision(video, images, fps, num_frames)
+            return self._encode_llava_onevision(video, images, fps, num_frames, progress, abort)
         if kind not in ("qwen2vl_merger", "qwen2.5vl_merger"):
             raise SparrowError(f"video= / images= are not wired for projector type {kind!r}; encode with "
                                "sparrow_py.vision.VisionEncoder and pass media= instead")
@@ -557,13 +585,13 @@ class Engine(OwnsHandles):
                                       max_tokens=self._media_token_room())
             # transformers: temporal positions step by tokens_per_second * second_per_grid_t (Qwen2.5-VL)
             t_scale = self._vision.tokens_per_second() * float(v.second_per_grid_ts) if kind == "qwen2.5vl_merger" else 1.0
-            items.append(("video", self._qwen_media(v, t_scale, self._vision_token("<|video_pad|>"))))
+            items.append(("video", self._qwen_media(v, t_scale, self._vision_token("<|video_pad|>"), progress, abort)))
         for image in images or []:
             im = qwen.preprocess_image(np.asarray(image), qwen.runtime_config("image", max_pixels))
-            items.append(("image", self._qwen_media(im, 1.0, self._vision_token("<|image_pad|>"))))
+            items.append(("image", self._qwen_media(im, 1.0, self._vision_token("<|image_pad|>"), progress, abort)))
         return items
 
-    def _encode_llava_onevision(self, video, images, fps, num_frames) -> list:
+    def _encode_llava_onevision(self, video, images, fps, num_frames, progress=None, abort=None) -> list:
         """LLaVA-OneVision: fixed-size frames; a video becomes each frame's pooled tokens plus one
         image_newline, at its <video> token; an image its anyres tiles' tokens at its <image>
         token; 1-D positions."""
@@ -575,17 +603,17 @@ class Engine(OwnsHandles):
             v = ov.preprocess_video(video, self._vision.llava_preprocess_config(), fps=fps, num_frames=num_frames,
                                     max_tokens=self._media_token_room(),
                                     tokens_per_frame=((side + 1) // 2) ** 2)  # pooled 2x2 (ceil)
-            embd = self._vision.encode(v.pixel_values)
+            embd = self._vision.encode(v.pixel_values, progress=progress, abort=abort)
             items.append(("video", Media(embd, grid=(len(v.pixel_values), side, side),
                                          placeholder=self._vision_token("<video>"))))
         for image in images or []:  # anyres tiles, packed as transformers does (1-D positions: no grid)
-            embd = self._vision.encode_image(np.asarray(image))
+            embd = self._vision.encode_image(np.asarray(image), progress=progress, abort=abort)
             items.append(("image", Media(embd, grid=(1, 1, len(embd)), placeholder=self._vision_token("<image>"))))
         return items
 
-    def _qwen_media(self, visual, t_scale: float, placeholder: int) -> Media:
+    def _qwen_media(self, visual, t_scale: float, placeholder: int, progress=None, abort=None) -> Media:
         t, h, w = visual.grid_thw
-        embd = self._vision.encode(visual.pixel_values, [visual.grid_thw])
+        embd = self._vision.encode(visual.pixel_values, [visual.grid_thw], progress=progress, abort=abort)
         return Media(embd, grid=(t, h // 2, w // 2), t_scale=t_scale, placeholder=placeholder)
 
     def _tokens_with_visuals(self, text: str, items: list, add_special: bool, markers=None):
@@ -625,15 +653,18 @@ class Engine(OwnsHandles):
         return render_chat_template(template, messages, add_generation_prompt, bos_token=bos, eos_token=eos)
 
     def chat(self, messages: Sequence[dict[str, Any]], video=None, images=None, fps: Optional[float] = None,
-             num_frames: Optional[int] = None, max_pixels: Optional[int] = None, **kwargs) -> Iterator[str]:
+             num_frames: Optional[int] = None, max_pixels: Optional[int] = None,
+             vision_progress: Optional[Callable[[float], Optional[bool]]] = None, **kwargs) -> Iterator[str]:
         """generate() on the chat template's rendering of messages (special tokens parsed).
 
         With video= / images=, message contents may be lists of {"type": "video"}, {"type":
         "image"} and {"type": "text", "text": ...} parts, as Hugging Face chat templates take them;
-        the template's vision pad tokens are replaced by the encoded items, in order."""
+        the template's vision pad tokens are replaced by the encoded items, in order.
+        vision_progress (and progress, among kwargs) as generate()'s."""
         items = None
         if video is not None or images is not None:
-            items = self.encode_visuals(video, images, fps, num_frames, max_pixels)
+            items = self.encode_visuals(video, images, fps, num_frames, max_pixels, progress=vision_progress,
+                                        abort=self._abort_fn)
         tokens, media = self.chat_prompt(messages, items)
         return self.generate(tokens, media=media or None, **kwargs)
 
@@ -655,7 +686,9 @@ class Engine(OwnsHandles):
 
     @property
     def last_stats(self) -> dict:
-        """Statistics of the last generation: token counts, times and speeds."""
+        """Statistics of the last generation: token counts, times and speeds. While a stream is
+        open, the thread reading it gets the figures so far (the runtime updates them at every
+        piece): for a live accepted length and tokens/s."""
         out = ffi.new("sparrow_stats *")
         with self._context() as ctx:
             check(lib.sparrow_get_stats(ctx, out))
@@ -786,8 +819,9 @@ class _Stream:
     """The pieces of one generate() call, and its hold on the Engine (the module's docstring):
     released at the last piece, on an error, by close(), or when the stream is collected."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, progress=None):
         self._engine = engine
+        self._progress = progress  # the prefill progress callback (vision._CCallback) the runtime calls
         self.ticket = object()
         self._done = False
         self._buf = ffi.new("char[]", 4096)
@@ -811,8 +845,8 @@ class _Stream:
                 with e._in_call:
                     if e._ctx == ffi.NULL:
                         raise SparrowError("the engine was closed during generation", "SPARROW_ERR_STATE")
-                    check(lib.sparrow_generate_next(e._ctx, self._buf, 4096, self._size, self._finish, ffi.NULL),
-                          "generate")
+                    _check_with(lib.sparrow_generate_next(e._ctx, self._buf, 4096, self._size, self._finish, ffi.NULL),
+                                "generate", [self._progress])
                     piece = ffi.unpack(self._buf, self._size[0]).decode("utf-8", "replace") if self._size[0] else ""
                     finish = self._finish[0]
                     if finish != lib.SPARROW_FINISH_NONE:

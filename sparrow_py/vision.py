@@ -7,11 +7,16 @@
 Input layouts are those of sparrow_py.video (see sparrow_vision_encode in sparrow.h): Qwen2-VL /
 Qwen2.5-VL take pixel_values [n_patches, C*T*P*P] with grid_thw (t, h, w) (or several grids);
 LLaVA-OneVision takes [frames, C, H, W] and derives the grid from the shape when none is given.
+
+A long video takes a while: encode(..., progress=, abort=) reports the fraction done after each
+layer of each chunk of frames and stops when asked (sparrow_vision_encode_ext). Both callables run
+on the encoding thread; an app with a UI encodes on a worker thread, hands the fractions to its UI
+thread, and cancels by setting a flag the abort callable returns.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -19,6 +24,50 @@ from sparrow_py._native import OwnsHandles, check, ffi, lib
 from sparrow_py.errors import SparrowError
 
 GridLike = Union[Sequence[int], Sequence[Sequence[int]], np.ndarray]
+ProgressFn = Callable[[float], Optional[bool]]   # fraction done -> False to cancel
+AbortFn = Callable[[], bool]                     # -> True to stop
+
+
+class _CCallback:
+    """A Python callable as a C callback (sparrow_progress_callback or sparrow_abort_callback),
+    alive as long as this object. An exception it raises cannot cross C: it stops the call, and
+    _check_with() makes it the cause of the call's SparrowError."""
+
+    def __init__(self, fn, kind: str):
+        self.error: Optional[BaseException] = None
+        if kind == "progress":
+            def on_progress(fraction, _user_data):
+                try:
+                    return fn(fraction) is not False
+                except Exception as e:  # noqa: BLE001 - handed back by _check_with()
+                    self.error = e
+                    return False
+
+            self.c = ffi.callback("bool(float, void *)", on_progress)
+        else:
+            def on_abort(_user_data):
+                try:
+                    return bool(fn())
+                except Exception as e:  # noqa: BLE001 - handed back by _check_with()
+                    self.error = e
+                    return True
+
+            self.c = ffi.callback("bool(void *)", on_abort)
+
+
+def _c_callback(fn, kind: str) -> Optional[_CCallback]:
+    return None if fn is None else _CCallback(fn, kind)
+
+
+def _check_with(status: int, what: str, callbacks) -> None:
+    """check(), with the exception a callback raised (if any) as the SparrowError's cause."""
+    try:
+        check(status, what)
+    except SparrowError as e:
+        for cb in callbacks:
+            if cb is not None and cb.error is not None:
+                raise e from cb.error
+        raise
 
 
 class VisionEncoder(OwnsHandles):
@@ -100,8 +149,27 @@ class VisionEncoder(OwnsHandles):
         patch = int(round((kernel // width / channels) ** 0.5))
         return side, patch
 
-    def encode(self, pixel_values: np.ndarray, grid_thw: Optional[GridLike] = None) -> np.ndarray:
-        """Embeddings [n_tokens, n_embd] float32 for one or more images/videos."""
+    def _params(self, progress: Optional[ProgressFn], abort: Optional[AbortFn], tiles: bool = False):
+        """sparrow_vision_params with this encoder's threads and the callbacks (kept alive by the
+        returned list, which the caller holds during the call)."""
+        params = lib.sparrow_vision_default_params()
+        params.n_threads = self.n_threads
+        params.tiles = tiles
+        keep = [_c_callback(progress, "progress"), _c_callback(abort, "abort")]
+        if keep[0] is not None:
+            params.progress_callback = keep[0].c
+        if keep[1] is not None:
+            params.abort_callback = keep[1].c
+        return params, keep
+
+    def encode(self, pixel_values: np.ndarray, grid_thw: Optional[GridLike] = None,
+               progress: Optional[ProgressFn] = None, abort: Optional[AbortFn] = None) -> np.ndarray:
+        """Embeddings [n_tokens, n_embd] float32 for one or more images/videos.
+
+        progress(fraction) is called after each layer of each chunk of frames (at most 4096
+        patches), the fraction rising to exactly 1; returning False cancels. abort() is asked
+        before each layer; True cancels. A cancel raises SparrowError (SPARROW_ERR_ABORTED) within
+        one layer's time; the encoder stays usable. Both run on the calling thread."""
         if self._model == ffi.NULL:
             raise SparrowError("the encoder is closed", "SPARROW_ERR_STATE")
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
@@ -117,18 +185,22 @@ class VisionEncoder(OwnsHandles):
         n_tokens = ffi.new("int64_t *")
         px = ffi.from_buffer("float[]", pixels)
         gp = ffi.from_buffer("int32_t[]", grids32)
-        status = lib.sparrow_vision_encode(self._model, px, pixels.size, gp, len(grids32), self.n_threads,
-                                           ffi.NULL, 0, n_tokens)
+        params, keep = self._params(progress, abort)
+        # the size query does no work and calls no callback
+        status = lib.sparrow_vision_encode_ext(self._model, px, pixels.size, gp, len(grids32), ffi.NULL, 0, n_tokens,
+                                               params)
         if status != lib.SPARROW_ERR_BUFFER_TOO_SMALL:
             check(status, "vision encode")
         out = np.empty((int(n_tokens[0]), self.n_embd), dtype=np.float32)
-        check(lib.sparrow_vision_encode(self._model, px, pixels.size, gp, len(grids32), self.n_threads,
-                                        ffi.from_buffer("float[]", out), out.size, n_tokens), "vision encode")
+        _check_with(lib.sparrow_vision_encode_ext(self._model, px, pixels.size, gp, len(grids32),
+                                                  ffi.from_buffer("float[]", out), out.size, n_tokens, params),
+                    "vision encode", keep)
         return out
 
-    def encode_tiles(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_tiles(self, pixel_values: np.ndarray, progress: Optional[ProgressFn] = None,
+                     abort: Optional[AbortFn] = None) -> np.ndarray:
         """LLaVA-OneVision: the unpooled projected patch features of image tiles [n, C, H, W] ->
-        [n, h * w, n_embd] (sparrow_vision_encode_tiles)."""
+        [n, h * w, n_embd] (sparrow_vision_encode_tiles). progress / abort as encode()'s."""
         if self._model == ffi.NULL:
             raise SparrowError("the encoder is closed", "SPARROW_ERR_STATE")
         pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
@@ -138,15 +210,18 @@ class VisionEncoder(OwnsHandles):
         grid = ffi.new("int32_t[3]", [pixels.shape[0], side, side])
         out = np.empty((pixels.shape[0], side * side, self.n_embd), dtype=np.float32)
         n_tokens = ffi.new("int64_t *")
-        check(lib.sparrow_vision_encode_tiles(self._model, ffi.from_buffer("float[]", pixels), pixels.size, grid, 1,
-                                              self.n_threads, ffi.from_buffer("float[]", out), out.size, n_tokens),
-              "vision encode")
+        params, keep = self._params(progress, abort, tiles=True)
+        _check_with(lib.sparrow_vision_encode_ext(self._model, ffi.from_buffer("float[]", pixels), pixels.size, grid, 1,
+                                                  ffi.from_buffer("float[]", out), out.size, n_tokens, params),
+                    "vision encode", keep)
         return out
 
-    def encode_image(self, image: np.ndarray) -> np.ndarray:
+    def encode_image(self, image: np.ndarray, progress: Optional[ProgressFn] = None,
+                     abort: Optional[AbortFn] = None) -> np.ndarray:
         """LLaVA-OneVision: one HxWx3 uint8 image -> its LM embeddings [n, n_embd], anyres as
         transformers does it (tiles from clip.vision.image_grid_pinpoints, then
-        pack_image_features with clip.vision.vision_aspect_ratio's tile limit)."""
+        pack_image_features with clip.vision.vision_aspect_ratio's tile limit). progress / abort
+        as encode()'s."""
         from sparrow_py.video import llava_onevision as ov
 
         if self.projector_type != "llava_onevision":
@@ -164,7 +239,7 @@ class VisionEncoder(OwnsHandles):
         newline = np.empty(self.n_embd, dtype=np.float32)
         check(lib.sparrow_model_tensor_f32(self._model, b"model.image_newline", ffi.from_buffer("float[]", newline),
                                            self.n_embd), "image_newline")
-        return ov.pack_image_features(self.encode_tiles(tiles.pixel_values), tiles, newline,
+        return ov.pack_image_features(self.encode_tiles(tiles.pixel_values, progress, abort), tiles, newline,
                                       int(aspect[len("anyres_max_"):]))
 
     def close(self) -> None:

@@ -22,6 +22,20 @@
  *     each other: one context per thread runs in parallel. Draft sessions likewise.
  *   - sparrow_last_error() is thread-local: it reports the last failure on the calling thread.
  *   - The tokenizer functions only read the model and may be called from any thread.
+ *
+ * Apps with a UI
+ *   Long calls (a vision encode, the first sparrow_generate_next of a long video prompt) run on a
+ *   worker thread; the UI thread never calls into the runtime while they run. What it gets:
+ *   - Cancel: every long call takes an abort callback (sparrow_context_params.abort_callback,
+ *     sparrow_vision_params.abort_callback), which the runtime calls on the worker thread between
+ *     layers. To cancel from the UI thread, set an atomic flag there and have the callback return
+ *     it: the call then fails with SPARROW_ERR_ABORTED within one layer's time.
+ *   - Progress: sparrow_vision_params.progress_callback and sparrow_generate_params.
+ *     progress_callback report the fraction done, rising to exactly 1, on the worker thread; the
+ *     app hands the number to its UI thread (a queued signal, a message) and returns at once.
+ *   - Live statistics: after each piece sparrow_generate_next returns, sparrow_get_stats on the
+ *     same thread reads the statistics so far (accepted length, drafted/accepted, tokens/s).
+ *   Callbacks must not call into the object running them (SPARROW_ERR_STATE).
  */
 #ifndef SPARROW_H
 #define SPARROW_H
@@ -174,8 +188,13 @@ SPARROW_API sparrow_status sparrow_detokenize(const sparrow_model * model,
 /* ---- contexts -------------------------------------------------------------------------- */
 typedef struct sparrow_context sparrow_context;
 
-/* Called between steps of long work (a layer, a chunk); return true to abort the current call
- * with SPARROW_ERR_ABORTED. The context stays usable: the KV cache keeps what was complete. */
+/* Called between steps of long work (before each layer of every forward pass, so also during
+ * decoding); return true to abort the current call with SPARROW_ERR_ABORTED. It runs on the
+ * thread inside the call; to cancel from another thread (a UI's Stop button), have it return a
+ * flag that thread sets (an atomic: it is read while the other thread writes it). The context
+ * stays usable: the KV cache keeps the prompt chunks that were complete. An aborted
+ * sparrow_generate_next ends its generation (sparrow_generate_next then fails with
+ * SPARROW_ERR_STATE; the tokens produced before stay readable); begin a new one to continue. */
 typedef bool (*sparrow_abort_callback)(void * user_data);
 
 typedef struct sparrow_context_params {
@@ -288,6 +307,14 @@ typedef struct sparrow_generate_params {
                                            0 (a plain decode step) when speculation does not pay.
                                            Tree rounds likewise give way to plain steps. false: always
                                            n_draft (or the whole tree) */
+    /* Progress of the prompt's prefill (a long video takes a while): called after each chunk of
+     * n_batch prompt tokens the target has run, with the fraction of the prompt done (tokens reused
+     * from the KV cache count as done), non-decreasing, the last call with exactly 1 once the
+     * first token is ready (also for a prompt of one chunk). On the thread calling
+     * sparrow_generate_next (the first call of a generation runs the prompt); return false to stop
+     * with SPARROW_ERR_ABORTED, as the abort callback. NULL (default): none. */
+    sparrow_progress_callback progress_callback;
+    void * progress_user_data;
 } sparrow_generate_params;
 
 SPARROW_API sparrow_generate_params sparrow_generate_default_params(void);
@@ -329,7 +356,10 @@ SPARROW_API sparrow_status sparrow_generate_next(sparrow_context * ctx, char * b
                                                  size_t * out_len, int32_t * out_finish,
                                                  sparrow_token * out_token);
 
-/* Statistics of the current/last generation. */
+/* Statistics of the current/last generation. Every sparrow_generate_next updates them, so an
+ * app reads the figures so far after each piece (on the generating thread, between calls):
+ * n_generated counts the tokens behind the pieces returned, n_accepted <= n_drafted,
+ * mean_accepted_length and decode_tokens_per_s are the running values (0 until a decode step). */
 typedef struct sparrow_stats {
     int32_t n_prompt;           /* prompt tokens                                              */
     int32_t n_prompt_cached;    /* of which reused from the KV cache                          */
@@ -438,6 +468,29 @@ SPARROW_API sparrow_status sparrow_vision_encode_tiles(const sparrow_model * mmp
                                                        int64_t n_pixel_floats, const int32_t * grid_thw,
                                                        int32_t n_grids, int32_t n_threads, float * out,
                                                        int64_t n_out_floats, int64_t * out_n_tokens);
+/* sparrow_vision_encode / _tiles with cancellation and progress, for long videos in apps. */
+typedef struct sparrow_vision_params {
+    int32_t n_threads;          /* 0 = all cores                                               */
+    bool tiles;                 /* LLaVA-OneVision image tiles, as sparrow_vision_encode_tiles  */
+    /* Called before each frame chunk and each layer of the tower: true stops the encode with
+     * SPARROW_ERR_ABORTED (out then holds nothing usable; the model is untouched). */
+    sparrow_abort_callback abort_callback;
+    void * abort_user_data;
+    /* Called after each layer of the tower and after the projector, for each chunk of whole frames
+     * (at most 4096 patches at once), with the fraction of the work done, non-decreasing, the last
+     * call with exactly 1; false stops with SPARROW_ERR_ABORTED. Both callbacks run on the thread
+     * calling the encode. */
+    sparrow_progress_callback progress_callback;
+    void * progress_user_data;
+} sparrow_vision_params;
+
+SPARROW_API sparrow_vision_params sparrow_vision_default_params(void);
+/* sparrow_vision_encode (or _tiles, with params.tiles) with params' threads and callbacks; inputs,
+ * outputs and the size protocol as sparrow_vision_encode (the size query calls no callback). */
+SPARROW_API sparrow_status sparrow_vision_encode_ext(const sparrow_model * mmproj, const float * pixels,
+                                                     int64_t n_pixel_floats, const int32_t * grid_thw,
+                                                     int32_t n_grids, float * out, int64_t n_out_floats,
+                                                     int64_t * out_n_tokens, sparrow_vision_params params);
 /* The width of the embeddings a vision file outputs (the language model's hidden size);
  * 0 if mmproj is NULL or not a vision file. */
 SPARROW_API int32_t sparrow_vision_n_embd(const sparrow_model * mmproj);

@@ -26,7 +26,7 @@ const VisionModel & vision_of(const sparrow_model * model) {
 
 sparrow_status encode(const sparrow_model * mmproj, const float * pixels, int64_t n_pixel_floats, const int32_t * grid_thw,
                       int32_t n_grids, int32_t n_threads, float * out, int64_t n_out_floats, int64_t * out_n_tokens,
-                      bool tiles) {
+                      bool tiles, VisionMonitor * monitor = nullptr) {
     return guard([&] {
         if (out_n_tokens) *out_n_tokens = 0;
         const VisionModel & vm = vision_of(mmproj);
@@ -55,7 +55,7 @@ sparrow_status encode(const sparrow_model * mmproj, const float * pixels, int64_
         if (!out) fail(SPARROW_ERR_INVALID_ARGUMENT, "out is NULL");
         const int threads = n_threads > 0 ? n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
         std::unique_ptr<Backend> backend = make_cpu_backend(threads);
-        vision_encode(*backend, vm, pixels, grids.data(), n_grids, out, tiles);
+        vision_encode(*backend, vm, pixels, grids.data(), n_grids, out, tiles, monitor);
     });
 }
 
@@ -71,6 +71,25 @@ sparrow_status sparrow_vision_encode_tiles(const sparrow_model * mmproj, const f
                                            const int32_t * grid_thw, int32_t n_grids, int32_t n_threads, float * out,
                                            int64_t n_out_floats, int64_t * out_n_tokens) {
     return encode(mmproj, pixels, n_pixel_floats, grid_thw, n_grids, n_threads, out, n_out_floats, out_n_tokens, true);
+}
+
+sparrow_vision_params sparrow_vision_default_params(void) {
+    sparrow_vision_params p;
+    p.n_threads = 0;
+    p.tiles = false;
+    p.abort_callback = nullptr;
+    p.abort_user_data = nullptr;
+    p.progress_callback = nullptr;
+    p.progress_user_data = nullptr;
+    return p;
+}
+
+sparrow_status sparrow_vision_encode_ext(const sparrow_model * mmproj, const float * pixels, int64_t n_pixel_floats,
+                                         const int32_t * grid_thw, int32_t n_grids, float * out, int64_t n_out_floats,
+                                         int64_t * out_n_tokens, sparrow_vision_params params) {
+    VisionMonitor monitor(params.abort_callback, params.abort_user_data, params.progress_callback, params.progress_user_data);
+    return encode(mmproj, pixels, n_pixel_floats, grid_thw, n_grids, params.n_threads, out, n_out_floats, out_n_tokens,
+                  params.tiles, &monitor);
 }
 
 int32_t sparrow_vision_n_embd(const sparrow_model * mmproj) {

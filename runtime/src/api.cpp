@@ -492,6 +492,8 @@ sparrow_generate_params sparrow_generate_default_params(void) {
     p.tree_top_k = 4;
     p.tree_total_tokens = 24;
     p.adaptive = true;
+    p.progress_callback = nullptr;
+    p.progress_user_data = nullptr;
     return p;
 }
 
@@ -661,109 +663,132 @@ sparrow_status sparrow_generate_next(sparrow_context * ctx, char * buf, size_t b
                                      int32_t * out_finish, sparrow_token * out_token) {
     return guard([&] {
         CLAIM_CONTEXT(ctx);
-        require(buf != nullptr && buf_size >= 256, "buf must hold at least 256 bytes");
-        require(out_len != nullptr && out_finish != nullptr, "out_len and out_finish are required");
-        if (out_token) *out_token = -1;
-        auto & g = ctx->gen;
-        if (!g.active && g.outbox.empty()) fail(SPARROW_ERR_STATE, "no generation in progress: call sparrow_generate_begin first");
-        // Hand out, at most buf_size bytes at a time and never splitting a character, what an
-        // earlier call produced but could not fit.
-        auto emit = [&](int32_t finish_when_drained) {
-            size_t n = g.outbox.size();
-            if (n > buf_size) n = utf8_complete_prefix(g.outbox.substr(0, buf_size));
-            copy_out(g.outbox.substr(0, n), buf, buf_size, out_len, false);
-            g.outbox.erase(0, n);
-            *out_finish = g.outbox.empty() ? finish_when_drained : SPARROW_FINISH_NONE;
-        };
-        if (!g.outbox.empty()) {
-            emit(g.final_finish);
-            return;
-        }
-        const sparrow_model & m = *ctx->model;
-        const int32_t n_vocab = m.hparams.n_vocab;
-        std::string piece;
-        int32_t finish = SPARROW_FINISH_NONE;
-        auto finish_with = [&](int32_t reason) {
-            finish = reason;
-            piece += g.text.flush();
-            g.finished = true;
-            g.active = false;
-        };
+        auto next_piece = [&] {
+            require(buf != nullptr && buf_size >= 256, "buf must hold at least 256 bytes");
+            require(out_len != nullptr && out_finish != nullptr, "out_len and out_finish are required");
+            if (out_token) *out_token = -1;
+            auto & g = ctx->gen;
+            if (!g.active && g.outbox.empty()) fail(SPARROW_ERR_STATE, "no generation in progress: call sparrow_generate_begin first");
+            // Hand out, at most buf_size bytes at a time and never splitting a character, what an
+            // earlier call produced but could not fit.
+            auto emit = [&](int32_t finish_when_drained) {
+                size_t n = g.outbox.size();
+                if (n > buf_size) n = utf8_complete_prefix(g.outbox.substr(0, buf_size));
+                copy_out(g.outbox.substr(0, n), buf, buf_size, out_len, false);
+                g.outbox.erase(0, n);
+                *out_finish = g.outbox.empty() ? finish_when_drained : SPARROW_FINISH_NONE;
+            };
+            if (!g.outbox.empty()) {
+                emit(g.final_finish);
+                return;
+            }
+            const sparrow_model & m = *ctx->model;
+            const int32_t n_vocab = m.hparams.n_vocab;
+            std::string piece;
+            int32_t finish = SPARROW_FINISH_NONE;
+            auto finish_with = [&](int32_t reason) {
+                finish = reason;
+                piece += g.text.flush();
+                g.finished = true;
+                g.active = false;
+            };
 
-        // produce the next token(s): after the prompt, by plain decoding or by a speculative round
-        std::vector<int32_t> produced;
-        if (!g.prompt_done) {
-            const int32_t cached = (int32_t) ctx->cache->size();
-            const int32_t fed = (int32_t) g.prompt.size() - cached;
-            const double t0 = now_ms();
-            ForwardOptions opt;
-            if (ctx->spec.active) {
-                const int32_t * prompt = g.prompt.data() + cached;
-                opt.capture_layers = &spec_prefill_capture_layers(*ctx);
-                opt.capture_all_rows = true;
-                spec_prefill_start(*ctx, prompt, fed);
-                opt.hidden_sink = [ctx, prompt](int32_t first, int32_t n, const float * hidden) {
-                    spec_prefill_chunk(*ctx, prompt, first, n, hidden);
+            // produce the next token(s): after the prompt, by plain decoding or by a speculative round
+            std::vector<int32_t> produced;
+            if (!g.prompt_done) {
+                const int32_t cached = (int32_t) ctx->cache->size();
+                const int32_t fed = (int32_t) g.prompt.size() - cached;
+                const double t0 = now_ms();
+                ForwardOptions opt;
+                if (ctx->spec.active) {
+                    const int32_t * prompt = g.prompt.data() + cached;
+                    opt.capture_layers = &spec_prefill_capture_layers(*ctx);
+                    opt.capture_all_rows = true;
+                    spec_prefill_start(*ctx, prompt, fed);
+                    opt.hidden_sink = [ctx, prompt](int32_t first, int32_t n, const float * hidden) {
+                        spec_prefill_chunk(*ctx, prompt, first, n, hidden);
+                    };
+                }
+                if (g.has_media) {  // never cached: the whole prompt is fed
+                    opt.embd = g.prompt_embd.data();
+                    opt.pos_streams = g.prompt_pos.data();
+                }
+                const sparrow_progress_callback progress = g.params.progress_callback;
+                void * progress_data = g.params.progress_user_data;
+                auto report = [&](float fraction) {
+                    if (progress && !progress(fraction, progress_data)) fail(SPARROW_ERR_ABORTED, "prefill cancelled by the progress callback");
                 };
-            }
-            if (g.has_media) {  // never cached: the whole prompt is fed
-                opt.embd = g.prompt_embd.data();
-                opt.pos_streams = g.prompt_pos.data();
-            }
-            context_forward(*ctx, g.prompt.data() + cached, fed, opt);
-            g.prompt_done = true;
-            if (!(g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens)) {
-                produced.push_back(sample_token(ctx->logits.data(), n_vocab, g.params.sampling, g.rng, g.dist));
-                if (ctx->spec.active) spec_begin(*ctx, fed, produced.back());
-            }
-            ctx->stats.t_prefill_ms = now_ms() - t0;
-            ctx->stats.prefill_tokens_per_s = ctx->stats.t_prefill_ms > 0 ? fed / (ctx->stats.t_prefill_ms / 1000.0) : 0.0;
-        } else if (g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) {
-            // nothing more to produce
-        } else if (ctx->cache->size() >= ctx->cache->capacity()) {
-            finish_with(SPARROW_FINISH_CONTEXT);
-        } else {
-            const double t0 = now_ms();
-            if (ctx->spec.active) {
-                spec_round(*ctx, produced);
+                const int32_t n_prompt = (int32_t) g.prompt.size();
+                if (progress) {
+                    opt.after_chunk = [&](int32_t done) {
+                        // the last chunk is reported as 1 below, once the first token is ready
+                        if (done < fed) report((float) ((double) (cached + done) / n_prompt));
+                    };
+                }
+                context_forward(*ctx, g.prompt.data() + cached, fed, opt);
+                g.prompt_done = true;
+                if (!(g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens)) {
+                    produced.push_back(sample_token(ctx->logits.data(), n_vocab, g.params.sampling, g.rng, g.dist));
+                    if (ctx->spec.active) spec_begin(*ctx, fed, produced.back());
+                }
+                report(1.0f);
+                ctx->stats.t_prefill_ms = now_ms() - t0;
+                ctx->stats.prefill_tokens_per_s = ctx->stats.t_prefill_ms > 0 ? fed / (ctx->stats.t_prefill_ms / 1000.0) : 0.0;
+            } else if (g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) {
+                // nothing more to produce
+            } else if (ctx->cache->size() >= ctx->cache->capacity()) {
+                finish_with(SPARROW_FINISH_CONTEXT);
             } else {
-                context_forward(*ctx, &g.last_token, 1, ForwardOptions());
-                ctx->stats.n_target_forwards += 1;
-                produced.push_back(sample_token(ctx->logits.data(), n_vocab, g.params.sampling, g.rng, g.dist));
+                const double t0 = now_ms();
+                if (ctx->spec.active) {
+                    spec_round(*ctx, produced);
+                } else {
+                    context_forward(*ctx, &g.last_token, 1, ForwardOptions());
+                    ctx->stats.n_target_forwards += 1;
+                    produced.push_back(sample_token(ctx->logits.data(), n_vocab, g.params.sampling, g.rng, g.dist));
+                }
+                ctx->stats.t_decode_ms += now_ms() - t0;
             }
-            ctx->stats.t_decode_ms += now_ms() - t0;
-        }
 
-        // hand the tokens out in order, stopping at the first that ends the generation
-        for (int32_t token : produced) {
-            if (finish != SPARROW_FINISH_NONE) break;
-            if (g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) break;
-            g.last_token = token;
-            if (out_token) *out_token = token;
-            if (!g.params.ignore_eog && m.tokenizer->is_eog(token)) {
-                finish_with(SPARROW_FINISH_EOG);
-                break;
-            }
-            ctx->stats.n_generated += 1;
-            ctx->generated.push_back(token);
-            if (g.text.push(m.tokenizer->token_to_piece(token, false))) {
+            // hand the tokens out in order, stopping at the first that ends the generation
+            for (int32_t token : produced) {
+                if (finish != SPARROW_FINISH_NONE) break;
+                if (g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) break;
+                g.last_token = token;
+                if (out_token) *out_token = token;
+                if (!g.params.ignore_eog && m.tokenizer->is_eog(token)) {
+                    finish_with(SPARROW_FINISH_EOG);
+                    break;
+                }
+                ctx->stats.n_generated += 1;
+                ctx->generated.push_back(token);
+                if (g.text.push(m.tokenizer->token_to_piece(token, false))) {
+                    piece += g.text.take();
+                    finish_with(SPARROW_FINISH_STOP);
+                    break;
+                }
                 piece += g.text.take();
-                finish_with(SPARROW_FINISH_STOP);
-                break;
             }
-            piece += g.text.take();
+            if (finish == SPARROW_FINISH_NONE && g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) {
+                finish_with(SPARROW_FINISH_LENGTH);
+            }
+            if (ctx->stats.n_target_forwards > 0) {  // every forward yields its accepted drafts plus one
+                ctx->stats.mean_accepted_length = (double) (ctx->stats.n_accepted + ctx->stats.n_target_forwards) / ctx->stats.n_target_forwards;
+            }
+            const double decode_s = ctx->stats.t_decode_ms / 1000.0;
+            ctx->stats.decode_tokens_per_s = decode_s > 0 ? (ctx->stats.n_generated - 1) / decode_s : 0.0;
+            g.outbox = std::move(piece);
+            g.final_finish = finish;
+            emit(finish);
+        };
+        try {
+            next_piece();
+        } catch (const Error & e) {
+            // An abort can land inside a speculative round or a half-run prompt, whose state is not
+            // meant to be resumed: the generation ends there (sparrow.h), and the next call says so.
+            if (e.status() == SPARROW_ERR_ABORTED) ctx->gen.active = false;
+            throw;
         }
-        if (finish == SPARROW_FINISH_NONE && g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens) {
-            finish_with(SPARROW_FINISH_LENGTH);
-        }
-        if (ctx->stats.n_target_forwards > 0) {  // every forward yields its accepted drafts plus one
-            ctx->stats.mean_accepted_length = (double) (ctx->stats.n_accepted + ctx->stats.n_target_forwards) / ctx->stats.n_target_forwards;
-        }
-        const double decode_s = ctx->stats.t_decode_ms / 1000.0;
-        ctx->stats.decode_tokens_per_s = decode_s > 0 ? (ctx->stats.n_generated - 1) / decode_s : 0.0;
-        g.outbox = std::move(piece);
-        g.final_finish = finish;
-        emit(finish);
     });
 }
 

@@ -134,6 +134,7 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
         out_done += (int32_t) out_rows.size();
         ctx.n_outputs = out_done;
         ctx.n_hidden_rows = opt.hidden_sink ? 0 : opt.capture_all_rows ? c0 + cn : out_done;
+        if (opt.after_chunk) opt.after_chunk(c0 + cn);
     }
 }
 

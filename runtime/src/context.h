@@ -110,6 +110,9 @@ struct ForwardOptions {
     // positions for M-RoPE models (1-D models use stream t).
     const float * embd = nullptr;
     const int32_t * pos_streams = nullptr;
+    // Called after each chunk has run, with the rows done so far (of n): prompt prefill progress
+    // (sparrow_generate_params.progress_callback). It may throw to stop; the cache keeps the chunks.
+    std::function<void(int32_t)> after_chunk;
 };
 
 // Run tokens through the target in chunks of n_batch, appending them to the KV cache; logits of

@@ -76,7 +76,7 @@ FrameLayout frame_layout(const VisionHparams & hp, int64_t h, int64_t w, bool wi
 }  // namespace
 
 int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & model, const float * pixels, const VisionGrid & grid,
-                            float * out) {
+                            float * out, VisionMonitor * monitor) {
     const VisionHparams & hp = model.hp;
     const VisionWeights & W = model.w;
     const bool v25 = hp.projector == ProjectorType::Qwen25VL;
@@ -122,6 +122,7 @@ int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & model, const float
     for (int64_t f0 = 0; f0 < grid.t; f0 += frames_per_chunk) {
         const int64_t nf = std::min(frames_per_chunk, grid.t - f0), n = nf * frame_rows, n_groups = n / unit;
         auto rows = [&](Tensor t, int64_t count) { return t.row_slice(0, count); };
+        if (monitor) monitor->check();
 
         // patch rows in processing order, split into the two temporal slices
         for (int64_t s = 0; s < T; ++s) {
@@ -187,6 +188,7 @@ int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & model, const float
             }
             be.matmul(l.ffn_down, ffn, curn, &l.ffn_down_b);
             be.add(hn, curn, hn);
+            if (monitor) monitor->advance(n);  // a block of the tower on n patch rows
         }
 
         // merger: norm per patch, then each group's rows side by side (a reshape, no copy)
@@ -208,6 +210,7 @@ int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & model, const float
         }
         be.to_host(out + written * E, on.data, (size_t) (n_groups * E) * sizeof(float));
         written += n_groups;
+        if (monitor) monitor->advance(n);  // the merger
     }
     return written;
 }

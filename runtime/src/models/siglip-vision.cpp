@@ -58,7 +58,7 @@ AxisTaps bilinear_taps(int64_t in, int64_t out) {
 }  // namespace
 
 int64_t siglip_encode_grid(Backend & be, const VisionModel & model, const float * pixels, const VisionGrid & grid,
-                           float * out, bool pool) {
+                           float * out, bool pool, VisionMonitor * monitor) {
     const VisionHparams & hp = model.hp;
     const VisionWeights & W = model.w;
     const int64_t D = hp.n_embd, F = hp.n_ff, E = hp.n_embd_out;
@@ -100,6 +100,7 @@ int64_t siglip_encode_grid(Backend & be, const VisionModel & model, const float 
     for (int64_t f0 = 0; f0 < grid.t; f0 += frames_per_chunk) {
         const int64_t nf = std::min(frames_per_chunk, grid.t - f0), n = nf * frame_rows;
         auto rows = [&](Tensor t, int64_t count) { return t.row_slice(0, count); };
+        if (monitor) monitor->check();
 
         // patches in raster order, each (c, y, x) as the Conv2D kernel's rows are laid out
         for (int64_t f = 0; f < nf; ++f) {
@@ -164,6 +165,7 @@ int64_t siglip_encode_grid(Backend & be, const VisionModel & model, const float 
             be.matmul(l.ffn_down, ffn, curn, &l.ffn_down_b);
             be.add(hn, curn, hn);
             keep(il + 1);
+            if (monitor) monitor->advance(n);  // a block of the tower on n patch rows
         }
 
         // the features in the order feature_layer lists them
@@ -187,6 +189,7 @@ int64_t siglip_encode_grid(Backend & be, const VisionModel & model, const float 
         if (!pool) {
             be.to_host(out + written * E, p2n.data, (size_t) (n * E) * sizeof(float));
             written += n;
+            if (monitor) monitor->advance(n);  // the projector
             continue;
         }
 
@@ -210,6 +213,7 @@ int64_t siglip_encode_grid(Backend & be, const VisionModel & model, const float 
         be.blend_rows(p2n, tap_rows.data(), tap_weights.data(), 4, nf * pooled_rows, pooled_n);
         be.to_host(out + written * E, pooled_n.data, (size_t) (nf * pooled_rows * E) * sizeof(float));
         written += nf * pooled_rows;
+        if (monitor) monitor->advance(n);  // the projector and the pooling
     }
     if (!pool) return written;
     // image_newline is a file tensor (host memory), f32 as bound

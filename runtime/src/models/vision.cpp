@@ -337,13 +337,24 @@ int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int3
     return tokens;
 }
 
+int64_t vision_steps_per_row(const VisionModel & m) {
+    const bool qwen = m.hp.projector != ProjectorType::LlavaOneVision;
+    return (qwen ? m.hp.n_layer : m.hp.n_feature_layers_run) + 1;
+}
+
 void vision_encode(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid * grids, int32_t n_grids,
-                   float * out, bool tiles) {
+                   float * out, bool tiles, VisionMonitor * monitor) {
     const bool qwen = m.hp.projector != ProjectorType::LlavaOneVision;
     const int64_t P = m.hp.patch_size, C = m.hp.n_channels;
+    if (monitor) {
+        int64_t total = 0;
+        for (int32_t i = 0; i < n_grids; ++i) total += grids[i].t * grids[i].h * grids[i].w * vision_steps_per_row(m);
+        monitor->set_total(total);
+    }
     for (int32_t i = 0; i < n_grids; ++i) {
         const VisionGrid & g = grids[i];
-        const int64_t rows = qwen ? qwen2vl_encode_grid(be, m, pixels, g, out) : siglip_encode_grid(be, m, pixels, g, out, !tiles);
+        const int64_t rows = qwen ? qwen2vl_encode_grid(be, m, pixels, g, out, monitor)
+                                  : siglip_encode_grid(be, m, pixels, g, out, !tiles, monitor);
         pixels += qwen ? g.t * g.h * g.w * C * m.hp.temporal_patch * P * P : g.t * C * (int64_t) m.hp.image_size * m.hp.image_size;
         out += rows * m.hp.n_embd_out;
     }

@@ -16,6 +16,7 @@
 #pragma once
 
 #include "backend.h"
+#include "common.h"
 
 #include <cstdint>
 #include <string>
@@ -91,14 +92,51 @@ void vision_prepare_weights(WeightStore & store, VisionModel & m);
 int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int32_t n_grids, int64_t n_pixel_floats,
                            bool tiles = false);
 
-// Encode checked input; out (host) receives vision_check_input's count of rows.
-void vision_encode(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid * grids, int32_t n_grids,
-                   float * out, bool tiles = false);
+// Cancellation and progress of one encode call (sparrow_vision_params). Work is counted in patch
+// rows times the steps each row goes through: every block of the tower, then the projector, so a
+// video reports (and can be stopped) layer by layer, not only frame chunk by frame chunk.
+class VisionMonitor {
+public:
+    VisionMonitor() = default;
+    VisionMonitor(bool (*abort)(void *), void * abort_data, bool (*progress)(float, void *), void * progress_data)
+        : abort_(abort), abort_data_(abort_data), progress_(progress), progress_data_(progress_data) {}
+    void set_total(int64_t units) { total_ = units; }
+    // Throws SPARROW_ERR_ABORTED if the abort callback asks to stop.
+    void check() const {
+        if (abort_ && abort_(abort_data_)) fail(SPARROW_ERR_ABORTED, "vision encode aborted by the abort callback");
+    }
+    // units more are done: report the fraction (exactly 1 when all are), then check for abort.
+    void advance(int64_t units) {
+        done_ += units;
+        const float fraction = total_ > 0 && done_ < total_ ? (float) ((double) done_ / (double) total_) : 1.0f;
+        if (progress_ && !progress_(fraction, progress_data_)) {
+            fail(SPARROW_ERR_ABORTED, "vision encode cancelled by the progress callback");
+        }
+        if (done_ < total_) check();  // nothing is left to stop after the last step
+    }
 
-// The families (inputs already checked). Each returns the output rows written.
-int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid & grid, float * out);
+private:
+    bool (*abort_)(void *) = nullptr;
+    void * abort_data_ = nullptr;
+    bool (*progress_)(float, void *) = nullptr;
+    void * progress_data_ = nullptr;
+    int64_t total_ = 0, done_ = 0;
+};
+
+// The steps each patch row of a grid goes through (VisionMonitor's unit): the blocks run, + 1 for
+// the projector.
+int64_t vision_steps_per_row(const VisionModel & m);
+
+// Encode checked input; out (host) receives vision_check_input's count of rows. monitor (may be
+// null) is asked between frame chunks and layers.
+void vision_encode(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid * grids, int32_t n_grids,
+                   float * out, bool tiles = false, VisionMonitor * monitor = nullptr);
+
+// The families (inputs already checked). Each returns the output rows written; monitor may be null.
+int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid & grid, float * out,
+                            VisionMonitor * monitor = nullptr);
 int64_t siglip_encode_grid(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid & grid, float * out,
-                           bool pool = true);
+                           bool pool = true, VisionMonitor * monitor = nullptr);
 int64_t qwen2vl_grid_tokens(const VisionModel & m, const VisionGrid & grid);
 int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & grid, bool pool = true);
 
