@@ -7,7 +7,7 @@ simulated against the torch target, depth --depth; the bonus token counts) and a
 are printed as one table row. Features are computed once per (taps, ivsb_layer, G), the settings
 they depend on; S, W and k only change training.
 
-Target: --target DIR (a Hugging Face model folder: qwen2, llama, qwen2vl) with --data / --eval-data
+Target: --target DIR (a Hugging Face model folder: qwen2, llama, qwen2vl, llava_onevision) with --data / --eval-data
 manifests (sparrow train's JSONL), or by default the structured synthetic task of
 tests/synthetic_target.py: a tiny Qwen2 trained for a few seconds to answer templated prompts, so
 that its output is not random. That target is text-only: ivsb_layer and G change nothing there
@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--held-out-prompts", type=int, default=16,
                    help="synthetic prompts held out for evaluation (disjoint). Default: %(default)s")
     t.add_argument("--max-new-tokens", type=int, default=40, help="target response length limit. Default: %(default)s")
+    t.add_argument("--num-frames", type=int, help="video frames per record, as `sparrow train --num-frames`")
+    t.add_argument("--max-pixels", type=int, help="Qwen frame budget, as `sparrow train --max-pixels`")
     o = p.add_argument_group("training and evaluation (the same for every cell)")
     o.add_argument("--steps", type=int, default=60, help="optimizer steps per cell. Default: %(default)s")
     o.add_argument("--batch-size", type=int, default=4, help="samples per step. Default: %(default)s")
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from sparrow_py.train.data import DataOptions, build_cache, load_sample
     from sparrow_py.train.model import DraftConfig, DraftConfigError, SparrowDraft
-    from sparrow_py.train.target import Target
+    from sparrow_py.train.target import MediaOptions, Target
     from sparrow_py.train.trainer import TrainOptions, init_from_target, train
 
     with tempfile.TemporaryDirectory(prefix="sparrow-ablate-") as tmp:
@@ -126,7 +128,8 @@ def main(argv=None) -> int:
                                       int_list(args.window), int_list(args.mtp_steps)))
         print(f"target {target_dir.name}: L={L}, H={target.shape.hidden_size}; {len(grid)} cells, "
               f"{args.steps} steps x batch {args.batch_size} each, depth {args.depth}", flush=True)
-        data_opts = DataOptions(max_new_tokens=args.max_new_tokens, cache_dtype="f32", seed=args.seed)
+        data_opts = DataOptions(max_new_tokens=args.max_new_tokens, cache_dtype="f32", seed=args.seed,
+                                media=MediaOptions(num_frames=args.num_frames, max_pixels=args.max_pixels))
         feature_sets: dict[tuple, tuple[list[Path], list[dict]]] = {}
         header = (f"{'taps':>10} {'ivsb':>4} {'G':>3} {'S':>3} {'W':>4} {'k':>2} | {'mean acc len':>12} | "
                   f"{'acceptance by depth':<24} | {'loss':>6} {'ms/step':>7}")
