@@ -14,6 +14,7 @@
 //     are a prefix of their text, n_accepted <= n_drafted, the running accepted length and speed.
 // Models: the demo's tiny Qwen2-VL target, its draft and its vision file.
 
+#include "demo_models.h"
 #include "sparrow.h"
 #include "test_util.h"
 
@@ -33,11 +34,7 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-struct Models {
-    sparrow_model * target = nullptr;
-    sparrow_model * draft = nullptr;
-    sparrow_model * vision = nullptr;
-};
+using Models = DemoModels;
 
 constexpr int64_t kPatchFloats = 3 * 2 * 14 * 14;  // the demo tower: 3 channels, temporal patch 2, 14x14 patches
 
@@ -197,26 +194,6 @@ void test_vision_cancel_from_another_thread(const Models & m) {
 }
 
 // ---- generation --------------------------------------------------------------------------------
-
-std::vector<sparrow_token> tokenize(const sparrow_model * m, const std::string & text) {
-    std::vector<sparrow_token> out(text.size() + 8);
-    int32_t n = 0;
-    if (sparrow_tokenize(m, text.data(), text.size(), false, true, out.data(), (int32_t) out.size(), &n) != SPARROW_OK) {
-        check(false, std::string("tokenize: ") + sparrow_last_error());
-        return {};
-    }
-    out.resize((size_t) n);
-    return out;
-}
-
-std::string detokenize(const sparrow_model * m, const std::vector<sparrow_token> & tokens) {
-    std::string text(tokens.size() * 32 + 16, '\0');
-    size_t len = 0;
-    check(sparrow_detokenize(m, tokens.data(), (int32_t) tokens.size(), false, &text[0], text.size(), &len) == SPARROW_OK,
-          "detokenize");
-    text.resize(len);
-    return text;
-}
 
 // A chat prompt about a video (encoded here) or text only; media filled for the video.
 struct Prompt {
@@ -472,21 +449,12 @@ void test_stats_per_piece(const Models & m) {
 
 int main(int argc, char ** argv) {
     const std::string root = argc > 1 ? argv[1] : ".";
-    const std::string data = root + "/sparrow_py/demo/data/";
     Models m;
-    if (sparrow_model_load((data + "target.gguf").c_str(), sparrow_model_default_params(), &m.target) != SPARROW_OK ||
-        sparrow_model_load((data + "draft.gguf").c_str(), sparrow_model_default_params(), &m.draft) != SPARROW_OK ||
-        sparrow_model_load((data + "mmproj.gguf").c_str(), sparrow_model_default_params(), &m.vision) != SPARROW_OK) {
-        std::fprintf(stderr, "cannot load the demo models: %s\n", sparrow_last_error());
-        return 1;
-    }
+    if (!m.load(root)) return 1;
     test_vision_progress(m);
     test_vision_cancel_from_another_thread(m);
     test_prefill_progress(m);
     test_generation_cancel_from_another_thread(m);
     test_stats_per_piece(m);
-    sparrow_model_free(m.vision);
-    sparrow_model_free(m.draft);
-    sparrow_model_free(m.target);
     return finish("test_app_callbacks");
 }

@@ -9,6 +9,7 @@
 // Built with -DSPARROW_TSAN=ON, ThreadSanitizer checks the first part for data races.
 // Models: the demo's tiny Qwen2-VL target, its draft and its vision file.
 
+#include "demo_models.h"
 #include "sparrow.h"
 #include "test_util.h"
 
@@ -23,11 +24,7 @@ namespace {
 
 using namespace sparrow_test;
 
-struct Models {
-    sparrow_model * target = nullptr;
-    sparrow_model * draft = nullptr;
-    sparrow_model * vision = nullptr;
-};
+using Models = DemoModels;
 
 struct Job {
     std::string question;
@@ -36,17 +33,6 @@ struct Job {
     float temperature;     // sampled jobs decode plainly: their draws do not depend on timing
     uint32_t pixel_seed;
 };
-
-std::vector<sparrow_token> tokenize(const sparrow_model * m, const std::string & text) {
-    std::vector<sparrow_token> out(text.size() + 8);
-    int32_t n = 0;
-    if (sparrow_tokenize(m, text.data(), text.size(), false, true, out.data(), (int32_t) out.size(), &n) != SPARROW_OK) {
-        check(false, std::string("tokenize: ") + sparrow_last_error());
-        return {};
-    }
-    out.resize((size_t) n);
-    return out;
-}
 
 // A 4-frame 8x8-patch video (grid t=2, h=8, w=8 before the 2x2 merge) of seeded random pixels,
 // encoded by the shared vision file on the calling thread.
@@ -285,19 +271,10 @@ void test_aborted_generations(const Models & m) {
 
 int main(int argc, char ** argv) {
     const std::string root = argc > 1 ? argv[1] : ".";
-    const std::string data = root + "/sparrow_py/demo/data/";
     Models m;
-    if (sparrow_model_load((data + "target.gguf").c_str(), sparrow_model_default_params(), &m.target) != SPARROW_OK ||
-        sparrow_model_load((data + "draft.gguf").c_str(), sparrow_model_default_params(), &m.draft) != SPARROW_OK ||
-        sparrow_model_load((data + "mmproj.gguf").c_str(), sparrow_model_default_params(), &m.vision) != SPARROW_OK) {
-        std::fprintf(stderr, "cannot load the demo models: %s\n", sparrow_last_error());
-        return 1;
-    }
+    if (!m.load(root)) return 1;
     test_parallel_contexts(m);
     test_busy_context(m);
     test_aborted_generations(m);
-    sparrow_model_free(m.vision);
-    sparrow_model_free(m.draft);
-    sparrow_model_free(m.target);
     return finish("test_threads");
 }
