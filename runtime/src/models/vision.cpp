@@ -294,12 +294,76 @@ int64_t siglip_grid_tokens(const VisionModel & m, const VisionGrid & g, bool poo
     return g.t * ((g.h + 1) / 2) * ((g.w + 1) / 2) + 1;  // pooled frames, then one image_newline
 }
 
+namespace {
+
+// What differs between the vision families, one row each, so that the functions below have no
+// branch per family and a new family is a new row (docs/adding-a-model.md).
+struct VisionFamily {
+    const char * pixel_layout;  // for errors about the pixel count
+    // Refuse a grid this family cannot take (index: its place in the call, for the message).
+    void (*check_grid)(const VisionModel & m, const VisionGrid & g, int32_t index);
+    int64_t (*grid_floats)(const VisionModel & m, const VisionGrid & g);
+    int64_t (*grid_tokens)(const VisionModel & m, const VisionGrid & g, bool tiles);
+    int64_t (*steps_per_row)(const VisionModel & m);  // blocks run per patch row, + 1 for the projector
+    int64_t (*encode_grid)(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid & g, float * out,
+                           bool tiles, VisionMonitor * monitor);
+};
+
+// Qwen2-VL / Qwen2.5-VL: any grid of 2x2 merge windows, pre-patchified pixels, every block run.
+const VisionFamily kQwenFamily = {
+    "n_patches x C*T*P*P",
+    [](const VisionModel & m, const VisionGrid & g, int32_t i) {
+        if (g.h % m.hp.merge_size != 0 || g.w % m.hp.merge_size != 0) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("grid %d = (%lld, %lld, %lld): h and w must be multiples of the merge size %d",
+                                                      i, (long long) g.t, (long long) g.h, (long long) g.w, m.hp.merge_size));
+        }
+    },
+    [](const VisionModel & m, const VisionGrid & g) {
+        return g.t * g.h * g.w * m.hp.n_channels * m.hp.temporal_patch * (int64_t) m.hp.patch_size * m.hp.patch_size;
+    },
+    [](const VisionModel & m, const VisionGrid & g, bool) { return qwen2vl_grid_tokens(m, g); },
+    [](const VisionModel & m) { return (int64_t) m.hp.n_layer + 1; },
+    [](Backend & be, const VisionModel & m, const float * pixels, const VisionGrid & g, float * out, bool,
+       VisionMonitor * monitor) { return qwen2vl_encode_grid(be, m, pixels, g, out, monitor); },
+};
+
+// SigLIP (LLaVA-OneVision): fixed-size frames as images, the blocks up to the feature layer;
+// video frames are pooled 2x2 (then one newline), anyres tiles kept whole.
+const VisionFamily kSiglipFamily = {
+    "frames x C x H x W",
+    [](const VisionModel & m, const VisionGrid & g, int32_t i) {
+        const int64_t P = m.hp.patch_size, side = m.hp.image_size / P;
+        if (g.h != side || g.w != side) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("grid %d: %lldx%lld patches, but this tower takes %dx%d frames: %lld x %lld "
+                                                      "patches of %lld pixels", i, (long long) g.h, (long long) g.w,
+                                                      m.hp.image_size, m.hp.image_size, (long long) side, (long long) side,
+                                                      (long long) P));
+        }
+    },
+    [](const VisionModel & m, const VisionGrid & g) {
+        return g.t * m.hp.n_channels * (int64_t) m.hp.image_size * m.hp.image_size;
+    },
+    [](const VisionModel & m, const VisionGrid & g, bool tiles) { return siglip_grid_tokens(m, g, !tiles); },
+    [](const VisionModel & m) { return (int64_t) m.hp.n_feature_layers_run + 1; },
+    [](Backend & be, const VisionModel & m, const float * pixels, const VisionGrid & g, float * out, bool tiles,
+       VisionMonitor * monitor) { return siglip_encode_grid(be, m, pixels, g, out, !tiles, monitor); },
+};
+
+const VisionFamily & family_of(const VisionModel & m) {
+    switch (m.hp.projector) {
+        case ProjectorType::Qwen2VL:
+        case ProjectorType::Qwen25VL: return kQwenFamily;
+        case ProjectorType::LlavaOneVision: return kSiglipFamily;
+    }
+    fail(SPARROW_ERR_INTERNAL, "unknown vision projector");
+}
+
+}  // namespace
+
 int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int32_t n_grids, int64_t n_pixel_floats,
                            bool tiles) {
-    const VisionHparams & hp = m.hp;
     if (n_grids <= 0 || !grids) fail(SPARROW_ERR_INVALID_ARGUMENT, "no grids: give at least one (t, h, w)");
-    const bool qwen = hp.projector != ProjectorType::LlavaOneVision;
-    const int64_t P = hp.patch_size, C = hp.n_channels;
+    const VisionFamily & family = family_of(m);
     int64_t floats = 0, tokens = 0, patches = 0;
     for (int32_t i = 0; i < n_grids; ++i) {
         const VisionGrid & g = grids[i];
@@ -310,52 +374,32 @@ int64_t vision_check_input(const VisionModel & m, const VisionGrid * grids, int3
         }
         patches += g.t * g.h * g.w;
         if (patches > kMaxTotalPatches) fail(SPARROW_ERR_INVALID_ARGUMENT, "the grids hold too many patches");
-        if (qwen) {
-            if (g.h % hp.merge_size != 0 || g.w % hp.merge_size != 0) {
-                fail(SPARROW_ERR_INVALID_ARGUMENT, format("grid %d = (%lld, %lld, %lld): h and w must be multiples of the merge size %d",
-                                                          i, (long long) g.t, (long long) g.h, (long long) g.w, hp.merge_size));
-            }
-            floats += g.t * g.h * g.w * C * hp.temporal_patch * P * P;
-            tokens += qwen2vl_grid_tokens(m, g);
-        } else {
-            const int64_t side = hp.image_size / P;
-            if (g.h != side || g.w != side) {
-                fail(SPARROW_ERR_INVALID_ARGUMENT, format("grid %d: %lldx%lld patches, but this tower takes %dx%d frames: %lld x %lld "
-                                                          "patches of %lld pixels", i, (long long) g.h, (long long) g.w,
-                                                          hp.image_size, hp.image_size, (long long) side, (long long) side,
-                                                          (long long) P));
-            }
-            floats += g.t * C * (int64_t) hp.image_size * hp.image_size;
-            tokens += siglip_grid_tokens(m, g, !tiles);
-        }
+        family.check_grid(m, g, i);
+        floats += family.grid_floats(m, g);
+        tokens += family.grid_tokens(m, g, tiles);
     }
     if (n_pixel_floats != floats) {
-        const char * layout = qwen ? "n_patches x C*T*P*P" : "frames x C x H x W";
         fail(SPARROW_ERR_INVALID_ARGUMENT, format("%lld pixel floats given, the grids need %lld (%s, C = %lld channels, patch %lld)",
-                                                  (long long) n_pixel_floats, (long long) floats, layout, (long long) C, (long long) P));
+                                                  (long long) n_pixel_floats, (long long) floats, family.pixel_layout,
+                                                  (long long) m.hp.n_channels, (long long) m.hp.patch_size));
     }
     return tokens;
 }
 
-int64_t vision_steps_per_row(const VisionModel & m) {
-    const bool qwen = m.hp.projector != ProjectorType::LlavaOneVision;
-    return (qwen ? m.hp.n_layer : m.hp.n_feature_layers_run) + 1;
-}
+int64_t vision_steps_per_row(const VisionModel & m) { return family_of(m).steps_per_row(m); }
 
 void vision_encode(Backend & be, const VisionModel & m, const float * pixels, const VisionGrid * grids, int32_t n_grids,
                    float * out, bool tiles, VisionMonitor * monitor) {
-    const bool qwen = m.hp.projector != ProjectorType::LlavaOneVision;
-    const int64_t P = m.hp.patch_size, C = m.hp.n_channels;
+    const VisionFamily & family = family_of(m);
     if (monitor) {
         int64_t total = 0;
-        for (int32_t i = 0; i < n_grids; ++i) total += grids[i].t * grids[i].h * grids[i].w * vision_steps_per_row(m);
+        for (int32_t i = 0; i < n_grids; ++i) total += grids[i].t * grids[i].h * grids[i].w * family.steps_per_row(m);
         monitor->set_total(total);
     }
     for (int32_t i = 0; i < n_grids; ++i) {
         const VisionGrid & g = grids[i];
-        const int64_t rows = qwen ? qwen2vl_encode_grid(be, m, pixels, g, out, monitor)
-                                  : siglip_encode_grid(be, m, pixels, g, out, !tiles, monitor);
-        pixels += qwen ? g.t * g.h * g.w * C * m.hp.temporal_patch * P * P : g.t * C * (int64_t) m.hp.image_size * m.hp.image_size;
+        const int64_t rows = family.encode_grid(be, m, pixels, g, out, tiles, monitor);
+        pixels += family.grid_floats(m, g);
         out += rows * m.hp.n_embd_out;
     }
 }
