@@ -554,3 +554,41 @@ def test_remote_media_is_fetched_only_when_allowed(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_llava_onevision_video_through_the_server(tiny_llava_ov_dir, tmp_path):
+    """The paper's headline family through the server: a tiny LLaVA-OneVision (SigLIP frames pooled 2x2,
+    a newline, 1-D positions) with a Sparrow draft; the server's greedy speculative text about a video
+    equals an Engine's plain text for the same messages and frames."""
+    from sparrow_py.convert import convert, convert_mmproj
+
+    from draft_util import make_draft
+
+    from gguf_edit import copy_gguf
+
+    lm, mmproj = tmp_path / "lm.gguf", tmp_path / "mmproj.gguf"
+    convert(tiny_llava_ov_dir, tmp_path / "plain.gguf", outtype="f32", progress=False)
+    # chatml that writes content parts as llava-hf's template does: "<video>\n" before the text
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+                "{% else %}{% for p in m['content'] %}{% if p['type'] == 'video' %}<video>\n{% elif p['type'] == 'image' %}"
+                "<image>\n{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    copy_gguf(tmp_path / "plain.gguf", lm, replace_kv={"tokenizer.chat_template": template})
+    convert_mmproj(tiny_llava_ov_dir, mmproj, outtype="f32", progress=False)
+    draft = make_draft(tiny_llava_ov_dir, tmp_path / "draft", glimpses=3, anchors=4, window=16, seed=1, scale=0.1)
+    frames = np.random.default_rng(5).integers(0, 256, size=(4, 60, 80, 3), dtype=np.uint8)
+    question = "What moves?"
+    with sp.Engine(str(lm), mmproj=str(mmproj), n_ctx=512, n_threads=1) as engine:
+        want, tokens = _reference_chat(engine, [{"role": "user", "content": [{"type": "video"},
+                                                                            {"type": "text", "text": question}]}],
+                                       video=frames, max_tokens=24, ignore_eos=True)
+    config = ServerConfig(model=str(lm), mmproj=str(mmproj), draft=str(draft), port=0, parallel=1, ctx_size=512,
+                          threads=1)
+    with BackgroundServer(config) as s:
+        llava = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=TIMEOUT_S)
+        part = {"type": "video_url", "video_url": {"url": _npy_uri(frames)}}
+        reply = llava.chat.completions.create(model="lm.gguf", messages=_video_messages(part, question), max_tokens=24,
+                                              extra_body={"ignore_eos": True, **DRAFT_EVERY_ROUND})
+    assert reply.choices[0].message.content == want
+    _check_numbers(reply, len(tokens), speculative=True)
+    assert reply.usage.prompt_tokens > 4 * 4 + 1  # the frames' pooled tokens and the newline are in the prompt
