@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -20,8 +19,6 @@ from sparrow_py.train.model import DraftConfig
 from sparrow_py.train.prompts import magpie_prompts, user_turn_prefix
 from sparrow_py.train.runtime_target import RuntimeTarget
 from sparrow_py.train.target import Target
-
-from conftest import REPO_ROOT
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,10 @@ from typing import Any, Callable
 import gguf
 import numpy as np
 
+from ..architectures import lm_architecture
 from . import quantize
 from .errors import ConvertError
-from .names import (ADD_SPECIAL_TOKEN_KEYS, ARCH_LLAMA, ARCH_QWEN2, ARCH_QWEN2VL, lm_architecture,
+from .names import (ADD_SPECIAL_TOKEN_KEYS, ARCH_LLAMA, ARCH_QWEN2, ARCH_QWEN2VL,
                     HF_TENSORS, SPECIAL_TOKEN_ID_KEYS, Keys, Tensor, hf_to_gguf_name,
                     is_ignored_tensor, is_vision_tensor)
 from .safetensors_reader import Checkpoint

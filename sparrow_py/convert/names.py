@@ -17,8 +17,7 @@ import re
 # --- architectures -------------------------------------------------------------------------
 
 # the architecture tables live in sparrow_py.architectures (the trainer reads them too, without gguf)
-from ..architectures import (ARCH_LLAMA, ARCH_QWEN2, ARCH_QWEN2VL, HF_ARCHITECTURES,  # noqa: F401
-                             lm_architecture)
+from ..architectures import ARCH_LLAMA, ARCH_QWEN2, ARCH_QWEN2VL  # noqa: F401
 
 
 # --- metadata keys ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .data import collate, load_sample, sample_to_rows
 from .evaluate import evaluate
 from .export import save_draft
-from .model import DraftConfig, SparrowDraft
+from .model import SparrowDraft
 
 
 @dataclass
