@@ -258,12 +258,13 @@ def encode_visuals(engine, refs: list, loader: MediaLoader, cache: MediaCache, c
             out.items.append((ref.kind, media))
             out.n_cached += 1
             continue
+        # a client that leaves stops the vision tower too (between its layers), not only the prefill
         if ref.kind == "image":
-            encoded = engine.encode_visuals(images=[decode_image(item)], max_pixels=ref.max_pixels)
+            encoded = engine.encode_visuals(images=[decode_image(item)], max_pixels=ref.max_pixels, abort=cancelled)
         else:
             with VideoInput(item) as video:
                 encoded = engine.encode_visuals(video=video.value, fps=ref.fps, num_frames=ref.num_frames,
-                                                max_pixels=ref.max_pixels)
+                                                max_pixels=ref.max_pixels, abort=cancelled)
         (kind, media), = encoded
         cache.put(key, media)
         out.items.append((kind, media))
