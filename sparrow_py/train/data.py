@@ -188,21 +188,13 @@ def sample_prompt(target: Target, messages, visual: VisualInputs | None, options
     return prompt, min(options.max_new_tokens, options.max_len - len(prompt))
 
 
-def make_sample(target: Target, messages, visual: VisualInputs | None, config: DraftConfig,
-                options: DataOptions, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Generate the target's response and compute the sample's tensors (see module doc)."""
-    prompt, limit = sample_prompt(target, messages, visual, options)
-    response = target.generate(prompt, visual, limit, sample=options.sample, temperature=options.temperature, seed=seed)
-    return sample_tensors(target, prompt, response, visual, config, options)
-
-
 def sample_tensors(target: Target, prompt: list[int], response: list[int], visual: VisualInputs | None,
                    config: DraftConfig, options: DataOptions) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One forward over prompt + response: the sample's tensors (see module doc)."""
     if not response:
         raise BadRecord("empty response")
     ids = prompt + response
-    f = target.features(ids, visual, config.taps, config.ivsb_layer)
+    f = target.features(ids, visual, config.taps, config.ivsb_layer, with_logits=options.store == "logits")
     N = len(ids)
     visual_mask = f["visual"]
     text_pos = torch.nonzero(~visual_mask).flatten()

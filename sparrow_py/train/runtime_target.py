@@ -58,9 +58,10 @@ class RuntimeTarget:
         """One at a time: the runtime decodes a prompt at its own speed (no batch to gain)."""
         return [self.generate(p, None, n) for p, n in zip(prompts, max_new_tokens)]
 
-    def features(self, ids: list[int], visual, taps: list[int], ivsb_layer: int) -> dict[str, torch.Tensor]:
+    def features(self, ids: list[int], visual, taps: list[int], ivsb_layer: int,
+                 with_logits: bool = True) -> dict[str, torch.Tensor]:
         if visual is not None:
-            return self.hf.features(ids, visual, taps, ivsb_layer)
+            return self.hf.features(ids, visual, taps, ivsb_layer, with_logits)
         L = self.hf.shape.num_layers
         layers = list(taps) + [ivsb_layer + 1, L]  # L: the final hidden state, before the norm
         if layers != self._capture:

@@ -296,9 +296,10 @@ class Target:
         return responses
 
     @torch.no_grad()
-    def features(self, ids: list[int], visual: VisualInputs | None, taps: list[int], ivsb_layer: int
-                 ) -> dict[str, torch.Tensor]:
-        """One forward over ids; everything the draft trains on (see the module doc). float32, CPU."""
+    def features(self, ids: list[int], visual: VisualInputs | None, taps: list[int], ivsb_layer: int,
+                 with_logits: bool = True) -> dict[str, torch.Tensor]:
+        """One forward over ids; everything the draft trains on (see the module doc). float32, CPU.
+        with_logits=False skips the head (the hidden store needs only "final")."""
         L = self.shape.num_layers
         layers = self.lm.layers
         captured: dict[str, torch.Tensor] = {}
@@ -340,7 +341,8 @@ class Target:
             "taps": torch.cat([captured[f"in{t}"] for t in taps], dim=-1),
             "ivsb": captured[f"in{ivsb_layer + 1}"],
             "final": final.float().cpu(),
-            "logits": self.model.get_output_embeddings()(final[text.to(final.device)]).float().cpu(),
+            **({"logits": self.model.get_output_embeddings()(final[text.to(final.device)]).float().cpu()}
+               if with_logits else {}),
         }
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
