@@ -493,7 +493,7 @@ def test_media_needs_a_vision_file_and_speculation_a_draft(busy_server):
 
 # ---- the command line -------------------------------------------------------------------------------
 
-def test_serve_command(media_dir):
+def test_serve_command(media_dir, tmp_path):
     from sparrow_py.cli import main
 
     with pytest.raises(SystemExit) as e:
@@ -501,7 +501,7 @@ def test_serve_command(media_dir):
     assert e.value.code == 0
     proc = subprocess.Popen([sys.executable, "-m", "sparrow_py.cli", "serve", "-m", str(MODELS.target), "--port", "0",
                              "-c", "2048", "-np", "2", "-t", "1", "--log-level", "warning"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # not the checkout: see conftest
     try:
         line = ""
         deadline = time.monotonic() + TIMEOUT_S

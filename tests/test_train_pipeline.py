@@ -368,15 +368,16 @@ def test_target_without_chat_template(tiny_qwen2_dir, tmp_path, capsys):
     assert meta["prompts"] == "raw"
 
 
-def test_cli_help_documents_every_option():
+def test_cli_help_documents_every_option(tmp_path):
+    # cwd away from the checkout: its sparrow_py has no compiled runtime, the installed one has
     for cmd in ("train", "eval-draft"):
         r = subprocess.run([sys.executable, "-c", f"import sys; from sparrow_py.cli import main; "
-                            f"main(['{cmd}', '--help'])"], capture_output=True, text=True)
+                            f"main(['{cmd}', '--help'])"], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 0
         assert "--target" in r.stdout
     # no torch at import time of the command
     r = subprocess.run([sys.executable, "-c", "import sys, sparrow_py.cli; assert 'torch' not in sys.modules"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
 
 
