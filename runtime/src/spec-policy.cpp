@@ -9,25 +9,48 @@ namespace {
 // Each round's evidence weighs as much as the last ~20 rounds' together: enough to settle the
 // estimates, quick enough to follow a change of text (code, then prose).
 constexpr double kDecay = 0.95;
-constexpr double kCostWeight = 0.2;  // weight of a new timing in the running means
-// Before any evidence a draft token is taken to be accepted half the time (one accepted of two
-// pseudo-drafts): optimistic enough that speculation is tried.
-constexpr double kPriorAccepted = 1.0, kPriorReached = 2.0;
-// Unmeasured costs, as fractions of a decode step: cheap, so that speculation is tried.
-constexpr double kGuessVerifyExtra = 0.05, kGuessDraftStep = 0.05;
+constexpr double kCostWeight = 0.2;  // weight of a new round in the tokens per tree round
+// Timings are only ever thrown upwards (a thread descheduled, a page fault, the first decode after
+// a prefill touching fresh buffers), and a length that is not chosen again keeps its estimate
+// for a while: so a cost estimate follows the fast end of its timings. The first estimate is
+// the fastest of the first few samples; then a faster sample pulls it down at once, a slower
+// one only a little (a lasting slowdown, the machine getting busy, is followed in ~20 rounds).
+constexpr int32_t kFirstSamples = 3;
+constexpr double kWeightDown = 0.3, kWeightUp = 0.05;
+// Before any evidence a draft token is taken to be accepted half the time (pseudo-counts: 0.1
+// accepted of 0.2 drafted): optimistic enough that speculation is tried, light enough that a
+// draft never accepted is estimated at 0.005 (one of 20 would keep a useless draft drafting on
+// a target that verifies cheaply). The evidence decays and the prior does not, so a depth no
+// longer reached drifts back to even odds within ~50 rounds and is tried again: an estimate
+// that happened to come out low does not stay low for good.
+constexpr double kPriorAccepted = 0.1, kPriorReached = 0.2;
+// A longer chain than any timed costs this much more per token, as a fraction of a decode step:
+// cheap, so that it is tried (and then timed) when the acceptance suggests it could pay.
+constexpr double kGuessPerToken = 0.1;
+// The chosen k's neighbours are timed (again) after this many rounds without a sample: one
+// unlucky timing of a length that is then never chosen would otherwise decide for good.
+constexpr int32_t kExploreEvery = 64;
 // While speculation is off, a one-token round (or one tree) after this many plain steps, then
 // twice as many after each probe, up to kMaxProbeEvery, until the estimates say speculation pays.
+// And never sooner than kProbeBudget times what a probe costs beyond a plain step, in plain
+// steps: probes take at most ~2% of the time while resting, even a tree that costs 8 decodes.
 constexpr int32_t kProbeEvery = 32, kMaxProbeEvery = 512;
-
-// A running mean that a single hiccup (the thread descheduled, a page fault) cannot throw far:
-// a new timing counts for at most 4 times the current estimate.
-double blend(double old, double sample, bool have) {
-    if (!have) return sample;
-    return old + kCostWeight * (std::min(sample, 4.0 * old) - old);
-}
+constexpr double kProbeBudget = 50.0;
 }  // namespace
 
+void SpecPolicy::Cost::add(double sample) {
+    if (n < kFirstSamples) ms = n == 0 ? sample : std::min(ms, sample);
+    else ms += (sample < ms ? kWeightDown : kWeightUp) * (sample - ms);
+    n += 1;
+    age = 0;
+}
+
 void SpecPolicy::reset() { *this = SpecPolicy(); }
+
+void SpecPolicy::tick() {
+    for (Cost & c : cost_) c.age += 1;
+    tree_ms_.age += 1;
+}
 
 double SpecPolicy::acceptance(int32_t depth) const {
     const int32_t d = std::min(std::max(depth, 1), kMaxDepth) - 1;
@@ -43,72 +66,89 @@ double SpecPolicy::expected_tokens(int32_t k) const {
     return tokens;
 }
 
-double SpecPolicy::rate(int32_t k) const {
-    if (k == 0) return 1.0 / plain_ms_;
-    const double extra = have_verify_ ? verify_extra_ms_ : kGuessVerifyExtra * plain_ms_;
-    const double step = have_verify_ ? draft_step_ms_ : kGuessDraftStep * plain_ms_;
-    return expected_tokens(k) / (plain_ms_ + k * (extra + step));
+double SpecPolicy::round_ms(int32_t k) const {
+    k = std::min(std::max(k, 0), (int32_t) kMaxDepth);
+    if (cost_[k].n > 0) return cost_[k].ms;
+    if (cost_[0].n == 0) return 0.0;
+    int32_t lo = k - 1, hi = k + 1;
+    while (cost_[lo].n == 0) lo--;  // stops at 0 at the latest
+    while (hi <= kMaxDepth && cost_[hi].n == 0) hi++;
+    if (hi <= kMaxDepth) {  // between two timed lengths
+        return cost_[lo].ms + (cost_[hi].ms - cost_[lo].ms) * (k - lo) / (double) (hi - lo);
+    }
+    // longer than any timed: the slope between the two longest timed chains, or the guess
+    int32_t lo2 = lo - 1;
+    while (lo2 >= 1 && cost_[lo2].n == 0) lo2--;
+    const double slope = lo >= 1 && lo2 >= 1 ? std::max(0.0, (cost_[lo].ms - cost_[lo2].ms) / (lo - lo2))
+                                             : kGuessPerToken * cost_[0].ms;
+    return cost_[lo].ms + slope * (k - lo);
 }
 
+double SpecPolicy::rate(int32_t k) const { return expected_tokens(k) / round_ms(k); }
+
 int32_t SpecPolicy::choose_chain(int32_t max_k) {
-    if (max_k <= 0 || plain_ms_ <= 0.0) return 0;  // first measure what plain decoding costs
+    if (max_k <= 0 || cost_[0].n == 0) return 0;  // first time what plain decoding costs
+    max_k = std::min(max_k, (int32_t) kMaxDepth);
     int32_t best = 0;
     double best_rate = rate(0);
-    for (int32_t k = 1; k <= std::min(max_k, kMaxDepth); ++k) {
+    for (int32_t k = 1; k <= max_k; ++k) {
         const double r = rate(k);
         if (r > best_rate) best = k, best_rate = r;
     }
-    if (best > 0) {
-        rounds_since_probe_ = 0;
-        probe_every_ = kProbeEvery;
-        return best;
+    if (best == 0) return probe_now(round_ms(1)) ? 1 : 0;
+    rounds_since_probe_ = 0;
+    probe_every_ = kProbeEvery;
+    if (cost_[0].age >= kRefreshEvery) return 0;  // what speculation is compared with, timed again
+    for (const int32_t k : {best + 1, best - 1}) {
+        if (k >= 1 && k <= max_k && cost_[k].age >= kExploreEvery) return k;
     }
-    return probe_now() ? 1 : 0;
+    return best;
 }
 
 bool SpecPolicy::choose_tree() {
-    if (plain_ms_ <= 0.0) return false;
-    if (!have_tree_ || tree_tokens_ / tree_ms_ > rate(0)) {
+    if (cost_[0].n == 0) return false;
+    if (tree_ms_.n == 0) return true;  // an untried tree is tried
+    if (tree_tokens_ / tree_ms_.ms > rate(0)) {
         rounds_since_probe_ = 0;
         probe_every_ = kProbeEvery;
-        return true;
+        return cost_[0].age < kRefreshEvery;
     }
-    return probe_now();
+    return probe_now(tree_ms_.ms);
 }
 
-bool SpecPolicy::probe_now() {
-    if (++rounds_since_probe_ < probe_every_) return false;
+bool SpecPolicy::probe_now(double probe_ms) {
+    const double plain_ms = cost_[0].ms;
+    const double budget_wait = kProbeBudget * std::max(0.0, probe_ms - plain_ms) / plain_ms;
+    if (++rounds_since_probe_ < std::max((double) probe_every_, budget_wait)) return false;
     rounds_since_probe_ = 0;
+    probing_ = true;
     probe_every_ = std::min(2 * probe_every_, kMaxProbeEvery);  // back to kProbeEvery once speculation pays
     return true;
 }
 
-void SpecPolicy::record_chain(int32_t k, int32_t accepted, double draft_ms, double verify_ms) {
-    if (k == 0) {
-        plain_ms_ = blend(plain_ms_, verify_ms, plain_ms_ > 0.0);
-        return;
-    }
+void SpecPolicy::record_chain(int32_t k, int32_t accepted, double ms) {
+    k = std::min(std::max(k, 0), (int32_t) kMaxDepth);
+    tick();
+    cost_[k].add(ms);
+    if (k == 0) return;
+    if (probing_ && accepted > 0) probe_every_ = kProbeEvery;  // the draft may be waking up: look again soon
+    probing_ = false;
     for (int32_t d = 0; d < kMaxDepth; ++d) {
         accepted_[d] *= kDecay;
         reached_[d] *= kDecay;
     }
     // depths 1 .. accepted were accepted; the next one, if drafted, was reached and rejected
-    for (int32_t d = 0; d < std::min(k, kMaxDepth); ++d) {
+    for (int32_t d = 0; d < k; ++d) {
         if (d > accepted) break;
         reached_[d] += 1.0;
         if (d < accepted) accepted_[d] += 1.0;
     }
-    if (plain_ms_ > 0.0) {
-        verify_extra_ms_ = blend(verify_extra_ms_, std::max(0.0, verify_ms - plain_ms_) / k, have_verify_);
-        draft_step_ms_ = blend(draft_step_ms_, draft_ms / k, have_verify_);
-        have_verify_ = true;
-    }
 }
 
 void SpecPolicy::record_tree(int32_t produced, double ms) {
-    tree_tokens_ = blend(tree_tokens_, produced, have_tree_);
-    tree_ms_ = blend(tree_ms_, ms, have_tree_);
-    have_tree_ = true;
+    tick();
+    tree_tokens_ = tree_ms_.n == 0 ? produced : tree_tokens_ + kCostWeight * (produced - tree_tokens_);
+    tree_ms_.add(ms);
 }
 
 }  // namespace sparrow

@@ -2,14 +2,24 @@
 //
 // A round that drafts k tokens yields E(k) = 1 + sum_{i <= k} prod_{j <= i} a_j tokens, where a_j
 // is the chance that the draft's j-th token is accepted once the first j - 1 were, and costs
-// T(k) = draft(k) + verify(k). Plain decoding (k = 0) yields 1 token in one decode step. The
-// policy keeps running estimates of a_j (counts that decay, so it follows the text as it
-// changes) and of the costs measured on this machine (a decode step, the extra cost of each
-// verified token, a draft step), and picks the k that maximizes E(k) / T(k), down to 0 when
-// speculation does not pay and back up when it does: speculation never costs the user much,
-// whatever the draft. While at 0 it tries a short round now and then, so that a draft that
-// starts to agree is noticed: after 32 plain steps, then twice as many after each probe (up to
-// 512: a tree probe costs several decodes), and every 32 again once speculation pays.
+// T(k) milliseconds, all of it: the draft catching up on the last round's tokens and drafting,
+// the target verifying k + 1 tokens, the bookkeeping. Plain decoding (k = 0) yields 1 token in
+// T(0). The policy keeps running estimates of a_j (counts that decay, so it follows the text as
+// it changes) and of T(k) as measured on this machine for each k it has run, and picks the k
+// that maximizes E(k) / T(k), down to 0 when speculation does not pay and back up when it does:
+// speculation never costs the user much, whatever the draft.
+//
+// Costs are measured, never modelled from parts: on a CPU a verify of k + 1 tokens costs
+// anything from about one decode (memory-bound target) to k + 1 of them (a target small enough
+// to be compute-bound), and a draft step more or less than its size suggests. A k never run is
+// interpolated between measured neighbours, or extrapolated upwards with a cheap guess so that
+// it gets tried once and measured. Measurements go stale (the first decode after a prefill is
+// slow; the machine gets busy), so the comparison point is re-measured: while speculating, a
+// plain step every kRefreshEvery rounds, and the chosen k's neighbours every few dozen rounds.
+// While at 0 it tries a short round now and then, so that a draft that starts to agree is
+// noticed: after 32 plain steps, then twice as many after each probe (up to 512), and every 32
+// again once speculation pays or a probe is accepted; never so often that probes take more than
+// ~2% of the time (a tree probe can cost several decodes).
 //
 // Trees are judged as a whole: tokens per round and time per round of tree rounds against the
 // plain decode step.
@@ -22,6 +32,7 @@ namespace sparrow {
 class SpecPolicy {
 public:
     static constexpr int kMaxDepth = 32;
+    static constexpr int32_t kRefreshEvery = 16;  // speculative rounds between two timed plain steps
 
     void reset();
     // Tokens to draft in the next chain round, at most max_k (0: a plain decode step).
@@ -30,27 +41,36 @@ public:
     bool choose_tree();
 
     // After a chain round that drafted k tokens (k = 0: a plain step) of which `accepted` were
-    // kept: the draft's and the target's milliseconds.
-    void record_chain(int32_t k, int32_t accepted, double draft_ms, double verify_ms);
+    // kept, and took `ms` milliseconds in all.
+    void record_chain(int32_t k, int32_t accepted, double ms);
     // After a tree round: tokens produced (accepted + bonus) and its milliseconds.
     void record_tree(int32_t produced, double ms);
 
     double acceptance(int32_t depth) const;  // the current estimate of a_depth (1-based)
     double expected_tokens(int32_t k) const;  // E(k)
+    double round_ms(int32_t k) const;         // the current estimate of T(k) (0 when nothing is timed)
 
 private:
+    // A running mean of a round's milliseconds: the first few samples averaged, then an
+    // exponential mean that a single hiccup (the thread descheduled, a page fault) cannot throw far.
+    struct Cost {
+        double ms = 0.0;
+        int32_t n = 0;        // samples so far
+        int32_t age = 0;      // rounds since the last sample
+        void add(double sample);
+    };
     double rate(int32_t k) const;  // estimated tokens per millisecond of a k-token chain round
-    bool probe_now();              // counts a plain step; true when it is time to try speculating
+    bool probe_now(double probe_ms);  // counts a plain step; true when it is time to try a round of probe_ms
+    void tick();                   // one more round: every cost ages
 
     double accepted_[kMaxDepth] = {};  // decayed counts: drafts accepted at depth d + 1
     double reached_[kMaxDepth] = {};   // and drafts proposed there (the depth was reached)
-    double plain_ms_ = 0.0;            // a decode step (0: not measured yet)
-    double verify_extra_ms_ = 0.0;     // each token a verify batch holds beyond the first
-    double draft_step_ms_ = 0.0;       // the draft, per token drafted
-    double tree_tokens_ = 0.0, tree_ms_ = 0.0;  // per tree round (decayed means)
+    Cost cost_[kMaxDepth + 1];         // T(k), k = 0 the plain step
+    Cost tree_ms_;                     // per tree round
+    double tree_tokens_ = 0.0;         // per tree round (decayed mean)
     int32_t rounds_since_probe_ = 0;   // plain steps since speculation was last tried
     int32_t probe_every_ = 32;         // plain steps between probes (kProbeEvery; backs off while they fail)
-    bool have_verify_ = false, have_tree_ = false;
+    bool probing_ = false;             // the round chosen last is a probe
 };
 
 }  // namespace sparrow

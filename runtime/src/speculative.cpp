@@ -135,14 +135,20 @@ constexpr size_t kMaxPendingWhileResting = 64;
 void plain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     auto & s = ctx.spec;
     const int64_t H = ctx.model->hparams.n_embd;
+    // the draft's catch-up belongs to the cost of resting: each plain step is charged its share
+    double catch_up_ms = 0.0;
     if (s.pending.size() > kMaxPendingWhileResting) {
+        const double t_catch0 = now_ms();
         const DraftEntry lead = s.pending.back();
         std::vector<float> lead_g(s.pending_g.end() - H, s.pending_g.end());
         s.pending.pop_back();
         s.pending_g.resize(s.pending_g.size() - H);
+        const size_t n_caught_up = s.pending.size();
         run_pending(ctx, false);
         s.pending.push_back(lead);
         s.pending_g = std::move(lead_g);
+        catch_up_ms = (now_ms() - t_catch0) / (double) n_caught_up;
+        ctx.stats.t_draft_ms += catch_up_ms * (double) n_caught_up;
     }
     const double t0 = now_ms();
     const std::vector<int32_t> batch{s.pending.back().token};
@@ -153,7 +159,7 @@ void plain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const double ms = now_ms() - t0;
     ctx.stats.t_verify_ms += ms;
     ctx.stats.n_draft_rounds[0] += 1;
-    s.policy.record_chain(0, 0, 0.0, ms);
+    s.policy.record_chain(0, 0, ms + catch_up_ms);
 }
 
 void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
@@ -254,7 +260,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const double verify_ms = now_ms() - t_verify0;
     ctx.stats.t_verify_ms += verify_ms;
     ctx.stats.n_draft_rounds[std::min(k, 32)] += 1;
-    s.policy.record_chain(k, accepted, draft_ms, verify_ms);
+    s.policy.record_chain(k, accepted, draft_ms + verify_ms);
 }
 
 // ---- EAGLE-2 dynamic trees -------------------------------------------------------------------
