@@ -184,3 +184,51 @@ def test_malformed_draft_files(target, draft, tmp_path):
     missing = copy_gguf(draft, tmp_path / "missing.gguf", drop_tensors={"fc.weight"})
     with pytest.raises(sp.SparrowError, match="fc.weight"):
         sp.Engine(str(target), draft=str(missing))
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_prompt_prefix_is_reused_and_the_draft_rebuilt_exactly(mode):
+    """A prompt that continues the last one (a chat's next turn) keeps the cached prefix while
+    speculating: the target's rows are not prefilled again, and the draft is rebuilt from the
+    kept rows' features, so it drafts and is accepted exactly as after a fresh prefill (same
+    counts at every depth), and the output is plain decoding's. The shipped demo pair (q8_0, a
+    trained draft) is used: its draft is accepted often enough for the counts to tell."""
+    from sparrow_py.demo import demo_models
+
+    models = demo_models()
+    kw = dict(speculative=mode, n_draft=4, tree_depth=4, tree_top_k=3, tree_total_tokens=10, adaptive=False,
+              ignore_eos=True)
+    with sp.Engine(str(models.target), n_ctx=512, n_threads=2) as ar, \
+         sp.Engine(str(models.target), n_ctx=512, n_threads=2, draft=str(models.draft)) as spec, \
+         sp.Engine(str(models.target), n_ctx=512, n_threads=2, draft=str(models.draft)) as fresh:
+        first = spec.tokenize("Describe the video.")
+        "".join(spec.generate(first, max_tokens=24, **kw))
+        turn = first + list(spec.last_tokens) + spec.tokenize(" the blue square")
+        got = "".join(spec.generate(turn, max_tokens=40, **kw))
+        reused = spec.last_stats
+        # every row of the last generation is kept but perhaps its final token (a bonus token is
+        # never fed to the target; an accepted draft is)
+        assert len(first) + 24 - 1 <= reused["n_prompt_cached"] <= len(first) + 24
+        assert got == "".join(ar.generate(turn, max_tokens=40, ignore_eos=True))
+        assert spec.last_tokens == ar.last_tokens
+        "".join(fresh.generate(turn, max_tokens=40, **kw))
+        assert fresh.last_stats["n_prompt_cached"] == 0
+        assert reused["n_accepted"] > 5, "the comparison needs a draft that is accepted"
+        for key in ("n_drafted", "n_accepted", "acceptance_by_depth", "n_target_forwards"):
+            assert reused[key] == fresh.last_stats[key], key
+
+        # a plain generation in between appends rows the draft has no features for: the next
+        # speculative prompt keeps only the rows before them, and is still rebuilt exactly
+        plain_turn = turn + list(spec.last_tokens) + spec.tokenize(" then")
+        "".join(spec.generate(plain_turn, max_tokens=8, ignore_eos=True, speculative="none"))
+        plain_began = spec.last_stats["n_prompt_cached"]
+        assert len(turn) + 40 - 1 <= plain_began <= len(turn) + 40
+        third = plain_turn + list(spec.last_tokens) + spec.tokenize(" a small")
+        got = "".join(spec.generate(third, max_tokens=30, **kw))
+        assert spec.last_stats["n_prompt_cached"] == plain_began  # where the plain rows began
+        assert got == "".join(ar.generate(third, max_tokens=30, ignore_eos=True))
+        "".join(fresh.generate(spec.tokenize("ring"), max_tokens=4, **kw))  # nothing in common
+        "".join(fresh.generate(third, max_tokens=30, **kw))
+        assert fresh.last_stats["n_prompt_cached"] == 0
+        for key in ("n_drafted", "n_accepted", "acceptance_by_depth"):
+            assert spec.last_stats[key] == fresh.last_stats[key], key

@@ -321,7 +321,10 @@ SPARROW_API sparrow_generate_params sparrow_generate_default_params(void);
 
 /* Start generating after a prompt. The KV cache keeps its longest common prefix with the
  * prompt, so follow-up prompts that extend the previous text skip work. The prompt is
- * processed by the first sparrow_generate_next call. The stop strings are copied. */
+ * processed by the first sparrow_generate_next call. The stop strings are copied.
+ * Speculative generations keep the prefix too, up to the last row that a speculative
+ * generation on this context (with this draft) produced or prefilled: the draft is rebuilt from
+ * those rows' stored features exactly as a fresh prefill would build it. */
 SPARROW_API sparrow_status sparrow_generate_begin(sparrow_context * ctx, const sparrow_token * prompt,
                                                   int32_t n_prompt, sparrow_generate_params params);
 

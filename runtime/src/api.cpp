@@ -375,6 +375,7 @@ sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_mo
         ctx->gen.active = false;
         ctx->spec.state.reset();
         ctx->spec.draft = nullptr;
+        std::vector<float>().swap(ctx->spec.row_g);  // features are the old draft's
         if (!draft) return;
         if (!draft->is_draft) fail(SPARROW_ERR_INVALID_ARGUMENT, format("'%s' is not a draft model", draft->arch.c_str()));
         draft_check_fits(draft->draft_hparams, ctx->model->hparams);
@@ -458,6 +459,8 @@ sparrow_status sparrow_kv_compact(sparrow_context * ctx, int32_t n_keep, const i
             dst[i] = n_keep + i;
         }
         ctx->gen.active = false;
+        // the moved rows' draft features are not moved along: keep only those before n_keep
+        ctx->spec.row_g.resize(std::min(ctx->spec.row_g.size(), (size_t) n_keep * ctx->model->hparams.n_embd));
         ctx->cache->move_rows(rows, dst.data(), n_rows);
         for (int32_t i = 0; i < n_rows; ++i) {
             ctx->cache_tokens[dst[i]] = ctx->cache_tokens[rows[i]];
@@ -640,9 +643,10 @@ void begin_generation(sparrow_context * ctx, const sparrow_token * prompt, int32
     // Keep the longest cached prefix laid out at consecutive positions; at least the last
     // prompt token is always fed again, since its logits start the generation.
     int32_t common = 0;
-    // the draft needs the target's hidden states at every prompt position, and media rows are
-    // not compared: no reuse then
-    const int32_t limit = ctx->spec.active || g.has_media ? 0 : std::min<int32_t>((int32_t) ctx->cache_tokens.size(), n_prompt - 1);
+    // Media rows are not compared: no reuse then. A speculative generation keeps only rows whose
+    // features the draft can be rebuilt from (spec.row_g).
+    int32_t limit = g.has_media ? 0 : std::min<int32_t>((int32_t) ctx->cache_tokens.size(), n_prompt - 1);
+    if (ctx->spec.active) limit = std::min(limit, spec_reusable_rows(*ctx));
     while (common < limit && ctx->cache_tokens[common] == prompt[common] && ctx->cache_pos[common] == common) ++common;
     context_truncate(*ctx, common);
     ctx->stats = sparrow_stats();
@@ -735,7 +739,7 @@ sparrow_status sparrow_generate_next(sparrow_context * ctx, char * buf, size_t b
                 g.prompt_done = true;
                 if (!(g.params.max_tokens >= 0 && ctx->stats.n_generated >= g.params.max_tokens)) {
                     produced.push_back(sample_token(ctx->logits.data(), n_vocab, g.params.sampling, g.rng, g.dist));
-                    if (ctx->spec.active) spec_begin(*ctx, fed, produced.back());
+                    if (ctx->spec.active) spec_begin(*ctx, cached, fed, produced.back());
                 }
                 report(1.0f);
                 ctx->stats.t_prefill_ms = now_ms() - t0;

@@ -148,6 +148,8 @@ void context_truncate(sparrow_context & ctx, int32_t n_keep) {
     ctx.cache->set_size(n_keep);
     ctx.cache_tokens.resize(n_keep);
     ctx.cache_pos.resize(n_keep);
+    const size_t g_keep = (size_t) n_keep * ctx.model->hparams.n_embd;
+    if (ctx.spec.row_g.size() > g_keep) ctx.spec.row_g.resize(g_keep);
 }
 
 }  // namespace sparrow

@@ -83,6 +83,11 @@ struct sparrow_context {
         sparrow::SpecPolicy policy;              // kept across generations: costs carry over
         std::vector<sparrow::DraftEntry> pending;  // committed entries the draft has yet to run
         std::vector<float> pending_g;            // their features, n_embd each
+        // The feature (fused taps) of every row in the target cache, n_embd each, while the cache
+        // holds text only and every row's feature is known (else empty): a later prompt that
+        // shares a prefix with the cache reuses those rows, and the draft is rebuilt from these
+        // features exactly as a fresh prefill would build it (speculative.h).
+        std::vector<float> row_g;
         std::vector<float> scratch_g, scratch_h, scratch_logits;
         std::vector<sparrow::TokenProb> p_dist, q_dist;
         std::vector<float> p_dense, q_dense;

@@ -93,6 +93,14 @@ void finish_round(sparrow_context & ctx, int64_t n_before, int64_t n_batch_rows,
     // the draft's next entries: the kept positions with their real features
     s.scratch_g.resize((size_t) (n_batch_rows * H));
     s.state->fuse_taps(ctx.hidden.data(), n_batch_rows, s.scratch_g.data());
+    // the kept rows' features join the cache's, if it has them up to here (see spec.row_g)
+    if (s.row_g.size() == (size_t) n_before * H) {
+        for (size_t j = 0; j < rows.size(); ++j) {
+            s.row_g.insert(s.row_g.end(), &s.scratch_g[(size_t) rows[j] * H], &s.scratch_g[(size_t) rows[j] * H] + H);
+        }
+    } else {
+        std::vector<float>().swap(s.row_g);
+    }
     s.pending.clear();
     s.pending_g.resize(rows.size() * H);
     for (size_t j = 0; j < rows.size(); ++j) {
@@ -552,14 +560,21 @@ void spec_prefill_chunk(sparrow_context & ctx, const int32_t * prompt, int32_t f
     }
 }
 
-void spec_begin(sparrow_context & ctx, int32_t n_prompt, int32_t first_token) {
+int32_t spec_reusable_rows(const sparrow_context & ctx) {
+    return (int32_t) (ctx.spec.row_g.size() / (size_t) ctx.model->hparams.n_embd);
+}
+
+void spec_begin(sparrow_context & ctx, int32_t n_cached, int32_t n_fed, int32_t first_token) {
     auto & s = ctx.spec;
     const auto & g = ctx.gen;
     const int64_t H = ctx.model->hparams.n_embd;
+    const int32_t n_prompt = n_cached + n_fed;
+    if (n_cached > spec_reusable_rows(ctx)) fail(SPARROW_ERR_INTERNAL, "kept rows without their features");
     // text rows become draft entries; visual rows only fed the glimpses
     std::vector<int32_t> text_rows, visual_rows;
     for (int32_t p = 0; p < n_prompt; ++p) (ctx.cache_tokens[p] == SPARROW_MEDIA_TOKEN ? visual_rows : text_rows).push_back(p);
-    if ((int64_t) text_rows.size() != s.prefill_text_seen || (int64_t) visual_rows.size() != s.prefill_visual_seen) {
+    if ((int64_t) text_rows.size() - n_cached != s.prefill_text_seen || (int64_t) visual_rows.size() != s.prefill_visual_seen ||
+        (n_cached > 0 && !visual_rows.empty())) {
         fail(SPARROW_ERR_INTERNAL, "the prompt's hand-off does not match its prefill");
     }
     int64_t anchor_start = 0;
@@ -580,12 +595,17 @@ void spec_begin(sparrow_context & ctx, int32_t n_prompt, int32_t first_token) {
         s.state->add_glimpses(s.glimpse_sum.data(), s.glimpse_pos.data(), n_seg);
     }
 
-    // entries: each text row with the token after it (a media row's placeholder token)
+    // entries: each text row with the token after it (a media row's placeholder token); the
+    // kept rows' features as they were, the prefilled rows' fused from their taps
     const int64_t n_text = (int64_t) text_rows.size();
     s.pending.clear();
     s.pending_g.resize((size_t) (n_text * H));
-    s.state->fuse_taps(s.prefill_taps.data(), n_text, s.pending_g.data());
+    std::copy(s.row_g.begin(), s.row_g.begin() + (size_t) n_cached * H, s.pending_g.begin());
+    s.state->fuse_taps(s.prefill_taps.data(), n_text - n_cached, s.pending_g.data() + (size_t) n_cached * H);
     std::vector<float>().swap(s.prefill_taps);  // the prompt's taps are fused: free them
+    // every row's feature is known for a text-only cache (a visual row has none)
+    if (visual_rows.empty()) s.row_g = s.pending_g;
+    else std::vector<float>().swap(s.row_g);
     for (int32_t p : text_rows) {
         DraftEntry e;
         if (p + 1 >= n_prompt) {

@@ -8,9 +8,8 @@ can retry, rather than letting latency grow without bound.
 Prefix reuse: a slot's KV cache keeps its last prompt and reply, and the runtime keeps the longest
 common prefix of the next prompt (sparrow_generate_begin), so a request goes to the free slot whose
 cache shares the longest prefix with it: a follow-up question in a conversation prefills only the
-new turn. The runtime reuses text prompts decoded without speculation; a prompt with media, or one
-decoded speculatively (the draft needs the target's hidden states at every prompt position), is
-prefilled whole (sparrow.h).
+new turn. The runtime reuses text prompts, speculative or not (the draft is rebuilt from the kept
+rows' stored features); a prompt with media is prefilled whole (sparrow.h).
 
 The pool lives on the event loop's thread (acquire and release are called there), so it needs no
 lock; a slot's Engine is used by one worker thread at a time, the one serving its request.
