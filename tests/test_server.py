@@ -273,14 +273,15 @@ def test_image_chat_equals_the_engine(client, reference):
     _check_numbers(r, len(tokens))
 
 
-def test_kv_prefix_is_reused_for_a_follow_up(client, reference):
-    """A follow-up question in a conversation (text, speculation off: what the runtime reuses)
-    prefills only the new turn, and answers as a fresh Engine does."""
+@pytest.mark.parametrize("speculative", ["none", "chain"])
+def test_kv_prefix_is_reused_for_a_follow_up(client, reference, speculative):
+    """A follow-up question in a conversation (text, with the draft or without) prefills only the
+    new turn, and answers as a fresh Engine does."""
     first = [{"role": "user", "content": "Describe the video."}]
-    r1 = _chat(client, first, max_tokens=16, extra_body={"speculative": "none"})
+    r1 = _chat(client, first, max_tokens=16, extra_body={"speculative": speculative})
     follow = first + [{"role": "assistant", "content": r1.choices[0].message.content},
                       {"role": "user", "content": "What happens in this clip?"}]
-    r2 = _chat(client, follow, max_tokens=16, extra_body={"speculative": "none"})
+    r2 = _chat(client, follow, max_tokens=16, extra_body={"speculative": speculative})
     want, _ = _reference_chat(reference, follow, max_tokens=16)
     assert r2.choices[0].message.content == want
     t = _timings(r2)
