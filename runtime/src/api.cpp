@@ -617,9 +617,8 @@ void begin_generation(sparrow_context * ctx, const sparrow_token * prompt, int32
     const bool tree = params.speculative == SPARROW_SPEC_TREE;
     const bool tree_shape_changed = params.tree_depth != ctx->spec.tree_depth || params.tree_top_k != ctx->spec.tree_top_k ||
                                     params.tree_total_tokens != ctx->spec.tree_total;
-    // what adaptive speculation learned holds for one kind of round: chains and trees (of another
-    // shape) cost, and pay, differently
-    if (ctx->spec.active && (tree != ctx->spec.tree || (tree && tree_shape_changed))) ctx->spec.policy.reset();
+    // what adaptive speculation learned of trees holds for trees of one shape
+    if (tree && tree_shape_changed) ctx->spec.policy.reset_tree();
     ctx->spec.tree = tree;
     ctx->spec.n_draft = params.n_draft;
     ctx->spec.tree_depth = params.tree_depth;

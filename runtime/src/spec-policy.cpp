@@ -47,6 +47,12 @@ void SpecPolicy::Cost::add(double sample) {
 
 void SpecPolicy::reset() { *this = SpecPolicy(); }
 
+void SpecPolicy::reset_tree() {
+    tree_ms_ = Cost();
+    tree_tokens_ = 0.0;
+    tree_probes_ = Probes();
+}
+
 void SpecPolicy::tick() {
     for (Cost & c : cost_) c.age += 1;
     tree_ms_.age += 1;
@@ -95,9 +101,8 @@ int32_t SpecPolicy::choose_chain(int32_t max_k) {
         const double r = rate(k);
         if (r > best_rate) best = k, best_rate = r;
     }
-    if (best == 0) return probe_now(round_ms(1)) ? 1 : 0;
-    rounds_since_probe_ = 0;
-    probe_every_ = kProbeEvery;
+    if (best == 0) return probe_now(chain_probes_, round_ms(1)) ? 1 : 0;
+    chain_probes_ = Probes();
     if (cost_[0].age >= kRefreshEvery) return 0;  // what speculation is compared with, timed again
     for (const int32_t k : {best + 1, best - 1}) {
         if (k >= 1 && k <= max_k && cost_[k].age >= kExploreEvery) return k;
@@ -109,20 +114,19 @@ bool SpecPolicy::choose_tree() {
     if (cost_[0].n == 0) return false;
     if (tree_ms_.n == 0) return true;  // an untried tree is tried
     if (tree_tokens_ / tree_ms_.ms > rate(0)) {
-        rounds_since_probe_ = 0;
-        probe_every_ = kProbeEvery;
+        tree_probes_ = Probes();
         return cost_[0].age < kRefreshEvery;
     }
-    return probe_now(tree_ms_.ms);
+    return probe_now(tree_probes_, tree_ms_.ms);
 }
 
-bool SpecPolicy::probe_now(double probe_ms) {
+bool SpecPolicy::probe_now(Probes & p, double probe_ms) {
     const double plain_ms = cost_[0].ms;
     const double budget_wait = kProbeBudget * std::max(0.0, probe_ms - plain_ms) / plain_ms;
-    if (++rounds_since_probe_ < std::max((double) probe_every_, budget_wait)) return false;
-    rounds_since_probe_ = 0;
-    probing_ = true;
-    probe_every_ = std::min(2 * probe_every_, kMaxProbeEvery);  // back to kProbeEvery once speculation pays
+    if (++p.since < std::max((double) p.every, budget_wait)) return false;
+    p.since = 0;
+    p.probing = true;
+    p.every = std::min(2 * p.every, kMaxProbeEvery);  // back to kProbeEvery once speculation pays
     return true;
 }
 
@@ -131,8 +135,8 @@ void SpecPolicy::record_chain(int32_t k, int32_t accepted, double ms) {
     tick();
     cost_[k].add(ms);
     if (k == 0) return;
-    if (probing_ && accepted > 0) probe_every_ = kProbeEvery;  // the draft may be waking up: look again soon
-    probing_ = false;
+    if (chain_probes_.probing && accepted > 0) chain_probes_.every = kProbeEvery;  // the draft may be waking up: look again soon
+    chain_probes_.probing = false;
     for (int32_t d = 0; d < kMaxDepth; ++d) {
         accepted_[d] *= kDecay;
         reached_[d] *= kDecay;

@@ -35,6 +35,7 @@ public:
     static constexpr int32_t kRefreshEvery = 16;  // speculative rounds between two timed plain steps
 
     void reset();
+    void reset_tree();  // what was learned of trees only (their shape changed)
     // Tokens to draft in the next chain round, at most max_k (0: a plain decode step).
     int32_t choose_chain(int32_t max_k);
     // Whether the next round should be a tree round (else a plain decode step).
@@ -60,7 +61,6 @@ private:
         void add(double sample);
     };
     double rate(int32_t k) const;  // estimated tokens per millisecond of a k-token chain round
-    bool probe_now(double probe_ms);  // counts a plain step; true when it is time to try a round of probe_ms
     void tick();                   // one more round: every cost ages
 
     double accepted_[kMaxDepth] = {};  // decayed counts: drafts accepted at depth d + 1
@@ -68,9 +68,15 @@ private:
     Cost cost_[kMaxDepth + 1];         // T(k), k = 0 the plain step
     Cost tree_ms_;                     // per tree round
     double tree_tokens_ = 0.0;         // per tree round (decayed mean)
-    int32_t rounds_since_probe_ = 0;   // plain steps since speculation was last tried
-    int32_t probe_every_ = 32;         // plain steps between probes (kProbeEvery; backs off while they fail)
-    bool probing_ = false;             // the round chosen last is a probe
+    // While resting: when to try speculating again. Chains and trees each have their own, so
+    // that a context used for both keeps what it learned of each.
+    struct Probes {
+        int32_t since = 0;     // plain steps since speculation was last tried
+        int32_t every = 32;    // plain steps between probes (kProbeEvery; backs off while they fail)
+        bool probing = false;  // the round chosen last is a probe
+    };
+    bool probe_now(Probes & p, double probe_ms);  // counts a plain step; true when it is time to try a round of probe_ms
+    Probes chain_probes_, tree_probes_;
 };
 
 }  // namespace sparrow

@@ -234,6 +234,23 @@ void test_trees() {
     }
 }
 
+void test_chains_and_trees_learn_apart() {
+    // a context used for both (a server's requests choose): what each learned stays its own
+    SpecPolicy p;
+    p.record_chain(0, 0, kDecodeMs);
+    check(p.choose_tree(), "an untried tree is tried");
+    p.record_tree(1, 80.0);  // one token for 8 decodes' time
+    for (int i = 0; i < 50; i++) {
+        const int32_t k = p.choose_chain(4);
+        p.record_chain(k, k, k == 0 ? kDecodeMs : kDecodeMs * (1.05 + 0.1 * k));
+    }
+    check(p.choose_chain(4) > 0, "chains that pay are kept");
+    int wait = 1;
+    while (!p.choose_tree() && wait < 1000) wait++;
+    check(wait == 350, "trees still rest after the chains: the next tree probe waits its budget (got " +
+                           std::to_string(wait) + ")");
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
@@ -244,5 +261,6 @@ int main(int argc, char ** argv) {
     test_good_draft_gets_long_chains_and_plain_is_retimed();
     test_text_that_changes();
     test_trees();
+    test_chains_and_trees_learn_apart();
     return finish("test_spec_policy");
 }
