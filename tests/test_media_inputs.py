@@ -142,3 +142,49 @@ def test_a_video_too_long_for_the_context_is_refused_before_its_frames_are_proce
             container.mux(packet)
     with pytest.raises(VideoInputError, match=r"takes \d+ tokens \(60 frames of 480x640\)"):
         "".join(engine.generate("Describe it.", video=str(path), fps=30, max_tokens=4))
+
+
+def test_a_second_question_about_a_video_keeps_its_rows(engine):
+    """A follow-up about the same video keeps every cached row up to where the prompts differ,
+    the video's included (rows are compared by what they were computed from: token or
+    embedding, and positions), and answers as a fresh context does; another video, or the same
+    one sampled differently, keeps only the text before it."""
+    clip = np.load(DEMO / "clip.npy")
+    first = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
+    answer = "".join(engine.chat(first, video=clip, max_tokens=24))
+    n_first = engine.last_stats["n_prompt"]
+    follow = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "What happens next?"}]
+    got = "".join(engine.chat(follow, video=clip, max_tokens=24))
+    kept = engine.last_stats["n_prompt_cached"]
+    assert kept >= n_first - 1, (kept, n_first)  # the video and the first question at least
+    with sp.Engine(str(DEMO / "target.gguf"), mmproj=str(DEMO / "mmproj.gguf"), n_ctx=2048, n_threads=2) as fresh:
+        want = "".join(fresh.chat(follow, video=clip, max_tokens=24))
+        assert fresh.last_stats["n_prompt_cached"] == 0
+        assert got == want and engine.last_tokens == fresh.last_tokens
+    text_before_video = len(engine.tokenize("<|im_start|>user\n", add_special=False))
+    for other in (np.ascontiguousarray(clip[:, ::-1]), clip[:-2]):
+        "".join(engine.chat(follow, video=other, max_tokens=4))
+        assert engine.last_stats["n_prompt_cached"] <= text_before_video + 2, engine.last_stats["n_prompt_cached"]
+
+
+def test_media_rows_are_compared_row_by_row(tmp_path, tiny_qwen2_dir):
+    """media= on a 1-D model: a prompt whose third media row differs keeps exactly the rows
+    before it; the output equals a fresh context's."""
+    from sparrow_py.convert import convert
+
+    path = tmp_path / "t.gguf"
+    convert(tiny_qwen2_dir, path, outtype="f32", progress=False)
+    rng = np.random.default_rng(5)
+    with sp.Engine(str(path), n_ctx=256, n_threads=2, kv_type="f32") as e, \
+         sp.Engine(str(path), n_ctx=256, n_threads=2, kv_type="f32") as fresh:
+        embd = rng.standard_normal((6, e.n_embd)).astype(np.float32)
+        prompt = [5, 6, 7] + [sp.MEDIA_TOKEN] * 6 + [8, 9]
+        "".join(e.generate(prompt, media=[sp.Media(embd)], max_tokens=6, ignore_eos=True))
+        "".join(e.generate(prompt, media=[sp.Media(embd)], max_tokens=6, ignore_eos=True))
+        assert e.last_stats["n_prompt_cached"] == len(prompt) - 1
+        changed = embd.copy()
+        changed[2, 0] += 1e-3
+        got = "".join(e.generate(prompt, media=[sp.Media(changed)], max_tokens=6, ignore_eos=True))
+        assert e.last_stats["n_prompt_cached"] == 3 + 2
+        want = "".join(fresh.generate(prompt, media=[sp.Media(changed)], max_tokens=6, ignore_eos=True))
+        assert got == want and e.last_tokens == fresh.last_tokens

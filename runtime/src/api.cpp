@@ -465,6 +465,7 @@ sparrow_status sparrow_kv_compact(sparrow_context * ctx, int32_t n_keep, const i
         for (int32_t i = 0; i < n_rows; ++i) {
             ctx->cache_tokens[dst[i]] = ctx->cache_tokens[rows[i]];
             ctx->cache_pos[dst[i]] = ctx->cache_pos[rows[i]];
+            ctx->cache_keys[dst[i]] = ctx->cache_keys[rows[i]];
         }
         context_truncate(*ctx, n_keep + n_rows);
     });
@@ -639,14 +640,23 @@ void begin_generation(sparrow_context * ctx, const sparrow_token * prompt, int32
     if (g.has_media) layout_media(ctx->model->hparams, prompt, n_prompt, media, n_media, g.prompt_embd, g.prompt_pos, g.placeholder);
     g.active = true;
 
-    // Keep the longest cached prefix laid out at consecutive positions; at least the last
-    // prompt token is always fed again, since its logits start the generation.
+    // Keep the longest cached prefix whose rows were computed from what this prompt's rows hold
+    // (token or media embedding, and positions: cache_keys); at least the last prompt token is
+    // always fed again, since its logits start the generation. A speculative generation keeps
+    // only rows whose features the draft can be rebuilt from (spec.row_g).
     int32_t common = 0;
-    // Media rows are not compared: no reuse then. A speculative generation keeps only rows whose
-    // features the draft can be rebuilt from (spec.row_g).
-    int32_t limit = g.has_media ? 0 : std::min<int32_t>((int32_t) ctx->cache_tokens.size(), n_prompt - 1);
+    int32_t limit = std::min<int32_t>((int32_t) ctx->cache_keys.size(), n_prompt - 1);
     if (ctx->spec.active) limit = std::min(limit, spec_reusable_rows(*ctx));
-    while (common < limit && ctx->cache_tokens[common] == prompt[common] && ctx->cache_pos[common] == common) ++common;
+    const int64_t H = ctx->model->hparams.n_embd;
+    for (; common < limit; ++common) {
+        const int32_t text_pos[3] = {common, common, common};
+        const bool media_row = prompt[common] == SPARROW_MEDIA_TOKEN;
+        const uint64_t key = g.has_media ? context_row_key(ctx->model->hparams, prompt[common],
+                                                           media_row ? &g.prompt_embd[(size_t) common * H] : nullptr,
+                                                           &g.prompt_pos[common], (size_t) n_prompt)
+                                         : context_row_key(ctx->model->hparams, prompt[common], nullptr, text_pos, 1);
+        if (key != ctx->cache_keys[common]) break;
+    }
     context_truncate(*ctx, common);
     ctx->stats = sparrow_stats();
     ctx->stats.n_prompt = n_prompt;
@@ -718,9 +728,14 @@ sparrow_status sparrow_generate_next(sparrow_context * ctx, char * buf, size_t b
                         spec_prefill_chunk(*ctx, prompt, first, n, hidden);
                     };
                 }
-                if (g.has_media) {  // never cached: the whole prompt is fed
-                    opt.embd = g.prompt_embd.data();
-                    opt.pos_streams = g.prompt_pos.data();
+                std::vector<int32_t> fed_pos;
+                if (g.has_media) {  // the rows after the kept prefix, with their embeddings and positions
+                    opt.embd = g.prompt_embd.data() + (size_t) cached * ctx->model->hparams.n_embd;
+                    fed_pos.resize((size_t) 3 * fed);
+                    for (size_t st = 0; st < 3; ++st) {
+                        std::copy_n(&g.prompt_pos[st * g.prompt.size() + cached], fed, &fed_pos[st * fed]);
+                    }
+                    opt.pos_streams = fed_pos.data();
                 }
                 const sparrow_progress_callback progress = g.params.progress_callback;
                 void * progress_data = g.params.progress_user_data;

@@ -37,6 +37,33 @@ void build_tree(const int32_t * parents, int32_t n, int64_t n_past, std::vector<
 
 }  // namespace
 
+uint64_t context_row_key(const LMHparams & hp, int32_t token, const float * embd, const int32_t * pos, size_t stride) {
+    // 64-bit multiply-xor mixing (FNV-1a's prime); four lanes over an embedding row, so hashing a
+    // 25k-row video costs a fraction of a second, nothing beside its prefill
+    constexpr uint64_t kPrime = 0x100000001b3ull, kBasis = 0xcbf29ce484222325ull;
+    auto mix = [](uint64_t h, uint64_t v) { return (h ^ v) * kPrime; };
+    uint64_t h = mix(kBasis, (uint32_t) token);
+    if (embd) {
+        uint64_t lane[4] = {kBasis, kBasis ^ 1, kBasis ^ 2, kBasis ^ 3};
+        const int64_t n = hp.n_embd;
+        uint32_t bits;
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            for (int l = 0; l < 4; ++l) {
+                std::memcpy(&bits, embd + i + l, 4);
+                lane[l] = mix(lane[l], bits);
+            }
+        }
+        for (; i < n; ++i) {
+            std::memcpy(&bits, embd + i, 4);
+            lane[0] = mix(lane[0], bits);
+        }
+        for (uint64_t v : lane) h = mix(h, v);
+    }
+    for (int st = 0; st < std::min(hp.n_pos_streams, 3); ++st) h = mix(h, (uint32_t) pos[(size_t) st * stride]);
+    return h;
+}
+
 void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const ForwardOptions & opt) {
     const int32_t * pos_in = opt.pos;
     const int8_t * outputs = opt.outputs;
@@ -117,6 +144,9 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
             fail(SPARROW_ERR_ABORTED, "aborted by the abort callback");
         }
         for (int32_t i = 0; i < cn; ++i) {
+            const bool media_row = req.embd && tokens[c0 + i] == SPARROW_MEDIA_TOKEN;
+            ctx.cache_keys.push_back(context_row_key(hp, tokens[c0 + i], media_row ? req.embd + (size_t) i * hp.n_embd : nullptr,
+                                                     pos + i, (size_t) cn));
             ctx.cache_tokens.push_back(tokens[c0 + i]);
             int32_t p = pos[i];
             for (int st = 1; st < std::min(hp.n_pos_streams, 3); ++st) p = std::max(p, pos[(size_t) st * cn + i]);
@@ -148,6 +178,7 @@ void context_truncate(sparrow_context & ctx, int32_t n_keep) {
     ctx.cache->set_size(n_keep);
     ctx.cache_tokens.resize(n_keep);
     ctx.cache_pos.resize(n_keep);
+    ctx.cache_keys.resize(n_keep);
     const size_t g_keep = (size_t) n_keep * ctx.model->hparams.n_embd;
     if (ctx.spec.row_g.size() > g_keep) ctx.spec.row_g.resize(g_keep);
 }

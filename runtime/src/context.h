@@ -30,6 +30,10 @@ struct sparrow_context {
     // largest of the t/h/w positions: the text after them continues from it)
     std::vector<int32_t> cache_tokens;
     std::vector<int32_t> cache_pos;
+    // what each row was computed from (context_row_key: its token, or for a media row a hash of
+    // its input embedding, and its position in every stream): a new prompt keeps the rows whose
+    // keys it shares from the start, media included
+    std::vector<uint64_t> cache_keys;
 
     // outputs of the last forward pass
     std::vector<float> logits;          // n_outputs x n_vocab
@@ -125,6 +129,9 @@ struct ForwardOptions {
 // keeps the chunks that completed.
 void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const ForwardOptions & opt);
 void context_truncate(sparrow_context & ctx, int32_t n_keep);
+// The key of a row: its token, for a media row (embd non-NULL) a hash of its n_embd input
+// floats, and its positions in the model's first min(n_pos_streams, 3) streams (pos[s * stride]).
+uint64_t context_row_key(const LMHparams & hp, int32_t token, const float * embd, const int32_t * pos, size_t stride);
 // The position the next token appended to the cache gets by default.
 int32_t context_next_pos(const sparrow_context & ctx);
 

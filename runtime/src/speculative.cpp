@@ -87,6 +87,7 @@ void finish_round(sparrow_context & ctx, int64_t n_before, int64_t n_batch_rows,
     for (size_t i = 0; i < src.size(); ++i) {
         ctx.cache_tokens[dst[i]] = ctx.cache_tokens[src[i]];
         ctx.cache_pos[dst[i]] = ctx.cache_pos[src[i]];
+        ctx.cache_keys[dst[i]] = ctx.cache_keys[src[i]];
     }
     context_truncate(ctx, (int32_t) (n_before + (int64_t) rows.size()));
 
@@ -574,7 +575,7 @@ void spec_begin(sparrow_context & ctx, int32_t n_cached, int32_t n_fed, int32_t 
     std::vector<int32_t> text_rows, visual_rows;
     for (int32_t p = 0; p < n_prompt; ++p) (ctx.cache_tokens[p] == SPARROW_MEDIA_TOKEN ? visual_rows : text_rows).push_back(p);
     if ((int64_t) text_rows.size() - n_cached != s.prefill_text_seen || (int64_t) visual_rows.size() != s.prefill_visual_seen ||
-        (n_cached > 0 && !visual_rows.empty())) {
+        (!visual_rows.empty() && visual_rows.front() < n_cached)) {  // kept rows are text (spec.row_g)
         fail(SPARROW_ERR_INTERNAL, "the prompt's hand-off does not match its prefill");
     }
     int64_t anchor_start = 0;
