@@ -27,6 +27,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def train_draft(args, gguf: Path, hf: Path, out: Path) -> None:
            "--draft-vocab", str(args.draft_vocab), "--max-new-tokens", str(args.max_new_tokens),
            "--glimpses", "0", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--warmup-steps", "100", "--mtp-steps", "3", "--save-every", "500"]
-    subprocess.run(cmd, check=True)
+    # outside the checkout, whose sparrow_py has no compiled runtime: the installed one runs
+    subprocess.run(cmd, check=True, cwd=tempfile.gettempdir())
 
 
 def convert_draft(folder: Path, out: Path) -> None:
@@ -208,6 +210,7 @@ def main() -> int:
     ap.add_argument("--llama-venv", type=Path, default=Path.home() / ".cache" / "sparrow" / "llama-cpp-venv")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp baseline (ratios to plain only)")
     args = ap.parse_args()
+    args.cache = args.cache.resolve()  # the training child runs elsewhere
 
     args.cache.mkdir(parents=True, exist_ok=True)
     gguf = target_gguf()

@@ -1,5 +1,6 @@
 """`sparrow serve` under load, on loopback: requests/s and latency for 1, 2 and 4 concurrent
-clients, and a video's first vs second question time to first token (the media cache at work).
+clients, and a video's first vs second question time to first token (the media cache and the KV
+prefix at work).
 
     python bench/bench_server.py [--requests 24] [--parallel 4] [--threads 1] [--clips 8]
     python bench/bench_server.py -m target.gguf --mmproj mmproj.gguf --draft draft.gguf --video clip.mp4
@@ -84,8 +85,10 @@ class Server:
     def __init__(self, cmd: list):
         import re
         import subprocess
+        import tempfile
 
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        # not from the checkout, whose sparrow_py has no compiled runtime: the installed one
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
         line = ""
         while "http://" not in line:
             line = self.proc.stderr.readline()
@@ -122,7 +125,8 @@ def main() -> int:
 
     extra = {"max_tokens": args.max_tokens}
     if args.model:
-        model, mmproj, draft = args.model, args.mmproj, args.draft
+        # absolute: the server runs outside the checkout (see Server)
+        model, mmproj, draft = (os.path.abspath(p) if p else p for p in (args.model, args.mmproj, args.draft))
         videos = [video_uri(args.video)] if args.video else []
         fresh = list(videos)  # one file: one first question
     else:
@@ -147,7 +151,7 @@ def main() -> int:
             return [{"role": "user", "content": prompts[i % 3] + f" ({i})"}]
 
         if mmproj and fresh:  # before the load, so that the first questions find nothing cached
-            firsts, seconds, media_first, media_second, cached = [], [], [], [], 0
+            firsts, seconds, media_first, media_second, cached, kept = [], [], [], [], 0, []
             for url in fresh:
                 q1, q2 = ([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
                                                         {"type": "text", "text": p}]}] for p in prompts[:2])
@@ -158,11 +162,13 @@ def main() -> int:
                 media_first.append(t1.get("media_ms", 0.0))
                 media_second.append(t2.get("media_ms", 0.0))
                 cached += t2.get("media_cached", 0)
+                kept.append((t2.get("cache_n", 0), t2.get("cache_n", 0) + t2.get("prompt_n", 0)))
             f, s_ = statistics.median(firsts), statistics.median(seconds)
             print(f"video, time to first token (median of {len(firsts)} clips): first question {f * 1e3:.1f} ms "
                   f"(media {statistics.median(media_first):.1f} ms), second question {s_ * 1e3:.1f} ms "
-                  f"(media {statistics.median(media_second):.1f} ms, cached {cached}/{len(seconds)}): "
-                  f"{f / s_:.2f}x sooner")
+                  f"(media {statistics.median(media_second):.1f} ms, cached {cached}/{len(seconds)}; "
+                  f"prompt rows kept {statistics.median(k for k, _ in kept):.0f} of "
+                  f"{statistics.median(n for _, n in kept):.0f}): {f / s_:.2f}x sooner")
 
         for i in range(4):  # warm up (and fill the media cache with the load's clips: the load measures serving)
             chat(http, server.url, question(i), extra)

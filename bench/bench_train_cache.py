@@ -22,6 +22,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def run_train(args, hf: Path, gguf: Path, manifest: Path, work: Path, extra: lis
     wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True)
+    # outside the checkout, whose sparrow_py has no compiled runtime: the installed one runs
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], check=True, capture_output=True, text=True,
+                         cwd=tempfile.gettempdir())
     return time.perf_counter() - t0, int(out.stdout.split()[-1]) / 1024
 
 
@@ -89,6 +92,7 @@ def main() -> int:
     ap.add_argument("--gen-prompts", type=int, default=16, help="prompts for the transformers data-step comparison")
     ap.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)  # child: one mode
     args = ap.parse_args()
+    args.cache = args.cache.resolve()  # the training child runs elsewhere
     if args.mode:
         one_mode(args)
         return 0

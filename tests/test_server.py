@@ -230,7 +230,8 @@ def _video_messages(part: dict, prompt: str = synthetic.PROMPTS[0]) -> list:
 def test_video_chat_equals_the_engine_and_reuses_the_encoding(server, client, reference):
     """A video sent inline (a .npy array) and asked about twice: the text is the Engine's (plain
     decoding, the frames given directly), streamed and not; the second question finds the
-    encoding in the cache."""
+    encoding in the cache and the video's rows in its slot's KV cache, as does a third, other
+    question about it."""
     want, tokens = _reference_chat(reference, video_question(synthetic.PROMPTS[0]), video=CLIP, max_pixels=MAX_PIXELS,
                                    max_tokens=48)
     part = {"type": "video_url", "video_url": {"url": _npy_uri(CLIP), "max_pixels": MAX_PIXELS}}
@@ -243,6 +244,15 @@ def test_video_chat_equals_the_engine_and_reuses_the_encoding(server, client, re
     _check_numbers(last, len(tokens), speculative=True)
     assert _timings(last)["media_n"] == 1 and _timings(last)["media_cached"] == 1
     assert last.usage.prompt_tokens == first.usage.prompt_tokens > 64  # the 64 visual tokens are in the prompt
+    # it went to the slot holding the video (routed by the video's reference), which kept its rows
+    assert _timings(last)["cache_n"] >= 64
+    # another question about the same video: its rows are kept too, the answer is the Engine's
+    other, _ = _reference_chat(reference, video_question(synthetic.PROMPTS[1]), video=CLIP, max_pixels=MAX_PIXELS,
+                               max_tokens=32)
+    r = _chat(client, _video_messages(part, synthetic.PROMPTS[1]),
+              max_tokens=32, extra_body=DRAFT_EVERY_ROUND)
+    assert r.choices[0].message.content == other
+    assert _timings(r)["cache_n"] >= 64, _timings(r)
 
 
 def test_video_forms(client, reference, media_dir):

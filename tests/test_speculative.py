@@ -232,3 +232,37 @@ def test_prompt_prefix_is_reused_and_the_draft_rebuilt_exactly(mode):
         assert fresh.last_stats["n_prompt_cached"] == 0
         for key in ("n_drafted", "n_accepted", "acceptance_by_depth"):
             assert spec.last_stats[key] == fresh.last_stats[key], key
+
+
+def test_a_follow_up_about_a_video_keeps_its_rows_while_speculating():
+    """With the draft on, a second question about the same video keeps the video's rows too: the
+    draft gets the glimpses it had and the kept text rows' features, so it drafts and is
+    accepted exactly as after a fresh prefill; a question about another video keeps only the
+    text before it; plain decoding's output throughout."""
+    from sparrow_py.demo import demo_models
+
+    models = demo_models()
+    clip = np.load(models.clip)
+    kw = dict(speculative="chain", n_draft=4, adaptive=False, ignore_eos=True)
+    open_engine = lambda **extra: sp.Engine(str(models.target), mmproj=str(models.mmproj), n_ctx=2048, n_threads=2,
+                                            **extra)
+    with open_engine() as ar, open_engine(draft=str(models.draft)) as spec, open_engine(draft=str(models.draft)) as fresh:
+        first = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe the video."}]}]
+        answer = "".join(spec.chat(first, video=clip, max_tokens=24, **kw))
+        n_first = spec.last_stats["n_prompt"]
+        follow = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+        got = "".join(spec.chat(follow, video=clip, max_tokens=64, **kw))
+        reused = spec.last_stats
+        assert reused["n_prompt_cached"] >= n_first - 1
+        assert got == "".join(ar.chat(follow, video=clip, max_tokens=64, ignore_eos=True))
+        "".join(fresh.chat(follow, video=clip, max_tokens=64, **kw))
+        assert fresh.last_stats["n_prompt_cached"] == 0
+        assert reused["n_accepted"] > 8, "the comparison needs a draft that is accepted"
+        for key in ("n_drafted", "n_accepted", "acceptance_by_depth"):
+            assert reused[key] == fresh.last_stats[key], key
+        assert np.array_equal(spec.last_glimpses[0], fresh.last_glimpses[0])
+
+        other = np.ascontiguousarray(clip[:, :, ::-1])
+        got = "".join(spec.chat(follow, video=other, max_tokens=16, **kw))
+        assert spec.last_stats["n_prompt_cached"] < 8  # the chat header before the video
+        assert got == "".join(ar.chat(follow, video=other, max_tokens=16, ignore_eos=True))

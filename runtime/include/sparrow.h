@@ -322,9 +322,11 @@ SPARROW_API sparrow_generate_params sparrow_generate_default_params(void);
 /* Start generating after a prompt. The KV cache keeps its longest common prefix with the
  * prompt, so follow-up prompts that extend the previous text skip work. The prompt is
  * processed by the first sparrow_generate_next call. The stop strings are copied.
- * Speculative generations keep the prefix too, up to the last row that a speculative
- * generation on this context (with this draft) produced or prefilled: the draft is rebuilt from
- * those rows' stored features exactly as a fresh prefill would build it. */
+ * Rows are compared by token, or for media rows by their embeddings, and by position, so a
+ * follow-up about the same image or video keeps its rows too. Speculative generations keep the
+ * prefix up to the last row that a speculative generation on this context (with this draft)
+ * produced or prefilled, visual rows only if the prompt adds none: the draft is rebuilt from
+ * stored features exactly as a fresh prefill would build it. */
 SPARROW_API sparrow_status sparrow_generate_begin(sparrow_context * ctx, const sparrow_token * prompt,
                                                   int32_t n_prompt, sparrow_generate_params params);
 
@@ -346,7 +348,7 @@ typedef struct sparrow_media {
 
 /* sparrow_generate_begin for a prompt with media. Positions follow the model: M-RoPE as
  * transformers' get_rope_index computes them (text after an item continues from its largest
- * position + 1), 1-D otherwise. The KV cache is not reused for such prompts. */
+ * position + 1), 1-D otherwise. The KV cache keeps the rows such a prompt shares with it. */
 SPARROW_API sparrow_status sparrow_generate_begin_media(sparrow_context * ctx, const sparrow_token * prompt,
                                                         int32_t n_prompt, const sparrow_media * media, int32_t n_media,
                                                         sparrow_generate_params params);

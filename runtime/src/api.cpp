@@ -375,7 +375,9 @@ sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_mo
         ctx->gen.active = false;
         ctx->spec.state.reset();
         ctx->spec.draft = nullptr;
-        std::vector<float>().swap(ctx->spec.row_g);  // features are the old draft's
+        std::vector<float>().swap(ctx->spec.text_g);  // features and glimpses are the old draft's
+        ctx->spec.g_rows = 0;
+        ctx->spec.kept_n_visual = -1;
         if (!draft) return;
         if (!draft->is_draft) fail(SPARROW_ERR_INVALID_ARGUMENT, format("'%s' is not a draft model", draft->arch.c_str()));
         draft_check_fits(draft->draft_hparams, ctx->model->hparams);
@@ -460,7 +462,7 @@ sparrow_status sparrow_kv_compact(sparrow_context * ctx, int32_t n_keep, const i
         }
         ctx->gen.active = false;
         // the moved rows' draft features are not moved along: keep only those before n_keep
-        ctx->spec.row_g.resize(std::min(ctx->spec.row_g.size(), (size_t) n_keep * ctx->model->hparams.n_embd));
+        context_forget_draft_features(*ctx, n_keep);
         ctx->cache->move_rows(rows, dst.data(), n_rows);
         for (int32_t i = 0; i < n_rows; ++i) {
             ctx->cache_tokens[dst[i]] = ctx->cache_tokens[rows[i]];
@@ -643,10 +645,9 @@ void begin_generation(sparrow_context * ctx, const sparrow_token * prompt, int32
     // Keep the longest cached prefix whose rows were computed from what this prompt's rows hold
     // (token or media embedding, and positions: cache_keys); at least the last prompt token is
     // always fed again, since its logits start the generation. A speculative generation keeps
-    // only rows whose features the draft can be rebuilt from (spec.row_g).
+    // only rows the draft can be rebuilt for (spec_reusable_rows).
     int32_t common = 0;
-    int32_t limit = std::min<int32_t>((int32_t) ctx->cache_keys.size(), n_prompt - 1);
-    if (ctx->spec.active) limit = std::min(limit, spec_reusable_rows(*ctx));
+    const int32_t limit = std::min<int32_t>((int32_t) ctx->cache_keys.size(), n_prompt - 1);
     const int64_t H = ctx->model->hparams.n_embd;
     for (; common < limit; ++common) {
         const int32_t text_pos[3] = {common, common, common};
@@ -657,6 +658,7 @@ void begin_generation(sparrow_context * ctx, const sparrow_token * prompt, int32
                                          : context_row_key(ctx->model->hparams, prompt[common], nullptr, text_pos, 1);
         if (key != ctx->cache_keys[common]) break;
     }
+    if (ctx->spec.active) common = spec_reusable_rows(*ctx, prompt, n_prompt, common);
     context_truncate(*ctx, common);
     ctx->stats = sparrow_stats();
     ctx->stats.n_prompt = n_prompt;

@@ -168,6 +168,16 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
     }
 }
 
+void context_forget_draft_features(sparrow_context & ctx, int32_t n_keep) {
+    auto & sp = ctx.spec;
+    if (sp.g_rows <= n_keep) return;
+    const size_t H = (size_t) ctx.model->hparams.n_embd;
+    size_t n_text = sp.text_g.size() / H;
+    for (int32_t r = n_keep; r < sp.g_rows; ++r) n_text -= ctx.cache_tokens[r] != SPARROW_MEDIA_TOKEN;
+    sp.text_g.resize(n_text * H);
+    sp.g_rows = n_keep;
+}
+
 int32_t context_next_pos(const sparrow_context & ctx) {
     // M-RoPE: generated text continues after the largest position of the prompt, which after a
     // video need not be the last row's
@@ -176,11 +186,10 @@ int32_t context_next_pos(const sparrow_context & ctx) {
 
 void context_truncate(sparrow_context & ctx, int32_t n_keep) {
     ctx.cache->set_size(n_keep);
+    context_forget_draft_features(ctx, n_keep);
     ctx.cache_tokens.resize(n_keep);
     ctx.cache_pos.resize(n_keep);
     ctx.cache_keys.resize(n_keep);
-    const size_t g_keep = (size_t) n_keep * ctx.model->hparams.n_embd;
-    if (ctx.spec.row_g.size() > g_keep) ctx.spec.row_g.resize(g_keep);
 }
 
 }  // namespace sparrow

@@ -87,11 +87,16 @@ struct sparrow_context {
         sparrow::SpecPolicy policy;              // kept across generations: costs carry over
         std::vector<sparrow::DraftEntry> pending;  // committed entries the draft has yet to run
         std::vector<float> pending_g;            // their features, n_embd each
-        // The feature (fused taps) of every row in the target cache, n_embd each, while the cache
-        // holds text only and every row's feature is known (else empty): a later prompt that
-        // shares a prefix with the cache reuses those rows, and the draft is rebuilt from these
-        // features exactly as a fresh prefill would build it (speculative.h).
-        std::vector<float> row_g;
+        // What rebuilds the draft for rows kept in the target cache (speculative.h): the feature
+        // (fused taps, n_embd each) of every text row among cache rows [0, g_rows), in order,
+        // and the glimpses of the last prompt that had visual rows (its means and positions, and
+        // how many visual rows they pool). A later prompt that shares a prefix with the cache
+        // keeps those rows and the draft is rebuilt exactly as a fresh prefill would build it.
+        std::vector<float> text_g;
+        int32_t g_rows = 0;
+        std::vector<float> kept_glimpse_mean;
+        std::vector<int32_t> kept_glimpse_pos;
+        int32_t kept_n_visual = -1;              // -1: no glimpses kept
         std::vector<float> scratch_g, scratch_h, scratch_logits;
         std::vector<sparrow::TokenProb> p_dist, q_dist;
         std::vector<float> p_dense, q_dense;
@@ -129,6 +134,8 @@ struct ForwardOptions {
 // keeps the chunks that completed.
 void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const ForwardOptions & opt);
 void context_truncate(sparrow_context & ctx, int32_t n_keep);
+// Drop the draft features (spec.text_g) of cache rows n_keep and later, before those rows go.
+void context_forget_draft_features(sparrow_context & ctx, int32_t n_keep);
 // The key of a row: its token, for a media row (embd non-NULL) a hash of its n_embd input
 // floats, and its positions in the model's first min(n_pos_streams, 3) streams (pos[s * stride]).
 uint64_t context_row_key(const LMHparams & hp, int32_t token, const float * embd, const int32_t * pos, size_t stride);

@@ -94,13 +94,12 @@ void finish_round(sparrow_context & ctx, int64_t n_before, int64_t n_batch_rows,
     // the draft's next entries: the kept positions with their real features
     s.scratch_g.resize((size_t) (n_batch_rows * H));
     s.state->fuse_taps(ctx.hidden.data(), n_batch_rows, s.scratch_g.data());
-    // the kept rows' features join the cache's, if it has them up to here (see spec.row_g)
-    if (s.row_g.size() == (size_t) n_before * H) {
+    // the kept rows' features join the cache's, if it has them up to here (see spec.text_g)
+    if (s.g_rows == n_before) {
         for (size_t j = 0; j < rows.size(); ++j) {
-            s.row_g.insert(s.row_g.end(), &s.scratch_g[(size_t) rows[j] * H], &s.scratch_g[(size_t) rows[j] * H] + H);
+            s.text_g.insert(s.text_g.end(), &s.scratch_g[(size_t) rows[j] * H], &s.scratch_g[(size_t) rows[j] * H] + H);
         }
-    } else {
-        std::vector<float>().swap(s.row_g);
+        s.g_rows += (int32_t) rows.size();
     }
     s.pending.clear();
     s.pending_g.resize(rows.size() * H);
@@ -561,8 +560,20 @@ void spec_prefill_chunk(sparrow_context & ctx, const int32_t * prompt, int32_t f
     }
 }
 
-int32_t spec_reusable_rows(const sparrow_context & ctx) {
-    return (int32_t) (ctx.spec.row_g.size() / (size_t) ctx.model->hparams.n_embd);
+int32_t spec_reusable_rows(const sparrow_context & ctx, const int32_t * prompt, int32_t n_prompt, int32_t common) {
+    const auto & s = ctx.spec;
+    common = std::min(common, s.g_rows);
+    int32_t first_visual = 0, n_visual = 0;
+    while (first_visual < common && ctx.cache_tokens[first_visual] != SPARROW_MEDIA_TOKEN) ++first_visual;
+    if (first_visual == common) return common;  // text only: every kept row has its feature
+    // Visual rows feed the draft only through the glimpses, which pool all of a prompt's visual
+    // rows: kept ones are reused only when they are exactly the rows the kept glimpses pooled
+    // and the new prompt brings no visual rows of its own.
+    for (int32_t r = first_visual; r < common; ++r) n_visual += ctx.cache_tokens[r] == SPARROW_MEDIA_TOKEN;
+    for (int32_t r = common; r < n_prompt; ++r) {
+        if (prompt[r] == SPARROW_MEDIA_TOKEN) return first_visual;
+    }
+    return n_visual == s.kept_n_visual ? common : first_visual;
 }
 
 void spec_begin(sparrow_context & ctx, int32_t n_cached, int32_t n_fed, int32_t first_token) {
@@ -570,12 +581,19 @@ void spec_begin(sparrow_context & ctx, int32_t n_cached, int32_t n_fed, int32_t 
     const auto & g = ctx.gen;
     const int64_t H = ctx.model->hparams.n_embd;
     const int32_t n_prompt = n_cached + n_fed;
-    if (n_cached > spec_reusable_rows(ctx)) fail(SPARROW_ERR_INTERNAL, "kept rows without their features");
+    if (n_cached > s.g_rows) fail(SPARROW_ERR_INTERNAL, "kept rows without their features");
     // text rows become draft entries; visual rows only fed the glimpses
     std::vector<int32_t> text_rows, visual_rows;
-    for (int32_t p = 0; p < n_prompt; ++p) (ctx.cache_tokens[p] == SPARROW_MEDIA_TOKEN ? visual_rows : text_rows).push_back(p);
-    if ((int64_t) text_rows.size() - n_cached != s.prefill_text_seen || (int64_t) visual_rows.size() != s.prefill_visual_seen ||
-        (!visual_rows.empty() && visual_rows.front() < n_cached)) {  // kept rows are text (spec.row_g)
+    int32_t n_text_cached = 0;
+    for (int32_t p = 0; p < n_prompt; ++p) {
+        (ctx.cache_tokens[p] == SPARROW_MEDIA_TOKEN ? visual_rows : text_rows).push_back(p);
+        n_text_cached += p < n_cached && ctx.cache_tokens[p] != SPARROW_MEDIA_TOKEN;
+    }
+    // visual rows are either all kept (the kept glimpses pool them) or all prefilled now
+    const bool visual_kept = !visual_rows.empty() && visual_rows.front() < n_cached;
+    const int64_t n_visual_fed = visual_kept ? 0 : (int64_t) visual_rows.size();
+    if ((int64_t) text_rows.size() - n_text_cached != s.prefill_text_seen || n_visual_fed != s.prefill_visual_seen ||
+        (visual_kept && (visual_rows.back() >= n_cached || (int32_t) visual_rows.size() != s.kept_n_visual))) {
         fail(SPARROW_ERR_INTERNAL, "the prompt's hand-off does not match its prefill");
     }
     int64_t anchor_start = 0;
@@ -584,29 +602,37 @@ void spec_begin(sparrow_context & ctx, int32_t n_cached, int32_t n_fed, int32_t 
     }
     s.state->reset(anchor_start);
 
-    // glimpses: the mean of each segment, at the temporal position of its first visual token
-    const int64_t n_seg = (int64_t) s.glimpse_end.size();
-    s.glimpse_pos.resize((size_t) n_seg);
-    if (n_seg > 0) {
+    // glimpses: the mean of each segment, at the temporal position of its first visual token (or
+    // those of the kept visual rows, as they were computed)
+    if (visual_kept) {
+        s.glimpse_sum = s.kept_glimpse_mean;
+        s.glimpse_pos = s.kept_glimpse_pos;
+    } else {
+        const int64_t n_seg = (int64_t) s.glimpse_end.size();
+        s.glimpse_pos.resize((size_t) n_seg);
         for (int64_t k = 0; k < n_seg; ++k) {
             const int32_t b = k == 0 ? 0 : s.glimpse_end[k - 1];
             for (int64_t d = 0; d < H; ++d) s.glimpse_sum[k * H + d] /= (float) (s.glimpse_end[k] - b);
             s.glimpse_pos[k] = g.has_media ? g.prompt_pos[visual_rows[b]] : ctx.cache_pos[visual_rows[b]];
         }
-        s.state->add_glimpses(s.glimpse_sum.data(), s.glimpse_pos.data(), n_seg);
+        if (!visual_rows.empty()) {
+            s.kept_glimpse_mean = s.glimpse_sum;
+            s.kept_glimpse_pos = s.glimpse_pos;
+            s.kept_n_visual = (int32_t) visual_rows.size();
+        }
     }
+    if (!s.glimpse_pos.empty()) s.state->add_glimpses(s.glimpse_sum.data(), s.glimpse_pos.data(), (int64_t) s.glimpse_pos.size());
 
     // entries: each text row with the token after it (a media row's placeholder token); the
     // kept rows' features as they were, the prefilled rows' fused from their taps
     const int64_t n_text = (int64_t) text_rows.size();
     s.pending.clear();
     s.pending_g.resize((size_t) (n_text * H));
-    std::copy(s.row_g.begin(), s.row_g.begin() + (size_t) n_cached * H, s.pending_g.begin());
-    s.state->fuse_taps(s.prefill_taps.data(), n_text - n_cached, s.pending_g.data() + (size_t) n_cached * H);
+    std::copy(s.text_g.begin(), s.text_g.begin() + (size_t) n_text_cached * H, s.pending_g.begin());
+    s.state->fuse_taps(s.prefill_taps.data(), n_text - n_text_cached, s.pending_g.data() + (size_t) n_text_cached * H);
     std::vector<float>().swap(s.prefill_taps);  // the prompt's taps are fused: free them
-    // every row's feature is known for a text-only cache (a visual row has none)
-    if (visual_rows.empty()) s.row_g = s.pending_g;
-    else std::vector<float>().swap(s.row_g);
+    s.text_g = s.pending_g;  // every text row's feature is known now
+    s.g_rows = n_prompt;
     for (int32_t p : text_rows) {
         DraftEntry e;
         if (p + 1 >= n_prompt) {

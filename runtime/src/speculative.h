@@ -33,11 +33,14 @@ void spec_prefill_chunk(sparrow_context & ctx, const int32_t * prompt, int32_t f
                         const float * hidden);
 // After the prompt's prefill: enter the glimpses and queue the prompt's text entries for the
 // draft. first_token is the token the target produced after the prompt. The first n_cached
-// rows were kept from the cache (text only; their features are in spec.row_g); the n_fed after
-// them were prefilled between spec_prefill_start and now.
+// rows were kept from the cache (their text rows' features are in spec.text_g; visual rows
+// among them are those the kept glimpses pooled); the n_fed after them were prefilled between
+// spec_prefill_start and now.
 void spec_begin(sparrow_context & ctx, int32_t n_cached, int32_t n_fed, int32_t first_token);
-// How many leading cache rows a speculative generation may keep: those with a known feature.
-int32_t spec_reusable_rows(const sparrow_context & ctx);
+// How many of the `common` leading cache rows that match the prompt a speculative generation
+// may keep: rows with known features, and visual rows only if they are exactly the ones the
+// kept glimpses pooled and the prompt adds none (else the text before them).
+int32_t spec_reusable_rows(const sparrow_context & ctx, const int32_t * prompt, int32_t n_prompt, int32_t common);
 // One round; appends the tokens produced (accepted drafts, then the target's bonus token).
 // Needs room for at least one token in the target cache.
 void spec_round(sparrow_context & ctx, std::vector<int32_t> & produced);

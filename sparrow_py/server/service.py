@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import threading
 from typing import Optional
@@ -109,6 +110,14 @@ class Service:
         tokens, _ = self.engine.chat_prompt(req.messages)
         return tokens
 
+    @staticmethod
+    def media_routing(req: GenerationRequest) -> tuple:
+        """Keys of the request's images and videos, known before anything is fetched (a hash of
+        each reference and its frame options): a follow-up about the same video goes to the slot
+        whose cache holds it. Routing only: the runtime compares the rows themselves."""
+        return tuple((ref.kind, hashlib.blake2b(ref.url.encode(), digest_size=16).hexdigest(), ref.fps, ref.num_frames,
+                      ref.max_pixels) for ref in (req.visuals or ()))
+
     def check_request(self, req: GenerationRequest) -> None:
         if req.visuals and not self.has_vision:
             raise bad_request("this server has no vision file: images and videos need `sparrow serve --mmproj`",
@@ -167,6 +176,7 @@ class Service:
                               n_media_cached=visuals.n_cached, media_ms=visuals.encode_ms)
             finish = engine.last_finish_reason
             slot.cached_tokens = list(tokens) + list(engine.last_tokens)
+            slot.media_keys = self.media_routing(req)
             post("end", outcome)
         except _Cancelled:
             finish = "cancelled"
@@ -186,6 +196,7 @@ class Service:
             slot.active_cancel = None
             if finish not in ("eog", "stop", "length", "context"):
                 slot.cached_tokens = []  # what the cache holds after a stop midway is the runtime's to know
+                slot.media_keys = ()
             slot.last_finish = finish
             slot.n_served += 1
             slot.n_cancelled += finish == "cancelled"

@@ -8,8 +8,9 @@ can retry, rather than letting latency grow without bound.
 Prefix reuse: a slot's KV cache keeps its last prompt and reply, and the runtime keeps the longest
 common prefix of the next prompt (sparrow_generate_begin), so a request goes to the free slot whose
 cache shares the longest prefix with it: a follow-up question in a conversation prefills only the
-new turn. The runtime reuses text prompts, speculative or not (the draft is rebuilt from the kept
-rows' stored features); a prompt with media is prefilled whole (sparrow.h).
+new turn, and a second question about the same video skips the video's rows too (sparrow.h:
+rows are compared by token or media embedding and position; with a draft, the draft is rebuilt
+from the kept rows' stored features).
 
 The pool lives on the event loop's thread (acquire and release are called there), so it needs no
 lock; a slot's Engine is used by one worker thread at a time, the one serving its request.
@@ -36,6 +37,9 @@ class Slot:
     # that a late disconnect of a finished request cannot stop the next one
     active_cancel: Optional[threading.Event] = None
     cached_tokens: list = field(default_factory=list)   # what its KV cache holds (the last prompt + reply)
+    # the images and videos in its cache (Service.media_routing's keys): a request with media has
+    # no tokens before its media are encoded, so it is routed by these
+    media_keys: tuple = ()
     last_used: float = 0.0
     # the last request it served, for GET /slots
     last_finish: Optional[str] = None    # eog, stop, length, context, cancelled, error
@@ -83,14 +87,16 @@ class SlotPool:
         slot.last_used = time.monotonic()
         return slot
 
-    async def acquire(self, prompt_tokens: Optional[list] = None) -> Slot:
-        """A free slot: the one whose cache shares the longest prefix with prompt_tokens (the
-        least recently used among equals), or the first to be released after the requests
-        already waiting. Raises ApiError 503 when max_waiting requests wait already."""
+    async def acquire(self, prompt_tokens: Optional[list] = None, media_keys: tuple = ()) -> Slot:
+        """A free slot: the one whose cache shares the longest prefix of media (media_keys), then
+        of tokens (prompt_tokens), with the request (the least recently used among equals), or
+        the first to be released after the requests already waiting. Raises ApiError 503 when
+        max_waiting requests wait already."""
         idle = [s for s in self.slots if not s.busy]
         if idle and not self.n_waiting:
             prompt = prompt_tokens or []
-            best = max(idle, key=lambda s: (_common_prefix(s.cached_tokens, prompt), -s.last_used))
+            best = max(idle, key=lambda s: (_common_prefix(list(s.media_keys), list(media_keys)),
+                                            _common_prefix(s.cached_tokens, prompt), -s.last_used))
             return self._take(best)
         if self.n_waiting >= self.max_waiting:
             self.n_rejected += 1
