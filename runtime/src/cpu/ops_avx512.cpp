@@ -89,9 +89,11 @@ inline __m512 load_row16(const void * row, int d) {
     return _mm512_loadu_ps((const float *) row + d);
 }
 
-template <bool kKF16, bool kVF16>
+// NV = head_dim / 16: the value accumulators are named registers, not an array indexed at run
+// time (which the compiler kept in memory: a store and a reload around every FMA).
+template <bool kKF16, bool kVF16, int NV>
 void attention_impl(const AttnTask & t, float * scratch) {
-    const int G = t.n_group, hd = t.head_dim, nv = hd / 16, Q = t.n_queries;
+    const int G = t.n_group, hd = t.head_dim, Q = t.n_queries;
     float * scores = scratch;                          // G x kBlock (one query at a time)
     float * kT = scores + (size_t) G * kBlock;         // hd x kBlock: the block's keys, transposed
     float * vbuf = kT + (size_t) hd * kBlock;          // kBlock x hd (f16 or scattered values as f32)
@@ -148,20 +150,24 @@ void attention_impl(const AttnTask & t, float * scratch) {
             for (int g = 0; g < G; g++) {
                 const float * q = t.q + (size_t) qi * t.q_stride + (size_t) g * hd;
                 float * s = scores + (size_t) g * kBlock;
-                // scores of the block's keys: even and odd dimensions in separate chains
-                __m512 sc[2][kBlock / 16];
-                for (int tile = 0; tile < n16; tile++) sc[0][tile] = sc[1][tile] = _mm512_setzero_ps();
+                // scores of the block's keys: even and odd dimensions in separate chains. Every
+                // tile of the block is computed (a constant count keeps the accumulators in
+                // registers); tiles past the query's rows are masked off below.
+                constexpr int kTiles = kBlock / 16;
+                __m512 sc_even[kTiles], sc_odd[kTiles];
+                for (int tile = 0; tile < kTiles; tile++) sc_even[tile] = sc_odd[tile] = _mm512_setzero_ps();
                 for (int d = 0; d < hd; d += 2) {
                     const __m512 q0 = _mm512_set1_ps(q[d]), q1 = _mm512_set1_ps(q[d + 1]);
-                    for (int tile = 0; tile < n16; tile++) {
-                        sc[0][tile] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(kT + (size_t) d * kBlock + 16 * tile), sc[0][tile]);
-                        sc[1][tile] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(kT + (size_t) (d + 1) * kBlock + 16 * tile), sc[1][tile]);
+                    const float * k0 = kT + (size_t) d * kBlock;
+                    for (int tile = 0; tile < kTiles; tile++) {
+                        sc_even[tile] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(k0 + 16 * tile), sc_even[tile]);
+                        sc_odd[tile] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k0 + kBlock + 16 * tile), sc_odd[tile]);
                     }
                 }
                 __m512 mx = neg_inf;
                 for (int tile = 0; tile < n16; tile++) {
                     const __m512 v = _mm512_mask_mov_ps(neg_inf, visible[tile],
-                                                        _mm512_mul_ps(_mm512_add_ps(sc[0][tile], sc[1][tile]), _mm512_set1_ps(t.scale)));
+                                                        _mm512_mul_ps(_mm512_add_ps(sc_even[tile], sc_odd[tile]), _mm512_set1_ps(t.scale)));
                     _mm512_storeu_ps(s + 16 * tile, v);
                     mx = _mm512_max_ps(mx, v);
                 }
@@ -185,19 +191,26 @@ void attention_impl(const AttnTask & t, float * scratch) {
                     sum = _mm512_add_ps(sum, p);
                 }
                 l_run[state] += _mm512_reduce_add_ps(sum);
-                // probabilities times values
-                __m512 av[2][kMaxHeadDim / 16];
-                for (int i = 0; i < nv; i++) {
-                    av[0][i] = _mm512_loadu_ps(a + 16 * i);
-                    av[1][i] = _mm512_setzero_ps();
+                // probabilities times values: even keys into one accumulator set, odd into the other
+                __m512 even[NV], odd[NV];
+                for (int i = 0; i < NV; i++) {
+                    even[i] = _mm512_loadu_ps(a + 16 * i);
+                    odd[i] = _mm512_setzero_ps();
                 }
-                for (int j = 0; j < nb; j++) {
-                    const __m512 pj = _mm512_set1_ps(s[j]);
-                    const float * v = vrows + (size_t) j * v_row_floats;
-                    __m512 * set = av[j & 1];
-                    for (int i = 0; i < nv; i++) set[i] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(v + 16 * i), set[i]);
+                int j = 0;
+                for (; j + 1 < nb; j += 2) {
+                    const __m512 p0 = _mm512_set1_ps(s[j]), p1 = _mm512_set1_ps(s[j + 1]);
+                    const float * v0 = vrows + (size_t) j * v_row_floats;
+                    const float * v1 = v0 + v_row_floats;
+                    for (int i = 0; i < NV; i++) even[i] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * i), even[i]);
+                    for (int i = 0; i < NV; i++) odd[i] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * i), odd[i]);
                 }
-                for (int i = 0; i < nv; i++) _mm512_storeu_ps(a + 16 * i, _mm512_add_ps(av[0][i], av[1][i]));
+                if (j < nb) {
+                    const __m512 p0 = _mm512_set1_ps(s[j]);
+                    const float * v0 = vrows + (size_t) j * v_row_floats;
+                    for (int i = 0; i < NV; i++) even[i] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * i), even[i]);
+                }
+                for (int i = 0; i < NV; i++) _mm512_storeu_ps(a + 16 * i, _mm512_add_ps(even[i], odd[i]));
             }
         }
     }
@@ -212,6 +225,15 @@ void attention_impl(const AttnTask & t, float * scratch) {
     }
 }
 
+template <int NV>
+void dispatch_kv(const AttnTask & t, float * scratch) {
+    if (t.k_f16) {
+        if (t.v_f16) attention_impl<true, true, NV>(t, scratch); else attention_impl<true, false, NV>(t, scratch);
+    } else {
+        if (t.v_f16) attention_impl<false, true, NV>(t, scratch); else attention_impl<false, false, NV>(t, scratch);
+    }
+}
+
 }  // namespace
 
 void attention(const AttnTask & t, float * scratch) {
@@ -220,10 +242,15 @@ void attention(const AttnTask & t, float * scratch) {
         avx2::attention(t, scratch);
         return;
     }
-    if (t.k_f16) {
-        if (t.v_f16) attention_impl<true, true>(t, scratch); else attention_impl<true, false>(t, scratch);
-    } else {
-        if (t.v_f16) attention_impl<false, true>(t, scratch); else attention_impl<false, false>(t, scratch);
+    switch (t.head_dim / 16) {
+        case 1: return dispatch_kv<1>(t, scratch);
+        case 2: return dispatch_kv<2>(t, scratch);
+        case 3: return dispatch_kv<3>(t, scratch);
+        case 4: return dispatch_kv<4>(t, scratch);
+        case 5: return dispatch_kv<5>(t, scratch);
+        case 6: return dispatch_kv<6>(t, scratch);
+        case 7: return dispatch_kv<7>(t, scratch);
+        default: return dispatch_kv<8>(t, scratch);
     }
 }
 
