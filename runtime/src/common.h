@@ -8,6 +8,7 @@
 
 #include "sparrow.h"
 
+#include <chrono>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -44,6 +45,12 @@ inline std::string format(const char * fmt, ...) {
 
 [[noreturn]] inline void fail(sparrow_status status, const std::string & message) {
     throw Error(status, message);
+}
+
+// Milliseconds on a steady clock, for the timings in sparrow_stats and adaptive speculation.
+inline double now_ms() {
+    using namespace std::chrono;
+    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace sparrow

@@ -5,7 +5,6 @@
 #include "context.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -13,11 +12,6 @@
 namespace sparrow {
 
 namespace {
-
-double now_ms() {
-    using namespace std::chrono;
-    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
-}
 
 // A dense copy of a sparse distribution over n ids (zero elsewhere).
 void densify(const std::vector<TokenProb> & dist, int32_t n, std::vector<float> & dense) {
