@@ -27,28 +27,6 @@ void draft_distribution(const sparrow_context & ctx, const float * logits, const
     for (auto & tp : q) tp.id = d.to_target_token(tp.id);
 }
 
-// Draw from max(0, p - q) renormalised (p, q dense over the target vocabulary); p itself where
-// the residual is empty (p == q up to rounding, when any draw from p is exact).
-int32_t draw_residual(const std::vector<float> & p, const std::vector<float> & q, Rng & rng) {
-    std::vector<TokenProb> residual;
-    double total = 0.0;
-    for (size_t x = 0; x < p.size(); ++x) {
-        const double r = (double) p[x] - q[x];
-        if (r > 0.0) {
-            residual.push_back({(int32_t) x, (float) r});
-            total += r;
-        }
-    }
-    if (residual.empty()) {
-        for (size_t x = 0; x < p.size(); ++x) {
-            if (p[x] > 0.0f) residual.push_back({(int32_t) x, p[x]});
-        }
-        total = 1.0;
-    }
-    for (auto & tp : residual) tp.p = (float) (tp.p / total);
-    return draw(residual, rng);
-}
-
 // The draft runs its queued committed entries; the last one (the lead) gives logits when asked.
 // Returns the lead's hidden state.
 std::vector<float> run_pending(sparrow_context & ctx, bool want_lead_logits) {
@@ -128,6 +106,107 @@ int32_t target_token(sparrow_context & ctx, const float * logits) {
     return draw(ctx.spec.p_dist, ctx.gen.rng);
 }
 
+// A drafted token in a verify batch, for accept_drafts: its parent (-1: a child of the lead
+// token), its place among its siblings in the order they were drawn, its row in the batch, and
+// which of the draft's distributions (q_at) its own children were drawn from.
+struct VerifyNode {
+    int32_t token = 0;
+    int32_t parent = -1;
+    int32_t draw_rank = 0;
+    int32_t batch_row = 0;
+    int32_t children_q = 0;
+};
+
+struct Acceptance {
+    std::vector<int32_t> rows{0};  // batch rows kept: the lead's, then each accepted node's
+    std::vector<int32_t> tokens;   // the accepted drafts
+    int32_t bonus = -1;            // the target's own token after them
+};
+
+// The one acceptance rule of chains and trees (a chain is a tree with one child per node). Walk
+// down from the lead (nodes in batch order, the target's logits at every row in ctx.logits): at
+// each node, greedy decoding takes the child that is the target's argmax, if any; sampling runs
+// the recursive rejection over the children in draw order (SpecInfer / EAGLE-2), q_at[0] being
+// the distribution the lead's children were drawn from. The walk ends at the first node where no
+// child is accepted, with the bonus token: the argmax, or a draw from what is left of p.
+Acceptance accept_drafts(sparrow_context & ctx, const std::vector<VerifyNode> & nodes,
+                         const std::vector<std::vector<TokenProb>> & q_at) {
+    auto & s = ctx.spec;
+    auto & g = ctx.gen;
+    const int32_t n_vocab = ctx.model->hparams.n_vocab;
+    const sparrow_sampler_params & sp = g.params.sampling;
+    const bool greedy = sp.temperature == 0.0f;
+    Acceptance a;
+    int32_t cur = -1, cur_row = 0, depth = 0;
+    for (;;) {
+        // the children of cur, in draw order
+        std::vector<int32_t> children;
+        for (size_t ni = 0; ni < nodes.size(); ++ni) {
+            if (nodes[ni].parent == cur) children.push_back((int32_t) ni);
+        }
+        std::sort(children.begin(), children.end(), [&](int32_t x, int32_t y) { return nodes[x].draw_rank < nodes[y].draw_rank; });
+        const float * logits = ctx.logits.data() + (size_t) cur_row * n_vocab;
+        int32_t next = -1;
+        if (!children.empty()) ctx.stats.drafted_by_depth[std::min(depth, 31)] += 1;
+        if (greedy) {
+            const int32_t t = argmax(logits, n_vocab);
+            for (int32_t c : children) {
+                if (nodes[c].token == t) next = c;
+            }
+            if (next < 0) a.bonus = t;
+        } else {
+            // recursive rejection over the siblings, which were drawn without replacement from q:
+            // try them in draw order, and only a prefix of that order (a sibling dropped from the
+            // tree ends the tries, as if the draft had proposed fewer)
+            sampling_distribution(logits, n_vocab, sp, s.p_dist);
+            densify(s.p_dist, n_vocab, s.p_dense);
+            if (!children.empty()) densify(q_at[(size_t) (cur < 0 ? 0 : nodes[cur].children_q)], n_vocab, s.q_dense);
+            for (size_t ci = 0; ci < children.size(); ++ci) {
+                const int32_t c = children[ci];
+                if (nodes[c].draw_rank != (int32_t) ci) break;  // a gap in the draw order
+                const int32_t x = nodes[c].token;
+                if (g.rng.uniform() < (double) s.p_dense[x] / s.q_dense[x]) {
+                    next = c;
+                    break;
+                }
+                // rejected: p <- norm(max(0, p - q)); q <- q without x, renormalised
+                double p_total = 0.0;
+                for (int32_t v = 0; v < n_vocab; ++v) {
+                    s.p_dense[v] = std::max(0.0f, s.p_dense[v] - s.q_dense[v]);
+                    p_total += s.p_dense[v];
+                }
+                if (p_total <= 0.0) {  // p was covered by q: fall back to the target's p
+                    sampling_distribution(logits, n_vocab, sp, s.p_dist);
+                    densify(s.p_dist, n_vocab, s.p_dense);
+                    p_total = 1.0;
+                }
+                for (auto & v : s.p_dense) v = (float) (v / p_total);
+                s.q_dense[x] = 0.0f;
+                double q_total = 0.0;
+                for (float v : s.q_dense) q_total += v;
+                if (q_total > 0.0) {
+                    for (auto & v : s.q_dense) v = (float) (v / q_total);
+                }
+            }
+            if (next < 0) {
+                std::vector<TokenProb> rest;
+                for (int32_t v = 0; v < n_vocab; ++v) {
+                    if (s.p_dense[v] > 0.0f) rest.push_back({v, s.p_dense[v]});
+                }
+                a.bonus = draw(rest, g.rng);
+            }
+        }
+        if (next < 0) break;
+        ctx.stats.accepted_by_depth[std::min(depth, 31)] += 1;
+        a.tokens.push_back(nodes[next].token);
+        a.rows.push_back(nodes[next].batch_row);
+        cur = next;
+        cur_row = nodes[next].batch_row;
+        depth += 1;
+    }
+    return a;
+}
+
 // Pending committed entries the draft catches up on while speculation rests (plain steps), so
 // that they do not pile up; the lead (the last) stays pending for the next round.
 constexpr size_t kMaxPendingWhileResting = 64;
@@ -170,7 +249,6 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     DraftState & draft = *s.state;
     const LMHparams & hp = ctx.model->hparams;
     const int64_t H = hp.n_embd;
-    const int32_t n_vocab = hp.n_vocab;
     const sparrow_sampler_params & sp = g.params.sampling;
     const bool greedy = sp.temperature == 0.0f;
 
@@ -225,40 +303,19 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const int64_t n_before = ctx.cache->size();
     verify(ctx, batch, nullptr);
 
-    // ---- accept ----
-    int32_t accepted = 0, bonus = -1;
-    for (int32_t i = 1; i <= k; ++i) {
-        const float * logits = ctx.logits.data() + (size_t) (i - 1) * n_vocab;
-        const int32_t d = drafts[i - 1];
-        ctx.stats.drafted_by_depth[std::min(i, 32) - 1] += 1;
-        if (greedy) {
-            const int32_t t = argmax(logits, n_vocab);
-            if (t != d) {
-                bonus = t;
-                break;
-            }
-        } else {
-            sampling_distribution(logits, n_vocab, sp, s.p_dist);
-            densify(s.p_dist, n_vocab, s.p_dense);
-            densify(q_dists[i - 1], n_vocab, s.q_dense);
-            const double p = s.p_dense[d], q = s.q_dense[d];
-            if (!(g.rng.uniform() < p / q)) {
-                bonus = draw_residual(s.p_dense, s.q_dense, g.rng);
-                break;
-            }
-        }
-        accepted += 1;
-        ctx.stats.accepted_by_depth[std::min(i, 32) - 1] += 1;
+    // ---- accept: the chain as a tree of one child per node ----
+    std::vector<VerifyNode> chain((size_t) k);
+    for (int32_t i = 0; i < k; ++i) {
+        chain[(size_t) i].token = drafts[(size_t) i];
+        chain[(size_t) i].parent = i - 1;
+        chain[(size_t) i].batch_row = i + 1;
+        chain[(size_t) i].children_q = i + 1;  // draft i + 1 was drawn at draft i
     }
-    if (bonus < 0) {  // every draft accepted: the target's own next token follows them
-        bonus = target_token(ctx, ctx.logits.data() + (size_t) accepted * n_vocab);
-    }
+    const Acceptance acc = accept_drafts(ctx, chain, q_dists);
+    const int32_t accepted = (int32_t) acc.tokens.size();
     ctx.stats.n_drafted += k;
     ctx.stats.n_accepted += accepted;
-
-    std::vector<int32_t> rows((size_t) accepted + 1);
-    std::iota(rows.begin(), rows.end(), 0);
-    finish_round(ctx, n_before, (int64_t) batch.size(), rows, drafts, bonus, produced);
+    finish_round(ctx, n_before, (int64_t) batch.size(), acc.rows, acc.tokens, acc.bonus, produced);
     const double verify_ms = now_ms() - t_verify0;
     ctx.stats.t_verify_ms += verify_ms;
     ctx.stats.n_draft_rounds[std::min(k, 32)] += 1;
@@ -333,13 +390,9 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
         plain_round(ctx, produced);
         return;
     }
-    auto & g = ctx.gen;
     DraftState & draft = *s.state;
     const LMHparams & hp = ctx.model->hparams;
     const int64_t H = hp.n_embd;
-    const int32_t n_vocab = hp.n_vocab;
-    const sparrow_sampler_params & sp = g.params.sampling;
-    const bool greedy = sp.temperature == 0.0f;
     const int64_t room = ctx.cache->capacity() - ctx.cache->size();
     const int32_t total = (int32_t) std::min<int64_t>(s.tree_total, room);  // lead token included
     const DraftEntry lead = s.pending.back();
@@ -427,74 +480,21 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     verify(ctx, batch, &parents);
 
     // ---- accept: walk down from the lead ----
-    std::vector<int32_t> rows{0}, accepted_tokens;
-    int32_t cur = -1, cur_row = 0, bonus = -1, depth = 0;
-    for (;;) {
-        // the chosen children of cur, in draw order
-        std::vector<int32_t> children;
-        for (int32_t ni : selected) {
-            if (nodes[ni].parent == cur) children.push_back(ni);
-        }
-        std::sort(children.begin(), children.end(), [&](int32_t a, int32_t b) { return nodes[a].draw_rank < nodes[b].draw_rank; });
-        const float * logits = ctx.logits.data() + (size_t) cur_row * n_vocab;
-        int32_t next = -1;
-        if (!children.empty()) ctx.stats.drafted_by_depth[std::min(depth, 31)] += 1;
-        if (greedy) {
-            const int32_t t = argmax(logits, n_vocab);
-            for (int32_t c : children) {
-                if (nodes[c].token == t) next = c;
-            }
-            if (next < 0) bonus = t;
-        } else {
-            // recursive rejection over the siblings, which were drawn without replacement from q:
-            // try them in draw order, and only a prefix of that order (a sibling dropped from the
-            // tree ends the tries, as if the draft had proposed fewer)
-            sampling_distribution(logits, n_vocab, sp, s.p_dist);
-            densify(s.p_dist, n_vocab, s.p_dense);
-            densify(q_at[(size_t) (cur < 0 ? 0 : nodes[cur].spec_id + 1)], n_vocab, s.q_dense);
-            for (size_t ci = 0; ci < children.size(); ++ci) {
-                const int32_t c = children[ci];
-                if (nodes[c].draw_rank != (int32_t) ci) break;  // a gap in the draw order
-                const int32_t x = nodes[c].token;
-                if (g.rng.uniform() < (double) s.p_dense[x] / s.q_dense[x]) {
-                    next = c;
-                    break;
-                }
-                // rejected: p <- norm(max(0, p - q)); q <- q without x, renormalised
-                double p_total = 0.0;
-                for (int32_t v = 0; v < n_vocab; ++v) {
-                    s.p_dense[v] = std::max(0.0f, s.p_dense[v] - s.q_dense[v]);
-                    p_total += s.p_dense[v];
-                }
-                if (p_total <= 0.0) {  // p was covered by q: fall back to the target's p
-                    sampling_distribution(logits, n_vocab, sp, s.p_dist);
-                    densify(s.p_dist, n_vocab, s.p_dense);
-                    p_total = 1.0;
-                }
-                for (auto & v : s.p_dense) v = (float) (v / p_total);
-                s.q_dense[x] = 0.0f;
-                double q_total = 0.0;
-                for (float v : s.q_dense) q_total += v;
-                if (q_total > 0.0) {
-                    for (auto & v : s.q_dense) v = (float) (v / q_total);
-                }
-            }
-            if (next < 0) {
-                std::vector<TokenProb> rest;
-                for (int32_t v = 0; v < n_vocab; ++v) {
-                    if (s.p_dense[v] > 0.0f) rest.push_back({v, s.p_dense[v]});
-                }
-                bonus = draw(rest, g.rng);
-            }
-        }
-        if (next < 0) break;
-        ctx.stats.accepted_by_depth[std::min(depth, 31)] += 1;
-        accepted_tokens.push_back(nodes[next].token);
-        rows.push_back(nodes[next].batch_row);
-        cur = next;
-        cur_row = nodes[next].batch_row;
-        depth += 1;
+    std::vector<int32_t> index_in_batch(nodes.size(), -1);
+    std::vector<VerifyNode> tree(selected.size());
+    for (size_t i = 0; i < selected.size(); ++i) index_in_batch[(size_t) selected[i]] = (int32_t) i;
+    for (size_t i = 0; i < selected.size(); ++i) {
+        const TreeNode & n = nodes[(size_t) selected[i]];
+        tree[i].token = n.token;
+        tree[i].parent = n.parent < 0 ? -1 : index_in_batch[(size_t) n.parent];
+        tree[i].draw_rank = n.draw_rank;
+        tree[i].batch_row = n.batch_row;
+        tree[i].children_q = n.spec_id + 1;  // (a node never expanded has no children here)
     }
+    const Acceptance acc = accept_drafts(ctx, tree, q_at);
+    const std::vector<int32_t> & rows = acc.rows;
+    const std::vector<int32_t> & accepted_tokens = acc.tokens;
+    const int32_t bonus = acc.bonus;
     ctx.stats.n_drafted += (int32_t) selected.size();
     ctx.stats.n_accepted += (int32_t) accepted_tokens.size();
     finish_round(ctx, n_before, (int64_t) batch.size(), rows, accepted_tokens, bonus, produced);
