@@ -437,14 +437,7 @@ sparrow_status sparrow_kv_compact(sparrow_context * ctx, int32_t n_keep, const i
             dst[i] = n_keep + i;
         }
         ctx->gen.active = false;
-        // the moved rows' draft features are not moved along: keep only those before n_keep
-        context_forget_draft_features(*ctx, n_keep);
-        ctx->cache->move_rows(rows, dst.data(), n_rows);
-        for (int32_t i = 0; i < n_rows; ++i) {
-            ctx->cache_tokens[dst[i]] = ctx->cache_tokens[rows[i]];
-            ctx->cache_pos[dst[i]] = ctx->cache_pos[rows[i]];
-            ctx->cache_keys[dst[i]] = ctx->cache_keys[rows[i]];
-        }
+        context_move_rows(*ctx, rows, dst.data(), n_rows);
         context_truncate(*ctx, n_keep + n_rows);
     });
 }

@@ -168,6 +168,17 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
     }
 }
 
+void context_move_rows(sparrow_context & ctx, const int32_t * src, const int32_t * dst, int64_t n) {
+    if (n == 0) return;
+    context_forget_draft_features(ctx, dst[0]);
+    ctx.cache->move_rows(src, dst, n);
+    for (int64_t i = 0; i < n; ++i) {
+        ctx.cache_tokens[dst[i]] = ctx.cache_tokens[src[i]];
+        ctx.cache_pos[dst[i]] = ctx.cache_pos[src[i]];
+        ctx.cache_keys[dst[i]] = ctx.cache_keys[src[i]];
+    }
+}
+
 void context_forget_draft_features(sparrow_context & ctx, int32_t n_keep) {
     auto & sp = ctx.spec;
     if (sp.g_rows <= n_keep) return;

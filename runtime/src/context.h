@@ -134,6 +134,9 @@ struct ForwardOptions {
 // keeps the chunks that completed.
 void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, const ForwardOptions & opt);
 void context_truncate(sparrow_context & ctx, int32_t n_keep);
+// Move cache rows src[i] -> dst[i] (dst increasing, each dst <= its src) with their tokens,
+// positions and keys; draft features from the first dst row on are dropped (they do not move).
+void context_move_rows(sparrow_context & ctx, const int32_t * src, const int32_t * dst, int64_t n);
 // Drop the draft features (spec.text_g) of cache rows n_keep and later, before those rows go.
 void context_forget_draft_features(sparrow_context & ctx, int32_t n_keep);
 // The key of a row: its token, for a media row (embd non-NULL) a hash of its n_embd input

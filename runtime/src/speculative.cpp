@@ -55,12 +55,7 @@ void finish_round(sparrow_context & ctx, int64_t n_before, int64_t n_batch_rows,
         src.push_back((int32_t) (n_before + rows[i]));
         dst.push_back((int32_t) (n_before + (int64_t) i));
     }
-    ctx.cache->move_rows(src.data(), dst.data(), (int64_t) src.size());
-    for (size_t i = 0; i < src.size(); ++i) {
-        ctx.cache_tokens[dst[i]] = ctx.cache_tokens[src[i]];
-        ctx.cache_pos[dst[i]] = ctx.cache_pos[src[i]];
-        ctx.cache_keys[dst[i]] = ctx.cache_keys[src[i]];
-    }
+    context_move_rows(ctx, src.data(), dst.data(), (int64_t) src.size());
     context_truncate(ctx, (int32_t) (n_before + (int64_t) rows.size()));
 
     // the draft's next entries: the kept positions with their real features
@@ -106,14 +101,14 @@ int32_t target_token(sparrow_context & ctx, const float * logits) {
     return draw(ctx.spec.p_dist, ctx.gen.rng);
 }
 
-// A drafted token in a verify batch, for accept_drafts: its parent (-1: a child of the lead
-// token), its place among its siblings in the order they were drawn, its row in the batch, and
-// which of the draft's distributions (q_at) its own children were drawn from.
+// A drafted token in a verify batch, for accept_drafts: node i sits at batch row i + 1 (the lead
+// token is row 0). Its parent (-1: a child of the lead), its place among its siblings in the
+// order they were drawn, and which of the draft's distributions (q_at) its own children were
+// drawn from.
 struct VerifyNode {
     int32_t token = 0;
     int32_t parent = -1;
     int32_t draw_rank = 0;
-    int32_t batch_row = 0;
     int32_t children_q = 0;
 };
 
@@ -199,9 +194,9 @@ Acceptance accept_drafts(sparrow_context & ctx, const std::vector<VerifyNode> & 
         if (next < 0) break;
         ctx.stats.accepted_by_depth[std::min(depth, 31)] += 1;
         a.tokens.push_back(nodes[next].token);
-        a.rows.push_back(nodes[next].batch_row);
         cur = next;
-        cur_row = nodes[next].batch_row;
+        cur_row = next + 1;
+        a.rows.push_back(cur_row);
         depth += 1;
     }
     return a;
@@ -228,8 +223,9 @@ void plain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
         run_pending(ctx, false);
         s.pending.push_back(lead);
         s.pending_g = std::move(lead_g);
-        catch_up_ms = (now_ms() - t_catch0) / (double) n_caught_up;
-        ctx.stats.t_draft_ms += catch_up_ms * (double) n_caught_up;
+        const double catch_ms = now_ms() - t_catch0;
+        ctx.stats.t_draft_ms += catch_ms;
+        catch_up_ms = catch_ms / (double) n_caught_up;
     }
     const double t0 = now_ms();
     const std::vector<int32_t> batch{s.pending.back().token};
@@ -308,7 +304,6 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     for (int32_t i = 0; i < k; ++i) {
         chain[(size_t) i].token = drafts[(size_t) i];
         chain[(size_t) i].parent = i - 1;
-        chain[(size_t) i].batch_row = i + 1;
         chain[(size_t) i].children_q = i + 1;  // draft i + 1 was drawn at draft i
     }
     const Acceptance acc = accept_drafts(ctx, chain, q_dists);
@@ -488,20 +483,16 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
         tree[i].token = n.token;
         tree[i].parent = n.parent < 0 ? -1 : index_in_batch[(size_t) n.parent];
         tree[i].draw_rank = n.draw_rank;
-        tree[i].batch_row = n.batch_row;
         tree[i].children_q = n.spec_id + 1;  // (a node never expanded has no children here)
     }
     const Acceptance acc = accept_drafts(ctx, tree, q_at);
-    const std::vector<int32_t> & rows = acc.rows;
-    const std::vector<int32_t> & accepted_tokens = acc.tokens;
-    const int32_t bonus = acc.bonus;
     ctx.stats.n_drafted += (int32_t) selected.size();
-    ctx.stats.n_accepted += (int32_t) accepted_tokens.size();
-    finish_round(ctx, n_before, (int64_t) batch.size(), rows, accepted_tokens, bonus, produced);
+    ctx.stats.n_accepted += (int32_t) acc.tokens.size();
+    finish_round(ctx, n_before, (int64_t) batch.size(), acc.rows, acc.tokens, acc.bonus, produced);
     const double t_end = now_ms();
     ctx.stats.t_verify_ms += t_end - t_verify0;
     ctx.stats.n_tree_rounds += 1;
-    s.policy.record_tree((int32_t) accepted_tokens.size() + 1, t_end - t_draft0);
+    s.policy.record_tree((int32_t) acc.tokens.size() + 1, t_end - t_draft0);
 }
 
 }  // namespace

@@ -198,10 +198,11 @@ class Api:
             n_ctx = min(s.n_ctx for s in self.service.slots)
             if tokens is not None and len(tokens) >= n_ctx:
                 raise context_exceeded(len(tokens), n_ctx)
-            slot = await watch.race(self.service.pool.acquire(tokens, self.service.media_routing(req)))
+            media_keys = self.service.media_routing(req)
+            slot = await watch.race(self.service.pool.acquire(tokens, media_keys))
             if slot is None:
                 return Response(status_code=499)  # the client went away while queued: nobody reads this
-            events = self.service.run(slot, req, tokens, watch.gone, asyncio.get_running_loop())
+            events = self.service.run(slot, req, tokens, media_keys, watch.gone, asyncio.get_running_loop())
             kind, value = await events.get()
             if kind == "error":
                 raise value

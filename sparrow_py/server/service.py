@@ -125,10 +125,11 @@ class Service:
         if req.sampling.speculative in ("chain", "tree") and not self.has_draft:
             raise bad_request("speculative decoding needs a draft: start the server with --draft", "speculative")
 
-    def run(self, slot: Slot, req: GenerationRequest, tokens: Optional[list], cancel: threading.Event,
-            loop: asyncio.AbstractEventLoop) -> "asyncio.Queue":
+    def run(self, slot: Slot, req: GenerationRequest, tokens: Optional[list], media_keys: tuple,
+            cancel: threading.Event, loop: asyncio.AbstractEventLoop) -> "asyncio.Queue":
         """Start req on slot in a worker thread; returns the queue of its events. The slot is
-        released (on the loop) when the worker is done with it, whoever reads the events."""
+        released (on the loop) when the worker is done with it, whoever reads the events.
+        media_keys: media_routing(req), which the slot records once its cache holds them."""
         events: asyncio.Queue = asyncio.Queue()
 
         def post(kind: str, value=None) -> None:
@@ -139,7 +140,7 @@ class Service:
 
         def work() -> None:
             try:
-                self._generate(slot, req, tokens, cancel, post)
+                self._generate(slot, req, tokens, media_keys, cancel, post)
             finally:
                 try:
                     loop.call_soon_threadsafe(self.pool.release, slot)
@@ -149,7 +150,8 @@ class Service:
         self._executor.submit(work)
         return events
 
-    def _generate(self, slot: Slot, req: GenerationRequest, tokens: Optional[list], cancel: threading.Event, post) -> None:
+    def _generate(self, slot: Slot, req: GenerationRequest, tokens: Optional[list], media_keys: tuple,
+                  cancel: threading.Event, post) -> None:
         engine = slot.engine
         slot.active_cancel = cancel
         visuals = EncodedVisuals([])
@@ -176,7 +178,7 @@ class Service:
                               n_media_cached=visuals.n_cached, media_ms=visuals.encode_ms)
             finish = engine.last_finish_reason
             slot.cached_tokens = list(tokens) + list(engine.last_tokens)
-            slot.media_keys = self.media_routing(req)
+            slot.media_keys = media_keys
             post("end", outcome)
         except _Cancelled:
             finish = "cancelled"
