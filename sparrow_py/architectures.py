@@ -2,12 +2,16 @@
 
 One table for the converter (sparrow_py.convert) and the trainer (sparrow_py.train), free of
 their dependencies: both must agree on a target's architecture, since a draft records the
-architecture of the target it was made for and the runtime refuses any other.
+architecture of the target it was made for and the runtime refuses any other. The vision families
+come from sparrow_py.video (numpy only); the Engine finds them here too, by projector type.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from sparrow_py.video import llava_onevision, qwen
+from sparrow_py.video.family import VisionFamily
 
 ARCH_LLAMA = "llama"
 ARCH_QWEN2 = "qwen2"
@@ -26,11 +30,12 @@ HF_ARCHITECTURES: dict[str, str] = {
 HF_WRAPPED_LM_ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration",)
 HF_TEXT_MODEL_TYPES: dict[str, str] = {"qwen2": ARCH_QWEN2, "llama": ARCH_LLAMA}
 
-# vision-language architectures -> family: how visual inputs are made and where they go in the prompt
-HF_VISION_FAMILIES: dict[str, str] = {
-    "Qwen2VLForConditionalGeneration": "qwen2vl",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2vl",
-    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+# vision-language architectures -> family (sparrow_py.video.family): how visual inputs are made, where
+# they go in the prompt and what transformers takes of them, for the Engine and the trainer alike
+HF_VISION_FAMILIES: dict[str, VisionFamily] = {
+    "Qwen2VLForConditionalGeneration": qwen.QWEN2_VL,
+    "Qwen2_5_VLForConditionalGeneration": qwen.QWEN2_5_VL,
+    "LlavaOnevisionForConditionalGeneration": llava_onevision.LLAVA_ONEVISION,
 }
 
 
@@ -49,6 +54,11 @@ def lm_architecture(config: dict[str, Any]) -> str:
                      f"{', '.join([*HF_ARCHITECTURES, *HF_WRAPPED_LM_ARCHITECTURES])})")
 
 
-def vision_family(config: dict[str, Any]) -> str | None:
-    """"qwen2vl", "llava_onevision", or None for a text-only model."""
+def vision_family(config: dict[str, Any]) -> VisionFamily | None:
+    """The vision family of a config.json's model; None for a text-only model."""
     return HF_VISION_FAMILIES.get((config.get("architectures") or ["?"])[0])
+
+
+def vision_family_of_projector(projector_type: str) -> VisionFamily | None:
+    """The vision family whose vision (mmproj) files carry this clip.projector_type; None if unknown."""
+    return next((f for f in HF_VISION_FAMILIES.values() if f.projector_type == projector_type), None)

@@ -24,7 +24,7 @@ import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from sparrow_py._native import OwnsHandles, check, ffi, lib
 from sparrow_py.chat import render_chat_template
 from sparrow_py.errors import SparrowError
 from sparrow_py.vision import _c_callback, _check_with
+
+if TYPE_CHECKING:
+    from sparrow_py.video.family import VisionFamily
 
 _KV_TYPES = {"f16": lib.SPARROW_TYPE_F16, "f32": lib.SPARROW_TYPE_F32}
 _FINISH_NAMES = {
@@ -486,7 +489,11 @@ class Engine(OwnsHandles):
                     text = marker * n + text
                 elif text.count(marker) != n:
                     raise SparrowError(f"the prompt has {text.count(marker)} {marker} markers for {n} {kind}s")
-            prompt, media = self._tokens_with_visuals(text, items, add_special)
+            # the family's block, e.g. Qwen's vision markers around the item (a chat template writes those itself)
+            family = self._vision_family()
+            prompt, media = self._tokens_with_visuals(
+                text, items, add_special, {"video": "<video>", "image": "<image>"},
+                lambda n: family.prompt_block(n, MEDIA_TOKEN, self._vision_token))
         tokens = self.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else [int(t) for t in prompt]
         if isinstance(stop, str):
             stop = [stop]
@@ -561,6 +568,18 @@ class Engine(OwnsHandles):
         """The most tokens a video can take in this Engine's context (None: model-only Engine)."""
         return None if self._ctx == ffi.NULL else self.n_ctx
 
+    def _vision_family(self) -> VisionFamily:
+        """The vision file's family: how its videos and images are encoded and laid out in prompts."""
+        from sparrow_py.architectures import vision_family_of_projector
+
+        if self._vision is None:
+            raise SparrowError("video and images need the model's vision file: Engine(..., mmproj=...)")
+        family = vision_family_of_projector(self._vision.projector_type)
+        if family is None:
+            raise SparrowError(f"video= / images= are not wired for projector type {self._vision.projector_type!r}; "
+                               "encode with sparrow_py.vision.VisionEncoder and pass media= instead")
+        return family
+
     def encode_visuals(self, video=None, images=None, fps: Optional[float] = None, num_frames: Optional[int] = None,
                        max_pixels: Optional[int] = None, progress: Optional[Callable[[float], Optional[bool]]] = None,
                        abort: Optional[Callable[[], bool]] = None) -> list[tuple[str, Media]]:
@@ -569,66 +588,33 @@ class Engine(OwnsHandles):
         vision file is only read: any thread may call this, also while generations run.
         progress / abort: VisionEncoder.encode's, for each item in turn (the fraction rises to 1
         per item); a cancel raises SparrowError (SPARROW_ERR_ABORTED)."""
-        if self._vision is None:
-            raise SparrowError("video and images need the model's vision file: Engine(..., mmproj=...)")
-        kind = self._vision.projector_type
-        if kind == "llava_onevision":
-            return self._encode_llava_onevision(video, images, fps, num_frames, progress, abort)
-        if kind not in ("qwen2vl_merger", "qwen2.5vl_merger"):
-            raise SparrowError(f"video= / images= are not wired for projector type {kind!r}; encode with "
-                               "sparrow_py.vision.VisionEncoder and pass media= instead")
-        from sparrow_py.video import qwen
+        family = self._vision_family()
+
+        def encoded(kind: str, encode) -> tuple[str, Media]:
+            # the placeholder first: a model of another family fails before a long encode
+            placeholder = self._vision_token(family.placeholders[kind])
+            e = encode()
+            return kind, Media(e.embd, grid=e.grid, t_scale=e.t_scale, placeholder=placeholder)
 
         items = []
         if video is not None:
-            v = qwen.preprocess_video(video, qwen.runtime_config("video", max_pixels), fps=fps, num_frames=num_frames,
-                                      max_tokens=self._media_token_room())
-            # transformers: temporal positions step by tokens_per_second * second_per_grid_t (Qwen2.5-VL)
-            t_scale = self._vision.tokens_per_second() * float(v.second_per_grid_ts) if kind == "qwen2.5vl_merger" else 1.0
-            items.append(("video", self._qwen_media(v, t_scale, self._vision_token("<|video_pad|>"), progress, abort)))
+            items.append(encoded("video", lambda: family.encode_video(
+                self._vision, video, fps=fps, num_frames=num_frames, max_pixels=max_pixels,
+                max_tokens=self._media_token_room(), progress=progress, abort=abort)))
         for image in images or []:
-            im = qwen.preprocess_image(np.asarray(image), qwen.runtime_config("image", max_pixels))
-            items.append(("image", self._qwen_media(im, 1.0, self._vision_token("<|image_pad|>"), progress, abort)))
+            items.append(encoded("image", lambda: family.encode_image(
+                self._vision, np.asarray(image), max_pixels=max_pixels, progress=progress, abort=abort)))
         return items
 
-    def _encode_llava_onevision(self, video, images, fps, num_frames, progress=None, abort=None) -> list:
-        """LLaVA-OneVision: fixed-size frames; a video becomes each frame's pooled tokens plus one
-        image_newline, at its <video> token; an image its anyres tiles' tokens at its <image>
-        token; 1-D positions."""
-        from sparrow_py.video import llava_onevision as ov
-
-        items = []
-        if video is not None:
-            side, _ = self._vision._siglip_grid(3)
-            v = ov.preprocess_video(video, self._vision.llava_preprocess_config(), fps=fps, num_frames=num_frames,
-                                    max_tokens=self._media_token_room(),
-                                    tokens_per_frame=((side + 1) // 2) ** 2)  # pooled 2x2 (ceil)
-            embd = self._vision.encode(v.pixel_values, progress=progress, abort=abort)
-            items.append(("video", Media(embd, grid=(len(v.pixel_values), side, side),
-                                         placeholder=self._vision_token("<video>"))))
-        for image in images or []:  # anyres tiles, packed as transformers does (1-D positions: no grid)
-            embd = self._vision.encode_image(np.asarray(image), progress=progress, abort=abort)
-            items.append(("image", Media(embd, grid=(1, 1, len(embd)), placeholder=self._vision_token("<image>"))))
-        return items
-
-    def _qwen_media(self, visual, t_scale: float, placeholder: int, progress=None, abort=None) -> Media:
-        t, h, w = visual.grid_thw
-        embd = self._vision.encode(visual.pixel_values, [visual.grid_thw], progress=progress, abort=abort)
-        return Media(embd, grid=(t, h // 2, w // 2), t_scale=t_scale, placeholder=placeholder)
-
-    def _tokens_with_visuals(self, text: str, items: list, add_special: bool, markers=None):
-        """Token ids of text with each marker replaced, in order, by the vision start token, a run of
-        MEDIA_TOKEN for the item, and the vision end token (markers: "<video>"/"<image>" by default,
-        or the model's own pad tokens in a rendered chat template)."""
+    def _tokens_with_visuals(self, text: str, items: list, add_special: bool, markers: dict[str, str],
+                             block: Callable[[int], list[int]]):
+        """Token ids of text with each marker ("video" / "image" -> its text) replaced, in order, by
+        block(n) for the next item of its kind, n its visual token count; and the items' Media in
+        prompt order."""
         import re
 
-        markers = markers or {"video": "<video>", "image": "<image>"}
         by_kind = {k: [m for kk, m in items if kk == k] for k in ("video", "image")}
         pattern = "|".join(re.escape(m) for m in markers.values())
-        # Qwen wraps each item in its vision markers (a chat template writes them itself);
-        # LLaVA-OneVision's <video> token alone stands for the item
-        wrap = markers["video"] == "<video>" and self._vision.projector_type != "llava_onevision"
-        start, end = (self._vision_token("<|vision_start|>"), self._vision_token("<|vision_end|>")) if wrap else (0, 0)
         tokens, media, pos, first = [], [], 0, True
         for match in re.finditer(pattern, text):
             kind = "video" if match.group(0) == markers["video"] else "image"
@@ -637,7 +623,7 @@ class Engine(OwnsHandles):
             tokens += self.tokenize(text[pos:match.start()], add_special=add_special and first)
             first = False
             item = by_kind[kind].pop(0)
-            tokens += ([start] if wrap else []) + [MEDIA_TOKEN] * len(item.embd) + ([end] if wrap else [])
+            tokens += block(len(item.embd))
             media.append(item)
             pos = match.end()
         tokens += self.tokenize(text[pos:], add_special=add_special and first)
@@ -678,11 +664,10 @@ class Engine(OwnsHandles):
         if not visuals:
             # the template writes BOS itself where the model wants one
             return self.tokenize(text, add_special=False, parse_special=True), []
-        if self._vision is None:
-            raise SparrowError("video and images need the model's vision file: Engine(..., mmproj=...)")
-        llava = self._vision.projector_type == "llava_onevision"
-        markers = {"video": "<video>", "image": "<image>"} if llava else {"video": "<|video_pad|>", "image": "<|image_pad|>"}
-        return self._tokens_with_visuals(text, list(visuals), False, markers=markers)
+        # the template writes each item's placeholder (and any markers around it): the placeholder
+        # becomes the item's run of MEDIA_TOKEN
+        family = self._vision_family()
+        return self._tokens_with_visuals(text, list(visuals), False, family.placeholders, lambda n: [MEDIA_TOKEN] * n)
 
     @property
     def last_stats(self) -> dict:

@@ -10,9 +10,10 @@ One forward over a whole sample (prompt + response) gives, per position t:
   logits    the target's next-token logits at the text positions (the visual rows predict nothing
             the draft learns).
 
-Visual inputs go through visual_inputs() and image_inputs(): sparrow_py.video makes the pixels
-exactly as the runtime's Engine does (the same code, the same frame choice and sizes), and they
-become the HF model's tensors plus the number of LM tokens each video or image takes. Families:
+Visual inputs go through visual_inputs() and image_inputs(): the target's vision family
+(sparrow_py.video.family, the object the runtime's Engine calls) makes the pixels exactly as the
+Engine does (the same code, the same frame choice and sizes), the HF model's tensors of them, the
+number of LM tokens each video or image takes and the prompt tokens around them. Families:
 Qwen2-VL / Qwen2.5-VL (M-RoPE) and LLaVA-OneVision (SigLIP frames pooled 2x2 plus a newline,
 anyres image tiles, 1-D positions).
 """
@@ -104,7 +105,7 @@ class Target:
         self.device = torch.device(device)
         lm = self.model.model
         self.lm = getattr(lm, "language_model", lm)   # the decoder stack (Qwen2-VL nests it)
-        self.family = vision_family(self.config)      # "qwen2vl", "llava_onevision" or None (text only)
+        self.family = vision_family(self.config)      # sparrow_py.video.family.VisionFamily; None: text only
         self.is_vlm = self.family is not None
         # LLaVA-OneVision's config spells them image_token_index / video_token_index
         self.media_token_ids = {kind: int(v) for kind in ("image", "video")
@@ -146,10 +147,8 @@ class Target:
             if not placed:
                 last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
                 messages[last_user]["content"] = marker + messages[last_user]["content"]
-            # LLaVA-OneVision's own template writes "<video>\n" before the question
-            sep = "\n" if self.family == "llava_onevision" else ""
             for m in messages:
-                m["content"] = m["content"].replace(marker, marker + sep)
+                m["content"] = m["content"].replace(marker, marker + self.family.text_after_block)
         if self.raw_prompts:  # the turns' texts as they are
             text = "\n".join(m["content"] for m in messages)
         else:
@@ -161,39 +160,26 @@ class Target:
                 + tok(after, add_special_tokens=False)["input_ids"])
 
     def _visual_block(self, visual: VisualInputs | None) -> list[int]:
-        """The tokens each video / image takes: Qwen wraps its n pad tokens in vision_start and
-        vision_end; LLaVA-OneVision repeats its <video> / <image> token n times (nothing without visuals)."""
+        """The tokens the videos / images take, each its family's block around its run of the
+        model's video / image token (nothing without visuals)."""
         if visual is None:
             return []
         pad = self.media_token_ids[visual.kind]
-        if self.family == "llava_onevision":
-            return [pad] * sum(visual.n_tokens)
-        start, end = int(self.config["vision_start_token_id"]), int(self.config["vision_end_token_id"])
-        return [tok for n in visual.n_tokens for tok in [start] + [pad] * n + [end]]
+        return [tok for n in visual.n_tokens for tok in self.family.prompt_block(n, pad, self._special_token)]
 
-    # --- visual inputs, made by sparrow_py.video exactly as the runtime makes them ---
+    def _special_token(self, text: str) -> int:
+        """The id of a special token the family's prompt block names (e.g. <|vision_start|>), from config.json."""
+        return int(self.config[self.family.config_token_keys[text]])
+
+    # --- visual inputs, made by the vision family exactly as the runtime makes them ---
     def visual_inputs(self, video: Any, media: MediaOptions | None = None) -> VisualInputs:
         """A record's video (file, .npy of frames or an array) -> the HF model's tensors."""
         if not self.is_vlm:
             raise ValueError("this target has no vision tower")
         media = media or MediaOptions()
-        frames = _load_frames(video)
-        if self.family == "llava_onevision":
-            from sparrow_py.video import llava_onevision as ov
-
-            v = ov.preprocess_video(frames, self._llava_preprocess_config(), fps=media.fps, num_frames=media.num_frames)
-            pooled = -(-self._llava_side() // 2)  # each frame's features are pooled 2x2 (ceil), then one newline
-            return VisualInputs("video", {"pixel_values_videos": torch.from_numpy(v.pixel_values)[None]},
-                                [len(v.pixel_values) * pooled * pooled + 1])
-        from sparrow_py.video import qwen
-
-        v = qwen.preprocess_video(frames, qwen.runtime_config("video", media.max_pixels), fps=media.fps,
-                                  num_frames=media.num_frames)
-        tensors = {"pixel_values_videos": torch.from_numpy(v.pixel_values), "video_grid_thw": torch.tensor([v.grid_thw])}
-        if self.config["architectures"][0] == "Qwen2_5_VLForConditionalGeneration":
-            # temporal positions step by tokens_per_second * second_per_grid_ts, as the runtime places them
-            tensors["second_per_grid_ts"] = torch.tensor([float(v.second_per_grid_ts)])
-        return VisualInputs("video", tensors, [v.n_tokens])
+        tensors, n_tokens = self.family.hf_video(_load_frames(video), self.dir, self.config, fps=media.fps,
+                                                 num_frames=media.num_frames, max_pixels=media.max_pixels)
+        return VisualInputs("video", tensors, n_tokens)
 
     def image_inputs(self, images: list[np.ndarray], media: MediaOptions | None = None) -> VisualInputs:
         """HxWx3 uint8 images -> the HF model's tensors (Qwen: each a one-frame clip; LLaVA-OneVision:
@@ -201,62 +187,17 @@ class Target:
         if not self.is_vlm:
             raise ValueError("this target has no vision tower")
         media = media or MediaOptions()
-        if self.family == "llava_onevision":
-            from sparrow_py.video import llava_onevision as ov
-
-            cfg = self._llava_preprocess_config()
-            pinpoints = self.config.get("image_grid_pinpoints") or [[cfg.height, cfg.width]]
-            items = [ov.preprocess_image(np.asarray(im), cfg, pinpoints) for im in images]
-            n_tokens = [ov.image_token_count(item, self._llava_side(), self._llava_max_tiles()) for item in items]
-            # the model takes [images, tiles, C, H, W], each image's tiles first (image_sizes says how many)
-            tiles = max(len(item.pixel_values) for item in items)
-            pixels = np.zeros((len(items), tiles, *items[0].pixel_values.shape[1:]), np.float32)
-            for i, item in enumerate(items):
-                pixels[i, :len(item.pixel_values)] = item.pixel_values
-            return VisualInputs("image", {"pixel_values": torch.from_numpy(pixels),
-                                          "image_sizes": torch.tensor([item.image_size for item in items])}, n_tokens)
-        from sparrow_py.video import qwen
-
-        cfg = qwen.runtime_config("image", media.max_pixels)
-        items = [qwen.preprocess_image(np.asarray(im), cfg) for im in images]
-        return VisualInputs("image", {"pixel_values": torch.from_numpy(np.concatenate([i.pixel_values for i in items])),
-                                      "image_grid_thw": torch.tensor([i.grid_thw for i in items])},
-                            [i.n_tokens for i in items])
-
-    def _llava_side(self) -> int:
-        vc = self.config["vision_config"]
-        return int(vc["image_size"]) // int(vc["patch_size"])
-
-    def _llava_max_tiles(self) -> int:
-        """anyres_max_N's N: how many tiles' worth of features an image keeps (transformers' rule)."""
-        aspect = str(self.config.get("vision_aspect_ratio") or "anyres_max_9")
-        return int(aspect.rsplit("_", 1)[-1]) if aspect.startswith("anyres_max_") else 9
-
-    def _llava_preprocess_config(self):
-        """The checkpoint's preprocessor settings; the tower's own image size when the folder has none
-        (what the converter writes into the mmproj, which the runtime reads)."""
-        from sparrow_py.video import llava_onevision as ov
-
-        cfg = ov.LlavaOnevisionPreprocessConfig.for_videos(self.dir)
-        size = int(self.config["vision_config"]["image_size"])
-        if (cfg.height, cfg.width) != (size, size):
-            cfg = ov.LlavaOnevisionPreprocessConfig(height=size, width=size, image_mean=cfg.image_mean,
-                                                    image_std=cfg.image_std, rescale_factor=cfg.rescale_factor)
-        return cfg
+        tensors, n_tokens = self.family.hf_images([np.asarray(im) for im in images], self.dir, self.config,
+                                                  max_pixels=media.max_pixels)
+        return VisualInputs("image", tensors, n_tokens)
 
     def _model_kwargs(self, ids: torch.Tensor, visual: VisualInputs | None) -> dict[str, torch.Tensor]:
-        """The processor tensors, plus for Qwen mm_token_type_ids (0 text, 1 image, 2 video), which
-        transformers >= 5 needs to build M-RoPE position ids."""
+        """The processor tensors, plus what the family's forward takes besides (Qwen: the token types
+        transformers builds M-RoPE positions from)."""
         if visual is None:
             return {}
-        kwargs = {k: v.to(self.device) for k, v in visual.tensors.items()}
-        if self.family == "qwen2vl":
-            mm = torch.zeros_like(ids, dtype=torch.int32)
-            for kind, code in (("image", 1), ("video", 2)):
-                if kind in self.media_token_ids:
-                    mm[ids == self.media_token_ids[kind]] = code
-            kwargs["mm_token_type_ids"] = mm
-        return kwargs
+        return {**{k: v.to(self.device) for k, v in visual.tensors.items()},
+                **self.family.hf_extra_inputs(ids, self.media_token_ids)}
 
     @torch.no_grad()
     def generate(self, ids: list[int], visual: VisualInputs | None, max_new_tokens: int,

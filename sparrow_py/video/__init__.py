@@ -8,7 +8,8 @@
 
 Modules: frames (input checks), sampling (which frames, Qwen's and transformers' rules),
 resize (smart_resize + Pillow-exact bicubic), decode (PyAV file reading, extra `video`),
-qwen (Qwen2-VL / Qwen2.5-VL patch layout), llava_onevision (fixed-size frames).
+qwen (Qwen2-VL / Qwen2.5-VL patch layout), llava_onevision (fixed-size frames), family (the
+per-family object those two end with, which the Engine and the trainer call).
 """
 
 from __future__ import annotations

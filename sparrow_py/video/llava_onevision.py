@@ -5,7 +5,8 @@
                          (x - mean) / std with the checkpoint's mean/std (llava-hf ships 0.5/0.5).
 
 The tower then encodes each frame; per-frame 2x2 bilinear pooling and the newline token are the
-model's business (runtime), not preprocessing.
+model's business (runtime), not preprocessing. LLAVA_ONEVISION, at the end, is the family object
+the Engine and the trainer call (family.py): frames, token counts, prompt block, HF tensors.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ._config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, read_preprocessor_config
+from .family import EncodedVisual, VisionFamily
 from .frames import FramesLike, as_frame_array
 from .resize import resize_bicubic
 from .sampling import FrameSelection, uniform_select_frames
@@ -75,6 +77,16 @@ def preprocess_frames(frames: np.ndarray, cfg: LlavaOnevisionPreprocessConfig,
     return LlavaOnevisionVideoInput(out, indices)
 
 
+def frame_token_count(side: int) -> int:
+    """Visual tokens of one video frame of side x side features: pooled 2x2 (rounding up)."""
+    return ((side + 1) // 2) ** 2
+
+
+def video_token_count(n_frames: int, tokens_per_frame: int) -> int:
+    """Visual tokens of a video: every frame's, then one newline."""
+    return n_frames * tokens_per_frame + 1
+
+
 def preprocess_video(video: str | Path | FramesLike, cfg: LlavaOnevisionPreprocessConfig | None = None, *,
                      fps: float | None = None, num_frames: int | None = None,
                      source_fps: float | None = None, max_tokens: int | None = None,
@@ -90,7 +102,8 @@ def preprocess_video(video: str | Path | FramesLike, cfg: LlavaOnevisionPreproce
 
     def checked(selection: FrameSelection) -> FrameSelection:
         n = len(selection.indices)
-        check_token_budget(n * tokens_per_frame + 1, max_tokens, f"{n} frames of {tokens_per_frame} tokens")
+        check_token_budget(video_token_count(n, tokens_per_frame), max_tokens,
+                           f"{n} frames of {tokens_per_frame} tokens")
         return selection
 
     if isinstance(video, (str, Path)):
@@ -226,3 +239,83 @@ def image_token_count(image: LlavaOnevisionImageInput, side: int, max_num_tiles:
     placeholder = np.zeros((n_tiles, side * side, 1), np.float32)
     return len(pack_image_features(placeholder, image, np.zeros(1, np.float32), max_num_tiles))
 
+
+# --- the family: what the Engine and the trainer call (family.py) -------------------------------
+
+def _hf_patches_per_side(hf_config: dict[str, Any]) -> int:
+    """Features per side of a frame or tile, from a checkpoint's config.json."""
+    vision = hf_config["vision_config"]
+    return int(vision["image_size"]) // int(vision["patch_size"])
+
+
+def _hf_max_tiles(hf_config: dict[str, Any]) -> int:
+    """anyres_max_N's N: how many tiles' worth of features an image keeps (transformers' rule)."""
+    aspect = str(hf_config.get("vision_aspect_ratio") or "anyres_max_9")
+    return int(aspect.rsplit("_", 1)[-1]) if aspect.startswith("anyres_max_") else 9
+
+
+def _hf_preprocess_config(hf_dir: str | Path, hf_config: dict[str, Any]) -> LlavaOnevisionPreprocessConfig:
+    """The checkpoint's preprocessor settings; the tower's own image size when the folder has none
+    (what the converter writes into the mmproj, which the runtime reads)."""
+    cfg = LlavaOnevisionPreprocessConfig.for_videos(hf_dir)
+    size = int(hf_config["vision_config"]["image_size"])
+    if (cfg.height, cfg.width) != (size, size):
+        cfg = LlavaOnevisionPreprocessConfig(height=size, width=size, image_mean=cfg.image_mean,
+                                             image_std=cfg.image_std, rescale_factor=cfg.rescale_factor)
+    return cfg
+
+
+class LlavaOnevisionFamily(VisionFamily):
+    """LLaVA-OneVision: a video is its frames' pooled features plus one newline, an image its anyres
+    tiles' packed features, each where the prompt has its <video> / <image> token, at 1-D positions.
+    The frame size is the tower's: max_pixels does not apply."""
+
+    projector_type = "llava_onevision"
+    placeholders = {"video": "<video>", "image": "<image>"}
+    text_after_block = "\n"  # its chat template writes "<video>\n" before the question
+
+    def prompt_block(self, n_tokens: int, pad: int, token_id: Callable[[str], int]) -> list[int]:
+        return [pad] * n_tokens
+
+    @staticmethod
+    def _video(video, cfg: LlavaOnevisionPreprocessConfig, side: int, fps, num_frames, max_tokens=None
+               ) -> LlavaOnevisionVideoInput:
+        return preprocess_video(video, cfg, fps=fps, num_frames=num_frames, max_tokens=max_tokens,
+                                tokens_per_frame=frame_token_count(side))
+
+    def encode_video(self, tower, video, *, fps, num_frames, max_pixels, max_tokens, progress=None, abort=None):
+        side, _ = tower._siglip_grid(3)
+        v = self._video(video, tower.llava_preprocess_config(), side, fps, num_frames, max_tokens)
+        embd = tower.encode(v.pixel_values, progress=progress, abort=abort)
+        return EncodedVisual(embd, (len(v.pixel_values), side, side))
+
+    def encode_image(self, tower, image, *, max_pixels, progress=None, abort=None):
+        embd = tower.encode_image(image, progress=progress, abort=abort)  # anyres, packed as transformers does
+        return EncodedVisual(embd, (1, 1, len(embd)))
+
+    def hf_video(self, video, hf_dir, hf_config, *, fps, num_frames, max_pixels):
+        import torch
+
+        side = _hf_patches_per_side(hf_config)
+        v = self._video(video, _hf_preprocess_config(hf_dir, hf_config), side, fps, num_frames)
+        return ({"pixel_values_videos": torch.from_numpy(v.pixel_values)[None]},
+                [video_token_count(len(v.pixel_values), frame_token_count(side))])
+
+    def hf_images(self, images, hf_dir, hf_config, *, max_pixels):
+        import torch
+
+        cfg = _hf_preprocess_config(hf_dir, hf_config)
+        pinpoints = hf_config.get("image_grid_pinpoints") or [[cfg.height, cfg.width]]
+        items = [preprocess_image(image, cfg, pinpoints) for image in images]
+        side, max_tiles = _hf_patches_per_side(hf_config), _hf_max_tiles(hf_config)
+        n_tokens = [image_token_count(item, side, max_tiles) for item in items]
+        # the model takes [images, tiles, C, H, W], each image's tiles first (image_sizes says how many)
+        tiles = max(len(item.pixel_values) for item in items)
+        pixels = np.zeros((len(items), tiles, *items[0].pixel_values.shape[1:]), np.float32)
+        for i, item in enumerate(items):
+            pixels[i, :len(item.pixel_values)] = item.pixel_values
+        return ({"pixel_values": torch.from_numpy(pixels),
+                 "image_sizes": torch.tensor([item.image_size for item in items])}, n_tokens)
+
+
+LLAVA_ONEVISION = LlavaOnevisionFamily()

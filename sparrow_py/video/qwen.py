@@ -11,17 +11,21 @@ temporal_patch_size repeats its last frame (as the video processor pads).
 
 Pipeline per frame: smart_resize (factor patch*merge, min/max pixels) with Pillow-exact bicubic,
 x / 255 in float64 then float32, (x - mean) / std in float32: the PIL image processor's arithmetic.
+
+QWEN2_VL and QWEN2_5_VL, at the end, are the family objects the Engine and the trainer call
+(family.py): frames sized by runtime_config, token counts, prompt block, M-RoPE grid, HF tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ._config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, read_preprocessor_config
+from .family import EncodedVisual, VisionFamily
 from .frames import FramesLike, VideoInputError, as_frame_array, as_image_array
 from .resize import resize_bicubic, smart_resize
 from .sampling import FrameSelection, qwen_select_frames, second_per_grid_ts
@@ -226,3 +230,77 @@ def preprocess_images(images: Sequence[np.ndarray], cfg: QwenPreprocessConfig | 
     items = [preprocess_image(image, cfg) for image in images]
     return (np.concatenate([i.pixel_values for i in items]),
             np.array([i.grid_thw for i in items], dtype=np.int64))
+
+
+# --- the family: what the Engine and the trainer call (family.py) -------------------------------
+
+class QwenFamily(VisionFamily):
+    """Qwen2-VL and Qwen2.5-VL: each video / image is <|vision_start|>, its pads, <|vision_end|>,
+    at M-RoPE positions over its merged (t, h, w) grid. Frames are sized by the runtime's settings
+    (runtime_config), for the Engine and the trainer alike. scales_time: Qwen2.5-VL, whose temporal
+    positions step by tokens_per_second * second_per_grid_t rather than 1 per temporal patch."""
+
+    VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+    placeholders = {"video": "<|video_pad|>", "image": "<|image_pad|>"}
+    config_token_keys = {VISION_START: "vision_start_token_id", VISION_END: "vision_end_token_id"}
+
+    def __init__(self, projector_type: str, scales_time: bool):
+        self.projector_type = projector_type
+        self.scales_time = scales_time
+
+    def prompt_block(self, n_tokens: int, pad: int, token_id: Callable[[str], int]) -> list[int]:
+        return [token_id(self.VISION_START), *[pad] * n_tokens, token_id(self.VISION_END)]
+
+    @staticmethod
+    def _video(video, fps, num_frames, max_pixels, max_tokens=None) -> QwenVisualInput:
+        return preprocess_video(video, runtime_config("video", max_pixels), fps=fps, num_frames=num_frames,
+                                max_tokens=max_tokens)
+
+    @staticmethod
+    def _encode(tower, visual: QwenVisualInput, t_scale: float, progress, abort) -> EncodedVisual:
+        t, h, w = visual.grid_thw
+        embd = tower.encode(visual.pixel_values, [visual.grid_thw], progress=progress, abort=abort)
+        return EncodedVisual(embd, (t, h // visual.merge_size, w // visual.merge_size), t_scale)
+
+    def encode_video(self, tower, video, *, fps, num_frames, max_pixels, max_tokens, progress=None, abort=None):
+        v = self._video(video, fps, num_frames, max_pixels, max_tokens)
+        # transformers: temporal positions step by tokens_per_second * second_per_grid_t (Qwen2.5-VL)
+        t_scale = tower.tokens_per_second() * float(v.second_per_grid_ts) if self.scales_time else 1.0
+        return self._encode(tower, v, t_scale, progress, abort)
+
+    def encode_image(self, tower, image, *, max_pixels, progress=None, abort=None):
+        return self._encode(tower, preprocess_image(image, runtime_config("image", max_pixels)), 1.0, progress, abort)
+
+    def hf_video(self, video, hf_dir, hf_config, *, fps, num_frames, max_pixels):
+        import torch
+
+        v = self._video(video, fps, num_frames, max_pixels)
+        tensors = {"pixel_values_videos": torch.from_numpy(v.pixel_values),
+                   "video_grid_thw": torch.tensor([v.grid_thw])}
+        if self.scales_time:
+            # transformers takes the step from second_per_grid_ts, as the runtime does from t_scale
+            tensors["second_per_grid_ts"] = torch.tensor([float(v.second_per_grid_ts)])
+        return tensors, [v.n_tokens]
+
+    def hf_images(self, images, hf_dir, hf_config, *, max_pixels):
+        import torch
+
+        cfg = runtime_config("image", max_pixels)
+        items = [preprocess_image(image, cfg) for image in images]
+        return ({"pixel_values": torch.from_numpy(np.concatenate([i.pixel_values for i in items])),
+                 "image_grid_thw": torch.tensor([i.grid_thw for i in items])}, [i.n_tokens for i in items])
+
+    def hf_extra_inputs(self, ids, media_token_ids):
+        """mm_token_type_ids (0 text, 1 image, 2 video), which transformers >= 5 needs to build M-RoPE
+        position ids."""
+        import torch
+
+        mm = torch.zeros_like(ids, dtype=torch.int32)
+        for kind, code in (("image", 1), ("video", 2)):
+            if kind in media_token_ids:
+                mm[ids == media_token_ids[kind]] = code
+        return {"mm_token_type_ids": mm}
+
+
+QWEN2_VL = QwenFamily("qwen2vl_merger", scales_time=False)
+QWEN2_5_VL = QwenFamily("qwen2.5vl_merger", scales_time=True)
