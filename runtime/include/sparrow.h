@@ -205,6 +205,11 @@ typedef struct sparrow_context_params {
     uint64_t seed;          /* default sampling seed                                           */
     sparrow_abort_callback abort_callback;
     void * abort_user_data;
+    /* Which backend runs the context: "cpu", or "ref" (plain scalar code whose memory faults on
+     * any access from outside its own ops: a check that the runtime would run on a device, and
+     * slow). NULL = the SPARROW_BACKEND environment variable if set, else "cpu". The model's
+     * weights are copied into the backend's memory on its first context there. */
+    const char * backend;
 } sparrow_context_params;
 
 SPARROW_API sparrow_context_params sparrow_context_default_params(void);
@@ -487,6 +492,7 @@ typedef struct sparrow_vision_params {
      * calling the encode. */
     sparrow_progress_callback progress_callback;
     void * progress_user_data;
+    const char * backend;       /* as sparrow_context_params.backend (NULL: $SPARROW_BACKEND, else "cpu") */
 } sparrow_vision_params;
 
 SPARROW_API sparrow_vision_params sparrow_vision_default_params(void);

@@ -15,21 +15,21 @@ using namespace sparrow;
 
 namespace {
 
-const VisionModel & vision_of(const sparrow_model * model) {
+const sparrow_model & vision_file(const sparrow_model * model) {
     if (!model) fail(SPARROW_ERR_INVALID_ARGUMENT, "mmproj is NULL");
     if (!model->vision) {
         fail(SPARROW_ERR_INVALID_ARGUMENT, format("the model (architecture '%s') is not a vision file: load the mmproj GGUF "
                                                   "(architecture 'clip') made for the language model", model->arch.c_str()));
     }
-    return *model->vision;
+    return *model;
 }
 
 sparrow_status encode(const sparrow_model * mmproj, const float * pixels, int64_t n_pixel_floats, const int32_t * grid_thw,
                       int32_t n_grids, int32_t n_threads, float * out, int64_t n_out_floats, int64_t * out_n_tokens,
-                      bool tiles, VisionMonitor * monitor = nullptr) {
+                      bool tiles, const char * backend_name = nullptr, VisionMonitor * monitor = nullptr) {
     return guard([&] {
         if (out_n_tokens) *out_n_tokens = 0;
-        const VisionModel & vm = vision_of(mmproj);
+        const VisionModel & vm = *vision_file(mmproj).vision;
         if (tiles && vm.hp.projector != ProjectorType::LlavaOneVision) {
             fail(SPARROW_ERR_INVALID_ARGUMENT, format("image tiles are LLaVA-OneVision's (projector llava_onevision), not %s's",
                                                       vm.hp.projector_name.c_str()));
@@ -54,8 +54,10 @@ sparrow_status encode(const sparrow_model * mmproj, const float * pixels, int64_
         if (!pixels) fail(SPARROW_ERR_INVALID_ARGUMENT, "pixels is NULL");
         if (!out) fail(SPARROW_ERR_INVALID_ARGUMENT, "out is NULL");
         const int threads = n_threads > 0 ? n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
-        std::unique_ptr<Backend> backend = make_cpu_backend(threads);
-        vision_encode(*backend, vm, pixels, grids.data(), n_grids, out, tiles, monitor);
+        const std::string name = backend_name ? backend_name : default_backend_name();
+        const VisionModel & prepared = *model_weights(*mmproj, name).vision;
+        BackendLease backend(*mmproj, name, threads);  // the model's idle backends keep their threads
+        vision_encode(*backend, prepared, pixels, grids.data(), n_grids, out, tiles, monitor);
     });
 }
 
@@ -81,6 +83,7 @@ sparrow_vision_params sparrow_vision_default_params(void) {
     p.abort_user_data = nullptr;
     p.progress_callback = nullptr;
     p.progress_user_data = nullptr;
+    p.backend = nullptr;
     return p;
 }
 
@@ -89,7 +92,7 @@ sparrow_status sparrow_vision_encode_ext(const sparrow_model * mmproj, const flo
                                          int64_t * out_n_tokens, sparrow_vision_params params) {
     VisionMonitor monitor(params.abort_callback, params.abort_user_data, params.progress_callback, params.progress_user_data);
     return encode(mmproj, pixels, n_pixel_floats, grid_thw, n_grids, params.n_threads, out, n_out_floats, out_n_tokens,
-                  params.tiles, &monitor);
+                  params.tiles, params.backend, &monitor);
 }
 
 int32_t sparrow_vision_n_embd(const sparrow_model * mmproj) {

@@ -106,7 +106,7 @@ const char * sparrow_status_name(sparrow_status status) {
 const char * sparrow_version(void) { return SPARROW_VERSION_STRING; }
 
 const char * sparrow_system_info(void) {
-    static std::string info = format("backends: CPU; simd: %s; threads available: %u", simd_level(),
+    static std::string info = format("backends: %s; simd: %s; threads available: %u", backend_names(), simd_level(),
                                      std::max(1u, std::thread::hardware_concurrency()));
     return info.c_str();
 }
@@ -129,20 +129,20 @@ sparrow_status sparrow_model_load(const char * path, sparrow_model_params params
         require(path != nullptr, "path is NULL");
         std::unique_ptr<sparrow_model> m(new sparrow_model());
         m->file = GGUFFile::open(path, params.use_mmap);
-        m->store = make_cpu_weight_store(params.use_mmap);
+        m->release_mapped_pages = params.use_mmap;
         m->arch = m->file->get_string("general.architecture", "");
         try {
             if (vision_supports_arch(m->arch)) {  // a vision tower + projector: no tokenizer either
                 m->vision.reset(new VisionModel());
                 vision_load(*m->file, *m->vision);
-                vision_prepare_weights(*m->store, *m->vision);
+                model_weights(*m, default_backend_name());
                 *out_model = m.release();
                 return;
             }
             if (draft_supports_arch(m->arch)) {  // a draft: no tokenizer, it runs on its target's
                 m->is_draft = true;
                 draft_load(*m->file, m->draft_hparams, m->draft_weights);
-                draft_prepare_weights(*m->store, m->draft_weights);
+                model_weights(*m, default_backend_name());
                 *out_model = m.release();
                 return;
             }
@@ -164,7 +164,7 @@ sparrow_status sparrow_model_load(const char * path, sparrow_model_params params
                 // fault the pages in first (with progress), then pack: packing reads them once
                 // more from memory and hands the packed matrices' pages back
                 if (params.use_mmap) prefault(*m->file, params);
-                lm_prepare_weights(*m->store, m->weights);
+                model_weights(*m, default_backend_name());
             }
         } catch (const Error & e) {
             fail(e.status(), format("%s: %s", path, e.what()));
@@ -308,6 +308,7 @@ sparrow_context_params sparrow_context_default_params(void) {
     p.seed = 0x5EED;
     p.abort_callback = nullptr;
     p.abort_user_data = nullptr;
+    p.backend = nullptr;
     return p;
 }
 
@@ -329,7 +330,9 @@ sparrow_status sparrow_context_init(sparrow_model * model, sparrow_context_param
         const int n_threads = params.n_threads > 0 ? params.n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
         ctx->params.n_threads = n_threads;
         ctx->params.n_batch = std::min(params.n_batch, ctx->params.n_ctx);
-        ctx->backend = make_cpu_backend(n_threads);
+        const std::string backend = params.backend ? params.backend : default_backend_name();
+        ctx->backend = make_backend(backend, n_threads);
+        ctx->weights = model_weights(m, backend).lm.get();
         const LMHparams & hp = m.hparams;
         ctx->cache.reset(new KVCache(*ctx->backend, hp.n_layer, ctx->params.n_ctx, (int64_t) hp.n_head_kv * hp.head_dim,
                                      (DType) params.kv_type));
@@ -357,7 +360,8 @@ sparrow_status sparrow_context_set_draft(sparrow_context * ctx, const sparrow_mo
         if (!draft) return;
         if (!draft->is_draft) fail(SPARROW_ERR_INVALID_ARGUMENT, format("'%s' is not a draft model", draft->arch.c_str()));
         draft_check_fits(draft->draft_hparams, ctx->model->hparams);
-        ctx->spec.state.reset(new DraftState(*ctx->backend, draft->draft_hparams, draft->draft_weights, ctx->model->weights,
+        ctx->spec.state.reset(new DraftState(*ctx->backend, draft->draft_hparams,
+                                             *model_weights(*draft, ctx->backend->name()).draft, *ctx->weights,
                                              ctx->params.n_ctx, kMaxSpeculativeEntries));
         ctx->spec.draft = draft;
         ctx->spec.policy.reset();  // acceptance and costs are the new draft's to learn
@@ -559,8 +563,10 @@ sparrow_status sparrow_draft_session_init(const sparrow_model * target, const sp
         std::unique_ptr<sparrow_draft_session> s(new sparrow_draft_session());
         s->target = target;
         s->draft = draft;
-        s->backend = make_cpu_backend(n_threads > 0 ? n_threads : (int) std::max(1u, std::thread::hardware_concurrency()));
-        s->state.reset(new DraftState(*s->backend, d.draft_hparams, d.draft_weights, t.weights, n_ctx, kMaxSpeculativeEntries));
+        const std::string backend = default_backend_name();
+        s->backend = make_backend(backend, n_threads > 0 ? n_threads : (int) std::max(1u, std::thread::hardware_concurrency()));
+        s->state.reset(new DraftState(*s->backend, d.draft_hparams, *model_weights(d, backend).draft, *model_weights(t, backend).lm,
+                                      n_ctx, kMaxSpeculativeEntries));
         *out = s.release();
     });
 }

@@ -1,14 +1,16 @@
 // backend.h - the op interface model code is written against.
 //
 // Model files (models/*.cpp) describe a forward pass as a sequence of these ops on Tensor
-// views; a backend executes them (cpu/ is the only one today; a device backend is meant to plug
-// in here). Ops run eagerly and in order, like a tape: there is no graph to build, which keeps the
+// views; a backend executes them: cpu/ (the fast one) and ref/ (plain scalar code whose memory
+// faults when touched outside its ops: a stand-in for a device's, so tests prove that model code
+// never dereferences tensor data). A device backend plugs in the same way (backends.cpp). Ops run eagerly and in order, like a tape: there is no graph to build, which keeps the
 // decode loop free of allocation and makes every op testable on its own (tests/cpp/test_backend_ops.cpp
 // checks each against a scalar reference).
 //
 // Memory: a Tensor's data pointer lives in the executing backend's memory (host memory for the
-// CPU backend; a device backend's would be device memory). Index arrays (token ids, positions, row lists) are host
-// pointers, since they come from the caller. Activations are F32 and contiguous; weights may
+// CPU backend; guarded pages for ref; device memory for a device backend), weights included (the
+// WeightStore puts them there). Only ops, to_host and from_host may touch it. Index arrays (token
+// ids, positions, row lists, masks) are host pointers, since they come from the caller. Activations are F32 and contiguous; weights may
 // be any supported type (see quant.h). Shapes follow ggml: ne[0] is the contiguous row length,
 // ne[1] the number of rows.
 #pragma once
@@ -167,6 +169,10 @@ public:
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int n_threads);
+// The reference backend (ref/backend-ref.cpp): plain scalar float math, one thread, written for
+// clarity; its memory faults on any access from outside its own ops (ref/guarded-memory.h), so
+// running the models on it proves that only ops touch tensor data, as on a device.
+std::unique_ptr<Backend> make_ref_backend();
 
 // Weights in the form the backend's matmul reads best, made once at load and shared by every
 // context of the model. The CPU store repacks quantized matrices into panels (cpu/panels.h) and
@@ -176,10 +182,15 @@ public:
     virtual ~WeightStore() = default;
     // The matmul form of a weight view into the mapped file (the view itself stays valid).
     virtual Tensor matmul_weight(const Tensor & view) = 0;
+    // Any other weight an op reads (norms, biases, embedding tables, patch and position
+    // tables), in the backend's memory: the view itself on the CPU, a copy on other backends.
+    virtual Tensor weight(const Tensor & view) = 0;
     virtual size_t bytes() const = 0;  // memory the store holds
 };
 
 // release_mapped_pages: the views come from a read-only file mapping whose pages may be dropped.
 std::unique_ptr<WeightStore> make_cpu_weight_store(bool release_mapped_pages);
+// Every weight copied into the ref backend's guarded memory (matmul forms are plain copies).
+std::unique_ptr<WeightStore> make_ref_weight_store();
 
 }  // namespace sparrow

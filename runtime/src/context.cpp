@@ -86,7 +86,13 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
     for (int32_t i = 0; i < n; ++i) n_out += outputs ? (outputs[i] != 0) : (i == n - 1);
     const size_t n_capture = capture_layers.size();
     // hidden states are captured at the output rows, or at every row when asked
-    const int32_t n_cap_rows = opt.hidden_sink ? 0 : opt.capture_all_rows ? n : n_out;
+    const bool in_backend = opt.capture_in_backend && opt.capture_all_rows && !opt.hidden_sink;
+    const int32_t n_cap_rows = opt.hidden_sink || in_backend ? 0 : opt.capture_all_rows ? n : n_out;
+    if (in_backend && (!ctx.hidden_rows.data || ctx.hidden_rows.rows() < (int64_t) n_capture * n)) {
+        if (ctx.hidden_rows.data) ctx.backend->free(ctx.hidden_rows.data);
+        ctx.hidden_rows = Tensor::matrix(DType::F32, hp.n_embd, (int64_t) n_capture * n, nullptr);
+        ctx.hidden_rows.data = ctx.backend->alloc(ctx.hidden_rows.nbytes());
+    }
     ctx.logits.resize((size_t) n_out * hp.n_vocab);
     ctx.hidden.resize(n_capture * (size_t) n_cap_rows * hp.n_embd);
     ctx.n_outputs = 0;
@@ -136,11 +142,17 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
         }
         const int64_t cap_rows = opt.capture_all_rows ? cn : (int64_t) out_rows.size();
         req.logits = ctx.logits.data() + (size_t) out_done * hp.n_vocab;
-        chunk_hidden.resize(n_capture * cap_rows * hp.n_embd);
-        req.hidden = chunk_hidden.data();
+        if (in_backend) {
+            req.hidden_out = &ctx.hidden_rows;
+            req.hidden_slot_rows = n;
+            req.hidden_first = c0;
+        } else {
+            chunk_hidden.resize(n_capture * cap_rows * hp.n_embd);
+            req.hidden = chunk_hidden.data();
+        }
         req.abort = ctx.params.abort_callback;
         req.abort_data = ctx.params.abort_user_data;
-        if (!lm_forward(*ctx.backend, hp, m.weights, *ctx.cache, ctx.scratch, req)) {
+        if (!lm_forward(*ctx.backend, hp, *ctx.weights, *ctx.cache, ctx.scratch, req)) {
             fail(SPARROW_ERR_ABORTED, "aborted by the abort callback");
         }
         for (int32_t i = 0; i < cn; ++i) {
@@ -154,7 +166,7 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
         }
         if (opt.hidden_sink) {
             opt.hidden_sink(c0, cn, chunk_hidden.data());
-        } else {
+        } else if (!in_backend) {
             const int64_t cap_done = opt.capture_all_rows ? c0 : out_done;
             for (size_t c = 0; c < n_capture; ++c) {
                 memcpy(ctx.hidden.data() + (c * n_cap_rows + cap_done) * hp.n_embd,
@@ -163,7 +175,7 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
         }
         out_done += (int32_t) out_rows.size();
         ctx.n_outputs = out_done;
-        ctx.n_hidden_rows = opt.hidden_sink ? 0 : opt.capture_all_rows ? c0 + cn : out_done;
+        ctx.n_hidden_rows = opt.hidden_sink || in_backend ? 0 : opt.capture_all_rows ? c0 + cn : out_done;
         if (opt.after_chunk) opt.after_chunk(c0 + cn);
     }
 }

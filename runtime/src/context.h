@@ -23,6 +23,7 @@ struct sparrow_context {
     sparrow_model * model = nullptr;
     sparrow_context_params params{};
     std::unique_ptr<sparrow::Backend> backend;
+    const sparrow::LMWeights * weights = nullptr;  // the model's, in the backend's memory
     std::unique_ptr<sparrow::KVCache> cache;
     sparrow::LMScratch scratch;
 
@@ -41,6 +42,9 @@ struct sparrow_context {
     int32_t n_outputs = 0;
     int32_t n_hidden_rows = 0;          // rows of `hidden` per capture slot
     std::vector<int32_t> capture_layers;
+    // the captured states of the last forward that kept them in the backend
+    // (ForwardOptions::capture_in_backend): [n_capture][rows][n_embd], grown on demand
+    sparrow::Tensor hidden_rows;
     std::vector<uint8_t> tree_mask;     // attention mask of the last tree batch
 
     // streaming generation
@@ -97,13 +101,14 @@ struct sparrow_context {
         std::vector<float> kept_glimpse_mean;
         std::vector<int32_t> kept_glimpse_pos;
         int32_t kept_n_visual = -1;              // -1: no glimpses kept
-        std::vector<float> scratch_g, scratch_h, scratch_logits;
+        std::vector<float> scratch_logits;
         std::vector<sparrow::TokenProb> p_dist, q_dist;
         std::vector<float> p_dense, q_dense;
     } spec;
 
     ~sparrow_context() {
         spec.state.reset();
+        if (backend && hidden_rows.data) backend->free(hidden_rows.data);
         if (backend) sparrow::lm_scratch_free(*backend, scratch);
     }
 };
@@ -116,6 +121,9 @@ struct ForwardOptions {
     const int32_t * parents = nullptr;   // token tree (NULL: a sequence)
     const std::vector<int32_t> * capture_layers = nullptr;  // NULL: the context's list
     bool capture_all_rows = false;       // capture hidden states at every row, not only outputs
+    // With capture_all_rows: the captured states stay in backend memory (ctx.hidden_rows) for
+    // the draft to read there; ctx.hidden (and sparrow_get_hidden) then holds none.
+    bool capture_in_backend = false;
     // With capture_all_rows: each chunk's captured states go to this sink, (first row, rows,
     // hidden [n_capture][rows][n_embd]), instead of accumulating in ctx.hidden.
     std::function<void(int32_t, int32_t, const float *)> hidden_sink;

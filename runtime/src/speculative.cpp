@@ -28,18 +28,15 @@ void draft_distribution(const sparrow_context & ctx, const float * logits, const
 }
 
 // The draft runs its queued committed entries; the last one (the lead) gives logits when asked.
-// Returns the lead's hidden state.
-std::vector<float> run_pending(sparrow_context & ctx, bool want_lead_logits) {
+// Its hidden state stays in the draft, for the speculative entries drafted after it.
+void run_pending(sparrow_context & ctx, bool want_lead_logits) {
     auto & s = ctx.spec;
-    const int64_t H = ctx.model->hparams.n_embd;
     const int64_t n = (int64_t) s.pending.size();
     std::vector<uint8_t> want((size_t) n, 0);
     want.back() = want_lead_logits;
-    s.scratch_h.resize((size_t) (n * H));
     s.scratch_logits.resize((size_t) s.state->n_logits());
-    s.state->run(s.pending.data(), n, s.pending_g.data(), want.data(), s.scratch_h.data(), s.scratch_logits.data());
+    s.state->run(s.pending.data(), n, s.pending_g.data(), want.data(), nullptr, s.scratch_logits.data());
     s.pending.clear();
-    return std::vector<float>(s.scratch_h.end() - H, s.scratch_h.end());
 }
 
 // Keep the verified rows `rows` (batch indices, increasing, starting with 0 = the lead token)
@@ -58,20 +55,17 @@ void finish_round(sparrow_context & ctx, int64_t n_before, int64_t n_batch_rows,
     context_move_rows(ctx, src.data(), dst.data(), (int64_t) src.size());
     context_truncate(ctx, (int32_t) (n_before + (int64_t) rows.size()));
 
-    // the draft's next entries: the kept positions with their real features
-    s.scratch_g.resize((size_t) (n_batch_rows * H));
-    s.state->fuse_taps(ctx.hidden.data(), n_batch_rows, s.scratch_g.data());
+    // the draft's next entries: the kept positions with their real features, fused from the
+    // taps where the verify pass left them (backend memory)
+    s.pending_g.resize(rows.size() * H);
+    s.state->fuse_tap_rows(ctx.hidden_rows, n_batch_rows, rows.data(), (int64_t) rows.size(), s.pending_g.data());
     // the kept rows' features join the cache's, if it has them up to here (see spec.text_g)
     if (s.g_rows == n_before) {
-        for (size_t j = 0; j < rows.size(); ++j) {
-            s.text_g.insert(s.text_g.end(), &s.scratch_g[(size_t) rows[j] * H], &s.scratch_g[(size_t) rows[j] * H] + H);
-        }
+        s.text_g.insert(s.text_g.end(), s.pending_g.begin(), s.pending_g.end());
         s.g_rows += (int32_t) rows.size();
     }
     s.pending.clear();
-    s.pending_g.resize(rows.size() * H);
     for (size_t j = 0; j < rows.size(); ++j) {
-        memcpy(&s.pending_g[j * H], &s.scratch_g[(size_t) rows[j] * H], H * sizeof(float));
         DraftEntry e;
         e.token = j + 1 < rows.size() ? accepted_tokens[j] : bonus;
         e.pos = ctx.cache_pos[n_before + (int64_t) j];  // where the target put it
@@ -88,6 +82,7 @@ void verify(sparrow_context & ctx, const std::vector<int32_t> & tokens, const st
     opt.parents = parents ? parents->data() : nullptr;
     opt.capture_layers = &spec_capture_layers(ctx);
     opt.capture_all_rows = true;
+    opt.capture_in_backend = true;  // the draft fuses them there (finish_round)
     context_forward(ctx, tokens.data(), (int32_t) tokens.size(), opt);
     ctx.stats.n_target_forwards += 1;
 }
@@ -243,8 +238,6 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     auto & s = ctx.spec;
     auto & g = ctx.gen;
     DraftState & draft = *s.state;
-    const LMHparams & hp = ctx.model->hparams;
-    const int64_t H = hp.n_embd;
     const sparrow_sampler_params & sp = g.params.sampling;
     const bool greedy = sp.temperature == 0.0f;
 
@@ -264,7 +257,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const double t_draft0 = now_ms();
     std::vector<int32_t> drafts;
     std::vector<std::vector<TokenProb>> q_dists;
-    std::vector<float> g_prev = run_pending(ctx, k > 0);
+    run_pending(ctx, k > 0);
     for (int32_t i = 1; i <= k; ++i) {
         int32_t token;
         if (greedy) {
@@ -282,9 +275,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
         e.speculative = true;
         e.parent = i - 2;  // a chain: each entry's parent is the previous one
         const uint8_t yes = 1;
-        std::vector<float> h_next((size_t) H);
-        draft.run(&e, 1, g_prev.data(), &yes, h_next.data(), s.scratch_logits.data());
-        g_prev.swap(h_next);
+        draft.run_speculative(&e, 1, &yes, s.scratch_logits.data());
     }
     ctx.stats.draft_kv_entries = (int32_t) std::max<int64_t>(ctx.stats.draft_kv_entries, draft.n_kv_entries());
     draft.drop_speculative();
@@ -326,7 +317,6 @@ struct TreeNode {
     double score = 0.0;        // cumulative log-probability under the draft
     int32_t draw_rank = 0;     // order among its siblings (sampling: the order they were drawn in)
     int32_t spec_id = -1;      // speculative draft entry, once expanded
-    std::vector<float> h;      // the draft's hidden state after running this node (expanded only)
     int32_t batch_row = -1;    // row in the verify batch, if selected
 };
 
@@ -386,8 +376,6 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
         return;
     }
     DraftState & draft = *s.state;
-    const LMHparams & hp = ctx.model->hparams;
-    const int64_t H = hp.n_embd;
     const int64_t room = ctx.cache->capacity() - ctx.cache->size();
     const int32_t total = (int32_t) std::min<int64_t>(s.tree_total, room);  // lead token included
     const DraftEntry lead = s.pending.back();
@@ -397,7 +385,7 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const double t_draft0 = now_ms();
     std::vector<TreeNode> nodes;
     std::vector<std::vector<TokenProb>> q_at;  // q at the lead (index 0) and at each expanded node (spec_id + 1)
-    std::vector<float> h_lead = run_pending(ctx, total > 1);
+    run_pending(ctx, total > 1);
     if (total > 1) {
         q_at.emplace_back();
         propose_children(ctx, s.scratch_logits.data(), -1, 1, 0.0, nodes, q_at.back());
@@ -411,7 +399,6 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
             if (level.empty()) break;
             // run the chosen nodes as speculative draft entries, all in one pass
             std::vector<DraftEntry> entries;
-            std::vector<float> gs;
             for (int32_t ni : level) {
                 const TreeNode & n = nodes[ni];
                 DraftEntry e;
@@ -420,18 +407,15 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
                 e.speculative = true;
                 e.parent = n.parent < 0 ? -1 : nodes[n.parent].spec_id;
                 entries.push_back(e);
-                const std::vector<float> & gp = n.parent < 0 ? h_lead : nodes[n.parent].h;
-                gs.insert(gs.end(), gp.begin(), gp.end());
             }
             const int32_t first_spec = (int32_t) draft.n_speculative();
             std::vector<uint8_t> want(level.size(), 1);
-            std::vector<float> hs(level.size() * H), logits(level.size() * (size_t) draft.n_logits());
-            draft.run(entries.data(), (int64_t) entries.size(), gs.data(), want.data(), hs.data(), logits.data());
+            std::vector<float> logits(level.size() * (size_t) draft.n_logits());
+            draft.run_speculative(entries.data(), (int64_t) entries.size(), want.data(), logits.data());
             level_begin = level_end;
             for (size_t i = 0; i < level.size(); ++i) {
                 TreeNode & n = nodes[level[i]];
                 n.spec_id = first_spec + (int32_t) i;
-                n.h.assign(hs.begin() + i * H, hs.begin() + (i + 1) * H);
                 q_at.resize((size_t) n.spec_id + 2);
                 const double score = n.score;
                 propose_children(ctx, logits.data() + i * draft.n_logits(), level[i], depth + 1, score, nodes,

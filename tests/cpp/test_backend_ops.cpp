@@ -22,11 +22,17 @@
 //     fails (each check was seen to fail with its reference deliberately broken).
 // Every backend buffer carries NaN guard bytes on both sides: an op that writes outside its
 // output, or reads outside its inputs into a result, fails. KV cache rows past n_kv hold NaN.
+// The test touches backend memory only through from_host / to_host (guard bytes included), so a
+// backend whose memory the host cannot read (is_host() false) runs the same checks.
 //
-// Each backend runs with 1 and 3 threads (3: splits that do not divide the work evenly). On the
-// CPU backend a quantized matmul is run both ways the backend supports: on the file's rows and
-// on the 16-row panels the weight store repacks them into (cpu/panels.h) where the active SIMD
-// level has panel kernels. ctest runs this at every SIMD level (SPARROW_SIMD, cpu/features.h).
+// Two backends: the CPU backend and the reference backend (ref/backend-ref.cpp, scalar float
+// math in guarded memory that faults outside its ops). Each runs with 1 and 3 threads (3: splits
+// that do not divide the work evenly; the ref backend has one thread, so it runs once). On the
+// CPU backend a quantized matmul is run both ways the backend supports: on the file's rows and on
+// the 16-row panels the weight store repacks them into (cpu/panels.h) where the active SIMD level
+// has panel kernels; the ref backend multiplies file rows and its store's copies of them, with
+// activations left in float (its matmul references skip the activation quantization). ctest runs
+// this at every SIMD level (SPARROW_SIMD, cpu/features.h), which only the CPU backend reads.
 //
 // Usage: test_backend_ops [repo root, unused]. Exits non-zero with the first failures listed.
 
@@ -306,13 +312,12 @@ public:
         be_.to_host(v.data(), ptr(), v.size() * sizeof(float));
         return v;
     }
+    // The whole padded buffer comes back through to_host (backend memory may not be host memory).
     bool guards_intact() const {
-        std::vector<uint8_t> g(kGuard);
-        for (const uint8_t * at : {base_, base_ + kGuard + bytes_}) {
-            be_.to_host(g.data(), at, kGuard);
-            for (uint8_t b : g) {
-                if (b != 0xff) return false;
-            }
+        std::vector<uint8_t> all(bytes_ + 2 * kGuard);
+        be_.to_host(all.data(), base_, all.size());
+        for (size_t i = 0; i < kGuard; i++) {
+            if (all[i] != 0xff || all[kGuard + bytes_ + i] != 0xff) return false;
         }
         return true;
     }
@@ -408,8 +413,11 @@ struct Ctx {
     Backend & be;     // the backend under test
     Backend & be1;    // the same backend with 1 thread: rows computed alone
     std::string tag;  // e.g. "CPU/3t"
-    // The backend's weight store, for backends that repack weights (null otherwise).
+    // The backend's weight store, for backends that repack or copy weights (null otherwise).
     WeightStore * store;
+    // Does the backend's matmul quantize the activations to the weight type's dot type (quant.h)
+    // before a quantized weight, as the CPU backend does? If not, its references use x as it is.
+    bool quantizes_activations;
 };
 
 std::string prefix(const Ctx & c, const char * op) { return c.tag + " " + op; }
@@ -423,7 +431,7 @@ void test_memory(Ctx & c) {
         std::vector<uint8_t> h(n, 0x5a);
         be.to_host(h.data(), p, n);
         check(std::all_of(h.begin(), h.end(), [](uint8_t b) { return b == 0; }), format("%s: alloc(%zu) is not zeroed", prefix(c, "memory").c_str(), n));
-        if (be.is_host()) check((uintptr_t) p % 64 == 0, format("%s: alloc(%zu) is not 64-byte aligned", prefix(c, "memory").c_str(), n));
+        check((uintptr_t) p % 64 == 0, format("%s: alloc(%zu) is not 64-byte aligned", prefix(c, "memory").c_str(), n));
         for (size_t i = 0; i < n; i++) h[i] = (uint8_t) (i * 7 + 1);
         be.from_host(p, h.data(), n);
         std::vector<uint8_t> back(n);
@@ -555,15 +563,21 @@ std::vector<float> matmul_activations(int64_t n, int64_t k) {
 //     sum_j |w_j| bound_j: the error any 8-bit block quantization of x with scale amax / 127 may
 //     make, whatever its rounding rules.
 // Float weights multiply x as it is: one check, within gamma(k + 2) * (sum |w_j x_j| + |bias|).
+// A backend that does not quantize the activations (quantize_x false) gets that one check for every
+// weight type: against sum_j w_j x_j, within gamma(k + 3) * (sum_j |w_j x_j| + |bias|), plus, where
+// decoding a block is not exact (q4_1, the k-quants), 4 u sum_j absw_j |x_j|: its decoded weights
+// may differ from ours by the roundings of scale * q - min (4 u of absw_j, as get_rows allows), then
+// k products are summed in float in some order, and the bias added. One quant step of one element
+// (|scale x_j|) is above this at every k but 4096; a wrong layout, scale or min fails at every k.
 struct MatmulRef {
     std::vector<double> tight, tight_tol, loose, loose_tol;
     bool quantized = false;
 };
 
 MatmulRef matmul_reference(DType t, const Decoded & w, int64_t m, int64_t k, const std::vector<float> & x, int64_t n,
-                           const float * bias) {
+                           const float * bias, bool quantize_x) {
     MatmulRef ref;
-    ref.quantized = !is_float_type(t);
+    ref.quantized = quantize_x && !is_float_type(t);
     ref.tight.resize((size_t) (n * m));
     ref.tight_tol.resize(ref.tight.size());
     ref.loose.resize(ref.tight.size());
@@ -577,13 +591,14 @@ MatmulRef matmul_reference(DType t, const Decoded & w, int64_t m, int64_t k, con
         for (int64_t r = 0; r < m; r++) {
             const float * wr = w.w.data() + r * k;
             const float * ar = w.absw.data() + r * k;
-            double yq = 0, yx = 0, magq = 0, magx = 0, qerr = 0;
+            double yq = 0, yx = 0, magq = 0, magx = 0, qerr = 0, magw = 0;
             for (int64_t j = 0; j < k; j++) {
                 yq += (double) wr[j] * xq[j];
                 yx += (double) wr[j] * xc[j];
                 magq += (double) ar[j] * std::fabs(xq[j]);
                 magx += (double) ar[j] * (std::fabs((double) xc[j]) + bound[j]);
                 qerr += std::fabs((double) wr[j]) * bound[j];
+                magw += std::fabs((double) wr[j] * xc[j]);
             }
             const double b = bias ? bias[r] : 0.0;
             const size_t o = (size_t) (c * m + r);
@@ -592,8 +607,10 @@ MatmulRef matmul_reference(DType t, const Decoded & w, int64_t m, int64_t k, con
             if (ref.quantized) {
                 ref.tight_tol[o] = gamma_n(2 * nb + 8) * (magq + std::fabs(b));
                 ref.loose_tol[o] = gamma_n(2 * nb + 8) * (magx + std::fabs(b)) + qerr;
-            } else {
+            } else if (is_float_type(t)) {
                 ref.tight_tol[o] = ref.loose_tol[o] = gamma_n((double) k + 2) * (magq + std::fabs(b));
+            } else {  // quantized weights times float activations
+                ref.tight_tol[o] = ref.loose_tol[o] = gamma_n((double) k + 3) * (magw + std::fabs(b)) + (w.exact ? 0.0 : 4 * kU * magq);
             }
         }
     }
@@ -654,9 +671,10 @@ void matmul_case(Ctx & c, DType t, int64_t m, int64_t k, int64_t n, bool with_bi
     const std::vector<float> x = matmul_activations(n, k);
     const std::vector<float> bias = normals(m);
     std::unique_ptr<Buf> bias_buf = with_bias ? upload(c.be, bias) : nullptr;
-    const MatmulRef ref = matmul_reference(t, w->dec, m, k, x, n, with_bias ? bias.data() : nullptr);
+    const MatmulRef ref = matmul_reference(t, w->dec, m, k, x, n, with_bias ? bias.data() : nullptr, c.quantizes_activations);
     for (const Tensor * wt : {&w->rows, &w->stored}) {
-        if (wt == &w->stored && !w->stored.panels) continue;  // the same as rows: done
+        // the store's form when it is not the rows again: panels, or a non-host backend's copy
+        if (wt == &w->stored && !w->stored.panels && (c.be.is_host() || w->stored.data == w->rows.data)) continue;
         (wt->panels ? g_panel_cases : g_row_cases)++;
         const std::string what = format("%s %s [%lld x %lld] x %lld rows%s%s", prefix(c, "matmul").c_str(), tname(t), (long long) m,
                                         (long long) k, (long long) n, wt->panels ? " panels" : " rows", with_bias ? " +bias" : "");
@@ -750,7 +768,8 @@ void test_matmul_group(Ctx & c) {
                 const std::vector<float> alone = run_matmul(c.be, wt, x, 0, n, mo[i].bias ? bias_buf.get() : nullptr);
                 expect_bits(what + " vs matmul alone", got, alone.data(), alone.size());
                 if (i == 0) {  // and the products are right (matmul's own check, once more through the group)
-                    expect_matmul(what, got, matmul_reference(w.type, w.dec, w.m, k, x, n, mo[i].bias ? bias.data() : nullptr), w.m);
+                    expect_matmul(what, got, matmul_reference(w.type, w.dec, w.m, k, x, n, mo[i].bias ? bias.data() : nullptr,
+                                                            c.quantizes_activations), w.m);
                 }
             }
         }
@@ -758,14 +777,56 @@ void test_matmul_group(Ctx & c) {
     std::printf("  %s: 9 types, shared pass and mixed groups\n", prefix(c, "matmul_group").c_str());
 }
 
-// The weight store: a float view is used as it is (no copy), a type without a dot product is refused.
+// The weight store: a type without a dot product is refused; an absent weight (no data) passes
+// through. On a host backend a float view is used as it is (no copy), and so is any view given to
+// weight(). A non-host backend's store copies each view into backend memory: the same type, shape,
+// name and bytes (read back with to_host); a view given to both weight() and matmul_weight() (a
+// tied output head) may share one copy, and new bytes at a known address get a new copy.
 void test_weight_store(Ctx & c) {
     if (!c.store) return;
+    const std::string what = prefix(c, "weight store");
     std::vector<float> f = normals(64 * 3);
-    const Tensor fv = Tensor::matrix(DType::F32, 64, 3, f.data());
+    Tensor fv = Tensor::matrix(DType::F32, 64, 3, f.data());
+    fv.name = "f32 view";
     const Tensor fs = c.store->matmul_weight(fv);
     g_checks++;
-    check(fs.data == fv.data && !fs.panels, prefix(c, "weight store") + ": an f32 view is not used in place");
+    if (c.be.is_host()) {
+        check(fs.data == fv.data && !fs.panels, what + ": an f32 view is not used in place");
+        const Tensor ws = c.store->weight(fv);
+        g_checks++;
+        check(ws.data == fv.data, what + ": weight() does not use the view in place");
+    } else {
+        // the copy holds the view's bytes, with the view's type, shape and name
+        auto same_copy = [&](const Tensor & got, const Tensor & view, const char * how) {
+            g_checks++;
+            bool ok = got.data && got.data != view.data && !got.panels && got.type == view.type && got.name == view.name &&
+                      std::equal(got.ne, got.ne + 4, view.ne);
+            if (ok) {
+                std::vector<uint8_t> back(view.nbytes());
+                c.be.to_host(back.data(), got.data, back.size());
+                ok = std::memcmp(back.data(), view.data, back.size()) == 0;
+            }
+            check(ok, format("%s: %s of %s is not a copy of the view", what.c_str(), how, tname(view.type)));
+        };
+        same_copy(fs, fv, "matmul_weight");
+        // a tied head: one q8_0 view as a table (weight) and as a matmul weight
+        const std::vector<uint8_t> q8 = make_weights(DType::Q8_0, 5, 64);
+        const Tensor qv = Tensor::matrix(DType::Q8_0, 64, 5, (void *) q8.data());
+        const size_t before = c.store->bytes();
+        const Tensor qw = c.store->weight(qv), qm = c.store->matmul_weight(qv);
+        same_copy(qw, qv, "weight");
+        same_copy(qm, qv, "matmul_weight");
+        g_checks++;
+        check(c.store->bytes() >= before + qv.nbytes() && c.store->bytes() <= before + 2 * qv.nbytes(),
+              format("%s: bytes() grew by %zu for a %zu-byte view copied once or twice", what.c_str(), c.store->bytes() - before, qv.nbytes()));
+        // the same address with other bytes (a freed host buffer reused): a fresh copy of the new bytes
+        for (auto & x : f) x = -x;
+        same_copy(c.store->matmul_weight(fv), fv, "matmul_weight of changed bytes at the same address");
+    }
+    Tensor absent = Tensor::matrix(DType::F32, 64, 3, nullptr);
+    g_checks++;
+    check(c.store->weight(absent).data == nullptr && c.store->matmul_weight(absent).data == nullptr,
+          what + ": an absent weight (no data) does not pass through");
     std::vector<uint8_t> q8k(row_size(DType::Q8_K, 256) * 2);
     bool refused = false;
     try {
@@ -1413,24 +1474,32 @@ struct BackendKind {
     const char * name;
     std::unique_ptr<Backend> (*make)(int n_threads);
     std::unique_ptr<WeightStore> (*store)();  // null: weights are used as uploaded
+    bool quantizes_activations;               // see Ctx
 };
 
 std::unique_ptr<WeightStore> cpu_store() { return make_cpu_weight_store(false); }
+std::unique_ptr<Backend> ref_backend(int) { return make_ref_backend(); }  // one thread, whatever asked
 
 }  // namespace
 
 int main(int argc, char ** argv) {
     (void) argc, (void) argv;
     std::printf("test_backend_ops: kernels %s\n", simd_level());
-    const BackendKind kinds[] = {{"CPU", make_cpu_backend, cpu_store}};
+    const BackendKind kinds[] = {
+        {"CPU", make_cpu_backend, cpu_store, true},
+        {"ref", ref_backend, make_ref_weight_store, false},
+    };
     const auto t0 = std::chrono::steady_clock::now();
     try {
         for (const BackendKind & kind : kinds) {
+            const auto k0 = std::chrono::steady_clock::now();
+            const int checks0 = g_checks, failures0 = g_failures;
             auto be1 = kind.make(1);
             for (int threads : {1, 3}) {
                 auto be = kind.make(threads);
+                if (be->n_threads() != threads) continue;  // a single-threaded backend: 1 thread only
                 auto store = kind.store ? kind.store() : nullptr;
-                Ctx c{*be, *be1, format("%s/%dt", kind.name, threads), store.get()};
+                Ctx c{*be, *be1, format("%s/%dt", kind.name, threads), store.get(), kind.quantizes_activations};
                 test_memory(c);
                 test_get_rows(c);
                 test_gather_concat(c);
@@ -1444,6 +1513,8 @@ int main(int argc, char ** argv) {
                 test_elementwise(c);
                 test_blend_rows(c);
             }
+            std::printf("test_backend_ops: %s backend: %d checks, %d failures in %.1f s\n", kind.name, g_checks - checks0,
+                        g_failures - failures0, std::chrono::duration<double>(std::chrono::steady_clock::now() - k0).count());
         }
     } catch (const std::exception & e) {
         std::fprintf(stderr, "FAIL: unexpected exception: %s\n", e.what());

@@ -41,7 +41,7 @@ class CpuBackend final : public Backend {
 public:
     explicit CpuBackend(int n_threads) : pool_(n_threads) {}
 
-    const char * name() const override { return "CPU"; }
+    const char * name() const override { return "cpu"; }
     int n_threads() const override { return pool_.size(); }
     bool is_host() const override { return true; }
 

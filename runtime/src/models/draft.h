@@ -43,8 +43,8 @@ struct DraftWeights {
 
 bool draft_supports_arch(const std::string & arch);
 void draft_load(const GGUFFile & file, DraftHparams & hp, DraftWeights & w);
-// Every matrix the draft multiplies by, in its store form (see lm_prepare_weights).
-void draft_prepare_weights(WeightStore & store, DraftWeights & w);
+// The weights in the store's backend memory, matrices in their matmul form (see lm_prepare_weights).
+DraftWeights draft_prepare_weights(WeightStore & store, const DraftWeights & views);
 // Refuse (SPARROW_ERR_INVALID_ARGUMENT, one clear line) a draft made for another target.
 void draft_check_fits(const DraftHparams & draft, const LMHparams & target);
 
@@ -70,6 +70,9 @@ public:
     void reset(int64_t anchor_start);
     // g = fc(concat(taps)) for n rows; taps is host [n_taps][n][H] (capture-slot major), g host [n][H].
     void fuse_taps(const float * taps, int64_t n, float * g);
+    // The same for rows[0..n_rows) of taps that are in backend memory ([n_taps][n][H], the target's
+    // verify capture): only the fused features (host [n_rows][H]) cross to the host.
+    void fuse_tap_rows(const Tensor & taps, int64_t n, const int32_t * rows, int64_t n_rows, float * g);
     // Glimpses: n pooled ivsb vectors (host [n][H], before glimpse_proj) at the given positions.
     void add_glimpses(const float * pooled, const int32_t * positions, int64_t n);
     // Run n entries (committed ones first, in order; then speculative ones, parents before
@@ -77,6 +80,10 @@ public:
     // entries with want_logits[i], draft-vocabulary logits into logits (host, row by row).
     void run(const DraftEntry * entries, int64_t n, const float * g, const uint8_t * want_logits, float * h,
              float * logits);
+    // Run speculative entries whose feature is their parent's hidden state (the last committed
+    // entry's for parent -1), as drafting does: those states never leave backend memory; only
+    // the wanted logits come back. Parents must have run in an earlier call.
+    void run_speculative(const DraftEntry * entries, int64_t n, const uint8_t * want_logits, float * logits);
     // Forget the speculative entries (after verification).
     void drop_speculative();
 
@@ -98,15 +105,18 @@ private:
     int64_t ring_capacity_, spec_capacity_, n_slots_;
     int64_t anchor_start_ = 0, n_committed_ = 0, n_glimpses_ = 0, ring_used_ = 0;
     Tensor k_, v_;                           // [n_slots][kv_dim]: glimpses | anchors | ring | speculative
+    Tensor states_;                          // [1 + spec capacity][H]: hidden states drafting reads back
     std::vector<int64_t> slot_index_;        // draft entry index held by each slot (-1: empty)
     std::vector<int64_t> spec_slots_;        // slot of each speculative entry
     std::vector<int32_t> spec_parent_;
     std::vector<int64_t> spec_index_;
     // scratch
     int64_t n_scratch_ = 0;
-    Tensor x_, e_, gn_, q_, k_new_, v_new_, attn_, r_, hn_, gate_, up_, h_, logits_, g_in_, taps_in_;
+    Tensor x_, e_, gn_, q_, k_new_, v_new_, attn_, r_, hn_, gate_, up_, h_, logits_, g_in_, taps_in_, taps_tmp_;
     std::vector<uint8_t> mask_;
-    std::vector<int32_t> pos_, ids_;
+    std::vector<int32_t> pos_, ids_, rows_;
+    void run_entries(const DraftEntry * entries, int64_t n, const float * g, const uint8_t * want_logits, float * h,
+                     float * logits);
     void ensure_scratch(int64_t n);
     void free_scratch();
 };

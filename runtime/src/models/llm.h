@@ -48,14 +48,16 @@ Tensor bind_tensor(const GGUFFile & f, const std::string & name, int64_t cols, i
 bool lm_supports_arch(const std::string & arch);
 // Read hparams and bind weight views into the mapped file; validates every shape and type.
 void lm_load(const GGUFFile & file, LMHparams & hp, LMWeights & w);
-// Replace every matrix the forward pass multiplies by by its store form (backend.h WeightStore).
-// The embedding table stays a view: get_rows reads it, also when the output head is tied to it.
-void lm_prepare_weights(WeightStore & store, LMWeights & w);
+// The weights as the forward pass reads them, from the store (backend.h WeightStore): every
+// matrix it multiplies by in its matmul form, every other tensor in the backend's memory. The
+// embedding table is a plain weight (get_rows reads it) also when the output head is tied to it.
+LMWeights lm_prepare_weights(WeightStore & store, const LMWeights & views);
 
 // Scratch activations for batches of up to n_batch tokens, allocated once per context.
 struct LMScratch {
     int64_t n_batch = 0;
     Tensor x, h, q, k, v, attn, ff_gate, ff_up, out_rows;
+    Tensor logits;             // a device backend's staging rows for logits (grown on demand)
     std::vector<int32_t> pos;  // n_pos_streams * n_batch
     std::vector<int32_t> ids;  // token ids with media rows mapped to a valid id
 };
@@ -77,6 +79,10 @@ struct LMForwardRequest {
     int64_t n_capture_rows = 0;
     float * logits = nullptr;           // host: n_out x n_vocab
     float * hidden = nullptr;           // host: n_capture x n_capture_rows (or n_out) x n_embd
+    // Instead of `hidden`: keep the captured rows in backend memory, capture slot c's rows at
+    // rows [c * hidden_slot_rows + hidden_first, + n_capture_rows) of this tensor.
+    Tensor * hidden_out = nullptr;
+    int64_t hidden_slot_rows = 0, hidden_first = 0;
     bool (*abort)(void *) = nullptr;
     void * abort_data = nullptr;
 };

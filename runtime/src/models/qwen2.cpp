@@ -209,11 +209,16 @@ void lm_load(const GGUFFile & f, LMHparams & hp, LMWeights & w) {
     }
 }
 
-void lm_prepare_weights(WeightStore & store, LMWeights & w) {
-    w.output = store.matmul_weight(w.output);
+LMWeights lm_prepare_weights(WeightStore & store, const LMWeights & views) {
+    LMWeights w = views;
+    w.tok_embd = store.weight(views.tok_embd);
+    w.output_norm = store.weight(views.output_norm);
+    w.output = store.matmul_weight(views.output);
     for (LMLayer & L : w.layers) {
         for (Tensor * t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_gate, &L.ffn_up, &L.ffn_down}) *t = store.matmul_weight(*t);
+        for (Tensor * t : {&L.attn_norm, &L.ffn_norm, &L.bq, &L.bk, &L.bv}) *t = store.weight(*t);
     }
+    return w;
 }
 
 void lm_scratch_init(Backend & be, const LMHparams & hp, int64_t n_batch, LMScratch & s) {
@@ -237,7 +242,7 @@ void lm_scratch_init(Backend & be, const LMHparams & hp, int64_t n_batch, LMScra
 }
 
 void lm_scratch_free(Backend & be, LMScratch & s) {
-    for (Tensor * t : {&s.x, &s.h, &s.q, &s.k, &s.v, &s.attn, &s.ff_gate, &s.ff_up, &s.out_rows}) {
+    for (Tensor * t : {&s.x, &s.h, &s.q, &s.k, &s.v, &s.attn, &s.ff_gate, &s.ff_up, &s.out_rows, &s.logits}) {
         if (t->data) be.free(t->data);
         t->data = nullptr;
     }
@@ -272,6 +277,11 @@ bool lm_forward(Backend & be, const LMHparams & hp, const LMWeights & w, KVCache
     auto capture = [&](int32_t layer_index) {
         for (int32_t c = 0; c < req.n_capture; ++c) {
             if (req.capture_layers[c] != layer_index) continue;
+            if (req.hidden_out) {
+                Tensor dst = req.hidden_out->row_slice(c * req.hidden_slot_rows + req.hidden_first, n_cap);
+                be.gather_rows(x, cap_rows, n_cap, dst);
+                continue;
+            }
             be.gather_rows(x, cap_rows, n_cap, cap_sel);
             be.to_host(req.hidden + (size_t) c * n_cap * H, cap_sel.data, (size_t) n_cap * H * sizeof(float));
         }
@@ -282,8 +292,13 @@ bool lm_forward(Backend & be, const LMHparams & hp, const LMWeights & w, KVCache
         s.ids.assign(req.tokens, req.tokens + n);
         for (auto & id : s.ids) id = id < 0 ? 0 : id;
         be.get_rows(w.tok_embd, s.ids.data(), n, x);
-        for (int64_t i = 0; i < n; ++i) {
-            if (req.tokens[i] < 0) be.from_host(x.row_slice(i, 1).data, req.embd + i * H, (size_t) H * sizeof(float));
+        // one copy per run of media rows (a frame's rows are consecutive)
+        for (int64_t i = 0; i < n;) {
+            if (req.tokens[i] >= 0) { ++i; continue; }
+            int64_t end = i + 1;
+            while (end < n && req.tokens[end] < 0) ++end;
+            be.from_host(x.row_slice(i, end - i).data, req.embd + i * H, (size_t) ((end - i) * H) * sizeof(float));
+            i = end;
         }
     } else {
         be.get_rows(w.tok_embd, req.tokens, n, x);
@@ -318,17 +333,18 @@ bool lm_forward(Backend & be, const LMHparams & hp, const LMWeights & w, KVCache
         be.gather_rows(x, req.out_rows, req.n_out, sel);
         be.rms_norm(sel, w.output_norm, hp.rms_eps, sel);
         // a host backend writes logits straight into the caller's buffer; a device backend
-        // stages them in its own memory first
-        Tensor logits = Tensor::matrix(DType::F32, hp.n_vocab, req.n_out, nullptr);
-        if (be.is_host()) {
-            logits.data = req.logits;
-            be.matmul(w.output, sel, logits, nullptr);
-        } else {
-            logits.data = be.alloc(logits.nbytes());
-            be.matmul(w.output, sel, logits, nullptr);
-            be.to_host(req.logits, logits.data, logits.nbytes());
-            be.free(logits.data);
+        // stages them in its own memory (kept for the next pass) and copies them out once
+        Tensor logits = Tensor::matrix(DType::F32, hp.n_vocab, req.n_out, req.logits);
+        if (!be.is_host()) {
+            if (!s.logits.data || s.logits.rows() < req.n_out) {
+                if (s.logits.data) be.free(s.logits.data);
+                s.logits = Tensor::matrix(DType::F32, hp.n_vocab, req.n_out, nullptr);
+                s.logits.data = be.alloc(s.logits.nbytes());
+            }
+            logits.data = s.logits.data;
         }
+        be.matmul(w.output, sel, logits, nullptr);
+        if (!be.is_host()) be.to_host(req.logits, logits.data, logits.nbytes());
     }
     cache.set_size(kv_first + n);
     return true;

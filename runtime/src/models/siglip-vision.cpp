@@ -217,7 +217,7 @@ int64_t siglip_encode_grid(Backend & be, const VisionModel & model, const float 
     }
     if (!pool) return written;
     // image_newline is a file tensor (host memory), f32 as bound
-    memcpy(out + written * E, W.image_newline.data, (size_t) E * sizeof(float));
+    be.to_host(out + written * E, W.image_newline.data, (size_t) E * sizeof(float));
     return written + 1;
 }
 

@@ -177,10 +177,13 @@ void draft_load(const GGUFFile & f, DraftHparams & hp, DraftWeights & w) {
     }
 }
 
-void draft_prepare_weights(WeightStore & store, DraftWeights & w) {
+DraftWeights draft_prepare_weights(WeightStore & store, const DraftWeights & views) {
+    DraftWeights w = views;  // d2t stays a host view into the file: it maps ids on the host
     for (Tensor * t : {&w.fc, &w.wq, &w.wk, &w.wv, &w.wo, &w.ffn_gate, &w.ffn_up, &w.ffn_down, &w.output, &w.glimpse_proj}) {
         *t = store.matmul_weight(*t);
     }
+    for (Tensor * t : {&w.embd_norm, &w.hidden_norm, &w.ffn_norm, &w.output_norm}) *t = store.weight(*t);
+    return w;
 }
 
 void draft_check_fits(const DraftHparams & d, const LMHparams & t) {
@@ -210,11 +213,16 @@ DraftState::DraftState(Backend & be, const DraftHparams & hp, const DraftWeights
     const int64_t kv_dim = (int64_t) hp.n_head_kv * hp.head_dim;
     k_ = Tensor::matrix(DType::F32, kv_dim, n_slots_, nullptr);
     v_ = k_;
-    k_.data = be_.alloc(k_.nbytes());
+    // row 0: the last committed entry's hidden state; row 1 + j: speculative entry j's
+    states_ = Tensor::matrix(DType::F32, hp.n_embd, spec_capacity_ + 1, nullptr);
     try {
+        k_.data = be_.alloc(k_.nbytes());
         v_.data = be_.alloc(v_.nbytes());
+        states_.data = be_.alloc(states_.nbytes());
     } catch (...) {
-        be_.free(k_.data);
+        for (void * p : {k_.data, v_.data}) {
+            if (p) be_.free(p);
+        }
         throw;
     }
     reset(0);
@@ -224,6 +232,7 @@ DraftState::~DraftState() {
     free_scratch();
     be_.free(k_.data);
     be_.free(v_.data);
+    be_.free(states_.data);
 }
 
 void DraftState::reset(int64_t anchor_start) {
@@ -273,11 +282,13 @@ void DraftState::ensure_scratch(int64_t n) {
     x_ = make(2 * H); e_ = make(H); gn_ = make(H); q_ = make(q_dim); k_new_ = make(kv_dim); v_new_ = make(kv_dim);
     attn_ = make(q_dim); r_ = make(H); hn_ = make(H); gate_ = make(hp_.n_ff); up_ = make(hp_.n_ff); h_ = make(H);
     logits_ = make(hp_.n_draft_vocab); g_in_ = make(H); taps_in_ = make((int64_t) hp_.taps.size() * H);
+    taps_tmp_ = make((int64_t) hp_.taps.size() * H);
     n_scratch_ = n;
 }
 
 void DraftState::free_scratch() {
-    for (Tensor * t : {&x_, &e_, &gn_, &q_, &k_new_, &v_new_, &attn_, &r_, &hn_, &gate_, &up_, &h_, &logits_, &g_in_, &taps_in_}) {
+    for (Tensor * t : {&x_, &e_, &gn_, &q_, &k_new_, &v_new_, &attn_, &r_, &hn_, &gate_, &up_, &h_, &logits_, &g_in_, &taps_in_,
+                       &taps_tmp_}) {
         if (t->data) be_.free(t->data);
         t->data = nullptr;
     }
@@ -299,6 +310,35 @@ void DraftState::fuse_taps(const float * taps, int64_t n, float * g) {
         Tensor in = taps_in_.row_slice(0, cn), out = g_in_.row_slice(0, cn);
         be_.from_host(in.data, rows.data(), rows.size() * sizeof(float));
         be_.matmul(w_.fc, in, out, nullptr);
+        be_.to_host(g + c0 * H, out.data, (size_t) (cn * H) * sizeof(float));
+    }
+}
+
+void DraftState::fuse_tap_rows(const Tensor & taps, int64_t n, const int32_t * rows, int64_t n_rows, float * g) {
+    const int64_t H = hp_.n_embd, nT = (int64_t) hp_.taps.size();
+    std::vector<int32_t> slot_rows;
+    for (int64_t c0 = 0; c0 < n_rows; c0 += kCommitChunk) {
+        const int64_t cn = std::min(kCommitChunk, n_rows - c0);
+        ensure_scratch(cn);
+        // concat(taps) row by row, built a capture slot at a time by the backend: slot t's rows
+        // are appended to the columns gathered so far (two wide buffers take turns)
+        Tensor acc = Tensor::matrix(DType::F32, H, cn, taps_in_.data), other = taps_tmp_;
+        Tensor slot = e_.row_slice(0, cn);
+        for (int64_t t = 0; t < nT; ++t) {
+            slot_rows.resize((size_t) cn);
+            for (int64_t i = 0; i < cn; ++i) slot_rows[i] = (int32_t) (t * n + rows[c0 + i]);
+            if (t == 0) {
+                be_.gather_rows(taps, slot_rows.data(), cn, acc);
+                continue;
+            }
+            be_.gather_rows(taps, slot_rows.data(), cn, slot);
+            Tensor wider = Tensor::matrix(DType::F32, (t + 1) * H, cn, other.data);
+            be_.concat_cols(acc, slot, wider);
+            other.data = acc.data;
+            acc = wider;
+        }
+        Tensor out = g_in_.row_slice(0, cn);
+        be_.matmul(w_.fc, acc, out, nullptr);
         be_.to_host(g + c0 * H, out.data, (size_t) (cn * H) * sizeof(float));
     }
 }
@@ -335,6 +375,18 @@ void DraftState::drop_speculative() {
 
 void DraftState::run(const DraftEntry * entries, int64_t n, const float * g, const uint8_t * want_logits, float * h,
                      float * logits) {
+    run_entries(entries, n, g, want_logits, h, logits);
+}
+
+void DraftState::run_speculative(const DraftEntry * entries, int64_t n, const uint8_t * want_logits, float * logits) {
+    for (int64_t i = 0; i < n; ++i) {
+        if (!entries[i].speculative) fail(SPARROW_ERR_INTERNAL, "draft: run_speculative with a committed entry");
+    }
+    run_entries(entries, n, nullptr, want_logits, nullptr, logits);
+}
+
+void DraftState::run_entries(const DraftEntry * entries, int64_t n, const float * g, const uint8_t * want_logits, float * h,
+                             float * logits) {
     const int64_t H = hp_.n_embd;
     int64_t logits_done = 0;
     for (int64_t c0 = 0; c0 < n; c0 += kCommitChunk) {
@@ -375,7 +427,13 @@ void DraftState::run(const DraftEntry * entries, int64_t n, const float * g, con
         Tensor e = e_.row_slice(0, cn), gin = g_in_.row_slice(0, cn), gn = gn_.row_slice(0, cn), x = x_.row_slice(0, cn);
         be_.get_rows(target_.tok_embd, ids_.data(), cn, e);
         be_.rms_norm(e, w_.embd_norm, hp_.rms_eps, e);
-        be_.from_host(gin.data, g + c0 * H, (size_t) (cn * H) * sizeof(float));
+        if (g) {
+            be_.from_host(gin.data, g + c0 * H, (size_t) (cn * H) * sizeof(float));
+        } else {  // each entry reads its parent's hidden state, computed by an earlier run
+            rows_.resize((size_t) cn);
+            for (int64_t i = 0; i < cn; ++i) rows_[i] = chunk[i].parent + 1;  // -1 (the lead) -> row 0
+            be_.gather_rows(states_, rows_.data(), cn, gin);
+        }
         be_.rms_norm(gin, w_.hidden_norm, hp_.rms_eps, gn);
         be_.concat_cols(e, gn, x);
 
@@ -421,7 +479,14 @@ void DraftState::run(const DraftEntry * entries, int64_t n, const float * g, con
         be_.swiglu(gate, up, gate);
         be_.matmul(w_.ffn_down, gate, hh, nullptr);
         be_.add(r, hh, hh);
-        be_.to_host(h + c0 * H, hh.data, (size_t) (cn * H) * sizeof(float));
+        if (h) be_.to_host(h + c0 * H, hh.data, (size_t) (cn * H) * sizeof(float));
+        // keep the states later speculative entries read: the last committed one's, every
+        // speculative one's (they stay in backend memory)
+        for (int64_t i = 0; i < cn; ++i) {
+            const bool last_committed = !chunk[i].speculative && (c0 + i + 1 == n || entries[c0 + i + 1].speculative);
+            if (last_committed) be_.store_rows(hh.row_slice(i, 1), states_, 0);
+            if (chunk[i].speculative) be_.store_rows(hh.row_slice(i, 1), states_, 1 + spec_id[i]);
+        }
 
         if (want_logits) {
             std::vector<int32_t> rows;

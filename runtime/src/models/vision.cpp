@@ -277,12 +277,21 @@ void vision_load(const GGUFFile & f, VisionModel & m) {
     }
 }
 
-void vision_prepare_weights(WeightStore & store, VisionModel & m) {
+VisionModel vision_prepare_weights(WeightStore & store, const VisionModel & views) {
+    VisionModel m = views;
     VisionWeights & w = m.w;
     for (Tensor * t : {&w.patch_embd[0], &w.patch_embd[1], &w.mm0_w, &w.mm2_w}) *t = store.matmul_weight(*t);
+    for (Tensor * t : {&w.patch_bias, &w.pos_embd, &w.post_ln_w, &w.post_ln_b, &w.mm0_b, &w.mm2_b, &w.image_newline}) {
+        *t = store.weight(*t);
+    }
     for (VisionLayer & l : w.layers) {
         for (Tensor * t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down}) *t = store.matmul_weight(*t);
+        for (Tensor * t : {&l.ln1_w, &l.ln1_b, &l.ln2_w, &l.ln2_b, &l.bq, &l.bk, &l.bv, &l.bo, &l.ffn_gate_b, &l.ffn_up_b,
+                           &l.ffn_down_b}) {
+            *t = store.weight(*t);
+        }
     }
+    return m;
 }
 
 int64_t qwen2vl_grid_tokens(const VisionModel & m, const VisionGrid & g) {

@@ -83,8 +83,9 @@ bool vision_supports_arch(const std::string & arch);
 // Read keys and bind weights; validates every shape and type (SPARROW_ERR_FORMAT /
 // SPARROW_ERR_UNSUPPORTED).
 void vision_load(const GGUFFile & file, VisionModel & m);
-// Every matrix the tower and projector multiply by, in its store form (see lm_prepare_weights).
-void vision_prepare_weights(WeightStore & store, VisionModel & m);
+// The model with its weights in the store's backend memory, matrices in their matmul form (see
+// lm_prepare_weights).
+VisionModel vision_prepare_weights(WeightStore & store, const VisionModel & views);
 
 // Checks grids against the model (divisibility, sizes) and the pixel count; returns the number
 // of output embeddings (rows of n_embd_out floats). SPARROW_ERR_INVALID_ARGUMENT on bad input.
