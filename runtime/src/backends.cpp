@@ -8,31 +8,47 @@
 
 namespace sparrow {
 
-const char * backend_names() { return "cpu, ref"; }
+namespace {
+
+// One row per backend compiled in: what a name makes.
+struct BackendKind {
+    const char * name;
+    std::unique_ptr<Backend> (*make)(int n_threads);
+    std::unique_ptr<WeightStore> (*store)(bool release_mapped_pages);
+};
+
+const BackendKind kBackends[] = {
+    {"cpu", make_cpu_backend, make_cpu_weight_store},
+    {"ref", [](int) { return make_ref_backend(); }, [](bool) { return make_ref_weight_store(); }},
+};
+
+const BackendKind & kind_of(const std::string & name) {
+    for (const BackendKind & k : kBackends) {
+        if (name == k.name) return k;
+    }
+    fail(SPARROW_ERR_INVALID_ARGUMENT, format("backend '%s' is not in this build (it has: %s)", name.c_str(), backend_names()));
+}
+
+}  // namespace
+
+const char * backend_names() {
+    static const std::string names = [] {
+        std::string s;
+        for (const BackendKind & k : kBackends) s += (s.empty() ? "" : ", ") + std::string(k.name);
+        return s;
+    }();
+    return names.c_str();
+}
 
 std::string default_backend_name() {
     const char * env = std::getenv("SPARROW_BACKEND");
     return env && *env ? env : "cpu";
 }
 
-namespace {
-
-void check_name(const std::string & name) {
-    if (name != "cpu" && name != "ref") {
-        fail(SPARROW_ERR_INVALID_ARGUMENT, format("backend '%s' is not in this build (it has: %s)", name.c_str(), backend_names()));
-    }
-}
-
-}  // namespace
-
-std::unique_ptr<Backend> make_backend(const std::string & name, int n_threads) {
-    check_name(name);
-    return name == "ref" ? make_ref_backend() : make_cpu_backend(n_threads);
-}
+std::unique_ptr<Backend> make_backend(const std::string & name, int n_threads) { return kind_of(name).make(n_threads); }
 
 std::unique_ptr<WeightStore> make_weight_store(const std::string & name, bool release_mapped_pages) {
-    check_name(name);
-    return name == "ref" ? make_ref_weight_store() : make_cpu_weight_store(release_mapped_pages);
+    return kind_of(name).store(release_mapped_pages);
 }
 
 PreparedWeights::~PreparedWeights() {
@@ -66,19 +82,21 @@ BackendLease::BackendLease(const sparrow_model & model, const std::string & name
         std::lock_guard<std::mutex> lock(model.idle_backends_mutex);
         auto & idle = model.idle_backends;
         for (auto it = idle.begin(); it != idle.end(); ++it) {
-            if ((*it)->name() == name && (*it)->n_threads() == (name == "ref" ? 1 : n_threads)) {
-                backend_ = std::move(*it);
+            if (it->name == name && it->n_threads == n_threads) {  // as asked, whatever the backend made of it
+                backend_ = std::move(it->backend);
                 idle.erase(it);
-                return;
+                break;
             }
         }
     }
-    backend_ = make_backend(name, n_threads);
+    if (!backend_) backend_ = make_backend(name, n_threads);
+    name_ = name;
+    n_threads_ = n_threads;
 }
 
 BackendLease::~BackendLease() {
     std::lock_guard<std::mutex> lock(model_.idle_backends_mutex);
-    model_.idle_backends.push_back(std::move(backend_));
+    model_.idle_backends.push_back({name_, n_threads_, std::move(backend_)});
     // a few at most: each idle CPU backend parks n_threads - 1 threads
     if (model_.idle_backends.size() > 4) model_.idle_backends.erase(model_.idle_backends.begin());
 }

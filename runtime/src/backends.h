@@ -52,6 +52,15 @@ public:
 private:
     const sparrow_model & model_;
     std::unique_ptr<Backend> backend_;
+    std::string name_;
+    int n_threads_ = 0;
+};
+
+// A backend a finished lease handed back, with what it was asked for.
+struct IdleBackend {
+    std::string name;
+    int n_threads = 0;
+    std::unique_ptr<Backend> backend;
 };
 
 }  // namespace sparrow

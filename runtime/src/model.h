@@ -37,5 +37,5 @@ struct sparrow_model {
     mutable std::map<std::string, std::unique_ptr<sparrow::PreparedWeights>> prepared;
     // backends a finished call handed back (BackendLease), for the next one
     mutable std::mutex idle_backends_mutex;
-    mutable std::vector<std::unique_ptr<sparrow::Backend>> idle_backends;
+    mutable std::vector<sparrow::IdleBackend> idle_backends;
 };
