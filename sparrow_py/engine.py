@@ -105,7 +105,14 @@ class _Weights:
             self.model = ffi.NULL
 
 
-def _check_context_options(n_ctx, n_threads, n_batch, seed, kv_type) -> None:
+def _c_name(name: Optional[str]):
+    """A backend's name for a params struct (NULL for None); the caller keeps it alive during the call."""
+    return ffi.new("char[]", name.encode()) if name is not None else ffi.NULL
+
+
+def _check_context_options(n_ctx, n_threads, n_batch, seed, kv_type, backend=None) -> None:
+    if backend is not None and not isinstance(backend, str):
+        raise SparrowError(f"backend must be a backend's name or None, not {backend!r}")
     if kv_type not in _KV_TYPES:
         raise SparrowError(f"kv_type must be one of {sorted(_KV_TYPES)}, not {kv_type!r}")
     for name, value in (("n_ctx", n_ctx), ("n_threads", n_threads), ("n_batch", n_batch), ("seed", seed)):
@@ -123,6 +130,8 @@ class Engine(OwnsHandles):
         seed: default sampling seed.
         n_batch: prompt tokens per forward pass.
         kv_type: "f16" (default) or "f32" key/value cache.
+        backend: which backend runs the model ("cpu", "ref": sparrow.system_info() lists them);
+            None: $SPARROW_BACKEND, else "cpu". The vision file runs on the same one.
         vocab_only: load only the tokenizer (works with vocab-only GGUFs); tokenize and
             detokenize work, generation does not.
         draft: a Sparrow draft GGUF made for this model: generate() then decodes speculatively
@@ -151,15 +160,18 @@ class Engine(OwnsHandles):
         mmproj: Optional[Union[str, os.PathLike]] = None,
         progress=None,
         abort: Optional[Callable[[], bool]] = None,
+        backend: Optional[str] = None,
     ):
         self._init_state()
-        _check_context_options(n_ctx, n_threads, n_batch, seed, kv_type)
+        _check_context_options(n_ctx, n_threads, n_batch, seed, kv_type, backend)
         path = os.fspath(model)
         if not os.path.exists(path):
             raise SparrowError(f"model file not found: {path}", "SPARROW_ERR_IO")
 
         mparams = lib.sparrow_model_default_params()
         mparams.vocab_only = bool(vocab_only)
+        backend_name = _c_name(backend)  # the weights are prepared for it at load
+        mparams.backend = backend_name
         callback = None
         if progress is not None:
 
@@ -179,14 +191,14 @@ class Engine(OwnsHandles):
         if self.vocab_only:
             return
 
-        self._init_context(n_ctx, n_threads, n_batch, kv_type, seed, abort)
+        self._init_context(n_ctx, n_threads, n_batch, kv_type, seed, abort, backend)
         try:
             if draft is not None:
                 self._attach_draft(os.fspath(draft))
             if mmproj is not None:
                 from sparrow_py.vision import VisionEncoder
 
-                self._weights.vision = self._vision = VisionEncoder(mmproj, n_threads=n_threads)
+                self._weights.vision = self._vision = VisionEncoder(mmproj, n_threads=n_threads, backend=backend)
                 if self._vision.n_embd != self.n_embd:
                     raise SparrowError(f"the vision file projects to {self._vision.n_embd} dimensions but the model "
                                        f"has {self.n_embd}: it belongs to another model")
@@ -203,6 +215,7 @@ class Engine(OwnsHandles):
         self._abort_callback = None       # the cffi callback the context calls: kept alive with it
         self._abort_fn: Optional[Callable[[], bool]] = None  # abort=, also asked by the vision tower
         self.vocab_only = False
+        self.backend: Optional[str] = None  # as given; None: $SPARROW_BACKEND, else "cpu"
         self._turn = threading.Lock()     # held by the open generation (its _Stream), or one call
         self._in_call = threading.Lock()  # held during each runtime call on the context: close() waits
         # the open generation: its stream's ticket (not the stream: a stream dropped unread must be
@@ -212,8 +225,11 @@ class Engine(OwnsHandles):
         self.last_finish_reason: Optional[str] = None
         self.last_tokens: list[int] = []
 
-    def _init_context(self, n_ctx, n_threads, n_batch, kv_type, seed, abort) -> None:
+    def _init_context(self, n_ctx, n_threads, n_batch, kv_type, seed, abort, backend) -> None:
         cparams = lib.sparrow_context_default_params()
+        self.backend = backend
+        backend_name = _c_name(backend)
+        cparams.backend = backend_name
         cparams.n_ctx = n_ctx
         cparams.n_threads = n_threads
         cparams.n_batch = n_batch
@@ -247,20 +263,23 @@ class Engine(OwnsHandles):
         threads. Either may be closed first: the files stay loaded until the last Engine sharing
         them is closed. Arguments as Engine's."""
         self._live()
-        _check_context_options(n_ctx, n_threads, n_batch, seed, kv_type)
+        _check_context_options(n_ctx, n_threads, n_batch, seed, kv_type, self.backend)
         other = Engine.__new__(Engine)
         other._init_state()
         self._weights.retain()
         other._weights = self._weights
         other._model, other._draft, other._vision = self._model, self._draft, self._vision
-        other._init_context(n_ctx, n_threads, n_batch, kv_type, seed, abort)
+        other._init_context(n_ctx, n_threads, n_batch, kv_type, seed, abort, self.backend)
         return other
 
     def _attach_draft(self, path: str) -> None:
         if not os.path.exists(path):
             raise SparrowError(f"draft file not found: {path}", "SPARROW_ERR_IO")
         out = ffi.new("sparrow_model **")
-        check(lib.sparrow_model_load(path.encode(), lib.sparrow_model_default_params(), out), f"cannot load {path}")
+        mparams = lib.sparrow_model_default_params()
+        backend_name = _c_name(self.backend)
+        mparams.backend = backend_name
+        check(lib.sparrow_model_load(path.encode(), mparams, out), f"cannot load {path}")
         self._weights.draft = self._draft = out[0]
         check(lib.sparrow_context_set_draft(self._ctx, self._draft), "cannot use the draft")
 

@@ -73,16 +73,23 @@ def _check_with(status: int, what: str, callbacks) -> None:
 class VisionEncoder(OwnsHandles):
     """A loaded vision file. Owns its handle: close() or a with-block releases it."""
 
-    def __init__(self, path: Union[str, os.PathLike], n_threads: int = 0):
+    def __init__(self, path: Union[str, os.PathLike], n_threads: int = 0, backend: Optional[str] = None):
+        """backend: which backend encodes ("cpu", "ref"); None: $SPARROW_BACKEND, else "cpu"."""
         self._model = ffi.NULL
         if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 0:
             raise SparrowError(f"n_threads must be a non-negative integer, not {n_threads!r}")
+        if backend is not None and not isinstance(backend, str):
+            raise SparrowError(f"backend must be a backend's name or None, not {backend!r}")
+        self.backend = backend
         path = os.fspath(path)
         if not os.path.exists(path):
             raise SparrowError(f"vision file not found: {path}", "SPARROW_ERR_IO")
         self.n_threads = n_threads
         out = ffi.new("sparrow_model **")
-        check(lib.sparrow_model_load(path.encode(), lib.sparrow_model_default_params(), out), path)
+        mparams = lib.sparrow_model_default_params()
+        backend_name = ffi.new("char[]", backend.encode()) if backend is not None else ffi.NULL
+        mparams.backend = backend_name
+        check(lib.sparrow_model_load(path.encode(), mparams, out), path)
         self._model = out[0]
         self.n_embd = int(lib.sparrow_vision_n_embd(self._model))
         if self.n_embd == 0:
@@ -156,6 +163,9 @@ class VisionEncoder(OwnsHandles):
         params.n_threads = self.n_threads
         params.tiles = tiles
         keep = [_c_callback(progress, "progress"), _c_callback(abort, "abort")]
+        if self.backend is not None:
+            keep.append(ffi.new("char[]", self.backend.encode()))
+            params.backend = keep[-1]
         if keep[0] is not None:
             params.progress_callback = keep[0].c
         if keep[1] is not None:

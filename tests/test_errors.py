@@ -161,6 +161,27 @@ def test_invalid_engine_parameters(model_path, kwargs):
         sp.Engine(str(model_path), **kwargs)
 
 
+def test_backend_keyword(model_path, monkeypatch):
+    """backend= reaches the model load and the context: an unknown name is refused naming the
+    backends there are; a name given overrides $SPARROW_BACKEND; ref runs the model as cpu does
+    (within float noise: ref does not quantize the activations of a q8_0 matmul)."""
+    expect_error("SPARROW_ERR_INVALID_ARGUMENT", "(it has: cpu, ref)", sp.Engine, str(model_path), backend="no-such")
+    expect_error("SPARROW_ERR_INVALID_ARGUMENT", "backend must be", sp.Engine, str(model_path), backend=3)
+    ids = [1, 5, 9, 14, 3, 7]
+    logits = {}
+    monkeypatch.setenv("SPARROW_BACKEND", "no-such")
+    expect_error("SPARROW_ERR_INVALID_ARGUMENT", "no-such", sp.Engine, str(model_path))
+    for name in ("cpu", "ref"):
+        with sp.Engine(str(model_path), n_threads=1, backend=name) as e:
+            assert e.backend == name
+            logits[name] = e.decode(ids)[-1]
+            with e.share() as other:  # a shared context runs on the same backend
+                assert other.backend == name
+                assert np.array_equal(other.decode(ids)[-1], logits[name])
+    rel = np.abs(logits["ref"] - logits["cpu"]).max() / np.abs(logits["cpu"]).max()
+    assert 0 < rel < 2e-2, rel
+
+
 def test_bad_tokens_and_positions(model_path):
     with sp.Engine(str(model_path), n_threads=1) as e:
         expect_error("SPARROW_ERR_INVALID_ARGUMENT", "outside the vocabulary", e.decode, [e.n_vocab])

@@ -254,6 +254,24 @@ def test_encoding_is_deterministic_across_thread_counts(qwen25vl_windowed):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
+def test_backend_keyword(qwen2vl):
+    """VisionEncoder(backend=) runs the tower there: ref matches transformers as cpu does; an
+    unknown name is refused when the file loads."""
+    grids = [(2, 4, 6)]
+    pixels = _qwen_pixels(grids, seed=4)
+    want = qwen2vl.reference(pixels, grids)
+    enc = VisionEncoder(qwen2vl.paths["f32"], backend="ref")
+    try:
+        assert enc.backend == "ref"
+        got = enc.encode(pixels, grids)
+    finally:
+        enc.close()
+    _assert_close(got, want, "f32")
+    with pytest.raises(SparrowError) as info:
+        VisionEncoder(qwen2vl.paths["f32"], backend="no-such")
+    assert info.value.status == "SPARROW_ERR_INVALID_ARGUMENT" and "it has: cpu, ref" in str(info.value)
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 def _status(exc_info) -> str:

@@ -123,6 +123,10 @@ typedef struct sparrow_model_params {
     bool use_mmap;                          /* map the file instead of reading it (default) */
     sparrow_progress_callback progress_callback;
     void * progress_user_data;
+    /* The backend whose memory the weights are prepared in at load: the one the model's contexts
+     * will name (sparrow_context_params.backend). NULL: $SPARROW_BACKEND, else "cpu". A context on
+     * another backend still works: it prepares that backend's copy on its first use. */
+    const char * backend;
 } sparrow_model_params;
 
 SPARROW_API sparrow_model_params sparrow_model_default_params(void);

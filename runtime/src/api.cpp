@@ -119,6 +119,7 @@ sparrow_model_params sparrow_model_default_params(void) {
     p.use_mmap = true;
     p.progress_callback = nullptr;
     p.progress_user_data = nullptr;
+    p.backend = nullptr;
     return p;
 }
 
@@ -131,18 +132,19 @@ sparrow_status sparrow_model_load(const char * path, sparrow_model_params params
         m->file = GGUFFile::open(path, params.use_mmap);
         m->release_mapped_pages = params.use_mmap;
         m->arch = m->file->get_string("general.architecture", "");
+        const std::string backend = params.backend ? params.backend : default_backend_name();
         try {
             if (vision_supports_arch(m->arch)) {  // a vision tower + projector: no tokenizer either
                 m->vision.reset(new VisionModel());
                 vision_load(*m->file, *m->vision);
-                model_weights(*m, default_backend_name());
+                model_weights(*m, backend);
                 *out_model = m.release();
                 return;
             }
             if (draft_supports_arch(m->arch)) {  // a draft: no tokenizer, it runs on its target's
                 m->is_draft = true;
                 draft_load(*m->file, m->draft_hparams, m->draft_weights);
-                model_weights(*m, default_backend_name());
+                model_weights(*m, backend);
                 *out_model = m.release();
                 return;
             }
@@ -164,7 +166,7 @@ sparrow_status sparrow_model_load(const char * path, sparrow_model_params params
                 // fault the pages in first (with progress), then pack: packing reads them once
                 // more from memory and hands the packed matrices' pages back
                 if (params.use_mmap) prefault(*m->file, params);
-                model_weights(*m, default_backend_name());
+                model_weights(*m, backend);
             }
         } catch (const Error & e) {
             fail(e.status(), format("%s: %s", path, e.what()));

@@ -255,11 +255,36 @@ void test_models(const DemoModels & m) {
     sparrow_context_free(ref);
 }
 
+// sparrow_model_params.backend: the weights are prepared for the named backend at load; a name
+// that is not a backend is refused there, naming the ones there are
+void test_load_params(const std::string & root) {
+    const std::string target = root + "/sparrow_py/demo/data/target.gguf";
+    sparrow_model_params mp = sparrow_model_default_params();
+    check(mp.backend == nullptr, "the default model params name no backend");
+    mp.backend = "ref";
+    sparrow_model * m = nullptr;
+    check(sparrow_model_load(target.c_str(), mp, &m) == SPARROW_OK, std::string("load for ref: ") + sparrow_last_error());
+    sparrow_context_params cp = sparrow_context_default_params();
+    cp.backend = "ref";
+    sparrow_context * ctx = nullptr;
+    check(m && sparrow_context_init(m, cp, &ctx) == SPARROW_OK, "a ref context on a model loaded for ref");
+    sparrow_context_free(ctx);
+    sparrow_model_free(m);
+    mp.backend = "no-such-backend";
+    m = nullptr;
+    const sparrow_status st = sparrow_model_load(target.c_str(), mp, &m);
+    const std::string msg = sparrow_last_error();
+    check(st == SPARROW_ERR_INVALID_ARGUMENT && m == nullptr, "an unknown backend name is refused at load");
+    check(msg.find("no-such-backend") != std::string::npos && msg.find("ref") != std::string::npos,
+          "the message names the backend asked for and the ones there are: " + msg);
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
     const std::string root = argc > 1 ? argv[1] : ".";
     test_guard();
+    test_load_params(root);
     DemoModels m;
     if (!m.load(root)) return 1;
     test_models(m);
