@@ -308,14 +308,17 @@ typedef struct sparrow_generate_params {
     int32_t n_draft;                    /* tokens drafted per verification (chain), 1..32  */
     int32_t tree_depth;                 /* tree: levels drafted, 1..32                    */
     int32_t tree_top_k;                 /* tree: children per expanded node, 1..16        */
-    int32_t tree_total_tokens;          /* tree: tokens verified per target forward, 2..128 */
+    int32_t tree_total_tokens;          /* tree: tokens verified per target forward (at most,
+                                           when adaptive), 2..128                          */
     bool adaptive;                      /* speculation adapts to this machine and this text (default
                                            true): each chain round drafts the number of tokens, up
                                            to n_draft, that maximizes the expected tokens per second
                                            from measured costs and the running acceptance by depth;
                                            0 (a plain decode step) when speculation does not pay.
-                                           Tree rounds likewise give way to plain steps. false: always
-                                           n_draft (or the whole tree) */
+                                           Tree rounds likewise verify the number of best nodes
+                                           that pays most (measured for every size at once), or
+                                           give way to plain steps. false: always n_draft (or the
+                                           whole tree) */
     /* Progress of the prompt's prefill (a long video takes a while): called after each chunk of
      * n_batch prompt tokens the target has run, with the fraction of the prompt done (tokens reused
      * from the KV cache count as done), non-decreasing, the last call with exactly 1 once the
@@ -392,9 +395,10 @@ typedef struct sparrow_stats {
     double t_draft_ms;
     double t_verify_ms;
     int32_t draft_kv_entries;   /* draft KV entries in use (at most G + S + W + the chain)    */
-    int32_t n_draft_rounds[33]; /* rounds by the tokens drafted in them (capped at 32); [0]: plain
-                                   decode steps (what adaptive speculation chose, or the first
-                                   step, which measures a decode)                             */
+    int32_t n_draft_rounds[33]; /* rounds by the tokens drafted in them (a tree round: the nodes
+                                   it verified; capped at 32); [0]: plain decode steps (what
+                                   adaptive speculation chose, or the first step, which measures
+                                   a decode)                                                  */
     int32_t n_tree_rounds;      /* tree rounds                                                */
 } sparrow_stats;
 

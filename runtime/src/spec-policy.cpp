@@ -2,6 +2,7 @@
 #include "spec-policy.h"
 
 #include <algorithm>
+#include <iterator>
 
 namespace sparrow {
 
@@ -9,7 +10,6 @@ namespace {
 // Each round's evidence weighs as much as the last ~20 rounds' together: enough to settle the
 // estimates, quick enough to follow a change of text (code, then prose).
 constexpr double kDecay = 0.95;
-constexpr double kCostWeight = 0.2;  // weight of a new round in the tokens per tree round
 // Timings are only ever thrown upwards (a thread descheduled, a page fault, the first decode after
 // a prefill touching fresh buffers), and a length that is not chosen again keeps its estimate
 // for a while: so a cost estimate follows the fast end of its timings. The first estimate is
@@ -48,14 +48,15 @@ void SpecPolicy::Cost::add(double sample) {
 void SpecPolicy::reset() { *this = SpecPolicy(); }
 
 void SpecPolicy::reset_tree() {
-    tree_ms_ = Cost();
-    tree_tokens_ = 0.0;
+    for (Cost & c : tree_cost_) c = Cost();
+    std::fill(std::begin(tree_gain_), std::end(tree_gain_), 0.0);
+    std::fill(std::begin(tree_seen_), std::end(tree_seen_), 0.0);
     tree_probes_ = Probes();
 }
 
 void SpecPolicy::tick() {
     for (Cost & c : cost_) c.age += 1;
-    tree_ms_.age += 1;
+    for (Cost & c : tree_cost_) c.age += 1;
 }
 
 double SpecPolicy::acceptance(int32_t depth) const {
@@ -72,22 +73,36 @@ double SpecPolicy::expected_tokens(int32_t k) const {
     return tokens;
 }
 
-double SpecPolicy::round_ms(int32_t k) const {
-    k = std::min(std::max(k, 0), (int32_t) kMaxDepth);
-    if (cost_[k].n > 0) return cost_[k].ms;
+double SpecPolicy::interpolate(const Cost * costs, int32_t max, int32_t n) const {
+    n = std::min(std::max(n, 0), max);
+    auto at = [&](int32_t i) -> const Cost & { return i == 0 ? cost_[0] : costs[i]; };
+    if (at(n).n > 0) return at(n).ms;
     if (cost_[0].n == 0) return 0.0;
-    int32_t lo = k - 1, hi = k + 1;
-    while (cost_[lo].n == 0) lo--;  // stops at 0 at the latest
-    while (hi <= kMaxDepth && cost_[hi].n == 0) hi++;
-    if (hi <= kMaxDepth) {  // between two timed lengths
-        return cost_[lo].ms + (cost_[hi].ms - cost_[lo].ms) * (k - lo) / (double) (hi - lo);
+    int32_t lo = n - 1, hi = n + 1;
+    while (at(lo).n == 0) lo--;  // stops at 0 at the latest
+    while (hi <= max && at(hi).n == 0) hi++;
+    if (hi <= max) {  // between two timed sizes
+        return at(lo).ms + (at(hi).ms - at(lo).ms) * (n - lo) / (double) (hi - lo);
     }
-    // longer than any timed: the slope between the two longest timed chains, or the guess
+    // larger than any timed: the slope between the two largest timed sizes, or the guess
     int32_t lo2 = lo - 1;
-    while (lo2 >= 1 && cost_[lo2].n == 0) lo2--;
-    const double slope = lo >= 1 && lo2 >= 1 ? std::max(0.0, (cost_[lo].ms - cost_[lo2].ms) / (lo - lo2))
+    while (lo2 >= 1 && at(lo2).n == 0) lo2--;
+    const double slope = lo >= 1 && lo2 >= 1 ? std::max(0.0, (at(lo).ms - at(lo2).ms) / (lo - lo2))
                                              : kGuessPerToken * cost_[0].ms;
-    return cost_[lo].ms + slope * (k - lo);
+    return at(lo).ms + slope * (n - lo);
+}
+
+double SpecPolicy::round_ms(int32_t k) const { return interpolate(cost_, kMaxDepth, k); }
+
+double SpecPolicy::tree_round_ms(int32_t n) const { return interpolate(tree_cost_, kMaxTreeNodes, n); }
+
+double SpecPolicy::tree_tokens(int32_t n) const {
+    n = std::min(std::max(n, 0), (int32_t) kMaxTreeNodes);
+    double tokens = 1.0;  // no node verified: the target's own token
+    for (int32_t m = 1; m <= n; ++m) {
+        if (tree_seen_[m] > 0.0) tokens += tree_gain_[m] / tree_seen_[m];
+    }
+    return tokens;
 }
 
 double SpecPolicy::rate(int32_t k) const { return expected_tokens(k) / round_ms(k); }
@@ -103,21 +118,40 @@ int32_t SpecPolicy::choose_chain(int32_t max_k) {
     }
     if (best == 0) return probe_now(chain_probes_, round_ms(1)) ? 1 : 0;
     chain_probes_ = Probes();
-    if (cost_[0].age >= kRefreshEvery) return 0;  // what speculation is compared with, timed again
+    if (cost_[0].age >= refresh_every(best_rate)) return 0;  // what speculation is compared with, timed again
     for (const int32_t k : {best + 1, best - 1}) {
         if (k >= 1 && k <= max_k && cost_[k].age >= kExploreEvery) return k;
     }
     return best;
 }
 
-bool SpecPolicy::choose_tree() {
-    if (cost_[0].n == 0) return false;
-    if (tree_ms_.n == 0) return true;  // an untried tree is tried
-    if (tree_tokens_ / tree_ms_.ms > rate(0)) {
-        tree_probes_ = Probes();
-        return cost_[0].age < kRefreshEvery;
+int32_t SpecPolicy::choose_tree(int32_t max_nodes) {
+    if (max_nodes <= 0 || cost_[0].n == 0) return 0;  // first time what plain decoding costs
+    max_nodes = std::min(max_nodes, (int32_t) kMaxTreeNodes);
+    // an untried tree is tried whole: that round tells what every smaller one would have yielded
+    if (tree_seen_[max_nodes] == 0.0) return max_nodes;
+    int32_t best = 0;
+    double best_rate = rate(0);
+    for (int32_t n = 1; n <= max_nodes; ++n) {
+        const double r = tree_tokens(n) / tree_round_ms(n);
+        if (r > best_rate) best = n, best_rate = r;
     }
-    return probe_now(tree_probes_, tree_ms_.ms);
+    if (best == 0) return probe_now(tree_probes_, tree_round_ms(max_nodes)) ? max_nodes : 0;
+    tree_probes_ = Probes();
+    if (cost_[0].age >= refresh_every(best_rate)) return 0;  // what speculation is compared with, timed again
+    // a tree twice the chosen size now and then (every smaller size's yield told again; growing
+    // by doubling when the draft improves), and the chosen size's neighbours timed again
+    const int32_t wide = std::min(max_nodes, 2 * best + 1);
+    if (wide != best && tree_cost_[wide].age >= kExploreEvery) return wide;
+    for (const int32_t n : {best + 1, best - 1}) {
+        if (n >= 1 && n <= max_nodes && tree_cost_[n].age >= kExploreEvery) return n;
+    }
+    return best;
+}
+
+int32_t SpecPolicy::refresh_every(double best_rate) const {
+    // far ahead, a stale decode timing could not change the choice: time it less often
+    return best_rate > kFarAhead * rate(0) ? kFarRefreshEvery : kRefreshEvery;
 }
 
 bool SpecPolicy::probe_now(Probes & p, double probe_ms) {
@@ -149,10 +183,20 @@ void SpecPolicy::record_chain(int32_t k, int32_t accepted, double ms) {
     }
 }
 
-void SpecPolicy::record_tree(int32_t produced, double ms) {
+void SpecPolicy::record_tree(const int32_t * produced_if, int32_t n, double ms) {
+    n = std::min(std::max(n, 0), (int32_t) kMaxTreeNodes);
     tick();
-    tree_tokens_ = tree_ms_.n == 0 ? produced : tree_tokens_ + kCostWeight * (produced - tree_tokens_);
-    tree_ms_.add(ms);
+    tree_cost_[n].add(ms);
+    if (tree_probes_.probing && produced_if[n] > 1) tree_probes_.every = kProbeEvery;
+    tree_probes_.probing = false;
+    // Y(m) is kept as its steps Y(m) - Y(m - 1), each a decayed mean over the rounds that told
+    // it: paired within a round, the steps are small and never negative, so Y rises with m and
+    // sizes reached by few rounds are not left to a lucky sample (nor is a size above this round's
+    // aged by it: decayed by every round, its last sample alone would count)
+    for (int32_t m = 1; m <= n; ++m) {
+        tree_gain_[m] = kDecay * tree_gain_[m] + (produced_if[m] - produced_if[m - 1]);
+        tree_seen_[m] = kDecay * tree_seen_[m] + 1.0;
+    }
 }
 
 }  // namespace sparrow

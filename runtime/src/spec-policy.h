@@ -15,14 +15,20 @@
 // interpolated between measured neighbours, or extrapolated upwards with a cheap guess so that
 // it gets tried once and measured. Measurements go stale (the first decode after a prefill is
 // slow; the machine gets busy), so the comparison point is re-measured: while speculating, a
-// plain step every kRefreshEvery rounds, and the chosen k's neighbours every few dozen rounds.
+// plain step every kRefreshEvery rounds (kFarRefreshEvery while speculation is far ahead), and
+// the chosen k's neighbours every few dozen rounds.
 // While at 0 it tries a short round now and then, so that a draft that starts to agree is
 // noticed: after 32 plain steps, then twice as many after each probe (up to 512), and every 32
 // again once speculation pays or a probe is accepted; never so often that probes take more than
 // ~2% of the time (a tree probe can cost several decodes).
 //
-// Trees are judged as a whole: tokens per round and time per round of tree rounds against the
-// plain decode step.
+// Trees are sized the same way: a tree round verifies the n best nodes of its draft tree (by the
+// draft's path probability), n chosen to maximize Y(n) / T(n) against the plain step. Y(n), the
+// tokens a round yields, is measured for every size at once: a round that verified n nodes tells
+// what each smaller tree (its m best nodes) would have produced, since the target's verdict on
+// a node does not depend on the others in the batch (the accepted path is cut where it leaves
+// the m best: exact for greedy decoding, close for sampling). So a full tree now and then keeps
+// every Y(m) current, and T(n) is timed per size as chains' T(k) are.
 #pragma once
 
 #include <cstdint>
@@ -32,24 +38,32 @@ namespace sparrow {
 class SpecPolicy {
 public:
     static constexpr int kMaxDepth = 32;
+    static constexpr int kMaxTreeNodes = 127;     // a tree's drafted nodes verified at most (n_batch - 1)
     static constexpr int32_t kRefreshEvery = 16;  // speculative rounds between two timed plain steps
+    // ... or this many while speculation is kFarAhead times as fast as plain decoding or more
+    static constexpr int32_t kFarRefreshEvery = 64;
+    static constexpr double kFarAhead = 1.5;
 
     void reset();
     void reset_tree();  // what was learned of trees only (their shape changed)
     // Tokens to draft in the next chain round, at most max_k (0: a plain decode step).
     int32_t choose_chain(int32_t max_k);
-    // Whether the next round should be a tree round (else a plain decode step).
-    bool choose_tree();
+    // Nodes to verify in the next tree round, at most max_nodes (0: a plain decode step instead).
+    int32_t choose_tree(int32_t max_nodes);
 
     // After a chain round that drafted k tokens (k = 0: a plain step) of which `accepted` were
     // kept, and took `ms` milliseconds in all.
     void record_chain(int32_t k, int32_t accepted, double ms);
-    // After a tree round: tokens produced (accepted + bonus) and its milliseconds.
-    void record_tree(int32_t produced, double ms);
+    // After a tree round that verified n nodes and took `ms` in all: produced_if[m], m = 0..n, is
+    // what it would have produced (accepted + bonus) had only its m best nodes been verified;
+    // produced_if[n] is what it did produce.
+    void record_tree(const int32_t * produced_if, int32_t n, double ms);
 
     double acceptance(int32_t depth) const;  // the current estimate of a_depth (1-based)
     double expected_tokens(int32_t k) const;  // E(k)
     double round_ms(int32_t k) const;         // the current estimate of T(k) (0 when nothing is timed)
+    double tree_tokens(int32_t n) const;      // Y(n) of trees (1 + what the rounds so far tell)
+    double tree_round_ms(int32_t n) const;    // T(n) of trees
 
 private:
     // A running mean of a round's milliseconds: the first few samples averaged, then an
@@ -62,12 +76,17 @@ private:
     };
     double rate(int32_t k) const;  // estimated tokens per millisecond of a k-token chain round
     void tick();                   // one more round: every cost ages
+    int32_t refresh_every(double best_rate) const;  // speculative rounds between timed plain steps
+    // T(n) from the timed sizes among costs[1..max], size 0 being the plain step: timed, between
+    // two timed sizes, or above the largest timed along the slope of the two largest (or the guess)
+    double interpolate(const Cost * costs, int32_t max, int32_t n) const;
 
     double accepted_[kMaxDepth] = {};  // decayed counts: drafts accepted at depth d + 1
     double reached_[kMaxDepth] = {};   // and drafts proposed there (the depth was reached)
     Cost cost_[kMaxDepth + 1];         // T(k), k = 0 the plain step
-    Cost tree_ms_;                     // per tree round
-    double tree_tokens_ = 0.0;         // per tree round (decayed mean)
+    Cost tree_cost_[kMaxTreeNodes + 1];       // T(n) of a tree round verifying n nodes ([0] unused)
+    double tree_gain_[kMaxTreeNodes + 1] = {};   // decayed sums of Y(n) - Y(n - 1) over the rounds that tell it
+    double tree_seen_[kMaxTreeNodes + 1] = {};   // and decayed counts of those rounds ([0] unused)
     // While resting: when to try speculating again. Chains and trees each have their own, so
     // that a context used for both keeps what it learned of each.
     struct Probes {

@@ -371,13 +371,18 @@ void propose_children(sparrow_context & ctx, const float * logits, int32_t paren
 
 void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     auto & s = ctx.spec;
-    if (s.adaptive && !s.policy.choose_tree()) {
+    const int64_t room = ctx.cache->capacity() - ctx.cache->size();
+    const int32_t max_nodes = (int32_t) std::min<int64_t>(s.tree_total, room) - 1;  // the lead token aside
+    // the drafted nodes to verify: the policy sizes the tree (0: a plain step pays better)
+    const int32_t n_nodes = s.adaptive ? s.policy.choose_tree(max_nodes) : std::max(max_nodes, 0);
+    if (s.adaptive && n_nodes == 0) {
         plain_round(ctx, produced);
         return;
     }
     DraftState & draft = *s.state;
-    const int64_t room = ctx.cache->capacity() - ctx.cache->size();
-    const int32_t total = (int32_t) std::min<int64_t>(s.tree_total, room);  // lead token included
+    const int32_t total = n_nodes + 1;  // lead token included
+    // no level deeper, and no more nodes expanded per level, than n_nodes can use
+    const int32_t depth_limit = std::min(s.tree_depth, n_nodes), expand_limit = std::min(s.tree_top_k, n_nodes);
     const DraftEntry lead = s.pending.back();
     const int32_t first_pos = context_next_pos(ctx);
 
@@ -390,12 +395,12 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
         q_at.emplace_back();
         propose_children(ctx, s.scratch_logits.data(), -1, 1, 0.0, nodes, q_at.back());
         size_t level_begin = 0;
-        for (int32_t depth = 1; depth < s.tree_depth; ++depth) {
+        for (int32_t depth = 1; depth < depth_limit; ++depth) {
             const size_t level_end = nodes.size();
             std::vector<int32_t> level((level_end - level_begin));
             std::iota(level.begin(), level.end(), (int32_t) level_begin);
             std::sort(level.begin(), level.end(), [&](int32_t a, int32_t b) { return nodes[a].score > nodes[b].score; });
-            level.resize(std::min<size_t>(level.size(), (size_t) s.tree_top_k));
+            level.resize(std::min<size_t>(level.size(), (size_t) expand_limit));
             if (level.empty()) break;
             // run the chosen nodes as speculative draft entries, all in one pass
             std::vector<DraftEntry> entries;
@@ -431,13 +436,16 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return nodes[a].score > nodes[b].score; });
     std::vector<uint8_t> chosen(nodes.size(), 0);
+    std::vector<int32_t> pick(nodes.size(), -1);  // the order nodes joined the verified set, ancestors first
     int32_t n_chosen = 0;
     for (int32_t ni : order) {
         std::vector<int32_t> chain;
         for (int32_t a = ni; a >= 0 && !chosen[a]; a = nodes[a].parent) chain.push_back(a);
         if (n_chosen + (int32_t) chain.size() > total - 1) continue;
-        for (int32_t a : chain) chosen[a] = 1;
-        n_chosen += (int32_t) chain.size();
+        for (auto a = chain.rbegin(); a != chain.rend(); ++a) {
+            chosen[*a] = 1;
+            pick[*a] = n_chosen++;
+        }
     }
     // verify batch: the lead token, then the chosen nodes by depth (parents before children)
     std::vector<int32_t> selected;
@@ -476,7 +484,15 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const double t_end = now_ms();
     ctx.stats.t_verify_ms += t_end - t_verify0;
     ctx.stats.n_tree_rounds += 1;
-    s.policy.record_tree((int32_t) acc.tokens.size() + 1, t_end - t_draft0);
+    ctx.stats.n_draft_rounds[std::min(n_chosen, 32)] += 1;
+    // what the m best nodes alone would have produced: the accepted path up to its first node
+    // outside them (the target's verdict on a node does not depend on the rest of the batch)
+    std::vector<int32_t> produced_if((size_t) n_nodes + 1, 1);
+    for (size_t i = 1; i < acc.rows.size(); ++i) {
+        const int32_t first_without = pick[(size_t) selected[(size_t) acc.rows[i] - 1]] + 1;
+        for (int32_t m = first_without; m <= n_nodes; ++m) produced_if[(size_t) m] += 1;
+    }
+    s.policy.record_tree(produced_if.data(), n_nodes, t_end - t_draft0);
 }
 
 }  // namespace

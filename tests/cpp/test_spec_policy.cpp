@@ -9,7 +9,10 @@
 //   - a useless draft rests within a few rounds and is probed after 32, 64 ... 512 plain steps; a
 //     draft that starts agreeing gets chains again; text that changes midway is followed;
 //   - trees give way to plain steps when their tokens per millisecond fall below a decode's, and
-//     a probe that costs many decodes waits in proportion (probes take ~2% of the time at most).
+//     a probe that costs many decodes waits in proportion (probes take ~2% of the time at most);
+//   - tree sizes: on simulated tree machines (the target's path at growing ranks in the draft's
+//     tree) the policy's speed is >= 95% of plain decoding and >= 90% of the best fixed size's,
+//     and a target that verifies expensively gets small trees.
 
 #include "spec-policy.h"
 #include "test_util.h"
@@ -86,7 +89,7 @@ std::string fmt(const char * f, double a, double b) {
 void test_first_step_is_plain() {
     SpecPolicy p;
     check(p.choose_chain(6) == 0, "no decode step timed yet: plain");
-    check(!p.choose_tree(), "no decode step timed yet: no tree");
+    check(p.choose_tree(23) == 0, "no decode step timed yet: no tree");
     p.record_chain(0, 0, kDecodeMs);
     check(p.choose_chain(6) >= 1, "an untried draft (even odds, cheap guesses) is tried");
     check(p.choose_chain(0) == 0, "max 0 means plain");
@@ -173,10 +176,11 @@ void test_good_draft_gets_long_chains_and_plain_is_retimed() {
     // (the rest: neighbours timed again, and lengths whose first timings were noisy)
     check(r.rounds_by_k[6] > 0.6 * (double) spec, "perfect draft, cheap verification: mostly the longest chain (" +
                                                        std::to_string(r.rounds_by_k[6]) + " of " + std::to_string(spec) + ")");
-    // one plain step every kRefreshEvery speculative rounds keeps the comparison current
-    check(r.rounds_by_k[0] >= spec / (SpecPolicy::kRefreshEvery + 1) - 2 &&
-              r.rounds_by_k[0] <= spec / SpecPolicy::kRefreshEvery + 4,
-          "plain steps while speculating: about one in " + std::to_string(SpecPolicy::kRefreshEvery) + " (got " +
+    // one plain step every kFarRefreshEvery speculative rounds (speculation is far ahead here:
+    // ~4x plain) keeps the comparison current
+    check(r.rounds_by_k[0] >= spec / (SpecPolicy::kFarRefreshEvery + 1) - 2 &&
+              r.rounds_by_k[0] <= spec / SpecPolicy::kFarRefreshEvery + 4,
+          "plain steps while speculating: about one in " + std::to_string(SpecPolicy::kFarRefreshEvery) + " (got " +
               std::to_string(r.rounds_by_k[0]) + " of " + std::to_string(spec + r.rounds_by_k[0]) + ")");
     check(p.round_ms(0) > 0.99 * kDecodeMs && p.round_ms(0) < 1.01 * kDecodeMs,
           "the slow first decode does not stay in the estimate");
@@ -196,40 +200,157 @@ void test_text_that_changes() {
     }
 }
 
+// A tree machine: a round verifying n nodes costs decode * (1 + fixed + per_node * n); the draft's
+// tree holds the target's path at growing ranks: path node d is the p_d-th best node (p_d rises
+// by 1 + a geometric gap of mean `spread` - 1 per depth) and is accepted with probability
+// accept[d - 1] once its parent was. A round of n nodes yields 1 + the accepted path nodes with
+// p_d < n, so every smaller size's yield follows from it, as the runtime computes it.
+struct TreeMachine {
+    const char * name;
+    double fixed, per_node;
+    std::vector<double> accept;
+    double spread;
+
+    double cost(int32_t n) const { return n == 0 ? kDecodeMs : kDecodeMs * (1.0 + fixed + per_node * n); }
+    // produced_if[m] for m = 0..max_nodes of one random round
+    std::vector<int32_t> round(int32_t max_nodes, std::mt19937_64 & gen) const {
+        std::uniform_real_distribution<double> u(0.0, 1.0);
+        std::geometric_distribution<int32_t> gap(1.0 / spread);
+        std::vector<int32_t> produced_if((size_t) max_nodes + 1, 1);
+        int32_t rank = -1;
+        for (size_t d = 0; d < 32; d++) {
+            rank += 1 + gap(gen);
+            if (rank >= max_nodes || u(gen) >= accept[std::min(d, accept.size() - 1)]) break;
+            for (int32_t m = rank + 1; m <= max_nodes; m++) produced_if[(size_t) m] += 1;
+        }
+        return produced_if;
+    }
+    double best_fixed_rate(int32_t max_nodes) const {  // tokens per ms of the best fixed size (0: plain)
+        std::mt19937_64 gen(99);
+        std::vector<double> sum((size_t) max_nodes + 1, 0.0);
+        const int n_rounds = 20000;
+        for (int i = 0; i < n_rounds; i++) {
+            const std::vector<int32_t> y = round(max_nodes, gen);
+            for (int32_t m = 0; m <= max_nodes; m++) sum[(size_t) m] += y[(size_t) m];
+        }
+        double best = 1.0 / kDecodeMs;
+        for (int32_t m = 1; m <= max_nodes; m++) best = std::max(best, sum[(size_t) m] / n_rounds / cost(m));
+        return best;
+    }
+};
+
+Run simulate_trees(SpecPolicy & p, const TreeMachine & m, int32_t max_nodes, int64_t n_tokens, uint64_t seed,
+                   std::vector<int64_t> * rounds_by_size = nullptr) {
+    std::mt19937_64 gen(seed);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    Run r;
+    bool first = true;
+    while (r.tokens < (double) n_tokens) {
+        const int32_t n = p.choose_tree(max_nodes);
+        double ms = m.cost(n);
+        if (first) ms *= 2.0;
+        first = false;
+        const double noisy = u(gen) < 0.1 ? ms * (1.5 + 1.5 * u(gen)) : ms;
+        if (n == 0) {
+            p.record_chain(0, 0, noisy);
+            r.tokens += 1;
+        } else {
+            const std::vector<int32_t> y = m.round(n, gen);
+            p.record_tree(y.data(), n, noisy);
+            r.tokens += y[(size_t) n];
+        }
+        r.ms += ms;
+        if (rounds_by_size) (*rounds_by_size)[(size_t) n]++;
+    }
+    return r;
+}
+
+// a round of n nodes that yields `tokens`, only as a whole (the accepted path at its last ranks)
+void record_tree_round(SpecPolicy & p, int32_t n, int32_t tokens, double ms) {
+    std::vector<int32_t> y((size_t) n + 1);
+    for (int32_t m = 0; m <= n; m++) y[(size_t) m] = std::max(1, tokens - (n - m));
+    p.record_tree(y.data(), n, ms);
+}
+
+void test_tree_sizes() {
+    const std::vector<TreeMachine> machines = {
+        {"memory-bound, good draft", 0.3, 0.01, {0.8, 0.75, 0.7, 0.7, 0.65}, 2.0},
+        {"memory-bound, useless draft", 0.3, 0.01, {0.01}, 2.0},
+        {"in between, fair draft", 0.3, 0.08, {0.7, 0.6, 0.6, 0.5}, 2.5},
+        {"compute-bound, mediocre draft", 0.3, 0.35, {0.6, 0.5, 0.5, 0.45}, 3.0},
+        {"compute-bound, useless draft", 0.3, 0.35, {0.02}, 3.0},
+        {"compute-bound, perfect draft", 0.3, 0.35, {1.0}, 1.0},
+    };
+    for (const TreeMachine & m : machines) {
+        for (const int32_t max_nodes : {7, 23, 63}) {
+            double worst = 1e9;
+            const double plain = 1.0 / kDecodeMs, best = m.best_fixed_rate(max_nodes);
+            for (uint64_t seed = 1; seed <= 4; seed++) {
+                SpecPolicy p;
+                const Run r = simulate_trees(p, m, max_nodes, 4000, seed);
+                worst = std::min(worst, r.rate() / plain);
+                const std::string what = std::string(m.name) + ", at most " + std::to_string(max_nodes) + " nodes";
+                check(r.rate() >= 0.95 * plain, what + fmt(": %.3f of plain decoding (best fixed size: %.3f)", r.rate() / plain, best / plain));
+                check(r.rate() >= 0.90 * best, what + fmt(": %.3f of the best fixed size's speed (%.3f of plain)", r.rate() / best, r.rate() / plain));
+            }
+            std::printf("  trees: %-31s max %2d: worst %.3f of plain, best fixed size %.3f\n", m.name, max_nodes, worst,
+                        best / plain);
+        }
+    }
+    // where a small tree pays most, the policy verifies small trees, not the whole one
+    const TreeMachine m = {"compute-bound, fair draft", 0.1, 0.3, {0.9, 0.5, 0.3}, 1.0};
+    SpecPolicy p;
+    std::vector<int64_t> by_size(64, 0);
+    simulate_trees(p, m, 63, 4000, 5, &by_size);
+    int64_t small = 0, all = 0;
+    for (size_t n = 1; n < by_size.size(); n++) {
+        all += by_size[n];
+        if (n <= 4) small += by_size[n];
+    }
+    check(small > 0.7 * (double) all, "a compute-bound target with a short-sighted draft gets trees of at most 4 nodes (" +
+                                          std::to_string(small) + " of " + std::to_string(all) + " tree rounds)");
+}
+
 void test_trees() {
     SpecPolicy p;
     p.record_chain(0, 0, kDecodeMs);
-    check(p.choose_tree(), "an untried tree is tried");
-    for (int i = 0; i < 30; i++) p.record_tree(3, 20.0);  // 0.15 tokens/ms > 0.1
+    check(p.choose_tree(23) == 23, "an untried tree is tried whole");
+    check(p.choose_tree(0) == 0, "at most 0 nodes means plain");
+    for (int i = 0; i < 30; i++) record_tree_round(p, 23, 3, 20.0);  // 0.15 tokens/ms > 0.1
     int trees = 0;
     for (int i = 0; i < 34; i++) {
-        if (p.choose_tree()) {
+        const int32_t n = p.choose_tree(23);
+        if (n > 0) {
             trees++;
-            p.record_tree(3, 20.0);
+            record_tree_round(p, n, 3, 20.0);
         } else {
             p.record_chain(0, 0, kDecodeMs);
         }
     }
     check(trees >= 30, "a tree that beats decoding is kept (" + std::to_string(trees) + " of 34)");
     check(trees < 34, "with a plain step now and then to time decoding again");
-    for (int i = 0; i < 60; i++) p.record_tree(1, 12.0);  // 0.083 tokens/ms < 0.1
+    for (int i = 0; i < 60; i++) record_tree_round(p, 23, 1, 12.0);  // 0.083 tokens/ms < 0.1 at every size
     trees = 0;
-    for (int i = 0; i < 32 + 64 + 128; i++) trees += p.choose_tree();
+    for (int i = 0; i < 32 + 64 + 128; i++) {
+        const int32_t n = p.choose_tree(23);
+        check(n == 0 || n == 23, "a probe is a whole tree");
+        trees += n > 0;
+    }
     check(trees == 3, "a losing tree gives way to plain steps, probed after 32, 64, 128 (got " + std::to_string(trees) +
                           ")");
     // the tree starts paying: kept, and when it loses again the probes start over at 32
-    for (int i = 0; i < 60; i++) p.record_tree(3, 20.0);
+    for (int i = 0; i < 60; i++) record_tree_round(p, 23, 3, 20.0);
     p.record_chain(0, 0, kDecodeMs);
-    check(p.choose_tree(), "a tree that pays again is kept");
-    for (int i = 0; i < 60; i++) p.record_tree(1, 12.0);
+    check(p.choose_tree(23) > 0, "a tree that pays again is kept");
+    for (int i = 0; i < 60; i++) record_tree_round(p, 23, 1, 12.0);
     int wait = 1;
-    while (!p.choose_tree() && wait < 1000) wait++;
+    while (p.choose_tree(23) == 0 && wait < 1000) wait++;
     check(wait == 32, "probes start over at 32 steps (got " + std::to_string(wait) + ")");
     // a tree that costs 8 decodes is probed only every 50 * 7 = 350 plain steps (2% of the time)
-    for (int i = 0; i < 300; i++) p.record_tree(2, 80.0);  // (a slower estimate rises slowly: see Cost)
+    for (int i = 0; i < 300; i++) record_tree_round(p, 23, 2, 80.0);  // (a slower estimate rises slowly: see Cost)
     for (int probe = 0; probe < 3; probe++) {
         wait = 1;
-        while (!p.choose_tree() && wait < 1000) wait++;
+        while (p.choose_tree(23) == 0 && wait < 1000) wait++;
         check(wait == 350, "an expensive probe waits in proportion to its cost (got " + std::to_string(wait) + ")");
     }
 }
@@ -238,15 +359,15 @@ void test_chains_and_trees_learn_apart() {
     // a context used for both (a server's requests choose): what each learned stays its own
     SpecPolicy p;
     p.record_chain(0, 0, kDecodeMs);
-    check(p.choose_tree(), "an untried tree is tried");
-    p.record_tree(1, 80.0);  // one token for 8 decodes' time
+    check(p.choose_tree(23) == 23, "an untried tree is tried");
+    record_tree_round(p, 23, 1, 80.0);  // one token for 8 decodes' time
     for (int i = 0; i < 50; i++) {
         const int32_t k = p.choose_chain(4);
         p.record_chain(k, k, k == 0 ? kDecodeMs : kDecodeMs * (1.05 + 0.1 * k));
     }
     check(p.choose_chain(4) > 0, "chains that pay are kept");
     int wait = 1;
-    while (!p.choose_tree() && wait < 1000) wait++;
+    while (p.choose_tree(23) == 0 && wait < 1000) wait++;
     check(wait == 350, "trees still rest after the chains: the next tree probe waits its budget (got " +
                            std::to_string(wait) + ")");
 }
@@ -261,6 +382,7 @@ int main(int argc, char ** argv) {
     test_good_draft_gets_long_chains_and_plain_is_retimed();
     test_text_that_changes();
     test_trees();
+    test_tree_sizes();
     test_chains_and_trees_learn_apart();
     return finish("test_spec_policy");
 }
