@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -124,8 +125,10 @@ def train_draft(args, gguf: Path, hf: Path, out: Path) -> None:
            "--glimpses", "0", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--warmup-steps", "100", "--mtp-steps", "3", "--save-every", "500",
            "--bf16", args.bf16]
-    # outside the checkout, whose sparrow_py has no compiled runtime: the installed one runs
-    subprocess.run(cmd, check=True, cwd=tempfile.gettempdir())
+    # outside the checkout, whose sparrow_py has no compiled runtime: the installed one runs; with
+    # torch's threads (compare_llamacpp pins OpenMP to 1 thread for the timed runs in this process)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
+    subprocess.run(cmd, check=True, cwd=tempfile.gettempdir(), env=env)
 
 
 def l3_bytes() -> int:
