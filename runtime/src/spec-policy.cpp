@@ -150,8 +150,11 @@ int32_t SpecPolicy::choose_tree(int32_t max_nodes) {
 }
 
 int32_t SpecPolicy::refresh_every(double best_rate) const {
-    // far ahead, a stale decode timing could not change the choice: time it less often
-    return best_rate > kFarAhead * rate(0) ? kFarRefreshEvery : kRefreshEvery;
+    // far ahead, a stale decode timing could not change the choice: time it less often; but not
+    // before the decode is timed kFirstSamples times (the first decode after a prefill is slow,
+    // and against it any speculation looks far ahead)
+    const bool settled = cost_[0].n >= kFirstSamples;
+    return settled && best_rate > kFarAhead * rate(0) ? kFarRefreshEvery : kRefreshEvery;
 }
 
 bool SpecPolicy::probe_now(Probes & p, double probe_ms) {
