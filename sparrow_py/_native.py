@@ -9,7 +9,7 @@ except ImportError as exc:  # a source checkout without the compiled extension
         f"({exc})"
     ) from exc
 
-__all__ = ["ffi", "lib", "check", "OwnsHandles"]
+__all__ = ["ffi", "lib", "check", "backend_name", "OwnsHandles"]
 
 
 def check(status: int, what: str = "") -> None:
@@ -18,6 +18,17 @@ def check(status: int, what: str = "") -> None:
         message = ffi.string(lib.sparrow_last_error()).decode("utf-8", "replace")
         name = ffi.string(lib.sparrow_status_name(status)).decode()
         raise SparrowError(f"{what}: {message}" if what else message, name)
+
+
+def backend_name(name):
+    """A backend argument (a name such as "cpu" or "ref", or None: $SPARROW_BACKEND, else "cpu") as
+    the char * a params struct takes (NULL for None); the caller keeps it alive during the call.
+    The runtime refuses a name that is not a backend; this refuses what is not a name."""
+    if name is None:
+        return ffi.NULL
+    if not isinstance(name, str):
+        raise SparrowError(f"backend must be a backend's name or None, not {name!r}")
+    return ffi.new("char[]", name.encode())
 
 
 class OwnsHandles:

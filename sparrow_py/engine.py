@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, U
 
 import numpy as np
 
-from sparrow_py._native import OwnsHandles, check, ffi, lib
+from sparrow_py._native import OwnsHandles, backend_name, check, ffi, lib
 from sparrow_py.chat import render_chat_template
 from sparrow_py.errors import SparrowError
 from sparrow_py.vision import _c_callback, _check_with
@@ -105,14 +105,8 @@ class _Weights:
             self.model = ffi.NULL
 
 
-def _c_name(name: Optional[str]):
-    """A backend's name for a params struct (NULL for None); the caller keeps it alive during the call."""
-    return ffi.new("char[]", name.encode()) if name is not None else ffi.NULL
-
-
 def _check_context_options(n_ctx, n_threads, n_batch, seed, kv_type, backend=None) -> None:
-    if backend is not None and not isinstance(backend, str):
-        raise SparrowError(f"backend must be a backend's name or None, not {backend!r}")
+    backend_name(backend)  # refuses what is not a name
     if kv_type not in _KV_TYPES:
         raise SparrowError(f"kv_type must be one of {sorted(_KV_TYPES)}, not {kv_type!r}")
     for name, value in (("n_ctx", n_ctx), ("n_threads", n_threads), ("n_batch", n_batch), ("seed", seed)):
@@ -170,8 +164,8 @@ class Engine(OwnsHandles):
 
         mparams = lib.sparrow_model_default_params()
         mparams.vocab_only = bool(vocab_only)
-        backend_name = _c_name(backend)  # the weights are prepared for it at load
-        mparams.backend = backend_name
+        c_backend = backend_name(backend)  # the weights are prepared for it at load
+        mparams.backend = c_backend
         callback = None
         if progress is not None:
 
@@ -228,8 +222,8 @@ class Engine(OwnsHandles):
     def _init_context(self, n_ctx, n_threads, n_batch, kv_type, seed, abort, backend) -> None:
         cparams = lib.sparrow_context_default_params()
         self.backend = backend
-        backend_name = _c_name(backend)
-        cparams.backend = backend_name
+        c_backend = backend_name(backend)
+        cparams.backend = c_backend
         cparams.n_ctx = n_ctx
         cparams.n_threads = n_threads
         cparams.n_batch = n_batch
@@ -277,8 +271,8 @@ class Engine(OwnsHandles):
             raise SparrowError(f"draft file not found: {path}", "SPARROW_ERR_IO")
         out = ffi.new("sparrow_model **")
         mparams = lib.sparrow_model_default_params()
-        backend_name = _c_name(self.backend)
-        mparams.backend = backend_name
+        c_backend = backend_name(self.backend)
+        mparams.backend = c_backend
         check(lib.sparrow_model_load(path.encode(), mparams, out), f"cannot load {path}")
         self._weights.draft = self._draft = out[0]
         check(lib.sparrow_context_set_draft(self._ctx, self._draft), "cannot use the draft")

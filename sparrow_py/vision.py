@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from sparrow_py._native import OwnsHandles, check, ffi, lib
+from sparrow_py._native import OwnsHandles, backend_name, check, ffi, lib
 from sparrow_py.errors import SparrowError
 
 GridLike = Union[Sequence[int], Sequence[Sequence[int]], np.ndarray]
@@ -78,17 +78,15 @@ class VisionEncoder(OwnsHandles):
         self._model = ffi.NULL
         if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 0:
             raise SparrowError(f"n_threads must be a non-negative integer, not {n_threads!r}")
-        if backend is not None and not isinstance(backend, str):
-            raise SparrowError(f"backend must be a backend's name or None, not {backend!r}")
         self.backend = backend
+        self._c_backend = backend_name(backend)  # (alive as long as the encoder: every encode passes it)
         path = os.fspath(path)
         if not os.path.exists(path):
             raise SparrowError(f"vision file not found: {path}", "SPARROW_ERR_IO")
         self.n_threads = n_threads
         out = ffi.new("sparrow_model **")
         mparams = lib.sparrow_model_default_params()
-        backend_name = ffi.new("char[]", backend.encode()) if backend is not None else ffi.NULL
-        mparams.backend = backend_name
+        mparams.backend = self._c_backend
         check(lib.sparrow_model_load(path.encode(), mparams, out), path)
         self._model = out[0]
         self.n_embd = int(lib.sparrow_vision_n_embd(self._model))
@@ -163,9 +161,7 @@ class VisionEncoder(OwnsHandles):
         params.n_threads = self.n_threads
         params.tiles = tiles
         keep = [_c_callback(progress, "progress"), _c_callback(abort, "abort")]
-        if self.backend is not None:
-            keep.append(ffi.new("char[]", self.backend.encode()))
-            params.backend = keep[-1]
+        params.backend = self._c_backend
         if keep[0] is not None:
             params.progress_callback = keep[0].c
         if keep[1] is not None:

@@ -131,9 +131,10 @@ int32_t SpecPolicy::choose_tree(int32_t max_nodes) {
     // an untried tree is tried whole: that round tells what every smaller one would have yielded
     if (tree_seen_[max_nodes] == 0.0) return max_nodes;
     int32_t best = 0;
-    double best_rate = rate(0);
+    double best_rate = rate(0), tokens = 1.0;
     for (int32_t n = 1; n <= max_nodes; ++n) {
-        const double r = tree_tokens(n) / tree_round_ms(n);
+        if (tree_seen_[n] > 0.0) tokens += tree_gain_[n] / tree_seen_[n];  // Y(n), as tree_tokens(n)
+        const double r = tokens / tree_round_ms(n);
         if (r > best_rate) best = n, best_rate = r;
     }
     if (best == 0) return probe_now(tree_probes_, tree_round_ms(max_nodes)) ? max_nodes : 0;

@@ -351,26 +351,27 @@ public:
         }
     }
 
-    void swiglu(const Tensor & gate, const Tensor & up, Tensor & out) override {
+    // out[i] = f(a[i], b[i]); each input read before its output is written: out may alias a or b
+    template <typename F>
+    static void elementwise(const char * op, const char * a_name, const Tensor & a, const char * b_name, const Tensor & b,
+                            Tensor & out, F f) {
         GuardedAccess open;
-        expect_mine(gate, "swiglu", "gate");
-        expect_mine(up, "swiglu", "up");
-        expect_mine(out, "swiglu", "output");
-        const int64_t n = gate.cols() * gate.rows();
-        const float * g = gate.f32();
-        const float * u = up.f32();
+        expect_mine(a, op, a_name);
+        expect_mine(b, op, b_name);
+        expect_mine(out, op, "output");
+        const int64_t n = a.cols() * a.rows();
+        const float * x = a.f32();
+        const float * y = b.f32();
         float * o = out.f32();
-        // elementwise, each input read before its output is written: out may alias gate or up
-        for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+        for (int64_t i = 0; i < n; ++i) o[i] = f(x[i], y[i]);
+    }
+
+    void swiglu(const Tensor & gate, const Tensor & up, Tensor & out) override {
+        elementwise("swiglu", "gate", gate, "up", up, out, [](float g, float u) { return g / (1.0f + std::exp(-g)) * u; });
     }
 
     void add(const Tensor & a, const Tensor & b, Tensor & out) override {
-        GuardedAccess open;
-        expect_mine(a, "add", "a");
-        expect_mine(b, "add", "b");
-        expect_mine(out, "add", "output");
-        const int64_t n = a.cols() * a.rows();
-        for (int64_t i = 0; i < n; ++i) out.f32()[i] = a.f32()[i] + b.f32()[i];
+        elementwise("add", "a", a, "b", b, out, [](float x, float y) { return x + y; });
     }
 
     void concat_cols(const Tensor & a, const Tensor & b, Tensor & out) override {
