@@ -107,7 +107,7 @@ def make_prompts(gguf: Path, out: Path, n: int, seed: int, threads: int, exclude
     import sparrow_py as sp
 
     rows = []
-    with sp.Engine(str(gguf), n_ctx=640, n_threads=threads) as e:
+    with sp.Engine(str(gguf), n_ctx=16 * 160, n_threads=threads) as e:  # 16 prompts written at a time
         for p in magpie_prompts(e, n + len(exclude), seed=seed):
             if p not in exclude:
                 rows.append(p)

@@ -42,7 +42,7 @@ def prompts(gguf: Path, out: Path, n: int, threads: int) -> None:
 
     import sparrow_py as sp
 
-    with sp.Engine(str(gguf), n_ctx=640, n_threads=threads) as e:
+    with sp.Engine(str(gguf), n_ctx=16 * 160, n_threads=threads) as e:  # 16 prompts written at a time
         rows = list(magpie_prompts(e, n, seed=11))
     out.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
 

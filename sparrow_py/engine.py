@@ -737,13 +737,19 @@ class Engine(OwnsHandles):
         positions: Optional[Sequence[int]] = None,
         outputs: Optional[Sequence[bool]] = None,
         parents: Optional[Sequence[int]] = None,
+        seq_ids: Optional[Sequence[int]] = None,
     ) -> np.ndarray:
         """One forward pass appending tokens to the KV cache; returns the logits of the rows
         flagged in outputs (default: the last), shape (n_outputs, n_vocab).
 
         parents makes the batch a token tree (speculative verification): parents[i] is the index
         of token i's parent in the batch, or -1; each token attends to the cache, its ancestors
-        and itself."""
+        and itself.
+
+        seq_ids puts token i in sequence seq_ids[i] (>= 0; default: all in 0): the cache then
+        holds several independent sequences, a token attends only to its own, and one pass
+        advances them all with the logits each would get alone (batched generation). Without
+        positions, a token continues its own sequence."""
         self._live()
         tokens = [int(t) for t in tokens]
         n = len(tokens)
@@ -762,9 +768,13 @@ class Engine(OwnsHandles):
         if parents is not None and len(parents) != n:
             raise SparrowError("parents must have one entry per token")
         par = ffi.new("int32_t[]", [int(p) for p in parents]) if parents is not None else ffi.NULL
+        if seq_ids is not None and len(seq_ids) != n:
+            raise SparrowError("seq_ids must have one entry per token")
+        seq = ffi.new("int32_t[]", [int(s) for s in seq_ids]) if seq_ids is not None else ffi.NULL
         batch.pos = pos
         batch.outputs = outs
         batch.parents = par
+        batch.seq_ids = seq
         with self._context() as ctx:
             check(lib.sparrow_decode(ctx, batch[0]), "decode")
             n_out = lib.sparrow_n_outputs(ctx)

@@ -225,6 +225,73 @@ def test_explicit_positions(converted, hf_models):
         assert np.array_equal(implicit, explicit)
 
 
+@pytest.mark.parametrize("outtype,threads,backend", [("q8_0", 1, "cpu"), ("q8_0", 2, "cpu"), ("f32", 2, "cpu"),
+                                                     ("q8_0", 2, "ref")])
+def test_several_sequences_in_one_batch(outtype, threads, backend, converted):
+    """Sequences decoded together (seq_ids) get the logits each gets decoded alone, bit for bit,
+    on quantized weights, at any thread count and on either backend: three prompts fed in
+    batches that mix and split them (and are cut into chunks), then greedy steps of all three
+    in one batch each."""
+    path = converted("tiny_qwen2_dir", outtype)
+    steps = 6
+    with sp.Engine(str(path), n_ctx=256, n_threads=threads, n_batch=16, backend=backend) as e:
+        prompts = [prompt_ids(e.n_vocab, n=n, seed=20 + n) for n in (13, 7, 21)]
+        alone = []  # per sequence: the logits of each prompt row, then of each greedy step
+        for p in prompts:
+            e.kv_truncate(0)
+            rows = [e.decode(p, outputs=[True] * len(p))]
+            for _ in range(steps):
+                rows.append(e.decode([int(np.argmax(rows[-1][-1]))]))
+            alone.append(np.concatenate(rows))
+
+        e.kv_truncate(0)
+        together: list[list[np.ndarray]] = [[] for _ in prompts]
+
+        def feed(parts):  # [(sequence, tokens)], in this order in the batch
+            tokens = [t for _, ts in parts for t in ts]
+            seqs = [s for s, ts in parts for _ in ts]
+            for s, row in zip(seqs, e.decode(tokens, outputs=[True] * len(tokens), seq_ids=seqs)):
+                together[s].append(row)
+
+        feed([(0, prompts[0]), (2, prompts[2][:4])])
+        feed([(2, prompts[2][4:9]), (1, prompts[1]), (2, prompts[2][9:])])  # 24 tokens: two chunks
+        for _ in range(steps):
+            feed([(s, [int(np.argmax(together[s][-1]))]) for s in (2, 0, 1)])
+        for s in range(len(prompts)):
+            assert np.array_equal(np.stack(together[s]), alone[s]), f"sequence {s} differs from its run alone"
+        assert e.kv_size == sum(len(p) + steps for p in prompts)
+
+
+def test_generation_keeps_only_sequence_zero(converted):
+    """A generation after a batch of several sequences reuses the cached rows of sequence 0 that
+    match its prompt and drops the others: its output equals a fresh context's."""
+    path = converted("tiny_qwen2_dir", "q8_0")
+    with sp.Engine(str(path), n_ctx=256, n_threads=2) as e:
+        p = prompt_ids(e.n_vocab, n=12, seed=30)
+        "".join(e.generate(p, max_tokens=10, ignore_eos=True))
+        want = list(e.last_tokens)
+        e.kv_truncate(0)
+        e.decode(p[:8] + p[:5], seq_ids=[0] * 8 + [1] * 5)
+        "".join(e.generate(p, max_tokens=10, ignore_eos=True))
+        assert list(e.last_tokens) == want
+        assert e.last_stats["n_prompt_cached"] == 8
+
+
+def test_several_sequences_bad_input(converted):
+    path = converted("tiny_qwen2_dir", "f32")
+    with sp.Engine(str(path), n_ctx=64, n_threads=2) as e:
+        with pytest.raises(sp.SparrowError, match="sequence ids are >= 0"):
+            e.decode([1, 2], seq_ids=[0, -1])
+        with pytest.raises(sp.SparrowError, match="one entry per token"):
+            e.decode([1, 2], seq_ids=[0])
+        with pytest.raises(sp.SparrowError, match="token tree"):
+            e.decode([1, 2], parents=[-1, 0], seq_ids=[0, 0])
+        e.decode([1, 2, 3], seq_ids=[0, 1, 1])
+        with pytest.raises(sp.SparrowError, match="token tree"):  # the cache holds two sequences
+            e.decode([4, 5], parents=[-1, 0])
+        assert e.kv_size == 3
+
+
 @pytest.fixture(scope="module")
 def tiny_llama3_scaled_dir(tmp_path_factory, tiny_tokenizer_dir):
     """Llama with Llama 3.1 rope scaling: the converter writes rope_freqs.weight."""

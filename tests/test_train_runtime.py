@@ -45,6 +45,19 @@ def test_runtime_features_match_transformers(targets):
         assert (a[key] - b[key]).abs().max() <= 5e-4 * scale, (key, float((a[key] - b[key]).abs().max() / scale))
 
 
+def test_generate_batch_equals_one_at_a_time(targets):
+    """Responses decoded together (one sequence each in a context) are those generate() gives for
+    each prompt alone, whatever the limits; prompts that do not fit the context together go in
+    groups (256 positions here: the 150-token limit forces a second group)."""
+    hf, rt, _ = targets
+    texts = ["The quick brown fox", "every token", "Speculative decoding is", "a", "Once upon a time there"]
+    prompts = [hf.prompt_ids(t, None) for t in texts]
+    limits = [20, 3, 0, 150, 40]
+    want = [rt.generate(p, None, n) for p, n in zip(prompts, limits)]
+    assert rt.generate_batch(prompts, limits) == want
+    assert sum(map(len, prompts)) + sum(limits) > rt.engine.n_ctx
+
+
 def test_build_cache_with_the_runtime_target(targets, tmp_path):
     hf, rt, _ = targets
     manifest = tmp_path / "data.jsonl"
@@ -72,13 +85,37 @@ def test_magpie_prompts_come_after_the_user_header(targets):
         text = e.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=False)
         assert e.tokenize(text, add_special=False)[:len(prefix)] == prefix
         assert e.detokenize(prefix, special=True).endswith("user\n")
-        prompts = list(magpie_prompts(e, 5, seed=3, max_tokens=48, min_chars=1))
+        prompts = list(magpie_prompts(e, 5, seed=3, max_tokens=48, min_chars=1, batch=4))
         assert len(set(prompts)) == len(prompts) and all(p.strip() == p and p for p in prompts)
-        # each one is what the model samples after the header (the same seed gives it again)
-        if prompts:
-            again = "".join(e.generate(prefix, max_tokens=48, temperature=1.0, top_p=0.95, seed=3 * 1_000_003,
-                                       speculative="none")).strip()
-            assert again in prompts or e.last_finish_reason != "eog" or not again
+        # a seed gives the same prompts again (drafts written together: a draft's logits do not
+        # depend on the others in its batch), another seed others
+        assert list(magpie_prompts(e, 5, seed=3, max_tokens=48, min_chars=1, batch=4)) == prompts
+        assert list(magpie_prompts(e, 5, seed=4, max_tokens=48, min_chars=1, batch=4)) != prompts
+
+
+@pytest.mark.parametrize("temperature,top_p,candidates", [(1.0, 0.9, 1024), (1.0, 0.9, 2), (2.0, 0.9, 1024),
+                                                           (1.0, 1.0, 1024)])
+def test_sample_top_p_draws_the_nucleus_distribution(temperature, top_p, candidates):
+    """magpie_prompts' sampler against the exact nucleus distribution: softmax at the temperature,
+    the most probable tokens until their mass reaches top_p (the crossing one included),
+    renormalized. candidates=2 holds less than top_p, so the full sort is taken."""
+    import numpy as np
+
+    from sparrow_py.train.prompts import sample_top_p
+
+    p = np.array([0.05, 0.5, 0.002, 0.3, 0.148])
+    logits = np.log(p).astype(np.float32) + 3.0
+    q = p ** (1.0 / temperature)
+    q /= q.sum()
+    order = np.argsort(-q)
+    cut = int(np.searchsorted(np.cumsum(q[order]), top_p)) + 1 if top_p < 1 else len(q)
+    want = np.zeros_like(q)
+    want[order[:cut]] = q[order[:cut]] / q[order[:cut]].sum()
+    rng = np.random.default_rng(0)
+    n = 40_000
+    got = np.bincount([sample_top_p(logits, temperature, top_p, rng, candidates) for _ in range(n)], minlength=len(p)) / n
+    assert np.all(got[want == 0] == 0), got
+    assert np.abs(got - want).max() < 4 * np.sqrt(0.25 / n), (got, want)
 
 
 def test_make_prompts_command(targets, tmp_path):

@@ -238,6 +238,14 @@ SPARROW_API sparrow_status sparrow_context_set_draft(sparrow_context * ctx, cons
  *            token tree, as speculative verification feeds one: parents[i] is the batch index of
  *            token i's parent (< i), or -1 for a root; a token sees the cache before the batch,
  *            its ancestors and itself. A tree must fit in one forward pass (n_batch tokens).
+ *   seq_ids: NULL puts every token in sequence 0. Otherwise the sequence (>= 0) of each token:
+ *            one context then holds several independent sequences, interleaved in its cache,
+ *            and a token sees only the cache rows and the earlier batch tokens of its own
+ *            sequence. So one forward pass advances many sequences (batched generation: the
+ *            weights are read once for all of them), and each gets the same logits, bit for
+ *            bit, as when decoded alone. With pos NULL a token takes the position after the
+ *            last one of its sequence. Not with parents. sparrow_generate_begin keeps cached
+ *            rows of sequence 0 only.
  * Results stay valid until the next forward pass on the context. */
 typedef struct sparrow_batch {
     const sparrow_token * tokens;
@@ -245,6 +253,7 @@ typedef struct sparrow_batch {
     const int32_t * pos;
     const int8_t * outputs;
     const int32_t * parents;
+    const int32_t * seq_ids;
 } sparrow_batch;
 
 SPARROW_API sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch);

@@ -383,6 +383,7 @@ sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch) {
         opt.pos = batch.pos;
         opt.outputs = batch.outputs;
         opt.parents = batch.parents;
+        opt.seq_ids = batch.seq_ids;
         context_forward(*ctx, batch.tokens, batch.n_tokens, opt);
     });
 }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <unordered_map>
 
 namespace sparrow {
 
@@ -32,6 +33,19 @@ void build_tree(const int32_t * parents, int32_t n, int64_t n_past, std::vector<
             std::copy(parent_row + n_past, parent_row + n_kv, row + n_past);
         }
         row[n_past + i] = 1;
+    }
+}
+
+// For a batch of several sequences: each of a chunk's n rows sees the cache rows before the
+// chunk that belong to its sequence, and the chunk's rows of its sequence up to itself.
+void build_sequence_mask(const std::vector<int32_t> & cache_seq, const int32_t * seq, int32_t n,
+                         std::vector<uint8_t> & mask) {
+    const int64_t n_past = (int64_t) cache_seq.size(), n_kv = n_past + n;
+    mask.assign((size_t) n * n_kv, 0);
+    for (int32_t i = 0; i < n; ++i) {
+        uint8_t * row = mask.data() + (size_t) i * n_kv;
+        for (int64_t c = 0; c < n_past; ++c) row[c] = cache_seq[c] == seq[i];
+        for (int32_t j = 0; j <= i; ++j) row[n_past + j] = seq[j] == seq[i];
     }
 }
 
@@ -82,6 +96,29 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
         fail(SPARROW_ERR_CONTEXT_FULL, format("%d tokens do not fit: the context holds %lld of %lld", n, (long long) have,
                                               (long long) ctx.cache->capacity()));
     }
+    // Several sequences (given, or already in the cache): every row gets a mask over its own
+    // sequence's rows, and without explicit positions continues its own sequence.
+    const bool several = opt.seq_ids || std::any_of(ctx.cache_seq.begin(), ctx.cache_seq.end(), [](int32_t s) { return s != 0; });
+    std::vector<int32_t> seq, seq_pos;
+    if (several) {
+        if (parents) {
+            fail(SPARROW_ERR_INVALID_ARGUMENT, "a token tree cannot be decoded beside other sequences (seq_ids, or a cache that holds several)");
+        }
+        seq.assign(n, 0);
+        for (int32_t i = 0; i < n && opt.seq_ids; ++i) {
+            if (opt.seq_ids[i] < 0) fail(SPARROW_ERR_INVALID_ARGUMENT, format("seq_ids[%d] = %d: sequence ids are >= 0", i, opt.seq_ids[i]));
+            seq[i] = opt.seq_ids[i];
+        }
+        if (!pos_in) {
+            std::unordered_map<int32_t, int32_t> next;  // per sequence: the position after its last row
+            for (size_t r = 0; r < ctx.cache_seq.size(); ++r) {
+                int32_t & v = next[ctx.cache_seq[r]];
+                v = std::max(v, ctx.cache_pos[r] + 1);
+            }
+            seq_pos.resize(n);
+            for (int32_t i = 0; i < n; ++i) seq_pos[i] = next[seq[i]]++;
+        }
+    }
     int32_t n_out = 0;
     for (int32_t i = 0; i < n; ++i) n_out += outputs ? (outputs[i] != 0) : (i == n - 1);
     const size_t n_capture = capture_layers.size();
@@ -119,7 +156,7 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
         // positions: text-only, so every M-RoPE stream carries the same value
         int32_t * pos = ctx.scratch.pos.data();
         for (int32_t i = 0; i < cn; ++i) {
-            const int32_t p = pos_in ? pos_in[c0 + i] : parents ? next_pos + depth[i] : next_pos + c0 + i;
+            const int32_t p = pos_in ? pos_in[c0 + i] : parents ? next_pos + depth[i] : several ? seq_pos[c0 + i] : next_pos + c0 + i;
             for (int s = 0; s < hp.n_pos_streams; ++s) {
                 pos[(size_t) s * cn + i] = s >= 3 ? 0 : opt.pos_streams ? opt.pos_streams[(size_t) s * n + c0 + i] : p;
             }
@@ -131,7 +168,8 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
         req.pos = pos;
         req.out_rows = out_rows.data();
         req.n_out = (int64_t) out_rows.size();
-        req.mask = parents ? ctx.tree_mask.data() : nullptr;
+        if (several) build_sequence_mask(ctx.cache_seq, seq.data() + c0, cn, ctx.seq_mask);
+        req.mask = parents ? ctx.tree_mask.data() : several ? ctx.seq_mask.data() : nullptr;
         req.capture_layers = capture_layers.data();
         req.n_capture = (int32_t) n_capture;
         if (opt.capture_all_rows) {
@@ -163,6 +201,7 @@ void context_forward(sparrow_context & ctx, const int32_t * tokens, int32_t n, c
             int32_t p = pos[i];
             for (int st = 1; st < std::min(hp.n_pos_streams, 3); ++st) p = std::max(p, pos[(size_t) st * cn + i]);
             ctx.cache_pos.push_back(p);
+            ctx.cache_seq.push_back(several ? seq[c0 + i] : 0);
         }
         if (opt.hidden_sink) {
             opt.hidden_sink(c0, cn, chunk_hidden.data());
@@ -188,6 +227,7 @@ void context_move_rows(sparrow_context & ctx, const int32_t * src, const int32_t
         ctx.cache_tokens[dst[i]] = ctx.cache_tokens[src[i]];
         ctx.cache_pos[dst[i]] = ctx.cache_pos[src[i]];
         ctx.cache_keys[dst[i]] = ctx.cache_keys[src[i]];
+        ctx.cache_seq[dst[i]] = ctx.cache_seq[src[i]];
     }
 }
 
@@ -213,6 +253,7 @@ void context_truncate(sparrow_context & ctx, int32_t n_keep) {
     ctx.cache_tokens.resize(n_keep);
     ctx.cache_pos.resize(n_keep);
     ctx.cache_keys.resize(n_keep);
+    ctx.cache_seq.resize(n_keep);
 }
 
 }  // namespace sparrow

@@ -35,6 +35,9 @@ struct sparrow_context {
     // its input embedding, and its position in every stream): a new prompt keeps the rows whose
     // keys it shares from the start, media included
     std::vector<uint64_t> cache_keys;
+    // the sequence each row belongs to (sparrow_batch.seq_ids; 0 unless the caller batches
+    // several): a row attends only to the rows of its own sequence
+    std::vector<int32_t> cache_seq;
 
     // outputs of the last forward pass
     std::vector<float> logits;          // n_outputs x n_vocab
@@ -46,6 +49,7 @@ struct sparrow_context {
     // (ForwardOptions::capture_in_backend): [n_capture][rows][n_embd], grown on demand
     sparrow::Tensor hidden_rows;
     std::vector<uint8_t> tree_mask;     // attention mask of the last tree batch
+    std::vector<uint8_t> seq_mask;      // attention mask of the last chunk of several sequences
 
     // streaming generation
     struct Generation {
@@ -119,6 +123,7 @@ struct ForwardOptions {
     const int32_t * pos = nullptr;       // positions (NULL: after the cache / by tree depth)
     const int8_t * outputs = nullptr;    // rows whose logits are wanted (NULL: the last)
     const int32_t * parents = nullptr;   // token tree (NULL: a sequence)
+    const int32_t * seq_ids = nullptr;   // each token's sequence (NULL: all in sequence 0)
     const std::vector<int32_t> * capture_layers = nullptr;  // NULL: the context's list
     bool capture_all_rows = false;       // capture hidden states at every row, not only outputs
     // With capture_all_rows: the captured states stay in backend memory (ctx.hidden_rows) for

@@ -301,7 +301,7 @@ void generation_begin(sparrow_context & ctx, const sparrow_token * prompt, int32
                                                            media_row ? &g.prompt_embd[(size_t) common * H] : nullptr,
                                                            &g.prompt_pos[common], (size_t) n_prompt)
                                          : context_row_key(ctx.model->hparams, prompt[common], nullptr, text_pos, 1);
-        if (key != ctx.cache_keys[common]) break;
+        if (key != ctx.cache_keys[common] || ctx.cache_seq[common] != 0) break;  // other sequences' rows go
     }
     if (ctx.spec.active) common = spec_reusable_rows(ctx, prompt, n_prompt, common);
     context_truncate(ctx, common);

@@ -24,7 +24,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                                                        "(0 = all; default 0)")
     g.add_argument("--cache-dtype", choices=["bf16", "f32"], default="bf16", help="storage of the taps (default bf16)")
     g.add_argument("--gen-batch", type=int, default=8,
-                   help="greedy text-only responses generated together by transformers (default 8; 1 = one by one)")
+                   help="greedy text-only responses generated together, by transformers or in one runtime "
+                        "context (default 8; 1 = one by one)")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--runtime-target", metavar="GGUF",
                    help="the target's GGUF: text samples are generated and featurized by the Sparrow runtime (its "

@@ -55,8 +55,55 @@ class RuntimeTarget:
         return tokens
 
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: list[int]) -> list[list[int]]:
-        """One at a time: the runtime decodes a prompt at its own speed (no batch to gain)."""
-        return [self.generate(p, None, n) for p, n in zip(prompts, max_new_tokens)]
+        """Greedy responses of several text prompts, decoded together: each prompt is a sequence
+        of its own in one context (seq_ids), so a step of all of them reads the weights once. A
+        token's logits do not depend on the batch around it, so each response is the one
+        generate() gives for its prompt alone. Prompts go in groups whose sequences fit the
+        context together."""
+        e = self.engine
+        limits = [max(0, min(n, e.n_ctx - len(p))) for p, n in zip(prompts, max_new_tokens)]
+        responses: list[list[int]] = [[] for _ in prompts]
+        group: list[int] = []
+        used = 0
+        for i, p in enumerate(prompts):
+            need = len(p) + limits[i]
+            if group and used + need > e.n_ctx:
+                self._generate_group(prompts, limits, group, responses)
+                group, used = [], 0
+            group.append(i)
+            used += need
+        if group:
+            self._generate_group(prompts, limits, group, responses)
+        return responses
+
+    def _generate_group(self, prompts: list[list[int]], limits: list[int], group: list[int],
+                        responses: list[list[int]]) -> None:
+        e = self.engine
+        eos = self.hf.tokenizer.eos_token_id
+        e.kv_truncate(0)
+        tokens, seqs, outputs = [], [], []
+        for i in group:
+            tokens += prompts[i]
+            seqs += [i] * len(prompts[i])
+            outputs += [False] * (len(prompts[i]) - 1) + [True]
+        logits = e.decode(tokens, outputs=outputs, seq_ids=seqs)
+        live = list(group)
+        while live:
+            step = []
+            for row, i in enumerate(live):
+                if len(responses[i]) >= limits[i]:
+                    continue
+                t = int(np.argmax(logits[row]))
+                if e.is_eog(t):
+                    responses[i].append(eos)  # as generate() reports an end-of-turn stop
+                    continue
+                responses[i].append(t)
+                step.append((i, t))
+            live = [i for i, _ in step if len(responses[i]) < limits[i]]
+            if live:
+                feed = [(i, t) for i, t in step if i in live]
+                logits = e.decode([t for _, t in feed], outputs=[True] * len(feed), seq_ids=[i for i, _ in feed])
+        e.kv_truncate(0)
 
     def features(self, ids: list[int], visual, taps: list[int], ivsb_layer: int,
                  with_logits: bool = True) -> dict[str, torch.Tensor]:

@@ -26,7 +26,8 @@ namespace {
 
 // ---- float weights: f32, f16, bf16 against f32 activations ----------------------------------
 
-// Each weight row's stream is prefetched this far ahead into L1 (see matmul_avx512.cpp).
+// Each weight row's stream is prefetched this far ahead into L1, and the next tile's rows into L2
+// (see matmul_avx512.cpp).
 constexpr int kPrefetchBytes = 512;
 
 struct LoadF32 {
@@ -61,7 +62,10 @@ struct FloatKern {
             __m256 xv[C];
             for (int c = 0; c < C; c++) xv[c] = _mm256_loadu_ps((const float *) (x + c * xs) + i);
             for (int r = 0; r < R; r++) {
-                if (i % 16 == 0) _mm_prefetch((const char *) (w + r * ws + i * Load::kBytes + kPrefetchBytes), _MM_HINT_T0);
+                if (i % 16 == 0) {
+                    _mm_prefetch((const char *) (w + r * ws + i * Load::kBytes + kPrefetchBytes), _MM_HINT_T0);
+                    _mm_prefetch((const char *) (w + (R + r) * ws + i * Load::kBytes), _MM_HINT_T1);
+                }
                 const __m256 wv = Load::load8(w + r * ws, i);
                 for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
             }
