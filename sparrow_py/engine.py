@@ -738,6 +738,7 @@ class Engine(OwnsHandles):
         outputs: Optional[Sequence[bool]] = None,
         parents: Optional[Sequence[int]] = None,
         seq_ids: Optional[Sequence[int]] = None,
+        capture_all: bool = False,
     ) -> np.ndarray:
         """One forward pass appending tokens to the KV cache; returns the logits of the rows
         flagged in outputs (default: the last), shape (n_outputs, n_vocab).
@@ -749,7 +750,10 @@ class Engine(OwnsHandles):
         seq_ids puts token i in sequence seq_ids[i] (>= 0; default: all in 0): the cache then
         holds several independent sequences, a token attends only to its own, and one pass
         advances them all with the logits each would get alone (batched generation). Without
-        positions, a token continues its own sequence."""
+        positions, a token continues its own sequence.
+
+        capture_all captures hidden states (set_capture_layers) at every token, not only at the
+        output rows: hidden(slot) then has a row per token."""
         self._live()
         tokens = [int(t) for t in tokens]
         n = len(tokens)
@@ -775,6 +779,7 @@ class Engine(OwnsHandles):
         batch.outputs = outs
         batch.parents = par
         batch.seq_ids = seq
+        batch.capture_all = 1 if capture_all else 0
         with self._context() as ctx:
             check(lib.sparrow_decode(ctx, batch[0]), "decode")
             n_out = lib.sparrow_n_outputs(ctx)
@@ -794,9 +799,9 @@ class Engine(OwnsHandles):
 
     def hidden(self, slot: int) -> np.ndarray:
         """Captured hidden states of capture slot `slot` for every output row of the last
-        decode, shape (n_outputs, n_embd)."""
+        decode (every token with capture_all), shape (rows, n_embd)."""
         with self._context() as ctx:
-            n_out = lib.sparrow_n_outputs(ctx)
+            n_out = lib.sparrow_n_hidden_rows(ctx)
             out = np.empty((n_out, self.n_embd), dtype=np.float32)
             for i in range(n_out):
                 ptr = lib.sparrow_get_hidden(ctx, slot, i)

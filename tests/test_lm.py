@@ -212,6 +212,13 @@ def test_hidden_state_capture_matches_transformers(converted, hf_models):
             ours = e.hidden(slot)
             want = ref[layer][0, rows].numpy()  # HF: hidden_states[l] is the input of layer l
             assert rel_err(ours, want) < 1e-4
+        # capture_all: every token's states, logits of the last token only
+        e.kv_truncate(0)
+        logits = e.decode(ids, capture_all=True)
+        assert logits.shape[0] == 1
+        for slot, layer in enumerate(layers):
+            assert e.hidden(slot).shape[0] == len(ids)
+            assert rel_err(e.hidden(slot), ref[layer][0].numpy()) < 1e-4
 
 
 def test_explicit_positions(converted, hf_models):

@@ -43,6 +43,11 @@ def test_runtime_features_match_transformers(targets):
     for key in ("taps", "ivsb", "final", "logits"):
         scale = a[key].abs().max()
         assert (a[key] - b[key]).abs().max() <= 5e-4 * scale, (key, float((a[key] - b[key]).abs().max() / scale))
+    # without logits (the hidden store) the states are the same bits, and no head ran over the rows
+    c = rt.features(full, None, taps, 0, with_logits=False)
+    assert "logits" not in c
+    for key in ("taps", "ivsb", "final"):
+        assert torch.equal(b[key], c[key]), key
 
 
 def test_generate_batch_equals_one_at_a_time(targets):

@@ -246,6 +246,10 @@ SPARROW_API sparrow_status sparrow_context_set_draft(sparrow_context * ctx, cons
  *            bit, as when decoded alone. With pos NULL a token takes the position after the
  *            last one of its sequence. Not with parents. sparrow_generate_begin keeps cached
  *            rows of sequence 0 only.
+ *   capture_all: non-zero captures hidden states (sparrow_set_capture_layers) at every token
+ *            of the batch, not only at the output rows; sparrow_get_hidden's i is then the
+ *            token's index in the batch. (Featurizing a text for training wants every row's
+ *            states and no logits: the head over every row is a fifth of a small model's work.)
  * Results stay valid until the next forward pass on the context. */
 typedef struct sparrow_batch {
     const sparrow_token * tokens;
@@ -254,6 +258,7 @@ typedef struct sparrow_batch {
     const int8_t * outputs;
     const int32_t * parents;
     const int32_t * seq_ids;
+    int8_t capture_all;
 } sparrow_batch;
 
 SPARROW_API sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch);
@@ -268,8 +273,11 @@ SPARROW_API int32_t sparrow_n_outputs(const sparrow_context * ctx);
  * output norm. Captured at output rows only. Pass n_layers = 0 to stop capturing. */
 SPARROW_API sparrow_status sparrow_set_capture_layers(sparrow_context * ctx, const int32_t * layers,
                                                       int32_t n_layers);
-/* n_embd floats: capture slot k (index into the list given above) at output row i. */
+/* n_embd floats: capture slot k (index into the list given above) at output row i (with
+ * capture_all: at batch token i). NULL if i is out of range. */
 SPARROW_API const float * sparrow_get_hidden(sparrow_context * ctx, int32_t k, int32_t i);
+/* Rows of captured hidden states the last forward pass left per capture slot. */
+SPARROW_API int32_t sparrow_n_hidden_rows(const sparrow_context * ctx);
 
 /* Number of tokens in the KV cache, and rollback to the first n_keep of them. */
 SPARROW_API int32_t sparrow_kv_size(const sparrow_context * ctx);

@@ -384,6 +384,7 @@ sparrow_status sparrow_decode(sparrow_context * ctx, sparrow_batch batch) {
         opt.outputs = batch.outputs;
         opt.parents = batch.parents;
         opt.seq_ids = batch.seq_ids;
+        opt.capture_all_rows = batch.capture_all != 0;
         context_forward(*ctx, batch.tokens, batch.n_tokens, opt);
     });
 }
@@ -416,6 +417,8 @@ const float * sparrow_get_hidden(sparrow_context * ctx, int32_t k, int32_t i) {
     const size_t H = ctx->model->hparams.n_embd;
     return ctx->hidden.data() + ((size_t) k * ctx->n_hidden_rows + i) * H;
 }
+
+int32_t sparrow_n_hidden_rows(const sparrow_context * ctx) { return ctx ? ctx->n_hidden_rows : 0; }
 
 int32_t sparrow_kv_size(const sparrow_context * ctx) { return ctx ? (int32_t) ctx->cache->size() : 0; }
 

@@ -115,7 +115,11 @@ class RuntimeTarget:
             self.engine.set_capture_layers(layers)
             self._capture = layers
         self.engine.kv_truncate(0)
-        logits = self.engine.decode(ids, outputs=[True] * len(ids))
+        # the head over every row only when the logits are kept (store="logits")
+        if with_logits:
+            logits = self.engine.decode(ids, outputs=[True] * len(ids))
+        else:
+            self.engine.decode(ids, capture_all=True)
         hidden = [self.engine.hidden(k) for k in range(len(layers))]
         self.engine.kv_truncate(0)
         n = len(ids)
@@ -126,5 +130,5 @@ class RuntimeTarget:
             "taps": torch.from_numpy(np.concatenate(hidden[:len(taps)], axis=-1)),
             "ivsb": torch.from_numpy(hidden[len(taps)]),
             "final": self.hf.final_norm(torch.from_numpy(hidden[-1])),
-            "logits": torch.from_numpy(logits),
+            **({"logits": torch.from_numpy(logits)} if with_logits else {}),
         }
