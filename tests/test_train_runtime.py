@@ -121,6 +121,7 @@ def test_sample_top_p_draws_the_nucleus_distribution(temperature, top_p, candida
     got = np.bincount([sample_top_p(logits, temperature, top_p, rng, candidates) for _ in range(n)], minlength=len(p)) / n
     assert np.all(got[want == 0] == 0), got
     assert np.abs(got - want).max() < 4 * np.sqrt(0.25 / n), (got, want)
+    assert sample_top_p(logits, 0.0, top_p, rng, candidates) == int(np.argmax(p))  # temperature 0: greedy
 
 
 def test_make_prompts_command(targets, tmp_path):

@@ -32,7 +32,7 @@ def magpie_prompts(engine, n: int, seed: int = 0, max_tokens: int = 96, temperat
     (no end of turn) or are shorter than min_chars are dropped; gives up after 4 n tries.
 
     `batch` drafts are written together, each a sequence of its own in one context (seq_ids), so
-    a step of all of them reads the weights once (2.2x the prompts per second of one at a time
+    a step of all of them reads the weights once (2.7x the prompts per second of one at a time
     for SmolLM2-135M at q4_1, 2 threads); as many as the context holds."""
     import numpy as np
 
@@ -87,9 +87,12 @@ def _sample_drafts(engine, prefix: list[int], b: int, max_tokens: int, temperatu
 def sample_top_p(logits, temperature: float, top_p: float, rng, candidates: int = 1024) -> int:
     """A token from softmax(logits / temperature) cut to its top-p nucleus (the most probable
     tokens whose probabilities reach top_p together, the one that crosses included) and
-    renormalized. Only the `candidates` most probable are sorted unless they hold too little."""
+    renormalized (temperature 0: the most probable). Only the `candidates` most probable are
+    sorted unless they hold too little."""
     import numpy as np
 
+    if temperature <= 0:
+        return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
     p = np.exp(z - z.max())
     p /= p.sum()
