@@ -96,12 +96,12 @@ double SpecPolicy::round_ms(int32_t k) const { return interpolate(cost_, kMaxDep
 
 double SpecPolicy::tree_round_ms(int32_t n) const { return interpolate(tree_cost_, kMaxTreeNodes, n); }
 
+double SpecPolicy::tree_step(int32_t m) const { return tree_seen_[m] > 0.0 ? tree_gain_[m] / tree_seen_[m] : 0.0; }
+
 double SpecPolicy::tree_tokens(int32_t n) const {
     n = std::min(std::max(n, 0), (int32_t) kMaxTreeNodes);
     double tokens = 1.0;  // no node verified: the target's own token
-    for (int32_t m = 1; m <= n; ++m) {
-        if (tree_seen_[m] > 0.0) tokens += tree_gain_[m] / tree_seen_[m];
-    }
+    for (int32_t m = 1; m <= n; ++m) tokens += tree_step(m);
     return tokens;
 }
 
@@ -133,7 +133,7 @@ int32_t SpecPolicy::choose_tree(int32_t max_nodes) {
     int32_t best = 0;
     double best_rate = rate(0), tokens = 1.0;
     for (int32_t n = 1; n <= max_nodes; ++n) {
-        if (tree_seen_[n] > 0.0) tokens += tree_gain_[n] / tree_seen_[n];  // Y(n), as tree_tokens(n)
+        tokens += tree_step(n);  // Y(n) = tree_tokens(n), summed as n grows
         const double r = tokens / tree_round_ms(n);
         if (r > best_rate) best = n, best_rate = r;
     }

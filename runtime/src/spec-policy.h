@@ -66,6 +66,8 @@ public:
     double tree_round_ms(int32_t n) const;    // T(n) of trees
 
 private:
+    double tree_step(int32_t m) const;  // Y(m) - Y(m-1): what the m-th best node adds (0 while untold)
+
     // A running mean of a round's milliseconds: the first few samples averaged, then an
     // exponential mean that a single hiccup (the thread descheduled, a page fault) cannot throw far.
     struct Cost {

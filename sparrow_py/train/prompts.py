@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from .sequences import continue_together
+
 _MARK = "\u0001SPARROW_USER\u0001"
 
 
@@ -48,7 +50,9 @@ def magpie_prompts(engine, n: int, seed: int = 0, max_tokens: int = 96, temperat
     while len(seen) < n and tries < 4 * n:
         b = min(batch, 4 * n - tries)
         tries += b
-        for tokens, ended in _sample_drafts(engine, prefix, b, max_tokens, temperature, top_p, rng):
+        drafts = continue_together(engine, [prefix] * b, [max_tokens] * b,
+                                   lambda row: sample_top_p(row, temperature, top_p, rng))
+        for tokens, ended in drafts:
             prompt = engine.detokenize(tokens).strip()
             if not ended or len(prompt) < min_chars or prompt in seen:
                 continue
@@ -56,32 +60,6 @@ def magpie_prompts(engine, n: int, seed: int = 0, max_tokens: int = 96, temperat
             yield prompt
             if len(seen) >= n:
                 return
-
-
-def _sample_drafts(engine, prefix: list[int], b: int, max_tokens: int, temperature: float, top_p: float,
-                   rng) -> list[tuple[list[int], bool]]:
-    """b continuations of prefix sampled together; each (tokens, ended at an end-of-turn)."""
-    engine.kv_truncate(0)
-    logits = engine.decode(prefix * b, outputs=([False] * (len(prefix) - 1) + [True]) * b,
-                           seq_ids=[s for s in range(b) for _ in prefix])
-    drafts: list[list[int]] = [[] for _ in range(b)]
-    ended = [False] * b
-    live = list(range(b))
-    while live:
-        feed = []
-        for row, s in enumerate(live):
-            t = sample_top_p(logits[row], temperature, top_p, rng)
-            if engine.is_eog(t):
-                ended[s] = True
-            else:
-                drafts[s].append(t)
-                if len(drafts[s]) < max_tokens:
-                    feed.append((s, t))
-        live = [s for s, _ in feed]
-        if feed:
-            logits = engine.decode([t for _, t in feed], outputs=[True] * len(feed), seq_ids=[s for s, _ in feed])
-    engine.kv_truncate(0)
-    return list(zip(drafts, ended))
 
 
 def sample_top_p(logits, temperature: float, top_p: float, rng, candidates: int = 1024) -> int:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .sequences import continue_together
+
 
 class RuntimeTarget:
     def __init__(self, hf_target, gguf_path: str | Path, n_ctx: int = 4096, n_threads: int | None = None):
@@ -78,32 +80,11 @@ class RuntimeTarget:
 
     def _generate_group(self, prompts: list[list[int]], limits: list[int], group: list[int],
                         responses: list[list[int]]) -> None:
-        e = self.engine
         eos = self.hf.tokenizer.eos_token_id
-        e.kv_truncate(0)
-        tokens, seqs, outputs = [], [], []
-        for i in group:
-            tokens += prompts[i]
-            seqs += [i] * len(prompts[i])
-            outputs += [False] * (len(prompts[i]) - 1) + [True]
-        logits = e.decode(tokens, outputs=outputs, seq_ids=seqs)
-        live = list(group)
-        while live:
-            step = []
-            for row, i in enumerate(live):
-                if len(responses[i]) >= limits[i]:
-                    continue
-                t = int(np.argmax(logits[row]))
-                if e.is_eog(t):
-                    responses[i].append(eos)  # as generate() reports an end-of-turn stop
-                    continue
-                responses[i].append(t)
-                step.append((i, t))
-            live = [i for i, _ in step if len(responses[i]) < limits[i]]
-            if live:
-                feed = [(i, t) for i, t in step if i in live]
-                logits = e.decode([t for _, t in feed], outputs=[True] * len(feed), seq_ids=[i for i, _ in feed])
-        e.kv_truncate(0)
+        done = continue_together(self.engine, [prompts[i] for i in group], [limits[i] for i in group],
+                                 lambda row: int(np.argmax(row)))
+        for i, (tokens, ended) in zip(group, done):
+            responses[i] = tokens + [eos] * ended  # as generate() reports an end-of-turn stop
 
     def features(self, ids: list[int], visual, taps: list[int], ivsb_layer: int,
                  with_logits: bool = True) -> dict[str, torch.Tensor]:
