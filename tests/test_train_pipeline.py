@@ -120,6 +120,30 @@ def test_hidden_store_is_the_full_distribution_in_fewer_bytes(text_target, tmp_p
     torch.testing.assert_close(loss_hidden, loss_logits, rtol=1e-4, atol=1e-6)
     assert np.allclose(parts_hidden, parts_logits, rtol=1e-4, atol=1e-6)
 
+    import torch.nn.functional as F
+
+    # a sharpened target (--target-temperature): KL to softmax(logits / T), and at 0 the
+    # cross-entropy of the target's argmax, against torch's own divergences; both stores agree
+    head = draft.target_head if draft.d2t is None else draft.target_head[draft.d2t]
+    for temperature in (0.5, 0.0):
+        want = 0.0
+        for s, lg in enumerate(logits):
+            rows = b["target_row"][:, :, s]
+            valid = rows >= 0
+            logq = F.log_softmax(lg[valid].float(), dim=-1)
+            target_logits = b["final"][rows[valid]] @ head.t()
+            if temperature:
+                term = F.kl_div(logq, F.log_softmax(target_logits / temperature, dim=-1), log_target=True,
+                                reduction="batchmean")
+            else:
+                term = F.nll_loss(logq, target_logits.argmax(-1))
+            want += 0.8 ** s * float(term)
+        with torch.no_grad():
+            got_hidden, _ = mtp_loss(logits, batches["hidden"], draft, 0.8, temperature)
+            got_logits, _ = mtp_loss(logits, batches["logits"], draft, 0.8, temperature)
+        assert float(got_hidden) == pytest.approx(want, rel=1e-4)
+        torch.testing.assert_close(got_hidden, got_logits, rtol=1e-4, atol=1e-6)
+
 
 def test_batched_generation_is_generation_one_by_one(text_target):
     """The data step generates greedy text responses in batches (left-padded): each equals the

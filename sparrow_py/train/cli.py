@@ -67,6 +67,9 @@ def add_train_commands(sub) -> None:
     t.add_argument("--mtp-steps", type=int, default=3, help="k, steps unrolled on the draft's own hidden state "
                                                             "(default 3)")
     t.add_argument("--step-weight", type=float, default=0.8, help="loss weight base: sum_s w^s CE_s (default 0.8)")
+    t.add_argument("--target-temperature", type=float, default=1.0,
+                   help="distil softmax(target logits / T): below 1 sharpens toward the target's greedy token, "
+                        "0 is that token alone (default 1)")
     t.add_argument("--steps", type=int, default=0, help="optimizer steps (default: from --epochs)")
     t.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0 (default 1)")
     t.add_argument("--batch-size", type=int, default=1, help="samples per micro-batch, per process (default 1)")
@@ -169,6 +172,9 @@ def _train(args) -> int:
     from .target import Target
     from .trainer import TrainOptions, choose_draft_vocab, init_from_target, train
 
+    if not args.target_temperature >= 0:
+        print("sparrow train: error: --target-temperature must be 0 or more", file=sys.stderr)
+        return 1
     import torch
     device = _device(args.device)
     try:
@@ -216,7 +222,8 @@ def _train(args) -> int:
     topt = TrainOptions(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
                         weight_decay=args.weight_decay, clip=args.clip, mtp_steps=args.mtp_steps,
-                        step_weight=args.step_weight, position_jitter=args.position_jitter, seed=args.seed,
+                        step_weight=args.step_weight, target_temperature=args.target_temperature,
+                        position_jitter=args.position_jitter, seed=args.seed,
                         save_every=args.save_every, eval_every=args.eval_every, eval_depth=args.eval_depth,
                         device=device, bf16=None if args.bf16 == "auto" else args.bf16 == "on",
                         progress=not args.quiet, sample_cache_mb=args.sample_cache_mb)

@@ -41,6 +41,7 @@ class TrainOptions:
     clip: float = 1.0               # max gradient norm (0: off)
     mtp_steps: int = 3              # k: steps unrolled after the first (loss has k + 1 terms)
     step_weight: float = 0.8        # loss = sum_s step_weight**s * CE_s
+    target_temperature: float = 1.0  # the target distribution distilled: softmax(logits / T); 0 = its argmax
     position_jitter: int = 0        # max random offset added to text RoPE positions per sample
     seed: int = 0
     save_every: int = 0             # checkpoint every n optimizer steps (0: only at the end)
@@ -62,13 +63,15 @@ class TrainResult:
 
 
 def mtp_loss(logits: list[torch.Tensor], batch: dict[str, torch.Tensor], model: SparrowDraft,
-             step_weight: float) -> tuple[torch.Tensor, list[float]]:
+             step_weight: float, target_temperature: float = 1.0) -> tuple[torch.Tensor, list[float]]:
     """sum_s step_weight^s * mean over valid (entry, step) of KL(target distribution || draft).
 
-    The target distribution is softmax over its logits: the frozen head applied to the stored
-    final hidden state, or the stored (top-k) logits renormalised over the kept ids; with a reduced
-    draft vocabulary, target ids outside it are dropped and the rest renormalised (the draft
-    cannot propose them anyway)."""
+    The target distribution is softmax over its logits divided by target_temperature: the frozen
+    head applied to the stored final hidden state, or the stored (top-k) logits renormalised over
+    the kept ids; with a reduced draft vocabulary, target ids outside it are dropped and the rest
+    renormalised (the draft cannot propose them anyway). A temperature below 1 sharpens it toward
+    its argmax, which is all that greedy verification accepts; 0 is the argmax itself (the
+    cross-entropy of the target's greedy token)."""
     total = logits[0].new_zeros(())
     per_step = []
     t2d = None
@@ -95,10 +98,16 @@ def mtp_loss(logits: list[torch.Tensor], batch: dict[str, torch.Tensor], model: 
                 logq, vals, idx = logq[keep], vals[keep], idx[keep]
                 idx = idx.clamp(min=0)
             logq = logq.gather(-1, idx)
-        p = torch.softmax(vals, dim=-1)
-        # KL(p || q) = CE(p, q) - H(p): the same gradient as the CE of the spec, but 0 at a perfect
-        # draft, so the logged loss shows how far the draft is from the target however flat p is
-        kl = (p * (torch.log_softmax(vals, dim=-1).clamp(min=-1e4) - logq)).sum(-1).mean()
+        if target_temperature == 0:
+            # the limit of softmax(vals / T) as T -> 0: all mass on the argmax (H(p) = 0)
+            kl = -logq.gather(-1, vals.argmax(-1, keepdim=True)).mean()
+        else:
+            vals = vals / target_temperature
+            p = torch.softmax(vals, dim=-1)
+            # KL(p || q) = CE(p, q) - H(p): the same gradient as the CE of the spec, but 0 at a
+            # perfect draft, so the logged loss shows how far the draft is from the target however
+            # flat p is
+            kl = (p * (torch.log_softmax(vals, dim=-1).clamp(min=-1e4) - logq)).sum(-1).mean()
         per_step.append(float(kl.detach()))
         total = total + (step_weight ** s) * kl
     return total, per_step
@@ -267,7 +276,7 @@ def train(model: SparrowDraft, train_files: list[Path], eval_samples: list[dict]
                 logits, _ = ddp_model(batch["taps"], batch["tokens"], batch["positions"], batch["n_entries"],
                                       batch["anchor_start"], opt.mtp_steps, batch["glimpses"],
                                       batch["glimpse_pos"], batch["glimpse_valid"])
-            loss, parts = mtp_loss(logits, batch, model, opt.step_weight)
+            loss, parts = mtp_loss(logits, batch, model, opt.step_weight, opt.target_temperature)
             (loss / opt.grad_accum).backward()
             loss_sum += float(loss.detach()) / opt.grad_accum
             parts_sum = [p / opt.grad_accum for p in parts] if parts_sum is None else \
