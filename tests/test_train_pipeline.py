@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+F = torch.nn.functional
 gguf = pytest.importorskip("gguf")
 
 from conftest import REPO_ROOT, TINY_VOCAB_SIZE, _lm_sizes, _save_model  # noqa: E402
@@ -119,8 +120,6 @@ def test_hidden_store_is_the_full_distribution_in_fewer_bytes(text_target, tmp_p
         loss_logits, parts_logits = mtp_loss(logits, batches["logits"], draft, 0.8)
     torch.testing.assert_close(loss_hidden, loss_logits, rtol=1e-4, atol=1e-6)
     assert np.allclose(parts_hidden, parts_logits, rtol=1e-4, atol=1e-6)
-
-    import torch.nn.functional as F
 
     # a sharpened target (--target-temperature): KL to softmax(logits / T), and at 0 the
     # cross-entropy of the target's argmax, against torch's own divergences; both stores agree
