@@ -15,7 +15,8 @@ resumes; the time each step took is kept in steps.json and printed:
                 larger --train-prompts later appends new prompts (seed 1 + the rows there);
   3. draft      `sparrow train --runtime-target` (the runtime generates and featurizes the data
                 into features/, shared by every draft), into draft-<prompts>p-<steps>s/,
-                converted to q8_0;
+                converted to q8_0; --init-from draft-A goes on training that draft (its weights
+                and vocabulary, a fresh optimizer and schedule) into draft-<prompts>p-<steps>s-from-A/;
   3b. target    with --target-type: the target's weights rewritten at that type by our converter
                 (f32: 540 MB, above the cache of the machines we have seen, so decoding is
                 memory-bound, as a 7B model's is on any CPU); the draft serves it unchanged;
@@ -133,6 +134,8 @@ def train_draft(args, gguf: Path, hf: Path, out: Path) -> None:
            "--glimpses", "0", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--warmup-steps", "100", "--mtp-steps", "3", "--save-every", "500",
            "--target-temperature", str(args.target_temperature), "--bf16", args.bf16]
+    if args.init_from:
+        cmd += ["--init-from", str(args.cache / args.init_from)]
     # outside the checkout, whose sparrow_py has no compiled runtime: the installed one runs; with
     # torch's threads (compare_llamacpp pins OpenMP to 1 thread for the timed runs in this process)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
@@ -268,6 +271,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--target-temperature", type=float, default=1.0,
                     help="`sparrow train --target-temperature`: distil the target sharpened (0: its greedy token)")
+    ap.add_argument("--init-from", metavar="DRAFT", help="a draft folder in --cache (e.g. draft-6000p-4000s) to go "
+                                                         "on training, on --train-prompts, for --steps more steps")
     ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                     help="bf16 autocast in training (auto: on CUDA only; on: also on a CPU with bf16 units)")
     ap.add_argument("--target-type", default="source", choices=("source", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
@@ -299,6 +304,10 @@ def main() -> int:
     folder = args.cache / f"draft-{args.train_prompts}p-{args.steps}s"
     if args.target_temperature != 1.0:
         folder = folder.with_name(f"{folder.name}-T{args.target_temperature:g}")
+    if args.init_from:
+        if not (args.cache / args.init_from / "model.safetensors").exists():
+            sys.exit(f"--init-from: no trained draft at {args.cache / args.init_from}")
+        folder = folder.with_name(f"{folder.name}-from-{args.init_from.removeprefix('draft-')}")
     draft = folder.with_name(folder.name + "-q8_0.gguf")
     step(args.cache, f"train {folder.name}", (folder / "model.safetensors").exists(),
          lambda: train_draft(args, gguf, hf, folder))

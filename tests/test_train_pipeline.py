@@ -365,6 +365,39 @@ def test_cli_train_then_eval(tiny_qwen2_dir, tmp_path, capsys):
     assert rc == 0 and "mean accepted length" in text and "acceptance by depth" in text
 
 
+def test_cli_train_init_from_keeps_the_draft_and_its_vocabulary(tiny_qwen2_dir, tmp_path, capsys):
+    """--init-from starts from an exported draft: at learning rate 0 the result is that draft bit for
+    bit, d2t included, although the new data's own top tokens would give another vocabulary; a
+    draft of other settings is refused with the setting named."""
+    from safetensors.torch import load_file
+
+    from sparrow_py.cli import main
+    from sparrow_py.train.trainer import choose_draft_vocab
+
+    first, more = tmp_path / "first.jsonl", tmp_path / "more.jsonl"
+    first.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
+    more.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[3:8]))
+    common = ["train", "--target", str(tiny_qwen2_dir), "--mtp-steps", "1", "--glimpses", "0", "--window", "16",
+              "--anchors", "4", "--max-new-tokens", "12", "--draft-vocab", "48", "--quiet"]
+    assert main([*common, "--data", str(first), "--out", str(tmp_path / "a"), "--steps", "3", "--lr", "3e-3"]) == 0
+    assert main([*common, "--data", str(more), "--out", str(tmp_path / "b"), "--steps", "2", "--lr", "0",
+                 "--init-from", str(tmp_path / "a")]) == 0
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    files = sorted((tmp_path / "b" / "features").rglob("*.safetensors"))
+    own = choose_draft_vocab(files, DraftConfig.load(tmp_path / "b").vocab_size, 48)
+    assert not torch.equal(own, a["d2t"])  # the test can tell a kept vocabulary from a recomputed one
+    capsys.readouterr()
+    assert main([*common[:-3], "--draft-vocab", "32", "--quiet", "--data", str(more), "--out", str(tmp_path / "c"),
+                 "--steps", "1", "--init-from", str(tmp_path / "a")]) == 1
+    assert "draft_vocab_size 48 (the flags give 32)" in capsys.readouterr().err
+    assert main([*common, "--data", str(more), "--out", str(tmp_path / "c"), "--steps", "1",
+                 "--init-from", str(tmp_path / "nowhere")]) == 1
+    assert "--init-from" in capsys.readouterr().err
+
+
 def test_target_without_chat_template(tiny_qwen2_dir, tmp_path, capsys):
     """A clear error that names the fix (it was a transformers traceback), and --raw-prompts."""
     import shutil

@@ -53,6 +53,9 @@ def add_train_commands(sub) -> None:
                         "array of records; repeatable")
     p.add_argument("--eval-data", action="append", default=[], help="held-out JSONL for acceptance (repeatable)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt, model.safetensors, config.json")
+    p.add_argument("--init-from", metavar="DRAFT", help="start from this exported draft's weights and vocabulary "
+                                                        "(to go on training it on more data) instead of the "
+                                                        "target's last layer; the draft flags must match it")
     g = p.add_argument_group("draft (spec v1 knobs)")
     g.add_argument("--taps", help="comma-separated target layers whose inputs feed fc (default 2,L/2,L-3; L = "
                                   "final hidden state)")
@@ -212,12 +215,17 @@ def _train(args) -> int:
     if not files:
         print("sparrow train: error: no usable training samples", file=sys.stderr)
         return 1
-    model = SparrowDraft(config)
-    model.set_target_weights(*target.embed_and_head())
-    if config.reduced_vocab:
-        with torch.no_grad():
-            model.d2t.copy_(choose_draft_vocab(files, config.vocab_size, config.draft_vocab_size))
-    init_from_target(model, target)
+    if args.init_from:
+        model = _initial_draft(args.init_from, config, target)
+        if model is None:
+            return 1
+    else:
+        model = SparrowDraft(config)
+        model.set_target_weights(*target.embed_and_head())
+        if config.reduced_vocab:
+            with torch.no_grad():
+                model.d2t.copy_(choose_draft_vocab(files, config.vocab_size, config.draft_vocab_size))
+        init_from_target(model, target)
     target.model.to("cpu")  # features are cached: free the device for the draft
     topt = TrainOptions(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
@@ -232,6 +240,30 @@ def _train(args) -> int:
         print(f"loss: first {result.losses[0]:.4f}, last {result.losses[-1]:.4f}; "
               f"{result.seconds_per_step * 1000:.1f} ms/step; draft written to {out}")
     return 0
+
+
+def _initial_draft(folder, config, target):
+    """The exported draft at `folder`, attached to `target`, if it is the draft these flags describe
+    (its vocabulary is kept: the head's rows are trained for those tokens); None after an error."""
+    from .export import load_draft
+    from .model import DraftConfig, DraftConfigError
+
+    try:
+        have = DraftConfig.load(folder)
+    except (OSError, ValueError, DraftConfigError) as e:
+        print(f"sparrow train: error: --init-from {folder}: {e}", file=sys.stderr)
+        return None
+    want, got = config.to_dict(), have.to_dict()
+    differ = [f"{k} {got.get(k)!r} (the flags give {want[k]!r})" for k in want if got.get(k) != want[k]]
+    if differ:
+        print(f"sparrow train: error: --init-from {folder} is another draft: " + "; ".join(differ) +
+              ". Pass the draft flags it was trained with.", file=sys.stderr)
+        return None
+    try:
+        return load_draft(folder, target)
+    except Exception as e:  # a missing or damaged model.safetensors: safetensors' and torch's own errors
+        print(f"sparrow train: error: --init-from {folder}: cannot read its weights: {e}", file=sys.stderr)
+        return None
 
 
 def _eval_draft(args) -> int:
