@@ -152,3 +152,40 @@ def test_chat_template_matches_transformers(engine, tiny_qwen2_dir):
 def test_streaming_yields_incrementally(engine):
     pieces = list(engine.generate(PROMPT, max_tokens=20, ignore_eos=True))
     assert len(pieces) >= 10  # one piece per token, not one blob at the end
+
+
+def test_profile_times_every_op_and_changes_nothing(model_path, tmp_path):
+    """SPARROW_PROFILE=1 wraps the backend in one that times each op: the tokens are the same as
+    without it, and its table adds up: each forward pass runs every layer's output projection
+    once and the head once; the prompt's pass runs its layers at the prompt's rows and the head on
+    its last row alone, so at 1 row a call the head has one call more than n_layer's share."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import gguf
+
+    code = ("import json, sparrow_py as sp\n"
+            f"with sp.Engine({str(model_path)!r}, n_ctx=128, n_threads=2) as e:\n"
+            "    ids = e.tokenize('Sparrow drafts tokens', add_special=False)\n"
+            "    ''.join(e.generate(ids, max_tokens=7, ignore_eos=True))\n"
+            "    print(json.dumps(list(e.last_tokens)))\n")
+    runs = {}
+    for profile in ("0", "1"):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           env={**os.environ, "SPARROW_PROFILE": profile})
+        assert r.returncode == 0, r.stderr
+        runs[profile] = (json.loads(r.stdout), r.stderr)
+    assert runs["0"][0] == runs["1"][0] and len(runs["0"][0]) == 7
+    assert "sparrow profile" not in runs["0"][1]
+    table = runs["1"][1]
+    assert "sparrow profile (cpu backend, 2 threads)" in table
+    one_row = table.split("1 row(s) a call")[1].split(" row(s) a call")[0]
+    calls = {m[1]: int(m[2]) for m in re.finditer(r"^ {4}(\S.*?\S) +(\d+) calls", one_row, re.M)}
+    reader = gguf.GGUFReader(str(model_path))
+    n_layer = int(reader.fields["qwen2.block_count"].contents())
+    head = calls.get("matmul output.weight", calls.get("matmul token_embd.weight"))
+    assert head == 7  # the prompt's last row, then 6 single-token forwards
+    assert calls["matmul attn_output.weight"] == n_layer * (head - 1)

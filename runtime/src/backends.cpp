@@ -5,6 +5,7 @@
 #include "model.h"
 
 #include <cstdlib>
+#include <cstring>
 
 namespace sparrow {
 
@@ -45,7 +46,12 @@ std::string default_backend_name() {
     return env && *env ? env : "cpu";
 }
 
-std::unique_ptr<Backend> make_backend(const std::string & name, int n_threads) { return kind_of(name).make(n_threads); }
+std::unique_ptr<Backend> make_backend(const std::string & name, int n_threads) {
+    std::unique_ptr<Backend> b = kind_of(name).make(n_threads);
+    const char * profile = std::getenv("SPARROW_PROFILE");
+    if (profile && *profile && std::strcmp(profile, "0") != 0) return make_profiled_backend(std::move(b));
+    return b;
+}
 
 std::unique_ptr<WeightStore> make_weight_store(const std::string & name, bool release_mapped_pages) {
     return kind_of(name).store(release_mapped_pages);

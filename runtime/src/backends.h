@@ -21,8 +21,12 @@ const char * backend_names();
 // What a context uses when its parameters name no backend: $SPARROW_BACKEND if set (the test
 // suite runs everything on "ref" this way), else "cpu".
 std::string default_backend_name();
-// SPARROW_ERR_INVALID_ARGUMENT, naming the ones there are, for an unknown name.
+// SPARROW_ERR_INVALID_ARGUMENT, naming the ones there are, for an unknown name. With
+// $SPARROW_PROFILE set (not "0") the backend is wrapped by make_profiled_backend.
 std::unique_ptr<Backend> make_backend(const std::string & name, int n_threads);
+// A backend that times each op of `inner` and prints the totals, by op and rows per call, to
+// stderr when destroyed (profile-backend.cpp).
+std::unique_ptr<Backend> make_profiled_backend(std::unique_ptr<Backend> inner);
 std::unique_ptr<WeightStore> make_weight_store(const std::string & name, bool release_mapped_pages);
 
 // A model's weights in one backend's memory (model.h keeps one per backend it was asked for).
