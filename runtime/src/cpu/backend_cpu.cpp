@@ -36,6 +36,9 @@ constexpr int64_t kMatmulJobsPerThread = 16;
 // Causal queries per attention task (see attention): enough that a verify batch reads the KV
 // cache once, few enough to leave several tasks per thread in a prefill.
 constexpr int64_t kAttnQueriesPerTask = 8;
+// Elementwise ops this light (a few adds a value) on fewer values than this run on the calling
+// thread: a verify batch's 6 rows of 576 took 3-4 us over two threads, mostly the dispatch.
+constexpr int64_t kLightOpSerialValues = 1 << 15;
 
 class CpuBackend final : public Backend {
 public:
@@ -139,11 +142,18 @@ public:
     void rms_norm(const Tensor & x, const Tensor & weight, float eps, Tensor & out) override {
         const int64_t d = x.cols(), n = x.rows();
         const float * g = weight.f32();
-        for_rows(n, [&](int64_t i) {
+        for_rows_light(n, d, [&](int64_t i) {
             const float * xi = x.f32() + i * d;
             float * yi = out.f32() + i * d;
-            double sum = 0.0;
-            for (int64_t j = 0; j < d; ++j) sum += (double) xi[j] * xi[j];
+            // eight partial sums, added in a fixed order: one chain of dependent double adds
+            // made a row of 576 cost ~1 us
+            double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int64_t j = 0;
+            for (; j + 8 <= d; j += 8) {
+                for (int u = 0; u < 8; ++u) part[u] += (double) xi[j + u] * xi[j + u];
+            }
+            for (; j < d; ++j) part[j % 8] += (double) xi[j] * xi[j];
+            const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
             const float scale = (float) (1.0 / std::sqrt(sum / d + eps));
             for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] * scale * g[j];
         });
@@ -156,28 +166,12 @@ public:
         }
         const int64_t n = x.rows();
         const int half = p.n_dims / 2;
-        // inverse frequencies are the same for every token: theta_i = base^(-2i/n_dims)
-        if ((int) inv_freq_.size() != half || inv_freq_base_ != p.freq_base || inv_freq_dims_ != p.n_dims) {
-            inv_freq_.resize(half);
-            for (int i = 0; i < half; ++i) inv_freq_[i] = std::pow(p.freq_base, -2.0 * i / p.n_dims);
-            inv_freq_base_ = p.freq_base;
-            inv_freq_dims_ = p.n_dims;
-        }
-        int section_end[4] = {0, 0, 0, 0};
-        for (int s = 0, acc = 0; s < 4; ++s) { acc += p.sections[s]; section_end[s] = acc; }
-        const int section_total = section_end[3];
-
-        for_rows(n, [&](int64_t t) {
+        const float * cs = rope_angles(n, pos, p);
+        for_rows_light(n, (int64_t) n_head * head_dim, [&](int64_t t) {
             float * row = x.f32() + t * (int64_t) n_head * head_dim;
+            const float * cs_t = cs + t * 2 * half;
             for (int i = 0; i < half; ++i) {
-                int stream = 0;
-                if (p.mode == RopeMode::MRope && section_total > 0) {
-                    const int sector = i % section_total;
-                    while (stream < 3 && sector >= section_end[stream]) ++stream;
-                }
-                const double position = (double) pos[(int64_t) stream * n + t] * p.freq_scale;
-                const double theta = position * inv_freq_[i] / (p.freq_factors ? p.freq_factors[i] : 1.0f);
-                const float c = (float) std::cos(theta), s = (float) std::sin(theta);
+                const float c = cs_t[2 * i], s = cs_t[2 * i + 1];
                 for (int h = 0; h < n_head; ++h) {
                     float * v = row + h * head_dim;
                     const int a = p.mode == RopeMode::Norm ? 2 * i : i;
@@ -283,7 +277,7 @@ public:
 
     void add(const Tensor & a, const Tensor & b, Tensor & out) override {
         const int64_t d = a.cols();
-        for_rows(a.rows(), [&](int64_t i) {
+        for_rows_light(a.rows(), d, [&](int64_t i) {
             const float * x = a.f32() + i * d;
             const float * y = b.f32() + i * d;
             float * o = out.f32() + i * d;
@@ -426,6 +420,53 @@ private:
         });
     }
 
+    // cos and sin of every (row, pair) rotation angle for these positions, interleaved, n x half
+    // pairs. A forward pass ropes q and k of every layer at the same positions: the angles are
+    // computed on the first of those calls and reused while the positions and parameters are the
+    // same (the trigonometry in double was most of a rope call: 60 calls a token for a 30-layer
+    // model). The values are those the per-call computation gave, bit for bit.
+    const float * rope_angles(int64_t n, const int32_t * pos, const RopeParams & p) {
+        const int half = p.n_dims / 2;
+        const size_t n_pos = (size_t) n * (p.mode == RopeMode::MRope ? 4 : 1);
+        const bool same = rope_.n == n && rope_.mode == p.mode && rope_.n_dims == p.n_dims &&
+                          rope_.freq_base == p.freq_base && rope_.freq_scale == p.freq_scale &&
+                          std::equal(p.sections, p.sections + 4, rope_.sections) &&
+                          rope_.factors.size() == (p.freq_factors ? (size_t) half : 0) &&
+                          (!p.freq_factors || std::equal(rope_.factors.begin(), rope_.factors.end(), p.freq_factors)) &&
+                          rope_.pos.size() == n_pos && std::equal(rope_.pos.begin(), rope_.pos.end(), pos);
+        if (same) return rope_.cs.data();
+        rope_.n = n;
+        rope_.mode = p.mode;
+        rope_.n_dims = p.n_dims;
+        rope_.freq_base = p.freq_base;
+        rope_.freq_scale = p.freq_scale;
+        std::copy(p.sections, p.sections + 4, rope_.sections);
+        rope_.factors.assign(p.freq_factors, p.freq_factors ? p.freq_factors + half : p.freq_factors);
+        rope_.pos.assign(pos, pos + n_pos);
+        // inverse frequencies are the same for every token: theta_i = base^(-2i/n_dims)
+        std::vector<double> inv_freq((size_t) half);
+        for (int i = 0; i < half; ++i) inv_freq[(size_t) i] = std::pow(p.freq_base, -2.0 * i / p.n_dims);
+        int section_end[4] = {0, 0, 0, 0};
+        for (int s = 0, acc = 0; s < 4; ++s) { acc += p.sections[s]; section_end[s] = acc; }
+        const int section_total = section_end[3];
+        rope_.cs.resize((size_t) n * 2 * half);
+        for_rows(n, [&](int64_t t) {
+            float * cs_t = rope_.cs.data() + t * 2 * half;
+            for (int i = 0; i < half; ++i) {
+                int stream = 0;
+                if (p.mode == RopeMode::MRope && section_total > 0) {
+                    const int sector = i % section_total;
+                    while (stream < 3 && sector >= section_end[stream]) ++stream;
+                }
+                const double position = (double) pos[(int64_t) stream * n + t] * p.freq_scale;
+                const double theta = position * inv_freq[(size_t) i] / (p.freq_factors ? p.freq_factors[i] : 1.0f);
+                cs_t[2 * i] = (float) std::cos(theta);
+                cs_t[2 * i + 1] = (float) std::sin(theta);
+            }
+        });
+        return rope_.cs.data();
+    }
+
     // RopeMode::Vision (see backend.h): two sections of pairs, each with its own position
     // stream and its own frequency ladder base^(-2j / (n_dims / 2)).
     void rope_vision(Tensor & x, int n_head, int head_dim, const int32_t * pos, const RopeParams & p) {
@@ -469,6 +510,15 @@ private:
         });
     }
 
+    // for_rows for a light elementwise op: on the caller when it has few values in all.
+    template <typename F> void for_rows_light(int64_t n, int64_t values_per_row, F && fn) {
+        if (n * values_per_row < kLightOpSerialValues) {
+            for (int64_t i = 0; i < n; ++i) fn(i);
+            return;
+        }
+        for_rows(n, fn);
+    }
+
     ThreadPool pool_;
     std::atomic<int64_t> next_job_{0};  // dynamic work counter of the op in flight
     std::vector<uint8_t> scratch_;  // quantized activations of the matmul in flight
@@ -481,9 +531,16 @@ private:
     std::vector<PanelJob> panel_jobs_;
     std::vector<float> attn_scratch_;
     std::vector<int32_t> attn_rows_;  // per thread: the cache rows a masked query sees
-    std::vector<double> inv_freq_;
-    float inv_freq_base_ = 0.0f;
-    int inv_freq_dims_ = 0;
+    struct RopeAngles {  // rope_angles: what the table in cs was computed for
+        int64_t n = -1;
+        RopeMode mode = RopeMode::Neox;
+        int n_dims = 0;
+        float freq_base = 0.0f, freq_scale = 0.0f;
+        int sections[4] = {0, 0, 0, 0};
+        std::vector<float> factors;
+        std::vector<int32_t> pos;
+        std::vector<float> cs;
+    } rope_;
 };
 
 }  // namespace
