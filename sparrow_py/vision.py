@@ -120,6 +120,22 @@ class VisionEncoder(OwnsHandles):
             return 2.0
 
     @property
+    def patch_size(self) -> int:
+        """The side of the tower's patches in pixels (clip.vision.patch_size)."""
+        return int(self.meta_floats("clip.vision.patch_size")[0])
+
+    @property
+    def temporal_patch_size(self) -> int:
+        """Qwen: frames one patch spans, the depth of its Conv3D (clip.vision.temporal_patch_size,
+        written only by our converter and only where it is not 2, the released towers' depth)."""
+        try:
+            return int(self.meta_floats("clip.vision.temporal_patch_size")[0])
+        except SparrowError as e:
+            if "no metadata" not in str(e):
+                raise
+            return 2
+
+    @property
     def image_size(self) -> int:
         """LLaVA-OneVision: the side of the tower's square frames in pixels (clip.vision.image_size;
         SigLIP reads image_size // patch patches per side, 384 // 14 = 27 for so400m)."""

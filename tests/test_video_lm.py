@@ -19,9 +19,9 @@ VISION_START = TINY_VOCAB_SIZE  # [PAD] slots of the tiny vocabulary serve as th
 VIDEO_TOKEN = TINY_VOCAB_SIZE + 3
 
 
-def _video_lm(root, tiny_tokenizer_dir, v25: bool):
+def _video_lm(root, tiny_tokenizer_dir, v25: bool, **vision_overrides):
     """(HF dir, HF model, LM gguf, mmproj gguf) of a tiny Qwen2-VL / Qwen2.5-VL whose vision tokens
-    are in its vocabulary."""
+    are in its vocabulary; vision_overrides go into its vision config."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration)
 
@@ -37,7 +37,7 @@ def _video_lm(root, tiny_tokenizer_dir, v25: bool):
         config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
         model = Qwen2_5_VLForConditionalGeneration(config).eval()
     else:
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, **vision_overrides)
         config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
         model = Qwen2VLForConditionalGeneration(config).eval()
     # the tiny tokenizer plus Qwen's vision tokens, which land on the ids the config names
@@ -61,6 +61,14 @@ def _video_lm(root, tiny_tokenizer_dir, v25: bool):
 @pytest.fixture(scope="module")
 def qwen2vl(tmp_path_factory, tiny_tokenizer_dir):
     return _video_lm(tmp_path_factory.mktemp("video-lm"), tiny_tokenizer_dir, v25=False)
+
+
+@pytest.fixture(scope="module")
+def qwen2vl_deep(tmp_path_factory, tiny_tokenizer_dir):
+    """A tower whose patches span 4 frames and 7 pixels: no released checkpoint's, the kind a
+    tower that must see a short clip whole is trained with."""
+    return _video_lm(tmp_path_factory.mktemp("video-lm-deep"), tiny_tokenizer_dir, v25=False,
+                     temporal_patch_size=4, patch_size=7)
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +234,45 @@ def test_generate_with_video_frames(request, family, n_frames):
     seq = list(ids)
     for _ in range(12):
         seq.append(int(hf_logits(model, seq, v.pixel_values, v.grid_thw, spt)[-1].argmax()))
+    assert got == seq[len(ids):]
+
+
+def test_deeper_temporal_patches_match_transformers(qwen2vl_deep):
+    """A Conv3D 4 frames deep over 7-pixel patches: the converter writes a kernel per frame and
+    says the depth, the runtime sums them, and both the Engine (from the vision file) and the
+    trainer's inputs (from config.json) cut frames into such patches; logits and greedy tokens
+    against transformers."""
+    import json
+
+    import gguf
+
+    from sparrow_py._native import lib, ffi
+    from sparrow_py.video import qwen
+
+    hf_dir, model, lm, mmproj = qwen2vl_deep
+    kernels = sorted(t.name for t in gguf.GGUFReader(str(mmproj)).tensors if t.name.startswith("v.patch_embd."))
+    assert kernels == ["v.patch_embd.weight", "v.patch_embd.weight.1", "v.patch_embd.weight.2", "v.patch_embd.weight.3"]
+    with VisionEncoder(mmproj, n_threads=1) as enc:
+        assert (enc.temporal_patch_size, enc.patch_size) == (4, 7)
+    frames = np.random.default_rng(7).integers(0, 256, size=(8, 56, 84, 3), dtype=np.uint8)
+    tensors, [n_vis] = qwen.QWEN2_VL.hf_video(frames, hf_dir, json.loads((hf_dir / "config.json").read_text()),
+                                               fps=None, num_frames=None, max_pixels=56 * 84)
+    pixels, grid = tensors["pixel_values_videos"].numpy(), tuple(tensors["video_grid_thw"][0].tolist())
+    assert grid == (2, 8, 12) and pixels.shape == (2 * 8 * 12, 3 * 4 * 7 * 7) and n_vis == 2 * 8 * 12 // 4
+    with sp.Engine(str(lm), n_ctx=512, n_threads=1, kv_type="f32", mmproj=str(mmproj)) as e:
+        stream = e.generate("What happens? <video> Answer:", video=frames, max_pixels=56 * 84, max_tokens=8,
+                            ignore_eos=True)
+        next(stream)
+        first = np.frombuffer(ffi.buffer(lib.sparrow_get_logits(e._ctx, 0), 4 * e.n_vocab), dtype=np.float32).copy()
+        "".join(stream)
+        got = e.last_tokens
+        ids = (e.tokenize("What happens? ", add_special=True) + [VISION_START] + [VIDEO_TOKEN] * n_vis
+               + [VISION_START + 1] + e.tokenize(" Answer:", add_special=False))
+    ref = hf_logits(model, ids, pixels, grid)[-1]
+    assert np.abs(first - ref).max() / np.abs(ref).max() < 1e-4
+    seq = list(ids)
+    for _ in range(8):
+        seq.append(int(hf_logits(model, seq, pixels, grid)[-1].argmax()))
     assert got == seq[len(ids):]
 
 

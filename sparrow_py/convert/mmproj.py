@@ -5,7 +5,10 @@ Qwen2-VL / Qwen2.5-VL follow llama.cpp's convert_hf_to_gguf.py (MmprojModel, Qwe
 key for key and name for name, so either converter's file loads in either runtime:
 
 - the Conv3D patch embedding [C_out, C_in, 2, P, P] is split along time into two Conv2D kernels,
-  v.patch_embd.weight (t = 0) and v.patch_embd.weight.1 (t = 1);
+  v.patch_embd.weight (t = 0) and v.patch_embd.weight.1 (t = 1); a deeper one (temporal_patch_size
+  T > 2: a tower that sees T frames at once, which no released checkpoint has and llama.cpp cannot
+  read) goes on with v.patch_embd.weight.2 ... .weight.{T-1}, and clip.vision.temporal_patch_size
+  says T (written only then);
 - the fused attn.qkv rows are split into equal thirds: attn_q, attn_k, attn_v;
 - Qwen2.5-VL: clip.use_silu and clip.vision.n_wa_pattern = fullatt_block_indexes[0] + 1 (every
   n-th block uses full attention, the others windowed; the indexes must be evenly spaced);
@@ -74,6 +77,7 @@ class Keys:
     IMAGE_MEAN = "clip.vision.image_mean"
     IMAGE_STD = "clip.vision.image_std"
     N_WA_PATTERN = "clip.vision.n_wa_pattern"
+    TEMPORAL_PATCH_SIZE = "clip.vision.temporal_patch_size"  # ours: only where it is not 2
     # llama.cpp keys (clip-impl.h) used by our llava_onevision convention
     FEATURE_LAYER = "clip.vision.feature_layer"
     IMAGE_GRID_PINPOINTS = "clip.vision.image_grid_pinpoints"
@@ -174,9 +178,7 @@ def _need(cfg: dict[str, Any], key: str, where: str) -> Any:
 
 def _qwen_sources(ckpt: Checkpoint, vision: dict[str, Any], projector: str, where: str) -> list[_Source]:
     depth = int(_need(vision, "depth", where))
-    tp = int(vision.get("temporal_patch_size", 2))
-    if tp != 2:
-        raise ConvertError(f"{where}: temporal_patch_size {tp} (the split patch embedding needs 2, as llama.cpp)")
+    tp = temporal_patch_size(vision, where)
     rel_names: dict[str, str] = {}
     for hf_name in ckpt.names():
         rel = _strip(hf_name, _QWEN_PREFIXES)
@@ -196,11 +198,12 @@ def _qwen_sources(ckpt: Checkpoint, vision: dict[str, Any], projector: str, wher
 
     patch = take("patch_embed.proj.weight")
     shape = ckpt.info(patch).shape
-    if len(shape) != 5 or shape[2] != 2:
-        raise ConvertError(f"{ckpt.model_dir}: {patch} has shape {list(shape)}, expected [C_out, C_in, 2, P, P]")
+    if len(shape) != 5 or shape[2] != tp:
+        raise ConvertError(f"{ckpt.model_dir}: {patch} has shape {list(shape)}, expected [C_out, C_in, {tp}, P, P]")
     per_frame = (shape[0], shape[1], shape[3], shape[4])
-    out.append(_Source(f"{Tensor.PATCH_EMBD}.weight", per_frame, _time_slice(ckpt, patch, 0), patch))
-    out.append(_Source(f"{Tensor.PATCH_EMBD}.weight.1", per_frame, _time_slice(ckpt, patch, 1), patch))
+    for t in range(tp):
+        out.append(_Source(f"{Tensor.PATCH_EMBD}.weight" + (f".{t}" if t else ""), per_frame,
+                           _time_slice(ckpt, patch, t), patch))
 
     mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if projector == PROJECTOR_QWEN25VL else ("mlp.fc1", "mlp.fc2")
     kinds = ("weight",) if projector == PROJECTOR_QWEN25VL else ("weight", "bias")  # RMSNorm vs LayerNorm
@@ -239,6 +242,17 @@ def _qwen_sources(ckpt: Checkpoint, vision: dict[str, Any], projector: str, wher
     return out
 
 
+# the runtime's limit on the Conv3D's depth (runtime/src/models/vision.h kMaxTemporalPatch)
+MAX_TEMPORAL_PATCH = 16
+
+
+def temporal_patch_size(vision: dict[str, Any], where: str) -> int:
+    tp = int(vision.get("temporal_patch_size", 2))
+    if not 2 <= tp <= MAX_TEMPORAL_PATCH:
+        raise ConvertError(f"{where}: temporal_patch_size {tp} (2 to {MAX_TEMPORAL_PATCH} are supported)")
+    return tp
+
+
 def _qwen_keys(w: gguf.GGUFWriter, config: dict[str, Any], vision: dict[str, Any], projector: str,
                where: str) -> None:
     if projector == PROJECTOR_QWEN2VL:
@@ -254,6 +268,8 @@ def _qwen_keys(w: gguf.GGUFWriter, config: dict[str, Any], vision: dict[str, Any
     w.add_uint32(Keys.BLOCK_COUNT, int(_need(vision, "depth", where)))
     w.add_uint32(Keys.HEAD_COUNT, int(_need(vision, "num_heads", where)))
     w.add_string(Keys.PROJECTOR_TYPE, projector)
+    if (tp := temporal_patch_size(vision, where)) != 2:
+        w.add_uint32(Keys.TEMPORAL_PATCH_SIZE, tp)
     if projector == PROJECTOR_QWEN25VL:
         w.add_bool(Keys.USE_SILU, True)
         full = vision.get("fullatt_block_indexes")
@@ -357,7 +373,7 @@ def _llava_keys(w: gguf.GGUFWriter, config: dict[str, Any], vision: dict[str, An
 def choose_type(name: str, shape: tuple[int, ...], outtype: str) -> Q:
     """llama.cpp's rule for mmproj tensors (MmprojModel.tensor_force_quant + prepare_tensors)."""
     default = quantize.OUTTYPES[outtype][0]
-    if ".patch_embd.weight" in name:  # also catches the second half, v.patch_embd.weight.1
+    if ".patch_embd.weight" in name:  # also catches the other slices, v.patch_embd.weight.1 ...
         return Q.F16 if outtype == "f16" else Q.F32
     if name.startswith(Tensor.POS_EMBD) or name == Tensor.IMAGE_NEWLINE:
         return Q.F32

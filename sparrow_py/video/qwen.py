@@ -91,12 +91,14 @@ class QwenPreprocessConfig:
 BUDGET_MIN_PIXELS = 56 * 56
 
 
-def runtime_config(kind: str, max_pixels: int | None = None) -> QwenPreprocessConfig:
+def runtime_config(kind: str, max_pixels: int | None = None, **geometry: int) -> QwenPreprocessConfig:
     """The settings Engine.generate (`sparrow run`) uses, and so training too: transformers' defaults
     for "video" or "image", or a per-frame pixel budget max_pixels with the floor lowered to
-    min(max_pixels, BUDGET_MIN_PIXELS)."""
+    min(max_pixels, BUDGET_MIN_PIXELS). geometry: the tower's own patch_size and temporal_patch_size
+    where they are not the defaults (QwenFamily reads them from the model)."""
     budget = {} if max_pixels is None else {"max_pixels": int(max_pixels),
                                             "min_pixels": min(int(max_pixels), BUDGET_MIN_PIXELS)}
+    budget.update(geometry)
     if kind == "video":
         return QwenPreprocessConfig.for_videos(**budget)
     if kind == "image":
@@ -252,9 +254,20 @@ class QwenFamily(VisionFamily):
         return [token_id(self.VISION_START), *[pad] * n_tokens, token_id(self.VISION_END)]
 
     @staticmethod
-    def _video(video, fps, num_frames, max_pixels, max_tokens=None) -> QwenVisualInput:
-        return preprocess_video(video, runtime_config("video", max_pixels), fps=fps, num_frames=num_frames,
-                                max_tokens=max_tokens)
+    def _video(video, fps, num_frames, max_pixels, geometry, max_tokens=None) -> QwenVisualInput:
+        return preprocess_video(video, runtime_config("video", max_pixels, **geometry), fps=fps,
+                                num_frames=num_frames, max_tokens=max_tokens)
+
+    @staticmethod
+    def _tower_geometry(tower) -> dict[str, int]:
+        """The patch sizes of the runtime's tower (its vision file)."""
+        return {"patch_size": tower.patch_size, "temporal_patch_size": tower.temporal_patch_size}
+
+    @staticmethod
+    def _hf_geometry(hf_config: dict[str, Any]) -> dict[str, int]:
+        """The patch sizes of a checkpoint's tower (its config.json; transformers' defaults where unsaid)."""
+        vision = hf_config.get("vision_config") or {}
+        return {key: int(vision[key]) for key in ("patch_size", "temporal_patch_size") if vision.get(key) is not None}
 
     @staticmethod
     def _encode(tower, visual: QwenVisualInput, t_scale: float, progress, abort) -> EncodedVisual:
@@ -263,18 +276,19 @@ class QwenFamily(VisionFamily):
         return EncodedVisual(embd, (t, h // visual.merge_size, w // visual.merge_size), t_scale)
 
     def encode_video(self, tower, video, *, fps, num_frames, max_pixels, max_tokens, progress=None, abort=None):
-        v = self._video(video, fps, num_frames, max_pixels, max_tokens)
+        v = self._video(video, fps, num_frames, max_pixels, self._tower_geometry(tower), max_tokens)
         # transformers: temporal positions step by tokens_per_second * second_per_grid_t (Qwen2.5-VL)
         t_scale = tower.tokens_per_second() * float(v.second_per_grid_ts) if self.scales_time else 1.0
         return self._encode(tower, v, t_scale, progress, abort)
 
     def encode_image(self, tower, image, *, max_pixels, progress=None, abort=None):
-        return self._encode(tower, preprocess_image(image, runtime_config("image", max_pixels)), 1.0, progress, abort)
+        cfg = runtime_config("image", max_pixels, **self._tower_geometry(tower))
+        return self._encode(tower, preprocess_image(image, cfg), 1.0, progress, abort)
 
     def hf_video(self, video, hf_dir, hf_config, *, fps, num_frames, max_pixels):
         import torch
 
-        v = self._video(video, fps, num_frames, max_pixels)
+        v = self._video(video, fps, num_frames, max_pixels, self._hf_geometry(hf_config))
         tensors = {"pixel_values_videos": torch.from_numpy(v.pixel_values),
                    "video_grid_thw": torch.tensor([v.grid_thw])}
         if self.scales_time:
@@ -285,7 +299,7 @@ class QwenFamily(VisionFamily):
     def hf_images(self, images, hf_dir, hf_config, *, max_pixels):
         import torch
 
-        cfg = runtime_config("image", max_pixels)
+        cfg = runtime_config("image", max_pixels, **self._hf_geometry(hf_config))
         items = [preprocess_image(image, cfg) for image in images]
         return ({"pixel_values": torch.from_numpy(np.concatenate([i.pixel_values for i in items])),
                  "image_grid_thw": torch.tensor([i.grid_thw for i in items])}, [i.n_tokens for i in items])

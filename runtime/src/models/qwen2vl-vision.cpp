@@ -2,8 +2,9 @@
 // merger, as transformers computes them (Qwen2VisionTransformerPretrainedModel,
 // Qwen2_5_VisionTransformerPretrainedModel), over the ops of backend.h.
 //
-//   patches   Conv3D (C, T=2, P, P) with stride = kernel: a matmul per temporal slice (the file
-//             holds the two slices as v.patch_embd.weight and .weight.1), summed; no bias.
+//   patches   Conv3D (C, T, P, P) with stride = kernel: a matmul per temporal slice (the file
+//             holds the slices as v.patch_embd.weight, .weight.1, ...; T = 2 but in our own
+//             files), summed; no bias.
 //   blocks    x += attn(norm1(x)); x += mlp(norm2(x)). Attention: q/k/v with biases, 2D rotary
 //             (axial: patch row / column positions), bidirectional within a frame.
 //               Qwen2-VL   LayerNorm (weight + bias), MLP fc2(quick_gelu(fc1)), full attention.
@@ -100,7 +101,7 @@ int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & model, const float
     for (size_t g = 0; g < inverse.size(); ++g) reordered |= inverse[g] != (int32_t) g;
 
     VisionBuffers buf(be);
-    Tensor x_slice[2] = {buf.matrix(slice, max_rows), buf.matrix(slice, max_rows)};
+    Tensor x_slice = buf.matrix(slice, max_rows);
     Tensor h = buf.matrix(D, max_rows), cur = buf.matrix(D, max_rows), attn = buf.matrix(D, max_rows);
     Tensor q = buf.matrix(D, max_rows), k = buf.matrix(D, max_rows), v = buf.matrix(D, max_rows);
     Tensor ff = buf.matrix(F, max_rows);
@@ -124,7 +125,9 @@ int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & model, const float
         auto rows = [&](Tensor t, int64_t count) { return t.row_slice(0, count); };
         if (monitor) monitor->check();
 
-        // patch rows in processing order, split into the two temporal slices
+        // patch rows in processing order, one temporal slice at a time, each through its kernel
+        // and summed: h = k_0 x_0 + k_1 x_1 + ...
+        Tensor hn = rows(h, n), curn = rows(cur, n);
         for (int64_t s = 0; s < T; ++s) {
             for (int64_t f = 0; f < nf; ++f) {
                 const float * frame_pixels = pixels + (f0 + f) * frame_rows * patch_floats;
@@ -136,12 +139,10 @@ int64_t qwen2vl_encode_grid(Backend & be, const VisionModel & model, const float
                     }
                 }
             }
-            be.from_host(x_slice[s].data, host_slice.data(), (size_t) (n * slice) * sizeof(float));
+            be.from_host(x_slice.data, host_slice.data(), (size_t) (n * slice) * sizeof(float));
+            be.matmul(W.patch_embd[s], rows(x_slice, n), s == 0 ? hn : curn, nullptr);
+            if (s > 0) be.add(hn, curn, hn);
         }
-        Tensor hn = rows(h, n), curn = rows(cur, n);
-        be.matmul(W.patch_embd[0], rows(x_slice[0], n), hn, nullptr);
-        be.matmul(W.patch_embd[1], rows(x_slice[1], n), curn, nullptr);
-        be.add(hn, curn, hn);
 
         // positions (stream-major: rows, then columns) and attention segments of the chunk
         pos.assign((size_t) (2 * n), 0);

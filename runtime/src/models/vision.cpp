@@ -37,7 +37,8 @@ constexpr const char * kKeyFeatureSelectStrategy = "clip.vision.feature_select_s
 
 // ---- tensor names ("%d" = block) -----------------------------------------------------------
 constexpr const char * kPatchEmbd = "v.patch_embd.weight";
-constexpr const char * kPatchEmbd1 = "v.patch_embd.weight.1";  // Qwen's second temporal slice
+// Qwen's later temporal slices are kPatchEmbd + ".1", ".2", ...
+constexpr const char * kKeyTemporalPatchSize = "clip.vision.temporal_patch_size";  // ours; absent: 2
 constexpr const char * kPatchBias = "v.patch_embd.bias";
 constexpr const char * kPosEmbd = "v.position_embd.weight";
 constexpr const char * kLn1 = "v.blk.%d.ln1.%s";
@@ -143,8 +144,18 @@ void load_qwen(const GGUFFile & f, VisionHparams & hp, VisionWeights & w) {
         if (hp.n_wa_pattern < 0 || hp.n_wa_pattern > hp.n_layer) fail(SPARROW_ERR_FORMAT, "n_wa_pattern is out of range");
     }
 
-    w.patch_embd[0] = bind_patch_kernel(f, kPatchEmbd, hp.patch_size, D, &hp.n_channels);
-    w.patch_embd[1] = bind_patch_kernel(f, kPatchEmbd1, hp.patch_size, D, &hp.n_channels);
+    const int64_t depth = f.get_int(kKeyTemporalPatchSize, 2);
+    if (depth < 2 || depth > kMaxTemporalPatch) {
+        fail(SPARROW_ERR_UNSUPPORTED, format("temporal_patch_size %lld (2 to %d are supported)", (long long) depth, kMaxTemporalPatch));
+    }
+    hp.temporal_patch = (int32_t) depth;
+    for (int t = 0; t < hp.temporal_patch; ++t) {
+        const std::string name = t == 0 ? std::string(kPatchEmbd) : format("%s.%d", kPatchEmbd, t);
+        w.patch_embd[t] = bind_patch_kernel(f, name.c_str(), hp.patch_size, D, &hp.n_channels);
+    }
+    if (f.find_tensor(format("%s.%d", kPatchEmbd, hp.temporal_patch))) {
+        fail(SPARROW_ERR_FORMAT, format("more patch embedding kernels than temporal_patch_size %d", hp.temporal_patch));
+    }
     hp.n_ff = (int32_t) rows_of(f, name_of(kFfnUp, 0, "weight"), 1 << 20);
     const int64_t F = hp.n_ff;
     const char * norm_kinds_bias = v25 ? nullptr : "bias";  // RMSNorm (2.5) has no bias
@@ -280,7 +291,10 @@ void vision_load(const GGUFFile & f, VisionModel & m) {
 VisionModel vision_prepare_weights(WeightStore & store, const VisionModel & views) {
     VisionModel m = views;
     VisionWeights & w = m.w;
-    for (Tensor * t : {&w.patch_embd[0], &w.patch_embd[1], &w.mm0_w, &w.mm2_w}) *t = store.matmul_weight(*t);
+    for (Tensor & t : w.patch_embd) {
+        if (t.data) t = store.matmul_weight(t);
+    }
+    for (Tensor * t : {&w.mm0_w, &w.mm2_w}) *t = store.matmul_weight(*t);
     for (Tensor * t : {&w.patch_bias, &w.pos_embd, &w.post_ln_w, &w.post_ln_b, &w.mm0_b, &w.mm2_b, &w.image_newline}) {
         *t = store.weight(*t);
     }

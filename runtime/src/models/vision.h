@@ -42,7 +42,7 @@ struct VisionHparams {
     int32_t n_embd_out = 0;         // clip.vision.projection_dim: the LM's hidden size
     float eps = 1e-6f;
     // Qwen
-    int32_t temporal_patch = 2;     // the Conv3D's depth (two kernels in the file)
+    int32_t temporal_patch = 2;     // the Conv3D's depth: frames a patch spans (its kernels in the file)
     int32_t merge_size = 2;         // spatial_merge_size: 2x2 patches -> one LM token
     int32_t window_size = 112;      // Qwen2.5-VL window, in pixels (clip.vision.window_size; HF default)
     int32_t n_wa_pattern = 0;       // Qwen2.5-VL: block i has full attention iff (i + 1) % n == 0; 0 = all full
@@ -59,8 +59,12 @@ struct VisionLayer {
     Tensor ffn_up, ffn_up_b, ffn_down, ffn_down_b;
 };
 
+// The deepest Conv3D patch embedding read: released Qwen towers have 2 (llama.cpp's two kernels);
+// deeper ones are ours (sparrow_py/convert/mmproj.py: a tower that sees a whole short clip at once).
+constexpr int kMaxTemporalPatch = 16;
+
 struct VisionWeights {
-    Tensor patch_embd[2];   // [C*P*P -> n_embd] per temporal slice (Qwen: 2; SigLIP: 1)
+    Tensor patch_embd[kMaxTemporalPatch];   // [C*P*P -> n_embd] per temporal slice (Qwen: 2 or more; SigLIP: 1)
     Tensor patch_bias;      // SigLIP
     Tensor pos_embd;        // SigLIP: [n_patches, n_embd] f32
     std::vector<VisionLayer> layers;
