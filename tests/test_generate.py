@@ -181,7 +181,8 @@ def test_profile_times_every_op_and_changes_nothing(model_path, tmp_path):
     assert runs["0"][0] == runs["1"][0] and len(runs["0"][0]) == 7
     assert "sparrow profile" not in runs["0"][1]
     table = runs["1"][1]
-    assert "sparrow profile (cpu backend, 2 threads)" in table
+    header = re.search(r"sparrow profile \((\w+) backend, (\d+) threads\)", table)
+    assert header and header[1] == (os.environ.get("SPARROW_BACKEND") or "cpu")
     one_row = table.split("1 row(s) a call")[1].split(" row(s) a call")[0]
     calls = {m[1]: int(m[2]) for m in re.finditer(r"^ {4}(\S.*?\S) +(\d+) calls", one_row, re.M)}
     reader = gguf.GGUFReader(str(model_path))
