@@ -428,14 +428,13 @@ private:
     const float * rope_angles(int64_t n, const int32_t * pos, const RopeParams & p) {
         const int half = p.n_dims / 2;
         const size_t n_pos = (size_t) n * (p.mode == RopeMode::MRope ? 4 : 1);
-        const bool same = rope_.n == n && rope_.mode == p.mode && rope_.n_dims == p.n_dims &&
+        const bool same = rope_.mode == p.mode && rope_.n_dims == p.n_dims &&
                           rope_.freq_base == p.freq_base && rope_.freq_scale == p.freq_scale &&
                           std::equal(p.sections, p.sections + 4, rope_.sections) &&
                           rope_.factors.size() == (p.freq_factors ? (size_t) half : 0) &&
                           (!p.freq_factors || std::equal(rope_.factors.begin(), rope_.factors.end(), p.freq_factors)) &&
                           rope_.pos.size() == n_pos && std::equal(rope_.pos.begin(), rope_.pos.end(), pos);
         if (same) return rope_.cs.data();
-        rope_.n = n;
         rope_.mode = p.mode;
         rope_.n_dims = p.n_dims;
         rope_.freq_base = p.freq_base;
@@ -532,7 +531,6 @@ private:
     std::vector<float> attn_scratch_;
     std::vector<int32_t> attn_rows_;  // per thread: the cache rows a masked query sees
     struct RopeAngles {  // rope_angles: what the table in cs was computed for
-        int64_t n = -1;
         RopeMode mode = RopeMode::Neox;
         int n_dims = 0;
         float freq_base = 0.0f, freq_scale = 0.0f;

@@ -34,11 +34,11 @@ constexpr const char * kKeyWindowSize = "clip.vision.window_size";
 constexpr const char * kKeyWaPattern = "clip.vision.n_wa_pattern";
 constexpr const char * kKeyFeatureLayer = "clip.vision.feature_layer";
 constexpr const char * kKeyFeatureSelectStrategy = "clip.vision.feature_select_strategy";
+constexpr const char * kKeyTemporalPatchSize = "clip.vision.temporal_patch_size";  // ours; absent: 2
 
 // ---- tensor names ("%d" = block) -----------------------------------------------------------
 constexpr const char * kPatchEmbd = "v.patch_embd.weight";
 // Qwen's later temporal slices are kPatchEmbd + ".1", ".2", ...
-constexpr const char * kKeyTemporalPatchSize = "clip.vision.temporal_patch_size";  // ours; absent: 2
 constexpr const char * kPatchBias = "v.patch_embd.bias";
 constexpr const char * kPosEmbd = "v.position_embd.weight";
 constexpr const char * kLn1 = "v.blk.%d.ln1.%s";
