@@ -63,8 +63,8 @@ def main() -> int:
     opts = SmolOptions(**{k: given[k] for k in ("seed", "tower_steps", "lora_steps", "draft_steps", "draft_clips",
                                                  "threads") if k in given})
     if args.quick:
-        opts = SmolOptions(seed=args.seed, tower_steps=4, tower_dense_steps=4, lora_steps=3, draft_clips=8, draft_steps=4, eval_clips=3,
-                           threads=args.threads)
+        opts = SmolOptions(seed=args.seed, tower_steps=4, tower_dense_steps=4, lora_steps=3, draft_clips=8,
+                           draft_steps=4, eval_clips=3, threads=args.threads)
     out = Path(args.out or REPO / "sparrow_py" / "demo" / "data" / "smol")
     try:
         info = build_smol(out, Path(args.work or REPO / "build" / "demo-smol-work"), opts, log=log)
