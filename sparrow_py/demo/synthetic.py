@@ -109,6 +109,11 @@ def _centre(o: SceneObject, frame: int) -> tuple[float, float]:
     return o.x + dx * MOVE_DISTANCE * f, o.y + dy * MOVE_DISTANCE * f
 
 
+def visible(o: SceneObject, frame: int) -> bool:
+    """Whether o is in the frame (it appears or disappears at o.time)."""
+    return not ((o.event == "appears" and frame < o.time) or (o.event == "disappears" and frame >= o.time))
+
+
 def _paths_touch(a: SceneObject, b: SceneObject) -> bool:
     gap = SIZES[a.size] + SIZES[b.size] + 4
     for frame in range(N_FRAMES):
@@ -139,7 +144,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     for o in scene.objects:
         r = SIZES[o.size]
         for f in range(N_FRAMES):
-            if (o.event == "appears" and f < o.time) or (o.event == "disappears" and f >= o.time):
+            if not visible(o, f):
                 continue
             color = o.new_color if o.event == "turns" and f >= o.time else o.color
             cx, cy = _centre(o, f)
