@@ -61,8 +61,12 @@ def test_clips_show_what_their_scene_says():
                 assert np.sign(round(xs[-1] - xs[0])) == dx and np.sign(round(ys[-1] - ys[0])) == dy, (seed, o)
 
 
+def other_new(o):
+    return next(c for c in synthetic.COLORS if c not in (o.color, o.new_color))
+
+
 def test_caption_checker_rejects_wrong_facts():
-    checked = 0
+    checked = turned = 0
     for seed in range(30):
         scene = synthetic.clip(seed).scene
         for prompt in synthetic.PROMPTS:
@@ -73,13 +77,26 @@ def test_caption_checker_rejects_wrong_facts():
             assert not synthetic.caption_is_correct(text.replace(f"{o.color} {o.shape}", f"{other} {o.shape}", 1), scene), text
             other_shape = next(s for s in synthetic.SHAPES if s not in {x.shape for x in scene.objects})
             assert not synthetic.caption_is_correct(text.replace(f"{o.color} {o.shape}", f"{o.color} {other_shape}", 1), scene), text
+            if prompt != synthetic.PROMPTS[2]:   # the brief phrasing gives no sizes
+                wrong_size = next(z for z in synthetic.SIZES if z != o.size)
+                assert not synthetic.caption_is_correct(text.replace(f"{o.size} {o.color}", f"{wrong_size} {o.color}", 1), scene), text
+            if prompt == synthetic.PROMPTS[0]:
+                wrong_bg = next(b for b in synthetic.BACKGROUNDS if b != scene.background)
+                assert not synthetic.caption_is_correct(text.replace(scene.background, wrong_bg, 1), scene), text
+            turning = [x for x in scene.objects if x.event == "turns"]
+            if turning:   # the two colours swapped, or a wrong new colour
+                t = turning[0]
+                swapped = text.replace(t.color, "@").replace(t.new_color, t.color).replace("@", t.new_color)
+                assert not synthetic.caption_is_correct(swapped, scene), swapped
+                assert not synthetic.caption_is_correct(text.replace(f" {t.new_color}", f" {other_new(t)}"), scene), text
+                turned += 1
             facts = synthetic.caption_facts(scene)
             plain = ". ".join(" ".join(f) for f in facts)
             assert synthetic.caption_is_correct(plain, scene), plain
             if len(facts) == 2 and facts[0][1] != facts[1][1]:  # told in the wrong order
                 assert not synthetic.caption_is_correct(". ".join(" ".join(f) for f in facts[::-1]), scene)
             checked += 1
-    assert checked == 90
+    assert checked == 90 and turned > 10
 
 
 # --- the shipped models ----------------------------------------------------------------------

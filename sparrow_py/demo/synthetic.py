@@ -205,25 +205,44 @@ def caption_facts(scene: Scene) -> list[tuple[str, str, str]]:
     return [(o.color, o.shape, o.new_color if o.event == "turns" else o.event) for o in scene.ordered()]
 
 
-def caption_is_correct(text: str, scene: Scene) -> bool:
-    """True when text names every object's colour, shape and event, in the scene's order.
+EVENT_WORDS = {"left": ("left",), "right": ("right",), "up": ("up",), "down": ("down",),
+               "appears": ("appears", "shows", "appearing"), "disappears": ("disappears", "vanishes", "disappearing")}
 
-    A lenient reading, independent of the phrasing: each fact must appear as words in text, and
-    the objects' shape words in caption order."""
+
+def caption_is_correct(text: str, scene: Scene) -> bool:
+    """True when text names every fact of the scene, in any of the phrasings: the objects' shapes in
+    caption order and no other shape; right before each shape its colour, and before that its size
+    when the caption gives sizes; after it, before the next object's shape, its event (for a colour
+    change, the new colour is the first colour named after the shape); and the background when the
+    caption names one."""
     words = text.lower().replace(",", " ").replace(".", " ").replace(";", " ").split()
-    pos = 0
-    for color, shape, event in caption_facts(scene):
+    objs = scene.ordered()
+    if sum(w in SHAPES for w in words) != len(objs):
+        return False
+    ats, pos = [], 0
+    for o in objs:
         try:
-            at = words.index(shape, pos)
+            ats.append(words.index(o.shape, pos))
         except ValueError:
             return False
-        window = words[max(pos, at - 3):at + 4]
-        event_words = {"left": ["left"], "right": ["right"], "up": ["up"], "down": ["down"],
-                       "appears": ["appears", "shows", "appearing"],
-                       "disappears": ["disappears", "vanishes", "disappearing"]}.get(event, [event])
-        if color not in window or not any(e in window for e in event_words):
+        pos = ats[-1] + 1
+    for i, (o, at) in enumerate(zip(objs, ats)):
+        if at < 1 or words[at - 1] != o.color:
             return False
-        pos = at + 1
+        if at >= 2 and words[at - 2] in SIZES and words[at - 2] != o.size:
+            return False
+        clause = words[at + 1:ats[i + 1] if i + 1 < len(ats) else len(words)]
+        if o.event == "turns":
+            named = [w for w in clause if w in COLORS]
+            if not named or named[0] != o.new_color:
+                return False
+        elif not any(w in clause for w in EVENT_WORDS[o.event]):
+            return False
+    if "background" in words:
+        at = words.index("background")
+        name = scene.background.split()
+        if words[max(0, at - len(name)):at] != name:
+            return False
     return True
 
 
