@@ -17,13 +17,14 @@ constexpr double kDecay = 0.95;
 // one only a little (a lasting slowdown, the machine getting busy, is followed in ~20 rounds).
 constexpr int32_t kFirstSamples = 3;
 constexpr double kWeightDown = 0.3, kWeightUp = 0.05;
-// Before any evidence a draft token is taken to be accepted half the time (pseudo-counts: 0.1
-// accepted of 0.2 drafted): optimistic enough that speculation is tried, light enough that a
-// draft never accepted is estimated at 0.005 (one of 20 would keep a useless draft drafting on
-// a target that verifies cheaply). The evidence decays and the prior does not, so a depth no
-// longer reached drifts back to even odds within ~50 rounds and is tried again: an estimate
-// that happened to come out low does not stay low for good.
-constexpr double kPriorAccepted = 0.1, kPriorReached = 0.2;
+// Before any evidence a draft token is taken to be accepted half the time (pseudo-counts: 0.25
+// accepted of 0.5 drafted): optimistic enough that speculation is tried, light enough that a
+// draft never accepted is estimated at 0.012 (the evidence saturates at ~20 rounds), and heavy
+// enough that one rejection reads 0.17, not 0.08: at 0.08 (0.1 of 0.2) the SmolLM2 demo's one
+// early rejection at depth 2 kept it at k = 1 for a whole caption. The evidence decays and the
+// prior does not, so a depth no longer reached drifts back to even odds within ~50 rounds and is
+// tried again: an estimate that happened to come out low does not stay low for good.
+constexpr double kPriorAccepted = 0.25, kPriorReached = 0.5;
 // A longer chain than any timed costs this much more per token, as a fraction of a decode step:
 // cheap, so that it is tried (and then timed) when the acceptance suggests it could pay.
 constexpr double kGuessPerToken = 0.1;
@@ -73,10 +74,10 @@ double SpecPolicy::expected_tokens(int32_t k) const {
     return tokens;
 }
 
-double SpecPolicy::interpolate(const Cost * costs, int32_t max, int32_t n) const {
+double SpecPolicy::interpolate(const Cost * costs, int32_t max, int32_t n, bool own) const {
     n = std::min(std::max(n, 0), max);
     auto at = [&](int32_t i) -> const Cost & { return i == 0 ? cost_[0] : costs[i]; };
-    if (at(n).n > 0) return at(n).ms;
+    if (n == 0 || (own && at(n).n > 0)) return at(n).ms;
     if (cost_[0].n == 0) return 0.0;
     int32_t lo = n - 1, hi = n + 1;
     while (at(lo).n == 0) lo--;  // stops at 0 at the latest
@@ -88,8 +89,19 @@ double SpecPolicy::interpolate(const Cost * costs, int32_t max, int32_t n) const
     int32_t lo2 = lo - 1;
     while (lo2 >= 1 && at(lo2).n == 0) lo2--;
     const double slope = lo >= 1 && lo2 >= 1 ? std::max(0.0, (at(lo).ms - at(lo2).ms) / (lo - lo2))
-                                             : kGuessPerToken * cost_[0].ms;
+                                             : kGuessPerToken * fastest_round_ms();
     return at(lo).ms + slope * (n - lo);
+}
+
+double SpecPolicy::fastest_round_ms() const {
+    // every chain round runs the target once, so none is faster than a plain step: the fastest
+    // timed round bounds a decode from above even while the decode's own timing is the slow first
+    // one after a prefill
+    double ms = cost_[0].ms;
+    for (const Cost & c : cost_) {
+        if (c.n > 0) ms = std::min(ms, c.ms);
+    }
+    return ms;
 }
 
 double SpecPolicy::round_ms(int32_t k) const { return interpolate(cost_, kMaxDepth, k); }
@@ -105,7 +117,16 @@ double SpecPolicy::tree_tokens(int32_t n) const {
     return tokens;
 }
 
-double SpecPolicy::rate(int32_t k) const { return expected_tokens(k) / round_ms(k); }
+double SpecPolicy::rate(int32_t k) const {
+    double ms = round_ms(k);
+    // A length timed fewer than kFirstSamples times costs no more than the other lengths' timings
+    // say: its first round is often slow (the draft's first round catches up on the prompt; a
+    // verify of more rows than before touches fresh buffers), and one such timing kept the SmolLM2
+    // demo at k = 1 or plain for a whole caption (1.9x where k = 4 gives 3x). Chosen again, it is
+    // timed again, and its estimate follows the fastest of its first samples.
+    if (k > 0 && cost_[k].n > 0 && cost_[k].n < kFirstSamples) ms = std::min(ms, interpolate(cost_, kMaxDepth, k, false));
+    return expected_tokens(k) / ms;
+}
 
 int32_t SpecPolicy::choose_chain(int32_t max_k) {
     if (max_k <= 0 || cost_[0].n == 0) return 0;  // first time what plain decoding costs

@@ -77,11 +77,13 @@ private:
         void add(double sample);
     };
     double rate(int32_t k) const;  // estimated tokens per millisecond of a k-token chain round
+    double fastest_round_ms() const;  // the fastest timed chain round (plain included): a decode's upper bound
     void tick();                   // one more round: every cost ages
     int32_t refresh_every(double best_rate) const;  // speculative rounds between timed plain steps
     // T(n) from the timed sizes among costs[1..max], size 0 being the plain step: timed, between
     // two timed sizes, or above the largest timed along the slope of the two largest (or the guess)
-    double interpolate(const Cost * costs, int32_t max, int32_t n) const;
+    // (own: false leaves out size n's own timing)
+    double interpolate(const Cost * costs, int32_t max, int32_t n, bool own = true) const;
 
     double accepted_[kMaxDepth] = {};  // decayed counts: drafts accepted at depth d + 1
     double reached_[kMaxDepth] = {};   // and drafts proposed there (the depth was reached)

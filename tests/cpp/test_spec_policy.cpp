@@ -6,6 +6,8 @@
 //     machine, whatever the draft (useless, mediocre, perfect), with noisy timings and with the
 //     first decode after the prefill twice as slow as the rest (a stale first timing once made
 //     the policy speculate at a loss), and at least 90% of the best fixed chain's speed;
+//   - a bad start (every length's first round slow, the first long chain's second token
+//     rejected) does not keep a good draft at short chains for a whole caption;
 //   - a useless draft rests within a few rounds and is probed after 32, 64 ... 512 plain steps; a
 //     draft that starts agreeing gets chains again; text that changes midway is followed;
 //   - trees give way to plain steps when their tokens per millisecond fall below a decode's, and
@@ -183,21 +185,31 @@ void test_good_draft_gets_long_chains_and_plain_is_retimed() {
               r.rounds_by_k[0] <= spec / SpecPolicy::kFarRefreshEvery + 4,
           "plain steps while speculating: about one in " + std::to_string(SpecPolicy::kFarRefreshEvery) + " (got " +
               std::to_string(r.rounds_by_k[0]) + " of " + std::to_string(spec + r.rounds_by_k[0]) + ")");
-    check(p.round_ms(0) > 0.99 * kDecodeMs && p.round_ms(0) < 1.01 * kDecodeMs,
-          "the slow first decode does not stay in the estimate");
+    // (the first decode took 2x; each noisy sample, up to 3x, moves the estimate up by 10% at most,
+    // so two in a row leave it at 1.2x until faster samples pull it down)
+    check(p.round_ms(0) > 0.99 * kDecodeMs && p.round_ms(0) < 1.21 * kDecodeMs,
+          "the slow first decode does not stay in the estimate (" + std::to_string(p.round_ms(0)) + " ms)");
 }
 
 void test_text_that_changes() {
-    // a good draft, then text it cannot predict, then good again: each phase near its best
+    // a good draft, then text it cannot predict, then good again: each phase near its best, as
+    // a mean over 5 runs (one run's share moves by a few percent with its random draws)
     const Machine good = {"good", 0.05, 0.1, {0.9}}, bad = {"bad", 0.05, 0.1, {0.0}};
-    SpecPolicy p;
+    constexpr int kRuns = 5;
+    double share[3] = {0.0, 0.0, 0.0}, speed[3] = {0.0, 0.0, 0.0};
+    for (int run = 0; run < kRuns; run++) {
+        SpecPolicy p;
+        for (int phase = 0; phase < 3; phase++) {
+            const Machine & m = phase == 1 ? bad : good;
+            simulate(p, m, 6, 300, 100 * run + 11 + phase);  // the change: settle
+            const Run r = simulate(p, m, 6, 3000, 100 * run + 21 + phase);
+            share[phase] += r.rate() / m.best_fixed_rate(6) / kRuns;
+            speed[phase] += r.rate() * kDecodeMs / kRuns;
+        }
+    }
     for (int phase = 0; phase < 3; phase++) {
-        const Machine & m = phase == 1 ? bad : good;
-        simulate(p, m, 6, 300, 11 + phase);  // the change: settle
-        const Run r = simulate(p, m, 6, 3000, 21 + phase);
-        check(r.rate() >= 0.9 * m.best_fixed_rate(6),
-              std::string("phase ") + std::to_string(phase) + fmt(": %.3f of the best (%.3f of plain)",
-                                                                   r.rate() / m.best_fixed_rate(6), r.rate() * kDecodeMs));
+        check(share[phase] >= 0.9, std::string("phase ") + std::to_string(phase) +
+                                       fmt(": %.3f of the best (%.3f of plain)", share[phase], speed[phase]));
     }
 }
 
@@ -375,6 +387,50 @@ void test_chains_and_trees_learn_apart() {
                            std::to_string(wait) + ")");
 }
 
+// A bad start must not lock the chain short. The SmolLM2 demo's policy went plain, k = 2 with its
+// second token rejected, then k = 1 for a whole caption (1.9x where k = 4 gives 3x): one
+// rejection read as depth 2's acceptance 0.08, too little for the extra draft step to pay, and a
+// depth is tried again only as that evidence decays (~50 rounds). Worse when the first round of
+// each length is slow (the draft's first round catches up on the prompt; a verify of more rows
+// than before touches fresh buffers) and that timing stays. Both: the first k >= 2 round has its
+// second token rejected, with and without every length's first round 4 times as slow (a plain
+// step's 2 times); a generation of ~60 tokens must still get to the long chains that pay.
+void bad_start(const Machine & m, bool slow_first_rounds) {
+    SpecPolicy p;
+    std::vector<bool> seen(SpecPolicy::kMaxDepth + 1, false);
+    std::mt19937_64 gen(7);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    double tokens = 0.0, ms = 0.0;
+    int64_t long_rounds = 0, rounds = 0;
+    bool rejected = false;
+    while (tokens < 60.0) {
+        const int32_t k = p.choose_chain(4);
+        int32_t accepted = 0;
+        if (k >= 2 && !rejected) accepted = 1, rejected = true;  // the second token rejected, once
+        else while (accepted < k && u(gen) < m.accept[0]) accepted++;
+        const double slow = slow_first_rounds && !seen[(size_t) k] ? (k == 0 ? 2.0 : 4.0) : 1.0;
+        seen[(size_t) k] = true;
+        p.record_chain(k, accepted, m.cost(k) * slow);
+        tokens += accepted + 1;
+        ms += m.cost(k);  // the one-off slowness is the machine's, charged to no choice
+        long_rounds += k >= 3;
+        rounds += 1;
+    }
+    const std::string what = std::string(m.name) + (slow_first_rounds ? ", slow first rounds" : "");
+    const double share = (tokens / ms) / m.best_fixed_rate(4);
+    check(rejected && share >= 0.8, what + ": 60 tokens after a bad start at " + std::to_string(share) +
+                                        " of the best fixed chain's speed (want >= 0.8)");
+    check(2 * long_rounds >= rounds, what + ": most rounds draft 3 or 4 tokens (" + std::to_string(long_rounds) +
+                                         " of " + std::to_string(rounds) + ")");
+}
+
+void test_a_bad_start() {
+    // the demo's f32 target: a verify of 5 rows costs ~1.05 decodes, a draft step ~2% of one
+    const Machine demo{"demo-like", 0.02, 0.05, {0.95}};
+    bad_start(demo, false);
+    bad_start(demo, true);
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
@@ -387,5 +443,6 @@ int main(int argc, char ** argv) {
     test_trees();
     test_tree_sizes();
     test_chains_and_trees_learn_apart();
+    test_a_bad_start();
     return finish("test_spec_policy");
 }
