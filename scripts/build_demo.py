@@ -33,7 +33,7 @@ def main() -> int:
     p.add_argument("--draft-steps", type=int, help="draft optimizer steps")
     p.add_argument("--draft-clips", type=int, help="clips the target captions for the draft's training")
     p.add_argument("--target-steps", type=int, help="--tiny: target optimizer steps")
-    p.add_argument("--tower-steps", type=int, help="SmolLM2 demo: tower pretraining steps")
+    p.add_argument("--tower-steps", type=int, help="SmolLM2 demo: the tower's slot-stage steps")
     p.add_argument("--lora-steps", type=int, help="SmolLM2 demo: LoRA steps")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny step counts: checks the pipeline, not the models")
@@ -63,7 +63,7 @@ def main() -> int:
     opts = SmolOptions(**{k: given[k] for k in ("seed", "tower_steps", "lora_steps", "draft_steps", "draft_clips",
                                                  "threads") if k in given})
     if args.quick:
-        opts = SmolOptions(seed=args.seed, tower_steps=4, tower_dense_steps=4, lora_steps=3, draft_clips=8,
+        opts = SmolOptions(seed=args.seed, tower_shape_steps=4, tower_static_steps=2, tower_steps=4, lora_steps=3, draft_clips=8,
                            draft_steps=4, eval_clips=3, threads=args.threads)
     out = Path(args.out or REPO / "sparrow_py" / "demo" / "data" / "smol")
     try:

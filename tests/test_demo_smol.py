@@ -96,8 +96,8 @@ def test_smol_target_captions_held_out_clips_and_sparrow_is_lossless(models):
     assert synthetic.caption_is_correct(bundled, synthetic.clip(models.info["clip_seed"]).scene), bundled
 
 
-FACTS_FLOOR = 0.08     # measured 0.12 (3 of these 24); demo.json: 0.25 (transformers, 60 others); the issue asks 0.7
-ACCEPT_FLOOR = 3.0     # measured 4.36
+FACTS_FLOOR = 0.45     # measured 0.54 (13 of these 24); demo.json: 0.55 (transformers, 60 others); the issue asks 0.7
+ACCEPT_FLOOR = 3.5     # measured 4.64
 
 
 @needs_base
