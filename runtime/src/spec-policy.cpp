@@ -98,8 +98,8 @@ double SpecPolicy::fastest_round_ms() const {
     // timed round bounds a decode from above even while the decode's own timing is the slow first
     // one after a prefill
     double ms = cost_[0].ms;
-    for (const Cost & c : cost_) {
-        if (c.n > 0) ms = std::min(ms, c.ms);
+    for (int32_t k = 1; k <= kMaxDepth; ++k) {
+        if (cost_[k].n > 0) ms = std::min(ms, cost_[k].ms);
     }
     return ms;
 }

@@ -57,6 +57,7 @@ PATCH, TEMPORAL_PATCH, MERGE = 14, synthetic.N_FRAMES, 2
 VISION = dict(depth=4, embed_dim=192, hidden_size=576, num_heads=4, mlp_ratio=2, patch_size=PATCH,
               spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, in_channels=3)
 MAX_PIXELS = synthetic.FRAME_SIZE * synthetic.FRAME_SIZE
+N_MERGED = (synthetic.FRAME_SIZE // PATCH // MERGE) ** 2   # the tower's output tokens per clip
 PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": PATCH,
                 "temporal_patch_size": TEMPORAL_PATCH, "merge_size": MERGE, "min_pixels": 28 * 28,
                 "max_pixels": MAX_PIXELS, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}
@@ -159,11 +160,15 @@ def _lr(step: int, steps: int, peak: float) -> float:
     return peak * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
-def _clip_inputs(target, seed: int):
+def _tower_batch(target, clips: list) -> tuple[list, "torch.Tensor", "torch.Tensor"]:
+    """The clips' scenes, and the tower's inputs for all of them at once (pixel rows and grids)."""
+    import torch
+
     from ..train.target import MediaOptions
 
-    c = synthetic.clip(seed)
-    return c, target.visual_inputs(c.frames, MediaOptions(max_pixels=MAX_PIXELS))
+    inputs = [target.visual_inputs(c.frames, MediaOptions(max_pixels=MAX_PIXELS)).tensors for c in clips]
+    return ([c.scene for c in clips], torch.cat([v["pixel_values_videos"] for v in inputs]),
+            torch.cat([v["video_grid_thw"] for v in inputs]))
 
 
 class SlotLoss:
@@ -196,14 +201,19 @@ class SlotLoss:
 
         return torch.tensor([[self.kinds[k].index(w) for k, w in scene_slots(sc)] for sc in scenes])
 
+    def distances(self, out) -> "torch.Tensor":
+        """Squared distance from each slot's token to each of its candidates' embeddings [B, S, K]
+        (inf past a slot's candidates): the nearest is the word the slot names."""
+        d2 = (out[:, :N_SLOTS, None, :] - self.cands[None]).pow(2).sum(-1)
+        return d2.masked_fill(~self.valid[None], float("inf"))
+
     def __call__(self, out, scenes):
         import torch
         import torch.nn.functional as F
 
         want = self.targets(scenes)                                        # [B, S]
         o = out[:, :N_SLOTS]                                               # [B, S, D]
-        d2 = (o[:, :, None, :] - self.cands[None]).pow(2).sum(-1)          # [B, S, K]
-        logits = (-d2 / self.spread[None] * 8).masked_fill(~self.valid[None], float("-inf"))
+        logits = -self.distances(out) / self.spread[None] * 8              # [B, S, K]
         ce = F.cross_entropy(logits.flatten(0, 1), want.flatten())
         right = self.cands[torch.arange(N_SLOTS)[None], want]              # [B, S, D]
         mse = (o - right).pow(2).mean() / self.var
@@ -219,20 +229,13 @@ def held_out_slots(target, n_clips: int, first_seed: int) -> dict:
 
     visual = target.model.model.visual
     loss_fn = SlotLoss(target)
-    n_merged = (synthetic.FRAME_SIZE // PATCH // MERGE) ** 2
     right = []
     with torch.no_grad():
         for start in range(first_seed, first_seed + n_clips, 32):
-            scenes, pixels, grids = [], [], []
-            for seed in range(start, min(start + 32, first_seed + n_clips)):
-                c, v = _clip_inputs(target, seed)
-                scenes.append(c.scene)
-                pixels.append(v.tensors["pixel_values_videos"])
-                grids.append(v.tensors["video_grid_thw"])
-            out = visual(torch.cat(pixels), grid_thw=torch.cat(grids)).pooler_output.view(len(scenes), n_merged, -1)
-            d2 = (out[:, :N_SLOTS, None, :] - loss_fn.cands[None]).pow(2).sum(-1)
-            nearest = d2.masked_fill(~loss_fn.valid[None], float("inf")).argmin(-1)
-            right.append((nearest == loss_fn.targets(scenes)).numpy())
+            clips = [synthetic.clip(seed) for seed in range(start, min(start + 32, first_seed + n_clips))]
+            scenes, pixels, grids = _tower_batch(target, clips)
+            out = visual(pixels, grid_thw=grids).pooler_output.view(len(scenes), N_MERGED, -1)
+            right.append((loss_fn.distances(out).argmin(-1) == loss_fn.targets(scenes)).numpy())
     right = np.concatenate(right)
     names = ["background"] + [f"object{i}.{k}" for i in (1, 2) for k in OBJECT_SLOTS]
     return {"clips": len(right), "every_slot_right": round(float(right.all(1).mean()), 3),
@@ -309,7 +312,6 @@ def train_tower(target, opts: SmolOptions, log: Callable[[str], None], *, steps:
 
     visual = target.model.model.visual
     linear_patch_embed(visual)
-    n_merged = (synthetic.FRAME_SIZE // PATCH // MERGE) ** 2
     loss_fn = SlotLoss(target) if slots else None
     n_shape = len(synthetic.SHAPES) + 1
     probe = torch.nn.Linear(VISION["embed_dim"], n_shape + len(synthetic.SIZES) + 1)
@@ -324,16 +326,14 @@ def train_tower(target, opts: SmolOptions, log: Callable[[str], None], *, steps:
     for step in range(steps):
         for g in optimizer.param_groups:
             g["lr"] = _lr(step, steps, lr)
-        scenes, pixels, grids = [], [], []
-        while len(scenes) < opts.tower_batch:
-            c, v = _clip_inputs(target, seed)
+        clips = []
+        while len(clips) < opts.tower_batch:
+            c = synthetic.clip(seed)
             seed += 1
-            if step < static_steps and any(o.event in synthetic.MOVES for o in c.scene.objects):
-                continue
-            scenes.append(c.scene)
-            pixels.append(v.tensors["pixel_values_videos"])
-            grids.append(v.tensors["video_grid_thw"])
-        result = visual(torch.cat(pixels), grid_thw=torch.cat(grids))
+            if step >= static_steps or not any(o.event in synthetic.MOVES for o in c.scene.objects):
+                clips.append(c)
+        scenes, pixels, grids = _tower_batch(target, clips)
+        result = visual(pixels, grid_thw=grids)
         patches = result.last_hidden_state                                  # [B * patches, embed]
         want = [patch_targets(sc) for sc in scenes]
         shape_want = torch.from_numpy(np.concatenate([sh for sh, _ in want]))
@@ -347,7 +347,7 @@ def train_tower(target, opts: SmolOptions, log: Callable[[str], None], *, steps:
         hist["patch_shapes"].append(float((logits[:, :n_shape].argmax(-1)[on_object] == shape_want[on_object]).float().mean()))
         hist["shapes_shown"].append(float(((shown_logits > 0).float() == shown).all(1).float().mean()))
         if slots:
-            slot_loss, acc = loss_fn(result.pooler_output.view(len(scenes), n_merged, -1), scenes)
+            slot_loss, acc = loss_fn(result.pooler_output.view(len(scenes), N_MERGED, -1), scenes)
             loss = loss + slot_loss
             hist["slots"].append(acc)
         optimizer.zero_grad(set_to_none=True)
