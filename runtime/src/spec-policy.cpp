@@ -37,6 +37,13 @@ constexpr int32_t kExploreEvery = 64;
 // steps: probes take at most ~2% of the time while resting, even a tree that costs 8 decodes.
 constexpr int32_t kProbeEvery = 32, kMaxProbeEvery = 512;
 constexpr double kProbeBudget = 50.0;
+// A chain is chosen over plain decoding only when it promises this much more speed. The prior
+// keeps a useless draft's estimated yield a little above one token a round (E(k) ~1.02), and on a
+// target in the CPU's cache a one-token round costs what a plain step does (one more verified row
+// and a draft step are lost in the noise): that draft looked a hair faster and drafted for a third
+// of a run, gaining nothing. (A tree's yield has no prior: a useless tree yields 1.0 and never
+// beats a plain step, which no timed round is slower than: rate(0).)
+constexpr double kMustGain = 1.05;
 }  // namespace
 
 void SpecPolicy::Cost::add(double sample) {
@@ -94,12 +101,15 @@ double SpecPolicy::interpolate(const Cost * costs, int32_t max, int32_t n, bool 
 }
 
 double SpecPolicy::fastest_round_ms() const {
-    // every chain round runs the target once, so none is faster than a plain step: the fastest
-    // timed round bounds a decode from above even while the decode's own timing is the slow first
-    // one after a prefill
+    // every chain or tree round runs the target once, so none is faster than a plain step: the
+    // fastest timed round bounds a decode from above even while the decode's own timing is the
+    // slow first one after a prefill
     double ms = cost_[0].ms;
     for (int32_t k = 1; k <= kMaxDepth; ++k) {
         if (cost_[k].n > 0) ms = std::min(ms, cost_[k].ms);
+    }
+    for (int32_t n = 1; n <= kMaxTreeNodes; ++n) {
+        if (tree_cost_[n].n > 0) ms = std::min(ms, tree_cost_[n].ms);
     }
     return ms;
 }
@@ -118,13 +128,16 @@ double SpecPolicy::tree_tokens(int32_t n) const {
 }
 
 double SpecPolicy::rate(int32_t k) const {
+    // plain decoding: no slower than the fastest timed round, which ran the target once too (its
+    // own estimate may still carry a slow sample: it is timed only now and then while speculating)
+    if (k == 0) return 1.0 / fastest_round_ms();
     double ms = round_ms(k);
     // A length timed fewer than kFirstSamples times costs no more than the other lengths' timings
     // say: its first round is often slow (the draft's first round catches up on the prompt; a
     // verify of more rows than before touches fresh buffers), and one such timing kept the SmolLM2
     // demo at k = 1 or plain for a whole caption (1.9x where k = 4 gives 3x). Chosen again, it is
     // timed again, and its estimate follows the fastest of its first samples.
-    if (k > 0 && cost_[k].n > 0 && cost_[k].n < kFirstSamples) ms = std::min(ms, interpolate(cost_, kMaxDepth, k, false));
+    if (cost_[k].n > 0 && cost_[k].n < kFirstSamples) ms = std::min(ms, interpolate(cost_, kMaxDepth, k, false));
     return expected_tokens(k) / ms;
 }
 
@@ -132,7 +145,7 @@ int32_t SpecPolicy::choose_chain(int32_t max_k) {
     if (max_k <= 0 || cost_[0].n == 0) return 0;  // first time what plain decoding costs
     max_k = std::min(max_k, (int32_t) kMaxDepth);
     int32_t best = 0;
-    double best_rate = rate(0);
+    double best_rate = kMustGain * rate(0);
     for (int32_t k = 1; k <= max_k; ++k) {
         const double r = rate(k);
         if (r > best_rate) best = k, best_rate = r;

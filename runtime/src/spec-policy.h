@@ -17,6 +17,9 @@
 // slow; the machine gets busy), so the comparison point is re-measured: while speculating, a
 // plain step every kRefreshEvery rounds (kFarRefreshEvery while speculation is far ahead), and
 // the chosen k's neighbours every few dozen rounds.
+// A plain step is taken to cost no more than the fastest timed round (each runs the target once),
+// and a chain must promise 5% more speed than plain decoding (a useless draft's estimated yield
+// stays a little above one token a round).
 // While at 0 it tries a short round now and then, so that a draft that starts to agree is
 // noticed: after 32 plain steps, then twice as many after each probe (up to 512), and every 32
 // again once speculation pays or a probe is accepted; never so often that probes take more than
@@ -77,7 +80,7 @@ private:
         void add(double sample);
     };
     double rate(int32_t k) const;  // estimated tokens per millisecond of a k-token chain round
-    double fastest_round_ms() const;  // the fastest timed chain round (plain included): a decode's upper bound
+    double fastest_round_ms() const;  // the fastest timed round, chain or tree (plain included): a decode's upper bound
     void tick();                   // one more round: every cost ages
     int32_t refresh_every(double best_rate) const;  // speculative rounds between timed plain steps
     // T(n) from the timed sizes among costs[1..max], size 0 being the plain step: timed, between

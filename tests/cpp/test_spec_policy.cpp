@@ -8,6 +8,8 @@
 //     the policy speculate at a loss), and at least 90% of the best fixed chain's speed;
 //   - a bad start (every length's first round slow, the first long chain's second token
 //     rejected) does not keep a good draft at short chains for a whole caption;
+//   - a useless draft rests even where a one-token round costs what a plain step does (a target in
+//     the CPU's cache), in chains and in trees;
 //   - a useless draft rests within a few rounds and is probed after 32, 64 ... 512 plain steps; a
 //     draft that starts agreeing gets chains again; text that changes midway is followed;
 //   - trees give way to plain steps when their tokens per millisecond fall below a decode's, and
@@ -433,6 +435,27 @@ void test_a_bad_start() {
 
 }  // namespace
 
+// A tiny target in the CPU's cache (the Python tests' 14,000-token/s one): one more verified row
+// and a draft step cost about nothing next to a decode, so a useless draft's one-token round costs
+// what a plain step does, and with its 1% estimated acceptance the estimates alone call it a hair
+// faster. Speculating then buys nothing and spends the draft's work (CI once saw 133 of 399
+// rounds drafted with nothing accepted): a round must promise a clear gain over plain decoding.
+void test_useless_draft_when_rounds_are_free() {
+    const Machine free_rounds{"free rounds, useless draft", 0.0, 0.01, {0.0}};
+    const TreeMachine free_trees{"free trees, useless draft", 0.0, 0.002, {0.0}, 1.0};
+    for (uint64_t seed = 1; seed <= 5; seed++) {
+        SpecPolicy p;
+        const Run r = simulate(p, free_rounds, 6, 400, seed);
+        const double plain = (double) r.rounds_by_k[0] / (double) (r.tokens);
+        check(plain >= 0.9, fmt("chains, seed %.0f: %.2f of the steps plain (want >= 0.9)", (double) seed, plain));
+        SpecPolicy q;
+        std::vector<int64_t> sizes(SpecPolicy::kMaxTreeNodes + 1, 0);
+        const Run t = simulate_trees(q, free_trees, 10, 400, seed, &sizes);
+        const double tree_plain = (double) sizes[0] / (double) t.tokens;
+        check(tree_plain >= 0.9, fmt("trees, seed %.0f: %.2f of the steps plain (want >= 0.9)", (double) seed, tree_plain));
+    }
+}
+
 int main(int argc, char ** argv) {
     (void) argc, (void) argv;
     test_first_step_is_plain();
@@ -444,5 +467,6 @@ int main(int argc, char ** argv) {
     test_tree_sizes();
     test_chains_and_trees_learn_apart();
     test_a_bad_start();
+    test_useless_draft_when_rounds_are_free();
     return finish("test_spec_policy");
 }
