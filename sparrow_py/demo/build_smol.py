@@ -266,12 +266,11 @@ def _patch_centres() -> tuple[np.ndarray, np.ndarray]:
     return ys * PATCH + PATCH / 2, xs * PATCH + PATCH / 2
 
 
-# what each patch of the tower is taught to name about the object covering it (patch_targets), with
-# each fact's number of values; the last value of each stands for no object there
-PATCH_FACTS = {"shape": len(synthetic.SHAPES), "size": len(synthetic.SIZES), "color": len(synthetic.COLORS),
-               "event": len(synthetic.MOVES) + 3, "time": len(TIME_WORDS), "new_color": len(synthetic.COLORS),
-               "order": 2}
 EVENTS = (*synthetic.MOVES, "appears", "disappears", "turns")
+# what each patch of the tower is taught to name about the object covering it (patch_targets), with
+# each fact's number of values; one more value stands for no object there
+PATCH_FACTS = {"shape": len(synthetic.SHAPES), "size": len(synthetic.SIZES), "color": len(synthetic.COLORS),
+               "event": len(EVENTS), "time": len(TIME_WORDS), "new_color": len(synthetic.COLORS), "order": 2}
 # the facts whose values a clip shows are read from all its patches at once (max over patches)
 SHOWN_FACTS = ("shape", "color", "event")
 
