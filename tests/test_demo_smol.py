@@ -128,7 +128,7 @@ def test_patch_probe_targets_match_the_rendered_frames():
     ys, xs = build_smol._patch_centres()
     assert len(set(zip(ys.tolist(), xs.tolist()))) == len(ys) == (synthetic.FRAME_SIZE // build_smol.PATCH) ** 2
     assert (ys[:4].tolist(), xs[:4].tolist()) == ([7, 7, 21, 21], [7, 21, 7, 21])   # a 2 x 2 merge window first
-    colors, events = list(synthetic.COLORS), build_smol.EVENTS
+    colors, events = list(synthetic.COLORS), synthetic.EVENTS
     named = seconds = 0
     for seed in range(30):
         c = synthetic.clip(seed)

@@ -102,7 +102,7 @@ def slot_vocabulary(tokenizer) -> tuple[dict[str, list[str]], dict[str, int]]:
     """The candidate words of each slot kind, and each word's token (its first, with a leading space)."""
     kinds = {"background": list(BACKGROUND_WORDS.values()), "size": list(synthetic.SIZES),
              "color": list(synthetic.COLORS), "shape": list(synthetic.SHAPES),
-             "event": list(synthetic.MOVES) + ["appears", "disappears", "turns"],
+             "event": list(synthetic.EVENTS),
              "time": list(TIME_WORDS.values()), "new_color": list(synthetic.COLORS) + ["same"]}
     for k in OBJECT_SLOTS:
         kinds[k] = kinds[k] + [NONE_WORD]
@@ -266,11 +266,10 @@ def _patch_centres() -> tuple[np.ndarray, np.ndarray]:
     return ys * PATCH + PATCH / 2, xs * PATCH + PATCH / 2
 
 
-EVENTS = (*synthetic.MOVES, "appears", "disappears", "turns")
 # what each patch of the tower is taught to name about the object covering it (patch_targets), with
 # each fact's number of values; one more value stands for no object there
 PATCH_FACTS = {"shape": len(synthetic.SHAPES), "size": len(synthetic.SIZES), "color": len(synthetic.COLORS),
-               "event": len(EVENTS), "time": len(TIME_WORDS), "new_color": len(synthetic.COLORS), "order": 2}
+               "event": len(synthetic.EVENTS), "time": len(TIME_WORDS), "new_color": len(synthetic.COLORS), "order": 2}
 # the facts whose values a clip shows are read from all its patches at once (max over patches)
 SHOWN_FACTS = ("shape", "color", "event")
 
@@ -279,7 +278,7 @@ def _fact_values(o: synthetic.SceneObject, order: int) -> dict[str, int]:
     """o's facts as PATCH_FACTS indices (a non-turning object's new colour is the 'none' value)."""
     colors = list(synthetic.COLORS)
     return {"shape": synthetic.SHAPES.index(o.shape), "size": list(synthetic.SIZES).index(o.size),
-            "color": colors.index(o.color), "event": EVENTS.index(o.event), "time": list(TIME_WORDS).index(o.time),
+            "color": colors.index(o.color), "event": synthetic.EVENTS.index(o.event), "time": list(TIME_WORDS).index(o.time),
             "new_color": colors.index(o.new_color) if o.new_color else len(colors), "order": order}
 
 
@@ -306,12 +305,10 @@ def patch_targets(scene: synthetic.Scene) -> dict[str, np.ndarray]:
 
 def shown_targets(scene: synthetic.Scene) -> np.ndarray:
     """Which values of each SHOWN_FACTS fact the clip's objects have: 0/1, the facts' values end to end."""
-    parts = []
-    for k in SHOWN_FACTS:
-        have = np.zeros(PATCH_FACTS[k], np.float32)
-        for o in scene.objects:
-            have[_fact_values(o, 0)[k]] = 1
-        parts.append(have)
+    values = [_fact_values(o, 0) for o in scene.objects]
+    parts = [np.zeros(PATCH_FACTS[k], np.float32) for k in SHOWN_FACTS]
+    for have, k in zip(parts, SHOWN_FACTS):
+        have[[v[k] for v in values]] = 1
     return np.concatenate(parts)
 
 

@@ -44,6 +44,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 13, "big": 22}        # half-width in pixels
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 MOVE_DISTANCE = 40                       # pixels over the whole clip
+EVENTS = (*MOVES, "appears", "disappears", "turns")
 
 # prompt -> phrasing; the first is the demo's default question
 PROMPTS = ("Describe the video.", "What happens in this clip?", "Caption this video briefly.")
@@ -86,7 +87,7 @@ def random_scene(rng: np.random.Generator) -> Scene:
         color = str(rng.choice(colors))
         shape = str(rng.choice(SHAPES))
         size = str(rng.choice(list(SIZES)))
-        event = str(rng.choice(list(MOVES) + ["appears", "disappears", "turns"]))
+        event = str(rng.choice(list(EVENTS)))
         time = 0 if event in MOVES else int(rng.choice([EARLY_FRAME, LATE_FRAME]))
         new_color = str(rng.choice([c for c in colors if c != color])) if event == "turns" else ""
         r = SIZES[size]
