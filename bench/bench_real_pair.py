@@ -221,8 +221,11 @@ def measure(args, gguf: Path, draft: Path) -> None:
         note = ""
         if m in stats and stats[m]:
             tau = statistics.median(s["mean_accepted_length"] for s in stats[m])
-            depth = np.nanmean([s["acceptance_by_depth"] + [np.nan] * (8 - len(s["acceptance_by_depth"]))
-                                for s in stats[m]], axis=0)
+            by_depth = np.array([s["acceptance_by_depth"] + [np.nan] * (8 - len(s["acceptance_by_depth"]))
+                                 for s in stats[m]])
+            reached = ~np.isnan(by_depth).all(axis=0)  # depths no run drafted to have no mean
+            depth = np.full(by_depth.shape[1], np.nan)
+            depth[reached] = np.nanmean(by_depth[:, reached], axis=0)
             rounds = np.sum([np.pad(s["n_draft_rounds"], (0, 33 - len(s["n_draft_rounds"]))) for s in stats[m]], axis=0)
             note = (f"mean accepted length {tau:.2f}, acceptance by depth "
                     f"[{', '.join(f'{a:.2f}' for a in depth if not np.isnan(a))}], rounds by tokens drafted "

@@ -486,3 +486,18 @@ def test_bf16_autocast_trains(text_target, text_features, tmp_path):
     assert bf[-3:].mean() < 0.7 * bf[:3].mean()
     assert not np.array_equal(f32, bf)
     assert abs(bf[-3:].mean() - f32[-3:].mean()) < 0.2 * f32[:3].mean()
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns(text_target, text_features, tmp_path, monkeypatch):
+    """bf16 autocast that the CPU must emulate is slow (25x float32's step on an AVX2 EPYC): the
+    run says so and trains on; with hardware bf16 (or float32) nothing is said."""
+    from sparrow_py.train import trainer
+
+    config, files = text_features
+    for has_bf16, bf16, warned in ((False, True, True), (True, True, False), (False, False, False)):
+        monkeypatch.setattr(trainer, "cpu_has_bf16", lambda: has_bf16)
+        lines = []
+        opts = TrainOptions(steps=1, mtp_steps=1, batch_size=1, bf16=bf16, progress=False)
+        result = train(new_draft(config, text_target), files, [], opts, tmp_path / f"{has_bf16}-{bf16}", log=lines.append)
+        assert len(result.losses) == 1
+        assert any("bf16" in line and "--bf16 off" in line for line in lines) == warned, lines

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -18,6 +19,7 @@ from sparrow_py.train.data import DataOptions, build_cache, load_sample
 from sparrow_py.train.model import DraftConfig
 from sparrow_py.train.prompts import magpie_prompts, user_turn_prefix
 from sparrow_py.train.runtime_target import RuntimeTarget
+from sparrow_py.train.sequences import continue_together
 from sparrow_py.train.target import Target
 
 
@@ -63,6 +65,41 @@ def test_generate_batch_equals_one_at_a_time(targets):
     assert sum(map(len, prompts)) + sum(limits) > rt.engine.n_ctx
 
 
+def test_features_captured_while_generating_equal_a_forward_over_the_sample(targets):
+    """generate_batch_features keeps each sample's hidden states from the batched generation
+    (every row captured, the final token fed once more) instead of running prompt + response
+    again: the responses are generate_batch's, and the features those of features() over each
+    sample alone, bit for bit (a row's result does not depend on the rows beside it), through
+    an end of turn, a length limit, an empty response and a second context group."""
+    hf, rt, _ = targets
+    texts = ["The quick brown fox", "every token", "Speculative decoding is", "a", "Once upon a time there"]
+    prompts = [hf.prompt_ids(t, None) for t in texts]
+    limits = [20, 3, 0, 150, 40]
+    taps, ivsb = [0, 1, hf.shape.num_layers], 0
+    got = rt.generate_batch_features(prompts, limits, taps, ivsb)
+    assert [r for r, _ in got] == rt.generate_batch(prompts, limits)
+    for prompt, (response, f) in zip(prompts, got):
+        want = rt.features(prompt + response, None, taps, ivsb, with_logits=False)
+        assert set(f) == set(want)
+        for key in want:
+            assert torch.equal(f[key], want[key]), key
+    # continuations that end at an end-of-turn token (this random model rarely emits one: a pick
+    # that ends every fifth draw of a row), with the token the caller stores fed for its rows
+    eos = hf.tokenizer.eos_token_id
+    assert rt.engine.is_eog(eos)
+    draws = iter(range(10**6))
+    pick = lambda row: eos if next(draws) % 5 == 4 else int(np.argmax(row))  # noqa: E731
+    done = continue_together(rt.engine, prompts[:3], [20, 20, 2], pick, capture_slots=len(taps) + 2, end_token=eos)
+    assert [ended for _, ended, _ in done] == [True, True, False]
+    for prompt, (tokens, ended, hidden) in zip(prompts, done):
+        full = prompt + tokens + [eos] * ended
+        rt.features(full, None, taps, ivsb, with_logits=False)  # sets the engine's capture layers
+        rt.engine.decode(full, capture_all=True)
+        for slot, h in enumerate(hidden):
+            assert np.array_equal(h, rt.engine.hidden(slot)), slot
+        rt.engine.kv_truncate(0)
+
+
 def test_build_cache_with_the_runtime_target(targets, tmp_path):
     hf, rt, _ = targets
     manifest = tmp_path / "data.jsonl"
@@ -77,6 +114,14 @@ def test_build_cache_with_the_runtime_target(targets, tmp_path):
         assert torch.equal(s_rt["ids"], s_hf["ids"])
         assert torch.allclose(s_rt["taps"], s_hf["taps"], rtol=0, atol=5e-4 * float(s_hf["taps"].abs().max()))
         assert torch.equal(s_rt["topk_idx"][:, 0], s_hf["topk_idx"][:, 0])  # the argmax at every position
+    # the default store (hidden): features captured during generation, as the forward gives them
+    hidden_opts = DataOptions(max_new_tokens=16, cache_dtype="f32")
+    files_cap, _ = build_cache(rt, [manifest], tmp_path / "rt-hidden", config, hidden_opts, progress=False)
+    files_one, _ = build_cache(rt, [manifest], tmp_path / "rt-hidden-1", config,
+                               DataOptions(max_new_tokens=16, cache_dtype="f32", gen_batch=1), progress=False)
+    for f_cap, f_one in zip(files_cap, files_one, strict=True):
+        a, b = load_sample(f_cap), load_sample(f_one)
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b if isinstance(b[k], torch.Tensor))
     meta = json.loads((tmp_path / "rt" / "meta.json").read_text())
     assert meta["generator"].endswith("target.gguf")
     with pytest.raises(ValueError, match="generator"):  # a runtime cache is not a transformers cache

@@ -189,12 +189,14 @@ def sample_prompt(target: Target, messages, visual: VisualInputs | None, options
 
 
 def sample_tensors(target: Target, prompt: list[int], response: list[int], visual: VisualInputs | None,
-                   config: DraftConfig, options: DataOptions) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """One forward over prompt + response: the sample's tensors (see module doc)."""
+                   config: DraftConfig, options: DataOptions, features: dict[str, torch.Tensor] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The sample's tensors (see module doc), from one forward over prompt + response, or from its
+    features captured while the response was generated."""
     if not response:
         raise BadRecord("empty response")
     ids = prompt + response
-    f = target.features(ids, visual, config.taps, config.ivsb_layer, with_logits=options.store == "logits")
+    f = features or target.features(ids, visual, config.taps, config.ivsb_layer, with_logits=options.store == "logits")
     N = len(ids)
     visual_mask = f["visual"]
     text_pos = torch.nonzero(~visual_mask).flatten()
@@ -281,9 +283,10 @@ def build_cache(target: Target, manifests: list[str | Path], cache_dir: str | Pa
     # greedy text-only records wait here to be generated together (a batch per forward)
     pending: list[tuple[Path, list[int], int]] = []
 
-    def finish(out: Path, prompt: list[int], response: list[int], visual: VisualInputs | None) -> None:
+    def finish(out: Path, prompt: list[int], response: list[int], visual: VisualInputs | None,
+               features: dict[str, torch.Tensor] | None = None) -> None:
         try:
-            tensors, smeta = sample_tensors(target, prompt, response, visual, config, options)
+            tensors, smeta = sample_tensors(target, prompt, response, visual, config, options, features)
         except BadRecord as e:
             summary.bad[str(e)] += 1
             return
@@ -294,11 +297,17 @@ def build_cache(target: Target, manifests: list[str | Path], cache_dir: str | Pa
         summary.new += 1
 
     def flush() -> None:
-        if pending:
-            responses = target.generate_batch([p for _, p, _ in pending], [n for _, _, n in pending])
-            for (out, prompt, _), response in zip(pending, responses):
-                finish(out, prompt, response, None)
-            pending.clear()
+        if not pending:
+            return
+        prompts, limits = [p for _, p, _ in pending], [n for _, _, n in pending]
+        if options.store == "hidden" and hasattr(target, "generate_batch_features"):
+            # the runtime keeps each sample's features as it generates: no second forward over it
+            done = target.generate_batch_features(prompts, limits, config.taps, config.ivsb_layer)
+        else:
+            done = [(r, None) for r in target.generate_batch(prompts, limits)]
+        for (out, prompt, _), (response, features) in zip(pending, done):
+            finish(out, prompt, response, None, features)
+        pending.clear()
 
     for i, (m, line_no, rec) in enumerate(it):
         out = samples_dir / f"{m.stem}-{line_no:06d}.safetensors"

@@ -52,7 +52,7 @@ def magpie_prompts(engine, n: int, seed: int = 0, max_tokens: int = 96, temperat
         tries += b
         drafts = continue_together(engine, [prefix] * b, [max_tokens] * b,
                                    lambda row: sample_top_p(row, temperature, top_p, rng))
-        for tokens, ended in drafts:
+        for tokens, ended, _ in drafts:
             prompt = engine.detokenize(tokens).strip()
             if not ended or len(prompt) < min_chars or prompt in seen:
                 continue

@@ -62,39 +62,68 @@ class RuntimeTarget:
         token's logits do not depend on the batch around it, so each response is the one
         generate() gives for its prompt alone. Prompts go in groups whose sequences fit the
         context together."""
+        return [r for r, _ in self._generate_batch(prompts, max_new_tokens, None)]
+
+    def generate_batch_features(self, prompts: list[list[int]], max_new_tokens: list[int], taps: list[int],
+                                ivsb_layer: int) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+        """generate_batch, and each sample's features (as features(prompt + response), without
+        logits) captured while it was generated: the forward over the whole sample that
+        features() would run again is not needed (it was a third of the data step's time)."""
+        return self._generate_batch(prompts, max_new_tokens, self._capture_layers(taps, ivsb_layer))
+
+    def _generate_batch(self, prompts, max_new_tokens, capture: list[int] | None):
         e = self.engine
         limits = [max(0, min(n, e.n_ctx - len(p))) for p, n in zip(prompts, max_new_tokens)]
-        responses: list[list[int]] = [[] for _ in prompts]
+        # with features, the final position is fed once more: one more row per sequence
+        extra = 1 if capture else 0
+        out: list = [None] * len(prompts)
         group: list[int] = []
         used = 0
         for i, p in enumerate(prompts):
-            need = len(p) + limits[i]
+            need = len(p) + limits[i] + extra
             if group and used + need > e.n_ctx:
-                self._generate_group(prompts, limits, group, responses)
+                self._generate_group(prompts, limits, group, out, capture)
                 group, used = [], 0
             group.append(i)
             used += need
         if group:
-            self._generate_group(prompts, limits, group, responses)
-        return responses
+            self._generate_group(prompts, limits, group, out, capture)
+        return out
 
-    def _generate_group(self, prompts: list[list[int]], limits: list[int], group: list[int],
-                        responses: list[list[int]]) -> None:
+    def _generate_group(self, prompts: list[list[int]], limits: list[int], group: list[int], out: list,
+                        capture: list[int] | None) -> None:
         eos = self.hf.tokenizer.eos_token_id
         done = continue_together(self.engine, [prompts[i] for i in group], [limits[i] for i in group],
-                                 lambda row: int(np.argmax(row)))
-        for i, (tokens, ended) in zip(group, done):
-            responses[i] = tokens + [eos] * ended  # as generate() reports an end-of-turn stop
+                                 lambda row: int(np.argmax(row)), capture_slots=len(capture or []), end_token=eos)
+        for i, (tokens, ended, hidden) in zip(group, done):
+            response = tokens + [eos] * ended  # as generate() reports an end-of-turn stop
+            out[i] = (response, None if hidden is None else self._features(prompts[i] + response, hidden, len(capture) - 2))
+
+    def _capture_layers(self, taps: list[int], ivsb_layer: int) -> list[int]:
+        """The engine captures the tap layers' inputs, the ivsb layer's output and the final hidden
+        state (L: before the norm)."""
+        layers = list(taps) + [ivsb_layer + 1, self.hf.shape.num_layers]
+        if layers != self._capture:
+            self.engine.set_capture_layers(layers)
+            self._capture = layers
+        return layers
+
+    def _features(self, ids: list[int], hidden: list[np.ndarray], n_taps: int) -> dict[str, torch.Tensor]:
+        n = len(ids)
+        return {
+            "ids": torch.tensor(ids),
+            "positions": torch.arange(n),
+            "visual": torch.zeros(n, dtype=torch.bool),
+            "taps": torch.from_numpy(np.concatenate(hidden[:n_taps], axis=-1)),
+            "ivsb": torch.from_numpy(hidden[n_taps]),
+            "final": self.hf.final_norm(torch.from_numpy(hidden[-1])),
+        }
 
     def features(self, ids: list[int], visual, taps: list[int], ivsb_layer: int,
                  with_logits: bool = True) -> dict[str, torch.Tensor]:
         if visual is not None:
             return self.hf.features(ids, visual, taps, ivsb_layer, with_logits)
-        L = self.hf.shape.num_layers
-        layers = list(taps) + [ivsb_layer + 1, L]  # L: the final hidden state, before the norm
-        if layers != self._capture:
-            self.engine.set_capture_layers(layers)
-            self._capture = layers
+        layers = self._capture_layers(taps, ivsb_layer)
         self.engine.kv_truncate(0)
         # the head over every row only when the logits are kept (store="logits")
         if with_logits:
@@ -103,13 +132,7 @@ class RuntimeTarget:
             self.engine.decode(ids, capture_all=True)
         hidden = [self.engine.hidden(k) for k in range(len(layers))]
         self.engine.kv_truncate(0)
-        n = len(ids)
-        return {
-            "ids": torch.tensor(ids),
-            "positions": torch.arange(n),
-            "visual": torch.zeros(n, dtype=torch.bool),
-            "taps": torch.from_numpy(np.concatenate(hidden[:len(taps)], axis=-1)),
-            "ivsb": torch.from_numpy(hidden[len(taps)]),
-            "final": self.hf.final_norm(torch.from_numpy(hidden[-1])),
-            **({"logits": torch.from_numpy(logits)} if with_logits else {}),
-        }
+        f = self._features(ids, hidden, len(taps))
+        if with_logits:
+            f["logits"] = torch.from_numpy(logits)
+        return f
