@@ -112,7 +112,7 @@ def train_draft(args, gguf: Path, hf: Path, out: Path) -> None:
            "--cache-dir", str(args.cache / "features"),
            "--draft-vocab", str(args.draft_vocab), "--max-new-tokens", str(args.max_new_tokens),
            "--glimpses", "0", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--lr", str(args.lr), "--warmup-steps", "100", "--mtp-steps", "3", "--save-every", "500",
+           "--lr", str(args.lr), "--warmup-steps", "100", "--mtp-steps", str(args.mtp_steps), "--save-every", "500",
            "--target-temperature", str(args.target_temperature), "--bf16", args.bf16]
     if args.init_from:
         cmd += ["--init-from", str(args.cache / args.init_from)]
@@ -247,13 +247,16 @@ def main() -> int:
     # threads); from scratch about 2 h 10 min on 2 cores (prompts 14 min, records 40 min, 4,000
     # steps 74 min). The best draft measured goes on from it: --train-prompts 12000 --steps 4000
     # --lr 5e-4 --init-from draft-6000p-4000s (2.01x; 6,000 more prompts and records ~70 min,
-    # 4,000 steps ~80 min)
+    # 4,000 steps ~80 min). An hour of an AVX2 AMD EPYC's 2 cores: --train-prompts 1700 and
+    # --steps 1150 (1.44x), or --steps 2400 --mtp-steps 1 (1.53x)
     ap.add_argument("--train-prompts", type=int, default=6000)
     ap.add_argument("--max-new-tokens", type=int, default=160, help="target response length for training data")
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--mtp-steps", type=int, default=3, help="`sparrow train --mtp-steps` (a step of k costs about "
+                                                            "(k + 1) draft passes)")
     ap.add_argument("--target-temperature", type=float, default=1.0,
                     help="`sparrow train --target-temperature`: distil the target sharpened (0: its greedy token)")
     ap.add_argument("--init-from", metavar="DRAFT", help="a draft folder in --cache (e.g. draft-6000p-4000s) to go "
@@ -289,6 +292,8 @@ def main() -> int:
     folder = args.cache / f"draft-{args.train_prompts}p-{args.steps}s"
     if args.target_temperature != 1.0:
         folder = folder.with_name(f"{folder.name}-T{args.target_temperature:g}")
+    if args.mtp_steps != 3:
+        folder = folder.with_name(f"{folder.name}-mtp{args.mtp_steps}")
     if args.init_from:
         if not (args.cache / args.init_from / "model.safetensors").exists():
             sys.exit(f"--init-from: no trained draft at {args.cache / args.init_from}")

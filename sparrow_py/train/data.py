@@ -196,7 +196,8 @@ def sample_tensors(target: Target, prompt: list[int], response: list[int], visua
     if not response:
         raise BadRecord("empty response")
     ids = prompt + response
-    f = features or target.features(ids, visual, config.taps, config.ivsb_layer, with_logits=options.store == "logits")
+    f = features if features is not None else \
+        target.features(ids, visual, config.taps, config.ivsb_layer, with_logits=options.store == "logits")
     N = len(ids)
     visual_mask = f["visual"]
     text_pos = torch.nonzero(~visual_mask).flatten()

@@ -35,10 +35,11 @@ def continue_together(engine, prompts: Sequence[Sequence[int]], limits: Sequence
     def decode(toks: list[int], outs: list[bool], ids: list[int]):
         logits = engine.decode(toks, outputs=outs, seq_ids=ids, capture_all=capture)
         if capture:
+            seq_of_row = np.asarray(ids)
             for slot in range(capture_slots):
                 h = engine.hidden(slot)
                 for i in set(ids):
-                    rows[i][slot].append(h[np.asarray(ids) == i])
+                    rows[i][slot].append(h[seq_of_row == i])
         return logits
 
     logits = decode(tokens, outputs, seqs)
