@@ -154,7 +154,7 @@ int main(int argc, char ** argv) {
     std::vector<uint8_t> big(min_working_set, 1);
     const DType types[] = {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0,
                            DType::Q4_1, DType::Q4_K, DType::Q5_K, DType::Q6_K};
-    const int batches[] = {1, 2, 4, 5, 8, 16};
+    const int batches[] = {1, 2, 3, 4, 6, 8, 16};
 
     std::printf("bench_quant: %lld x %lld weights, kernels %s\n", (long long) rows, (long long) cols, simd_level());
     // What a parallel op pays to start and join its threads (a decode step runs ~5 per layer).

@@ -31,11 +31,10 @@ constexpr double kGuessPerToken = 0.1;
 // The chosen k's neighbours are timed (again) after this many rounds without a sample: one
 // unlucky timing of a length that is then never chosen would otherwise decide for good.
 constexpr int32_t kExploreEvery = 64;
-// While speculation is off, a one-token round (or one tree) after this many plain steps, then
-// twice as many after each probe, up to kMaxProbeEvery, until the estimates say speculation pays.
-// And never sooner than kProbeBudget times what a probe costs beyond a plain step, in plain
-// steps: probes take at most ~2% of the time while resting, even a tree that costs 8 decodes.
-constexpr int32_t kProbeEvery = 32, kMaxProbeEvery = 512;
+// While speculation is off, a one-token round (or one tree) now and then (chain_probes(),
+// tree_probes() in spec-policy.h), until the estimates say speculation pays. And never sooner than
+// kProbeBudget times what a probe costs beyond a plain step, in plain steps: probes take at most
+// ~2% of the time while resting, even a tree that costs 8 decodes.
 constexpr double kProbeBudget = 50.0;
 // A chain is chosen over plain decoding only when it promises this much more speed. The prior
 // keeps a useless draft's estimated yield a little above one token a round (E(k) ~1.02), and on a
@@ -59,7 +58,7 @@ void SpecPolicy::reset_tree() {
     for (Cost & c : tree_cost_) c = Cost();
     std::fill(std::begin(tree_gain_), std::end(tree_gain_), 0.0);
     std::fill(std::begin(tree_seen_), std::end(tree_seen_), 0.0);
-    tree_probes_ = Probes();
+    tree_probes_ = tree_probes();
 }
 
 void SpecPolicy::tick() {
@@ -151,7 +150,7 @@ int32_t SpecPolicy::choose_chain(int32_t max_k) {
         if (r > best_rate) best = k, best_rate = r;
     }
     if (best == 0) return probe_now(chain_probes_, round_ms(1)) ? 1 : 0;
-    chain_probes_ = Probes();
+    chain_probes_ = chain_probes();
     if (cost_[0].age >= refresh_every(best_rate)) return 0;  // what speculation is compared with, timed again
     for (const int32_t k : {best + 1, best - 1}) {
         if (k >= 1 && k <= max_k && cost_[k].age >= kExploreEvery) return k;
@@ -172,7 +171,7 @@ int32_t SpecPolicy::choose_tree(int32_t max_nodes) {
         if (r > best_rate) best = n, best_rate = r;
     }
     if (best == 0) return probe_now(tree_probes_, tree_round_ms(max_nodes)) ? max_nodes : 0;
-    tree_probes_ = Probes();
+    tree_probes_ = tree_probes();
     if (cost_[0].age >= refresh_every(best_rate)) return 0;  // what speculation is compared with, timed again
     // a tree twice the chosen size now and then (every smaller size's yield told again; growing
     // by doubling when the draft improves), and the chosen size's neighbours timed again
@@ -198,7 +197,7 @@ bool SpecPolicy::probe_now(Probes & p, double probe_ms) {
     if (++p.since < std::max((double) p.every, budget_wait)) return false;
     p.since = 0;
     p.probing = true;
-    p.every = std::min(2 * p.every, kMaxProbeEvery);  // back to kProbeEvery once speculation pays
+    p.every = std::min(2 * p.every, p.most);  // back to p.start once speculation pays
     return true;
 }
 
@@ -207,7 +206,7 @@ void SpecPolicy::record_chain(int32_t k, int32_t accepted, double ms) {
     tick();
     cost_[k].add(ms);
     if (k == 0) return;
-    if (chain_probes_.probing && accepted > 0) chain_probes_.every = kProbeEvery;  // the draft may be waking up: look again soon
+    if (chain_probes_.probing && accepted > 0) chain_probes_.every = chain_probes_.start;  // the draft may be waking up: look again soon
     chain_probes_.probing = false;
     for (int32_t d = 0; d < kMaxDepth; ++d) {
         accepted_[d] *= kDecay;
@@ -225,7 +224,7 @@ void SpecPolicy::record_tree(const int32_t * produced_if, int32_t n, double ms) 
     n = std::min(std::max(n, 0), (int32_t) kMaxTreeNodes);
     tick();
     tree_cost_[n].add(ms);
-    if (tree_probes_.probing && produced_if[n] > 1) tree_probes_.every = kProbeEvery;
+    if (tree_probes_.probing && produced_if[n] > 1) tree_probes_.every = tree_probes_.start;
     tree_probes_.probing = false;
     // Y(m) is kept as its steps Y(m) - Y(m - 1), each a decayed mean over the rounds that told
     // it: paired within a round, the steps are small and never negative, so Y rises with m and

@@ -10,8 +10,10 @@
 //     rejected) does not keep a good draft at short chains for a whole caption;
 //   - a useless draft rests even where a one-token round costs what a plain step does (a target in
 //     the CPU's cache), in chains and in trees;
-//   - a useless draft rests within a few rounds and is probed after 32, 64 ... 512 plain steps; a
-//     draft that starts agreeing gets chains again; text that changes midway is followed;
+//   - a useless draft rests within a few rounds and is probed after 4, 8 ... 64 plain steps (a
+//     tree after 32 ... 512); a draft that starts agreeing gets chains again; text that changes
+//     midway is followed, and so is text that moves in and out of what the draft predicts every
+//     few dozen tokens (within 4% of the best fixed chain, where probing after 32 plain steps lost 8%);
 //   - trees give way to plain steps when their tokens per millisecond fall below a decode's, and
 //     a probe that costs many decodes waits in proportion (probes take ~2% of the time at most);
 //   - tree sizes: on simulated tree machines (the target's path at growing ranks in the draft's
@@ -143,22 +145,32 @@ void test_useless_draft_rests_and_recovers() {
     }
     check(rounds_to_rest < 20, "a draft that is never accepted is given up");
     check(rounds_to_rest <= 6, "and quickly (" + std::to_string(rounds_to_rest) + " rounds)");
-    // resting: plain steps, with one-token probes after 32, 64, 128, 256, 512, 512 ... of them
-    int probes = 0;
-    for (int i = 0; i < 32 + 64 + 128 + 256 + 512 + 512; i++) {
+    // resting: a one-token probe every 4, 8, 16, 32, 64, 64 ... steps (the probe included), but
+    // never sooner than the 2% budget allows: this probe costs 0.25 decodes more than a plain
+    // step, so every 13 steps (50 x 0.25) at least: 13, 13, 16, 32, 64, 64 ... (the first gap
+    // counts from the step that began the rest, costed before a probe was timed)
+    std::vector<int> gaps;
+    for (int i = 0, since = 0; i < 1000; i++) {
         const int32_t k = p.choose_chain(6);
+        since++;
         if (k == 0) {
             p.record_chain(0, 0, kDecodeMs);
         } else {
             check(k == 1, "a probe drafts one token");
-            probes++;
+            gaps.push_back(since);
+            since = 0;
             p.record_chain(k, 0, kDecodeMs * 1.25);
         }
     }
-    check(probes == 6, "probes back off while they fail (got " + std::to_string(probes) + ")");
+    std::string got;
+    for (int g : gaps) got += " " + std::to_string(g);
+    const std::vector<int> want_after_first = {13, 16, 32, 64};
+    bool as_wanted = gaps.size() > 8 && gaps[0] <= 13;
+    for (size_t i = 1; as_wanted && i < gaps.size(); i++) as_wanted = gaps[i] == want_after_first[std::min<size_t>(i - 1, 3)];
+    check(as_wanted, "probes back off while they fail, to one in 64 steps (gaps:" + got + ")");
     // the draft starts agreeing: probes see it, and chains come back
     bool back = false;
-    for (int i = 0; i < 600 && !back; i++) {  // (the next probe may be up to 512 steps away)
+    for (int i = 0; i < 100 && !back; i++) {  // (the next probe is up to 64 steps away)
         const int32_t k = p.choose_chain(6);
         if (k == 0) {
             p.record_chain(0, 0, kDecodeMs);
@@ -213,6 +225,63 @@ void test_text_that_changes() {
         check(share[phase] >= 0.9, std::string("phase ") + std::to_string(phase) +
                                        fmt(": %.3f of the best (%.3f of plain)", share[phase], speed[phase]));
     }
+}
+
+// Text that moves in and out of what the draft predicts: runs of easy tokens (each drafted token
+// accepted with probability 0.75) and hard ones (0.05), each token ending its run with
+// probability 1/30. A fixed chain's speed follows by simulating it on the same text.
+struct PhasedText {
+    double easy = 0.75, hard = 0.05, switch_per_token = 1.0 / 30.0;
+};
+
+Run simulate_phased(SpecPolicy & p, const Machine & m, const PhasedText & text, int32_t max_k, int32_t fixed_k,
+                    int64_t n_tokens, uint64_t seed) {
+    std::mt19937_64 gen(seed);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    Run r;
+    bool hard = false, first = true;
+    auto next_token = [&] { if (u(gen) < text.switch_per_token) hard = !hard; };
+    while (r.tokens < (double) n_tokens) {
+        const int32_t k = fixed_k >= 0 ? (first ? 0 : fixed_k) : p.choose_chain(max_k);
+        int32_t accepted = 0;
+        while (accepted < k && u(gen) < (hard ? text.hard : text.easy)) {
+            accepted++;
+            next_token();
+        }
+        next_token();  // the target's own token
+        double ms = m.cost(k);
+        if (first) ms *= 2.0;
+        first = false;
+        p.record_chain(k, accepted, u(gen) < 0.1 ? ms * (1.5 + 1.5 * u(gen)) : ms);
+        r.tokens += accepted + 1;
+        r.ms += ms;
+        r.rounds_by_k[(size_t) k]++;
+    }
+    return r;
+}
+
+void test_text_in_and_out_of_reach() {
+    // the real pair's machine: a verify of 6 rows costs ~1.28 decodes with the draft's steps
+    const Machine m = {"memory-bound", 0.03, 0.05, {0.5}};
+    const PhasedText text;
+    constexpr int kRuns = 40;  // one run's speed moves by several percent with where the runs fall
+    double policy = 0.0, best = 0.0;
+    for (int32_t k = 1; k <= 5; k++) {
+        double fixed = 0.0;
+        for (int run = 0; run < kRuns; run++) {
+            SpecPolicy p;
+            fixed += simulate_phased(p, m, text, 5, k, 4000, 500 + run).rate() / kRuns;
+        }
+        best = std::max(best, fixed);
+    }
+    for (int run = 0; run < kRuns; run++) {
+        SpecPolicy p;
+        policy += simulate_phased(p, m, text, 5, -1, 4000, 500 + run).rate() / kRuns;
+    }
+    check(policy >= 0.96 * best, fmt("text in and out of the draft's reach: %.3f of the best fixed chain (%.3f of plain)",
+                                      policy / best, policy * kDecodeMs));
+    std::printf("  text in and out of reach: %.3f of the best fixed chain, %.3f of plain\n", policy / best,
+                policy * kDecodeMs);
 }
 
 // A tree machine: a round verifying n nodes costs decode * (1 + fixed + per_node * n); the draft's
@@ -463,6 +532,7 @@ int main(int argc, char ** argv) {
     test_useless_draft_rests_and_recovers();
     test_good_draft_gets_long_chains_and_plain_is_retimed();
     test_text_that_changes();
+    test_text_in_and_out_of_reach();
     test_trees();
     test_tree_sizes();
     test_chains_and_trees_learn_apart();

@@ -36,6 +36,21 @@ constexpr int64_t kMatmulJobsPerThread = 16;
 // Causal queries per attention task (see attention): enough that a verify batch reads the KV
 // cache once, few enough to leave several tasks per thread in a prefill.
 constexpr int64_t kAttnQueriesPerTask = 8;
+
+// The run length, up to kAttnQueriesPerTask, that lets n_threads finish n_q causal queries over
+// n_head_kv heads soonest, counting a task's time as its queries: a verify of 6 queries over 3
+// KV heads on 2 threads is 3 tasks of 6 as runs of 8 go (the last thread's 6 queries run
+// after the others' 12), and 6 tasks of 3 in 3 + 3 + 3 a thread. Ties keep the longer run,
+// which reads each key and value block once for more queries.
+int64_t queries_per_task(int64_t n_q, int64_t n_head_kv, int64_t n_threads) {
+    int64_t best = 1, best_time = INT64_MAX;
+    for (int64_t run = 1; run <= std::min(n_q, kAttnQueriesPerTask); run++) {
+        const int64_t tasks = (n_q + run - 1) / run * n_head_kv;
+        const int64_t time = (tasks + n_threads - 1) / n_threads * run;
+        if (time <= best_time) best = run, best_time = time;
+    }
+    return best;
+}
 // Elementwise ops this light (a few adds a value) on fewer values than this run on the calling
 // thread: a verify batch's 6 rows of 576 took 3-4 us over two threads, mostly the dispatch.
 constexpr int64_t kLightOpSerialValues = 1 << 15;
@@ -207,7 +222,7 @@ public:
         // causal queries share tasks in runs of up to kAttnQueriesPerTask (each K/V block read
         // once for the run); masked (tree) and segmented queries go one by one
         const bool runs = !p.mask && !p.segments && n_q > 1 && p.q_first + n_q <= p.n_kv;
-        const int64_t per_task = runs ? kAttnQueriesPerTask : 1;
+        const int64_t per_task = runs ? queries_per_task(n_q, p.n_head_kv, pool_.size()) : 1;
         const int64_t n_runs = (n_q + per_task - 1) / per_task;
         const int64_t tasks = n_runs * p.n_head_kv;
         const bool k_f16 = k_cache.type == DType::F16, v_f16 = v_cache.type == DType::F16;

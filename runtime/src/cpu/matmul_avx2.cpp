@@ -10,7 +10,8 @@
 // block into such tiles (cpu/matmul_tiles.h). A (row, activation row) result goes through the
 // same operations in every tile shape, so it does not depend on the batch around it.
 //
-// Tile shape 4 x 3 follows the 16 ymm registers (12 accumulators, a weight and the activations).
+// Tile shapes 4 x 3 and 2 x 6 follow the 16 ymm registers (12 accumulators, the weights or the
+// activations of the step, and one of the other side); see mul_mat_float for which is used when.
 // Quantized weights are multiplied in 16-row panels instead (cpu/panels_avx2.cpp).
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -19,6 +20,8 @@
 #include "cpu/simd_avx2.h"
 
 #include <immintrin.h>
+
+#include <type_traits>
 
 namespace sparrow {
 namespace avx2 {
@@ -48,9 +51,9 @@ struct LoadBF16 {
     static float load1(const uint8_t * row, int64_t i) { return bf16_to_fp32(((const uint16_t *) row)[i]); }
 };
 
-template <typename Load>
+template <typename Load, int RM_, int RN_>
 struct FloatKern {
-    static constexpr int RM = 4, RN = 3;
+    static constexpr int RM = RM_, RN = RN_;
 
     template <int R, int C>
     static void tile(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys) {
@@ -59,15 +62,29 @@ struct FloatKern {
             for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
         int64_t i = 0;
         for (; i + 8 <= k; i += 8) {
-            __m256 xv[C];
-            for (int c = 0; c < C; c++) xv[c] = _mm256_loadu_ps((const float *) (x + c * xs) + i);
-            for (int r = 0; r < R; r++) {
-                if (i % 16 == 0) {
+            if (i % 16 == 0) {
+                for (int r = 0; r < R; r++) {
                     _mm_prefetch((const char *) (w + r * ws + i * Load::kBytes + kPrefetchBytes), _MM_HINT_T0);
                     _mm_prefetch((const char *) (w + (R + r) * ws + i * Load::kBytes), _MM_HINT_T1);
                 }
-                const __m256 wv = Load::load8(w + r * ws, i);
-                for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
+            }
+            // Whichever side is smaller is held in registers for the step: R * C accumulators
+            // plus min(R, C) + 1 vectors fit the 16 ymm registers for 4 x 3 and 2 x 6.
+            // Either order performs the same fma chain per accumulator.
+            if constexpr (C <= R) {
+                __m256 xv[C];
+                for (int c = 0; c < C; c++) xv[c] = _mm256_loadu_ps((const float *) (x + c * xs) + i);
+                for (int r = 0; r < R; r++) {
+                    const __m256 wv = Load::load8(w + r * ws, i);
+                    for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
+                }
+            } else {
+                __m256 wv[R];
+                for (int r = 0; r < R; r++) wv[r] = Load::load8(w + r * ws, i);
+                for (int c = 0; c < C; c++) {
+                    const __m256 xv = _mm256_loadu_ps((const float *) (x + c * xs) + i);
+                    for (int r = 0; r < R; r++) acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+                }
             }
         }
         for (int r = 0; r < R; r++) {
@@ -81,16 +98,30 @@ struct FloatKern {
     }
 };
 
+// f32 weights: a verify of 4-6 rows goes over each weight row once, in one 2 x 6 tile, rather
+// than twice in two 4 x 3 tiles: 6 rows of 576 x 1536 cost 1.01-1.28x one row against 1.24-1.41x
+// (bench_quant, AVX2 AMD EPYC, 1 and 2 threads). Everything else takes 4 x 3, the tile with the
+// fewest loads per fma: 1 x 8 for 7-8 rows was slower than three passes, and f16 / bf16 (whose
+// loads convert) measured no gain from 2 x 6.
+template <typename Load>
+void mul_mat_float(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y,
+                   int64_t ys) {
+    if (std::is_same_v<Load, LoadF32> && nc >= 4 && nc <= 6)
+        drive<FloatKern<Load, 2, 6>>(k, w, ws, nr, x, xs, nc, y, ys);
+    else
+        drive<FloatKern<Load, 4, 3>>(k, w, ws, nr, x, xs, nc, y, ys);
+}
+
 }  // namespace
 
 void mul_mat_f32(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    drive<FloatKern<LoadF32>>(k, w, ws, nr, x, xs, nc, y, ys);
+    mul_mat_float<LoadF32>(k, w, ws, nr, x, xs, nc, y, ys);
 }
 void mul_mat_f16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    drive<FloatKern<LoadF16>>(k, w, ws, nr, x, xs, nc, y, ys);
+    mul_mat_float<LoadF16>(k, w, ws, nr, x, xs, nc, y, ys);
 }
 void mul_mat_bf16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    drive<FloatKern<LoadBF16>>(k, w, ws, nr, x, xs, nc, y, ys);
+    mul_mat_float<LoadBF16>(k, w, ws, nr, x, xs, nc, y, ys);
 }
 }  // namespace avx2
 }  // namespace sparrow
