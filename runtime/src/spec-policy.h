@@ -26,8 +26,8 @@
 // is accepted; never so often that probes take more than ~2% of the time (a tree probe can cost
 // several decodes). Text moves in and out of what a draft predicts within a few dozen tokens (a
 // list, a name, then prose again), and on a memory-bound target a one-token probe costs a few
-// percent of a decode: chains that rested 32 to 512 steps before looking again were 4% slower
-// than fixed chains on the real pair (bench_real_pair.py), 8% on simulated text of that kind.
+// percent of a decode: on simulated text of that kind, chains that rested 32 to 512 steps before
+// looking again reached 0.93 of the best fixed chain's speed, 0.98 with these probes.
 //
 // Trees are sized the same way: a tree round verifies the n best nodes of its draft tree (by the
 // draft's path probability), n chosen to maximize Y(n) / T(n) against the plain step. Y(n), the
