@@ -249,7 +249,7 @@ def main() -> int:
     # --lr 5e-4 --init-from draft-6000p-4000s (2.01x; 6,000 more prompts and records ~70 min,
     # 4,000 steps ~80 min). An hour of an AVX2 AMD EPYC's 2 cores: --train-prompts 1700 and
     # --steps 1150 (1.44x), --steps 2400 --mtp-steps 1 (1.53x) or --steps 1700 --mtp-steps 2
-    # (mean accepted length 2.02; 1.46-1.67x adaptive, 1.52-1.74x fixed chains of 5 across runs on
+    # (mean accepted length 2.02; at 2 threads 1.46-1.67x adaptive, 1.52-1.74x fixed chains of 5 across runs on
     # a noisy host)
     ap.add_argument("--train-prompts", type=int, default=6000)
     ap.add_argument("--max-new-tokens", type=int, default=160, help="target response length for training data")
