@@ -106,10 +106,13 @@ struct FloatKern {
 template <typename Load>
 void mul_mat_float(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y,
                    int64_t ys) {
-    if (std::is_same_v<Load, LoadF32> && nc >= 4 && nc <= 6)
-        drive<FloatKern<Load, 2, 6>>(k, w, ws, nr, x, xs, nc, y, ys);
-    else
-        drive<FloatKern<Load, 4, 3>>(k, w, ws, nr, x, xs, nc, y, ys);
+    if constexpr (std::is_same_v<Load, LoadF32>) {  // (f16 / bf16 never instantiate 2 x 6)
+        if (nc >= 4 && nc <= 6) {
+            drive<FloatKern<Load, 2, 6>>(k, w, ws, nr, x, xs, nc, y, ys);
+            return;
+        }
+    }
+    drive<FloatKern<Load, 4, 3>>(k, w, ws, nr, x, xs, nc, y, ys);
 }
 
 }  // namespace
