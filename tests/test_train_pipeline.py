@@ -118,8 +118,18 @@ def test_hidden_store_is_the_full_distribution_in_fewer_bytes(text_target, tmp_p
                           b["glimpses"], b["glimpse_pos"], b["glimpse_valid"])
         loss_hidden, parts_hidden = mtp_loss(logits, batches["hidden"], draft, 0.8)
         loss_logits, parts_logits = mtp_loss(logits, batches["logits"], draft, 0.8)
+        # the trainer's path: the head only at the entries with a target, in the same order
+        has_target = b["target_row"] >= 0
+        assert not bool(has_target.all())  # padding and the last entries of each step are left out
+        sparse, _ = draft(b["taps"], b["tokens"], b["positions"], b["n_entries"], b["anchor_start"], 2,
+                          b["glimpses"], b["glimpse_pos"], b["glimpse_valid"], has_target)
+        for s, (full, part) in enumerate(zip(logits, sparse)):
+            torch.testing.assert_close(part, full[has_target[:, :, s]])
+        loss_sparse, parts_sparse = mtp_loss(sparse, b, draft, 0.8)
     torch.testing.assert_close(loss_hidden, loss_logits, rtol=1e-4, atol=1e-6)
     assert np.allclose(parts_hidden, parts_logits, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss_sparse, loss_hidden)
+    assert np.allclose(parts_sparse, parts_hidden)
 
     # a sharpened target (--target-temperature): KL to softmax(logits / T), and at 0 the
     # cross-entropy of the target's argmax, against torch's own divergences; both stores agree

@@ -387,7 +387,8 @@ class SparrowDraft(nn.Module):
     def forward_mtp(self, taps: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                     n_entries: torch.Tensor, anchor_start: torch.Tensor, steps: int,
                     glimpses: torch.Tensor | None = None, glimpse_positions: torch.Tensor | None = None,
-                    glimpse_valid: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    glimpse_valid: torch.Tensor | None = None, logit_rows: torch.Tensor | None = None
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Run steps+1 unrolled draft steps over a padded batch of draft sequences.
 
         taps [B, M, nT*H]: target tap inputs at the M draft entries (text positions p_j)
@@ -400,7 +401,11 @@ class SparrowDraft(nn.Module):
         position positions[j0] + s, input (tokens[j0, s], h^{s-1}[j0]) with h^{-1} = fc(taps). It sees
         the glimpses, the committed (step 0) entries j' <= j0 and its own chain entries 1..s, all
         filtered by vata_visible: exactly what step() sees at inference.
-        Returns (logits per step [B, M, N], pre-norm hidden states per step [B, M, H]).
+        logit_rows [B, M, steps+1] bool: if given, step s's logits only at logit_rows[:, :, s], as
+        [n_s, N] in row-major order; training passes the entries with a target (padding and the
+        entries near the end have none), which spares the head (most of a step's multiplies on a
+        CPU with a reduced vocabulary) ~15% of its rows.
+        Returns (logits per step [B, M, N] or [n_s, N], pre-norm hidden states per step [B, M, H]).
         """
         c = self.config
         B, M = tokens.shape[:2]
@@ -442,7 +447,7 @@ class SparrowDraft(nn.Module):
             out = attend(q, torch.cat(k_parts, 1), torch.cat(v_parts, 1), torch.cat(vis_parts, 2))
             h = self._finish(out, g)
             all_h.append(h)
-            all_logits.append(self.logits(h))
+            all_logits.append(self.logits(h if logit_rows is None else h[logit_rows[:, :, s]]))
             g = h
         return all_logits, all_h
 

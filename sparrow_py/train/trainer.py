@@ -97,6 +97,8 @@ def mtp_loss(logits: list[torch.Tensor], batch: dict[str, torch.Tensor], model: 
              step_weight: float, target_temperature: float = 1.0) -> tuple[torch.Tensor, list[float]]:
     """sum_s step_weight^s * mean over valid (entry, step) of KL(target distribution || draft).
 
+    logits[s]: [B, M, N], or only the valid rows of step s ([n_s, N], forward_mtp's logit_rows).
+
     The target distribution is softmax over its logits divided by target_temperature: the frozen
     head applied to the stored final hidden state, or the stored (top-k) logits renormalised over
     the kept ids; with a reduced draft vocabulary, target ids outside it are dropped and the rest
@@ -113,7 +115,7 @@ def mtp_loss(logits: list[torch.Tensor], batch: dict[str, torch.Tensor], model: 
         if not valid.any():
             per_step.append(float("nan"))
             continue
-        logq = F.log_softmax(lg[valid].float(), dim=-1)
+        logq = F.log_softmax((lg if lg.dim() == 2 else lg[valid]).float(), dim=-1)
         r = rows[valid]
         keep = target["keep"][r]
         if not bool(keep.all()):
@@ -308,7 +310,7 @@ def train(model: SparrowDraft, train_files: list[Path], eval_samples: list[dict]
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits, _ = ddp_model(batch["taps"], batch["tokens"], batch["positions"], batch["n_entries"],
                                       batch["anchor_start"], opt.mtp_steps, batch["glimpses"],
-                                      batch["glimpse_pos"], batch["glimpse_valid"])
+                                      batch["glimpse_pos"], batch["glimpse_valid"], batch["target_row"] >= 0)
             loss, parts = mtp_loss(logits, batch, model, opt.step_weight, opt.target_temperature)
             (loss / opt.grad_accum).backward()
             loss_sum += float(loss.detach()) / opt.grad_accum

@@ -1,10 +1,12 @@
 // ops_avx2.cpp - AVX2 + FMA + F16C versions of cpu/ops.h's kernels.
 //
-// Attention walks the cache in blocks of kBlock rows, flash-attention style: scores for the
-// block (every query head of the GQA group against each key row, f16 keys converted in
-// registers), one max / rescale / vector exp per head and block instead of per row, then the
-// probabilities times the block's value rows (converted to f32 once per block, shared by the
-// group). Memory stays O(block), never O(n_q x n_kv).
+// Attention walks the cache in blocks of kBlock rows, flash-attention style: the block's keys
+// and values converted to f32 once for the task (its GQA group and its consecutive queries: a
+// verify's tokens read a long cache once, not once each), then per query and head the scores
+// of its rows, one max / rescale / vector exp per block instead of per row, and the
+// probabilities times the block's value rows. Memory stays O(block), never O(n_q x n_kv).
+// Each query's scores, maxima, sums and products are the steps it would take alone, in the same
+// order: the same bits as a lone query (and as this kernel before runs shared their blocks).
 
 #if defined(__x86_64__) || defined(__i386__)
 
@@ -93,91 +95,107 @@ inline void accumulate_values(float * acc, const float * p, const float * vrows,
     for (int i = 0; i < NV; i++) _mm256_storeu_ps(acc + 8 * i, a[i]);
 }
 
-template <bool kKF16, bool kVF16>
-void attention_impl(const AttnTask & t, float * scratch) {
-    const int G = t.n_group, hd = t.head_dim;
-    float * scores = scratch;                          // G x kBlock
-    float * acc = scores + (size_t) G * kBlock;        // G x hd
-    float * m_run = acc + (size_t) G * hd;             // G
-    float * l_run = m_run + G;                         // G
-    float * vbuf = l_run + G;                          // kBlock x hd (f16 or scattered values as f32)
-    const bool v_in_place = !kVF16 && !t.rows;  // a contiguous run of f32 value rows
-
-    std::fill(acc, acc + (size_t) G * hd, 0.0f);
-    std::fill(m_run, m_run + G, -INFINITY);
-    std::fill(l_run, l_run + G, 0.0f);
-
-    for (int64_t j0 = 0; j0 < t.n_kv; j0 += kBlock) {
-        const int nb = (int) std::min<int64_t>(kBlock, t.n_kv - j0);
-        // scores; the padding up to a whole vector stays -inf (exp -> 0)
-        const int nb8 = (nb + 7) & ~7;
-        for (int g = 0; g < G; g++) std::fill(scores + g * kBlock, scores + g * kBlock + nb8, -INFINITY);
-        for (int jj = 0; jj < nb; jj++) {
-            const void * krow = (const uint8_t *) t.k + (size_t) t.row(j0 + jj) * t.k_stride;
-            block_scores<kKF16>(t.q, G, hd, krow, t.scale, scores + jj);
-        }
-        // value rows of the block as f32, once for the whole group
-        const float * vrows;
-        if (!v_in_place) {
-            for (int jj = 0; jj < nb; jj++) {
-                const uint8_t * src = (const uint8_t *) t.v + (size_t) t.row(j0 + jj) * t.v_stride;
-                float * dst = vbuf + (size_t) jj * hd;
-                for (int d = 0; d < hd; d += 8) {
-                    const __m256 v = kVF16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const uint16_t *) src + d)))
-                                           : _mm256_loadu_ps((const float *) src + d);
-                    _mm256_storeu_ps(dst + d, v);
-                }
-            }
-            vrows = vbuf;
-        } else {
-            vrows = (const float *) ((const uint8_t *) t.v + (size_t) j0 * t.v_stride);
-        }
-        const int v_row_floats = v_in_place ? (int) (t.v_stride / sizeof(float)) : hd;
-        for (int g = 0; g < G; g++) {
-            float * s = scores + g * kBlock;
-            __m256 mx = _mm256_set1_ps(-INFINITY);
-            for (int jj = 0; jj < nb8; jj += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + jj));
-            const float block_max = hmax(mx);
-            float * a = acc + (size_t) g * hd;
-            if (block_max > m_run[g]) {
-                // rescale what was accumulated under the old max (exp(-inf) = 0 the first time)
-                const float correction = std::exp(m_run[g] - block_max);
-                const __m256 cv = _mm256_set1_ps(correction);
-                for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(a + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), cv));
-                l_run[g] *= correction;
-                m_run[g] = block_max;
-            }
-            const __m256 m = _mm256_set1_ps(m_run[g]);
-            __m256 sum = _mm256_setzero_ps();
-            for (int jj = 0; jj < nb8; jj += 8) {
-                const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + jj), m));
-                _mm256_storeu_ps(s + jj, p);
-                sum = _mm256_add_ps(sum, p);
-            }
-            l_run[g] += hsum(sum);
-            int d = 0;
-            for (; d + 32 <= hd; d += 32) accumulate_values<4>(a + d, s, vrows + d, v_row_floats, nb);
-            switch ((hd - d) / 8) {
-                case 3: accumulate_values<3>(a + d, s, vrows + d, v_row_floats, nb); break;
-                case 2: accumulate_values<2>(a + d, s, vrows + d, v_row_floats, nb); break;
-                case 1: accumulate_values<1>(a + d, s, vrows + d, v_row_floats, nb); break;
-                default: break;
-            }
-        }
-    }
-    for (int g = 0; g < G; g++) {
-        const __m256 inv = _mm256_set1_ps(l_run[g] > 0.0f ? 1.0f / l_run[g] : 0.0f);
-        const float * a = acc + (size_t) g * hd;
-        float * o = t.out + (size_t) g * hd;
-        for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), inv));
+// Rows [j0, j0 + n) of a KV head's cache converted to f32 into buf (n x head_dim). f16 -> f32
+// is exact: a converted row gives the bits its f16 row gives when converted in registers.
+template <bool kF16>
+void convert_rows(const AttnTask & t, const void * base, size_t stride, int64_t j0, int n, float * buf) {
+    for (int jj = 0; jj < n; jj++) {
+        const void * src = (const uint8_t *) base + (size_t) t.row(j0 + jj) * stride;
+        for (int d = 0; d < t.head_dim; d += 8) _mm256_storeu_ps(buf + (size_t) jj * t.head_dim + d, load_row8<kF16>(src, d));
     }
 }
 
-void attention_one(const AttnTask & t, float * scratch) {
-    if (t.k_f16) {
-        if (t.v_f16) attention_impl<true, true>(t, scratch); else attention_impl<true, false>(t, scratch);
-    } else {
-        if (t.v_f16) attention_impl<false, true>(t, scratch); else attention_impl<false, false>(t, scratch);
+// The task's consecutive queries walk the cache together: each block of keys and values is read
+// (and converted) once for all of them, then every query takes, on its own rows of the block,
+// the steps it would take alone (the same blocks, scores, maxima and sums: the same bits).
+template <bool kKF16, bool kVF16>
+void attention_impl(const AttnTask & t, float * scratch) {
+    const int G = t.n_group, hd = t.head_dim, Q = t.n_queries;
+    float * scores = scratch;                          // G x kBlock (one query at a time)
+    float * kbuf = scores + (size_t) G * kBlock;       // kBlock x hd: the block's f16 keys as f32
+    float * vbuf = kbuf + (size_t) kBlock * hd;        // kBlock x hd: its values as f32
+    float * acc = vbuf + (size_t) kBlock * hd;         // Q x G x hd
+    float * m_run = acc + (size_t) Q * G * hd;         // Q x G
+    float * l_run = m_run + (size_t) Q * G;            // Q x G
+
+    std::fill(acc, acc + (size_t) Q * G * hd, 0.0f);
+    std::fill(m_run, m_run + (size_t) Q * G, -INFINITY);
+    std::fill(l_run, l_run + (size_t) Q * G, 0.0f);
+    const int64_t n_kv_last = t.n_kv + Q - 1;  // rows the last query sees
+    // f16 keys are converted once per block for a run of queries; a lone query converts them in
+    // registers as it goes (a pass through kbuf would only add a store and a load), and f32 keys
+    // are read in place
+    const bool convert_keys = kKF16 && Q > 1;
+    const bool v_in_place = !kVF16 && !t.rows;         // a contiguous run of f32 value rows
+
+    for (int64_t j0 = 0; j0 < n_kv_last; j0 += kBlock) {
+        const int nb_all = (int) std::min<int64_t>(kBlock, n_kv_last - j0);
+        if (convert_keys) convert_rows<kKF16>(t, t.k, t.k_stride, j0, nb_all, kbuf);
+        const float * vrows = vbuf;
+        int v_row_floats = hd;
+        if (v_in_place) {
+            vrows = (const float *) ((const uint8_t *) t.v + (size_t) j0 * t.v_stride);
+            v_row_floats = (int) (t.v_stride / sizeof(float));
+        } else {
+            convert_rows<kVF16>(t, t.v, t.v_stride, j0, nb_all, vbuf);
+        }
+        for (int qi = 0; qi < Q; qi++) {
+            const int nb = (int) std::min<int64_t>(kBlock, t.n_kv + qi - j0);
+            if (nb <= 0) continue;
+            const float * q = t.q + (size_t) qi * t.q_stride;
+            // scores; the padding up to a whole vector stays -inf (exp -> 0)
+            const int nb8 = (nb + 7) & ~7;
+            for (int g = 0; g < G; g++) std::fill(scores + g * kBlock, scores + g * kBlock + nb8, -INFINITY);
+            for (int jj = 0; jj < nb; jj++) {
+                if (convert_keys) {
+                    block_scores<false>(q, G, hd, kbuf + (size_t) jj * hd, t.scale, scores + jj);
+                } else {
+                    block_scores<kKF16>(q, G, hd, (const uint8_t *) t.k + (size_t) t.row(j0 + jj) * t.k_stride, t.scale,
+                                        scores + jj);
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                float * s = scores + g * kBlock;
+                __m256 mx = _mm256_set1_ps(-INFINITY);
+                for (int jj = 0; jj < nb8; jj += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + jj));
+                const float block_max = hmax(mx);
+                const size_t state = (size_t) qi * G + g;
+                float * a = acc + state * hd;
+                if (block_max > m_run[state]) {
+                    // rescale what was accumulated under the old max (exp(-inf) = 0 the first time)
+                    const float correction = std::exp(m_run[state] - block_max);
+                    const __m256 cv = _mm256_set1_ps(correction);
+                    for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(a + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), cv));
+                    l_run[state] *= correction;
+                    m_run[state] = block_max;
+                }
+                const __m256 m = _mm256_set1_ps(m_run[state]);
+                __m256 sum = _mm256_setzero_ps();
+                for (int jj = 0; jj < nb8; jj += 8) {
+                    const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + jj), m));
+                    _mm256_storeu_ps(s + jj, p);
+                    sum = _mm256_add_ps(sum, p);
+                }
+                l_run[state] += hsum(sum);
+                int d = 0;
+                for (; d + 32 <= hd; d += 32) accumulate_values<4>(a + d, s, vrows + d, v_row_floats, nb);
+                switch ((hd - d) / 8) {
+                    case 3: accumulate_values<3>(a + d, s, vrows + d, v_row_floats, nb); break;
+                    case 2: accumulate_values<2>(a + d, s, vrows + d, v_row_floats, nb); break;
+                    case 1: accumulate_values<1>(a + d, s, vrows + d, v_row_floats, nb); break;
+                    default: break;
+                }
+            }
+        }
+    }
+    for (int qi = 0; qi < Q; qi++) {
+        for (int g = 0; g < G; g++) {
+            const size_t state = (size_t) qi * G + g;
+            const __m256 inv = _mm256_set1_ps(l_run[state] > 0.0f ? 1.0f / l_run[state] : 0.0f);
+            const float * a = acc + state * hd;
+            float * o = t.out + (size_t) qi * t.q_stride + (size_t) g * hd;
+            for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), inv));
+        }
     }
 }
 
@@ -190,7 +208,11 @@ void attention(const AttnTask & t, float * scratch) {
         ref::ops_kernels().attention(t, scratch);
         return;
     }
-    attention_one_query_at_a_time(t, scratch, attention_one);
+    if (t.k_f16) {
+        if (t.v_f16) attention_impl<true, true>(t, scratch); else attention_impl<true, false>(t, scratch);
+    } else {
+        if (t.v_f16) attention_impl<false, true>(t, scratch); else attention_impl<false, false>(t, scratch);
+    }
 }
 
 void silu_mul(const float * gate, const float * up, float * out, int64_t n) {
