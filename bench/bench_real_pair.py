@@ -264,7 +264,7 @@ def main() -> int:
     ap.add_argument("--init-from", metavar="DRAFT", help="a draft folder in --cache (e.g. draft-6000p-4000s) to go "
                                                          "on training, on --train-prompts, for --steps more steps")
     ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
-                    help="bf16 autocast in training (auto: on CUDA only; on: also on a CPU with bf16 units)")
+                    help="bf16 autocast in training (auto: on CUDA and on a CPU with bf16 units; on: also on other CPUs, emulated)")
     ap.add_argument("--target-type", default="source", choices=("source", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
                     help="measure the target as shipped (source: Q4_1) or its weights rewritten at this type: "
                          "f32 (540 MB) decodes from DRAM where the cache holds the 96 MB source file")

@@ -89,7 +89,7 @@ def add_train_commands(sub) -> None:
     t.add_argument("--eval-every", type=int, default=0, help="held-out acceptance in the progress bar every n steps")
     t.add_argument("--eval-depth", type=int, default=4, help="chain length for held-out acceptance (default 4)")
     t.add_argument("--no-resume", action="store_true", help="start over even if --out has a checkpoint")
-    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on CUDA)")
+    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on CUDA and on a CPU with bf16 units, e.g. AVX-512 BF16)")
     t.add_argument("--sample-cache-mb", type=int, default=1024,
                    help="training samples kept in memory between uses, in MiB; the rest stream from the feature "
                         "cache on disk (default 1024)")

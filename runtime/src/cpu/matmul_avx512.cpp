@@ -24,12 +24,17 @@ constexpr int kPrefetchBytes = 512;
 // with several activation rows the FMAs are long enough that only a request issued a whole tile
 // ahead keeps memory busy (SmolLM2-135M in f32, 6-row verify: 1.33 -> 1.18 decodes; decode
 // itself 3-5% faster; the next tile is at most 4 rows, well inside L2).
+// Except f32 at one activation row (decode): a load and an FMA per line, a pure stream that the
+// hardware prefetchers keep up with, where the 8 prefetches a step only take load slots (Zen 5,
+// bench_quant, GB/s of weights at 1 and 2 threads: 576 x 1536 32 -> 37 and 45 -> 47, 3072 x 512
+// 31-35 -> 35 and 44 -> 47; f16 and bf16 lose 10-25% without them, so they keep theirs).
 
 // ---- float weights: f32, f16, bf16 against f32 activations ----------------------------------
 // Ragged tails (k not a multiple of 16) are masked loads: the missing lanes read as zero.
 
 struct LoadF32 {
     static constexpr int kBytes = 4;
+    static constexpr bool kPureStream = true;  // nothing to convert: see kPrefetchBytes
     static __m512 load16(const uint8_t * row, int64_t i) { return _mm512_loadu_ps((const float *) row + i); }
     static __m512 load_tail(const uint8_t * row, int64_t i, __mmask16 m) {
         return _mm512_maskz_loadu_ps(m, (const float *) row + i);
@@ -37,6 +42,7 @@ struct LoadF32 {
 };
 struct LoadF16 {
     static constexpr int kBytes = 2;
+    static constexpr bool kPureStream = false;
     static __m512 load16(const uint8_t * row, int64_t i) {
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const uint16_t *) row + i)));
     }
@@ -46,6 +52,7 @@ struct LoadF16 {
 };
 struct LoadBF16 {
     static constexpr int kBytes = 2;
+    static constexpr bool kPureStream = false;
     static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
     static __m512 load16(const uint8_t * row, int64_t i) {
         return widen(_mm256_loadu_si256((const __m256i *) ((const uint16_t *) row + i)));
@@ -66,9 +73,11 @@ struct FloatKern {
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
         auto step = [&](int64_t i, auto load_w, auto load_x) {
             __m512 wv[R];
-            for (int r = 0; r < R; r++) {
-                _mm_prefetch((const char *) (w + r * ws + i * Load::kBytes + kPrefetchBytes), _MM_HINT_T0);
-                _mm_prefetch((const char *) (w + (R + r) * ws + i * Load::kBytes), _MM_HINT_T1);
+            if constexpr (!(Load::kPureStream && C == 1)) {
+                for (int r = 0; r < R; r++) {
+                    _mm_prefetch((const char *) (w + r * ws + i * Load::kBytes + kPrefetchBytes), _MM_HINT_T0);
+                    _mm_prefetch((const char *) (w + (R + r) * ws + i * Load::kBytes), _MM_HINT_T1);
+                }
             }
             for (int r = 0; r < R; r++) wv[r] = load_w(w + r * ws, i);
             for (int c = 0; c < C; c++) {
