@@ -11,6 +11,8 @@
 
 #include <immintrin.h>
 
+#include <type_traits>
+
 namespace sparrow {
 namespace avx512 {
 namespace {
@@ -34,7 +36,6 @@ constexpr int kPrefetchBytes = 512;
 
 struct LoadF32 {
     static constexpr int kBytes = 4;
-    static constexpr bool kPureStream = true;  // nothing to convert: see kPrefetchBytes
     static __m512 load16(const uint8_t * row, int64_t i) { return _mm512_loadu_ps((const float *) row + i); }
     static __m512 load_tail(const uint8_t * row, int64_t i, __mmask16 m) {
         return _mm512_maskz_loadu_ps(m, (const float *) row + i);
@@ -42,7 +43,6 @@ struct LoadF32 {
 };
 struct LoadF16 {
     static constexpr int kBytes = 2;
-    static constexpr bool kPureStream = false;
     static __m512 load16(const uint8_t * row, int64_t i) {
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const uint16_t *) row + i)));
     }
@@ -52,7 +52,6 @@ struct LoadF16 {
 };
 struct LoadBF16 {
     static constexpr int kBytes = 2;
-    static constexpr bool kPureStream = false;
     static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
     static __m512 load16(const uint8_t * row, int64_t i) {
         return widen(_mm256_loadu_si256((const __m256i *) ((const uint16_t *) row + i)));
@@ -73,7 +72,7 @@ struct FloatKern {
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
         auto step = [&](int64_t i, auto load_w, auto load_x) {
             __m512 wv[R];
-            if constexpr (!(Load::kPureStream && C == 1)) {
+            if constexpr (!(std::is_same_v<Load, LoadF32> && C == 1)) {  // see kPrefetchBytes
                 for (int r = 0; r < R; r++) {
                     _mm_prefetch((const char *) (w + r * ws + i * Load::kBytes + kPrefetchBytes), _MM_HINT_T0);
                     _mm_prefetch((const char *) (w + (R + r) * ws + i * Load::kBytes), _MM_HINT_T1);
