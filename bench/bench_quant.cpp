@@ -9,6 +9,8 @@
 // Built by CMake with the tests (build/bench_quant); run it under SPARROW_SIMD=avx2 to compare
 // kernel levels:
 //   bench_quant [rows cols [threads...]]      (default 4096 4096, threads 1 2)
+// SPARROW_BENCH_TYPES=f32,f16 measures only the types named; SPARROW_BENCH_CACHED=1 one copy of
+// the matrix, so a small one stays in cache.
 //
 // Each type gets enough copies of the matrix to exceed 1 GiB, cycled through, so the weights
 // come from DRAM as at decode time rather than from the last-level cache.
@@ -137,6 +139,14 @@ double median(std::vector<double> v) {
     return v[v.size() / 2];
 }
 
+// SPARROW_BENCH_TYPES: a comma-separated list of type names (all when unset)
+bool type_wanted(DType t) {
+    const char * list = std::getenv("SPARROW_BENCH_TYPES");
+    if (list == nullptr) return true;
+    const std::string names = std::string(",") + list + ",";
+    return names.find(std::string(",") + traits(t).name + ",") != std::string::npos;
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
@@ -181,6 +191,7 @@ int main(int argc, char ** argv) {
         std::vector<std::string> lines;
         std::vector<double> k1_gbs;
         for (DType t : types) {
+            if (!type_wanted(t)) continue;
             const size_t bytes = row_size(t, cols) * (size_t) rows;
             // SPARROW_BENCH_CACHED=1: one copy, so a small matrix stays in cache (kernel compute speed)
             const size_t n_copies = getenv("SPARROW_BENCH_CACHED") ? 1 : std::max<size_t>(2, (min_working_set + bytes - 1) / bytes);

@@ -17,19 +17,20 @@ namespace sparrow {
 namespace avx512 {
 namespace {
 
-// Each weight row's stream is prefetched this far ahead into L1: converting f16 / bf16 takes long
-// enough per cache line that the tile's own misses alone leave memory idle (decode at 2 threads
-// went from about 60% to 80-90% of the read bandwidth, bench_quant).
+// Each weight row's stream is prefetched kPrefetchBytes ahead into L1 where a tile has several
+// activation rows: converting f16 / bf16 and the FMAs of 2-6 rows take long enough per cache
+// line that the tile's own misses alone leave memory idle. At one activation row (decode) the
+// hardware prefetchers keep up with the stream and the 4 prefetches a step only take load slots
+// (Zen 5, bench_quant 3072 x 512, GB/s of weights at one row: f16 at 1 thread 26-28 -> 31-33,
+// at 2 threads on two CCDs 47 -> 53-55, on one CCD even at 39-41; f32 32-35 -> 35-37).
 constexpr int kPrefetchBytes = 512;
 // ... and the next tile's rows (the same columns, R rows further on) into L2. A row of a small
 // model is only a few KiB, so the near prefetch alone leaves every tile's first lines cold; and
 // with several activation rows the FMAs are long enough that only a request issued a whole tile
 // ahead keeps memory busy (SmolLM2-135M in f32, 6-row verify: 1.33 -> 1.18 decodes; decode
-// itself 3-5% faster; the next tile is at most 4 rows, well inside L2).
-// Except f32 at one activation row (decode): a load and an FMA per line, a pure stream that the
-// hardware prefetchers keep up with, where the 8 prefetches a step only take load slots (Zen 5,
-// bench_quant, GB/s of weights at 1 and 2 threads: 576 x 1536 32 -> 37 and 45 -> 47, 3072 x 512
-// 31-35 -> 35 and 44 -> 47; f16 and bf16 lose 10-25% without them, so they keep theirs).
+// itself 3-5% faster; the next tile is at most 4 rows, well inside L2). Every tile but f32 at
+// one row, a load and an FMA per line, a pure stream (3072 x 512 at 2 threads: 43 -> 38-42
+// with it); f16 and bf16 at one row lose 10-25% without it.
 
 // ---- float weights: f32, f16, bf16 against f32 activations ----------------------------------
 // Ragged tails (k not a multiple of 16) are masked loads: the missing lanes read as zero.
@@ -72,11 +73,11 @@ struct FloatKern {
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
         auto step = [&](int64_t i, auto load_w, auto load_x) {
             __m512 wv[R];
-            if constexpr (!(std::is_same_v<Load, LoadF32> && C == 1)) {  // see kPrefetchBytes
-                for (int r = 0; r < R; r++) {
-                    _mm_prefetch((const char *) (w + r * ws + i * Load::kBytes + kPrefetchBytes), _MM_HINT_T0);
-                    _mm_prefetch((const char *) (w + (R + r) * ws + i * Load::kBytes), _MM_HINT_T1);
-                }
+            if constexpr (C > 1) {  // see kPrefetchBytes
+                for (int r = 0; r < R; r++) _mm_prefetch((const char *) (w + r * ws + i * Load::kBytes + kPrefetchBytes), _MM_HINT_T0);
+            }
+            if constexpr (!(std::is_same_v<Load, LoadF32> && C == 1)) {  // the next tile's rows
+                for (int r = 0; r < R; r++) _mm_prefetch((const char *) (w + (R + r) * ws + i * Load::kBytes), _MM_HINT_T1);
             }
             for (int r = 0; r < R; r++) wv[r] = load_w(w + r * ws, i);
             for (int c = 0; c < C; c++) {

@@ -40,11 +40,14 @@ inline float * out_of(const Job & j, int64_t c, const uint8_t * panel, int first
 
 // Software prefetch of the bytes a little ahead of the block about to be read. The hardware
 // prefetchers bring the stream to L2, but a kernel that computes for a while per cache line
-// (the 4-bit types, the k-quants' scales) keeps too few of its own L1 misses in flight to reach
-// the read bandwidth: at 2 threads the k-quants' decode went from 55-70% of it to 70-85%
-// (bench_quant). Past a panel's end the addresses run on into the next panel, which is what
+// (the 4-bit types, the k-quants' scales, several activation rows) keeps too few of its own L1
+// misses in flight to reach the read bandwidth. The distance must cover a DRAM access at the
+// stream's own pace (~100 ns at 30-40 GB/s is 3-4 KiB): at 1,536 bytes a Zen 5 core read q4_0
+// at 18 GB/s and a 6-row verify of q8_0 cost 1.5 decodes; at 6 KiB, 28-30 GB/s and 1.0
+// (bench_quant 3072 x 512, 1 thread; q8_0 / q4_K / q5_K decode +20-40%; 4 KiB and 8 KiB in
+// between and alike). Past a panel's end the addresses run on into the next panel, which is what
 // usually comes next.
-constexpr size_t kPrefetchBytes = 1536;
+constexpr size_t kPrefetchBytes = 6144;
 inline void prefetch_block(const Job & j, const uint8_t * panel, const uint8_t * meta, int64_t b) {
     const uint8_t * q = panel + b * j.quant + kPrefetchBytes;
     for (size_t i = 0; i < j.quant; i += 64) _mm_prefetch((const char *) (q + i), _MM_HINT_T0);
