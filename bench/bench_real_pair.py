@@ -19,7 +19,9 @@ resumes; the time each step took is kept in steps.json and printed:
                 and vocabulary, a fresh optimizer and schedule) into draft-<prompts>p-<steps>s-from-A/;
   3b. target    with --target-type: the target's weights rewritten at that type by our converter
                 (f32: 540 MB, above the cache of the machines we have seen, so decoding is
-                memory-bound, as a 7B model's is on any CPU); the draft serves it unchanged;
+                memory-bound, as a 7B model's is on any CPU; f16, the type llama.cpp's converter
+                writes by default, 270 MB, memory-bound where the last-level cache is smaller,
+                as a Zen 5's 32 MiB; the header says which); the draft serves it unchanged;
   4. measure    on the held-out prompts, greedy, --tokens tokens each: decode tokens/s of plain
                 decoding, chain and tree speculation (adaptive, the default), chain-fixed (every
                 round drafts --n-draft: the draft's own acceptance) and llama.cpp's plain
@@ -250,7 +252,10 @@ def main() -> int:
     # 4,000 steps ~80 min). An hour of an AVX2 AMD EPYC's 2 cores: --train-prompts 1700 and
     # --steps 1150 (1.44x), --steps 2400 --mtp-steps 1 (1.53x) or --steps 1700 --mtp-steps 2
     # (mean accepted length 2.02; at 2 threads 1.46-1.67x adaptive, 1.52-1.74x fixed chains of 5 across runs on
-    # a noisy host); with --steps 1800 --lr 2e-3 --target-temperature 0.5 the same 2.03 (1.54x, 1.61x)
+    # a noisy host); with --steps 1800 --lr 2e-3 --target-temperature 0.5 the same 2.03 (1.54x, 1.61x).
+    # An hour of an AMD EPYC Zen 5's 2 cores (bf16 training): --train-prompts 7000 --steps 4500
+    # --mtp-steps 2 --lr 2e-3 --target-temperature 0.5 (2.39; --target-type f16: 1.84x plain and
+    # 1.82x llama.cpp at 2 threads)
     ap.add_argument("--train-prompts", type=int, default=6000)
     ap.add_argument("--max-new-tokens", type=int, default=160, help="target response length for training data")
     ap.add_argument("--draft-vocab", type=int, default=8192)
