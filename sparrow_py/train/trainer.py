@@ -253,8 +253,9 @@ def train(model: SparrowDraft, train_files: list[Path], eval_samples: list[dict]
         log(f"resumed from {ckpt_path} at step {start}/{total}")
     # bf16 by default wherever it runs in hardware: on an AMD EPYC with AVX-512 BF16 (Zen 5) a step of the
     # real pair's draft took 0.47 s against 0.91 s in float32; emulated, it is 25x slower than float32
-    use_bf16 = opt.bf16 if opt.bf16 is not None else (dev.type == "cuda" or (dev.type == "cpu" and cpu_has_bf16()))
-    if use_bf16 and dev.type == "cpu" and rank == 0 and not cpu_has_bf16():
+    hardware_bf16 = dev.type == "cuda" or (dev.type == "cpu" and cpu_has_bf16())
+    use_bf16 = opt.bf16 if opt.bf16 is not None else hardware_bf16
+    if use_bf16 and not hardware_bf16 and dev.type == "cpu" and rank == 0:
         log("warning: bf16 autocast on a CPU without bf16 instructions is emulated, and usually much slower "
             "than float32 (measured 25x on an AVX2 AMD EPYC): train with --bf16 off (the default on such a CPU)")
     # samples stream from disk; the most recent stay in memory up to opt.sample_cache_mb, so that
