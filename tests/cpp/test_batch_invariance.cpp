@@ -203,6 +203,7 @@ int main(int argc, char ** argv) {
                         DType::Q5_K, DType::Q6_K}) {
             const int64_t bs = traits(t).block_size == 1 ? 32 : traits(t).block_size;
             test_matmul(t, 37, 2 * bs);     // small: one thread does it all
+            test_matmul(t, 30, 3 * bs);     // two panels, the second partial (read together at few rows)
             test_matmul(t, 203, 1024);      // large enough to be split over threads
         }
         for (bool f16 : {false, true}) {

@@ -400,7 +400,9 @@ private:
         }
         const int nth = (double) work >= kMatmulMinParallelWork ? pool_.size() : 1;
         const int64_t col_chunk = std::min<int64_t>(n, std::max<int64_t>(16, (int64_t) (kMatmulColChunkBytes / x_stride)));
-        const int64_t panels_per_job = std::max<int64_t>(1, (total_panels + nth * kMatmulJobsPerThread - 1) / (nth * kMatmulJobsPerThread));
+        // an even number: the kernels take panels two at a time where the rows are few
+        int64_t panels_per_job = std::max<int64_t>(1, (total_panels + nth * kMatmulJobsPerThread - 1) / (nth * kMatmulJobsPerThread));
+        panels_per_job += panels_per_job % 2;
         panel_jobs_.clear();
         for (int64_t c0 = 0; c0 < n; c0 += col_chunk) {
             for (int i = 0; i < n_outs; ++i) {

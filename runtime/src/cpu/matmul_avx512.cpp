@@ -30,7 +30,9 @@ constexpr int kPrefetchBytes = 512;
 // ahead keeps memory busy (SmolLM2-135M in f32, 6-row verify: 1.33 -> 1.18 decodes; decode
 // itself 3-5% faster; the next tile is at most 4 rows, well inside L2). Every tile but f32 at
 // one row, a load and an FMA per line, a pure stream (3072 x 512 at 2 threads: 43 -> 38-42
-// with it); f16 and bf16 at one row lose 10-25% without it.
+// with it); f16 and bf16 at one row lose 10-25% without it. f16 and bf16 at several rows go two
+// tiles ahead (6 rows at 2 threads: 39.8 -> 41.9 GB/s of weights on one CCD, 41 -> 45 on two);
+// f32 there loses by it (1.20 -> 1.31 of one row's time), one row gains nothing.
 
 // ---- float weights: f32, f16, bf16 against f32 activations ----------------------------------
 // Ragged tails (k not a multiple of 16) are masked loads: the missing lanes read as zero.
@@ -62,12 +64,26 @@ struct LoadBF16 {
     }
 };
 
+// The sums of four accumulators' lanes, in one vector: each added in the order
+// _mm512_reduce_add_ps adds one vector's (lanes i + i+8, then j + j+4, then 0 + 2 and 1 + 3, then
+// those two: the same bits), but the four share every shuffle and add, 13 operations for what
+// took 32: a tile's reductions were ~10% of a 6-row f16 tile (bench_quant 1024 x 512 in L2).
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));  // [a 8 | b 8]
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
+    const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));  // [a 4 | b 4 | c 4 | d 4]
+    const __m512 h = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4e));  // lanes 0, 1 of each quarter: 0 + 2, 1 + 3
+    const __m512 s = _mm512_add_ps(h, _mm512_permute_ps(h, 0xb1));  // lane 0 of each quarter: its sum
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s));
+}
+
 template <typename Load>
 struct FloatKern {
     static constexpr int RM = 4, RN = 6;  // 24 accumulators, 4 weight vectors, 1 activation vector
 
     template <int R, int C>
     static void tile(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys) {
+        constexpr int kTilesAhead = Load::kBytes == 2 && C > 1 ? 2 : 1;
         __m512 acc[R][C];
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
@@ -76,8 +92,8 @@ struct FloatKern {
             if constexpr (C > 1) {  // see kPrefetchBytes
                 for (int r = 0; r < R; r++) _mm_prefetch((const char *) (w + r * ws + i * Load::kBytes + kPrefetchBytes), _MM_HINT_T0);
             }
-            if constexpr (!(std::is_same_v<Load, LoadF32> && C == 1)) {  // the next tile's rows
-                for (int r = 0; r < R; r++) _mm_prefetch((const char *) (w + (R + r) * ws + i * Load::kBytes), _MM_HINT_T1);
+            if constexpr (!(std::is_same_v<Load, LoadF32> && C == 1)) {  // a tile or two ahead (see kPrefetchBytes)
+                for (int r = 0; r < R; r++) _mm_prefetch((const char *) (w + (kTilesAhead * R + r) * ws + i * Load::kBytes), _MM_HINT_T1);
             }
             for (int r = 0; r < R; r++) wv[r] = load_w(w + r * ws, i);
             for (int c = 0; c < C; c++) {
@@ -95,8 +111,14 @@ struct FloatKern {
             step(i, [m](const uint8_t * row, int64_t j) { return Load::load_tail(row, j, m); },
                  [m](const float * p) { return _mm512_maskz_loadu_ps(m, p); });
         }
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) y[c * ys + r] = _mm512_reduce_add_ps(acc[r][c]);
+        static_assert(RM == 4, "a tile's rows are reduced four at a time");
+        const __m512 none = _mm512_setzero_ps();
+        for (int c = 0; c < C; c++) {
+            const __m128 sums = reduce4(acc[0][c], R > 1 ? acc[R > 1 ? 1 : 0][c] : none, R > 2 ? acc[R > 2 ? 2 : 0][c] : none,
+                                        R > 3 ? acc[R > 3 ? 3 : 0][c] : none);
+            if constexpr (R == 4) _mm_storeu_ps(y + c * ys, sums);
+            else _mm_mask_storeu_ps(y + c * ys, (__mmask8) ((1u << R) - 1), sums);
+        }
     }
 };
 

@@ -1,6 +1,6 @@
 // panel_driver.h - what the panel kernel files (cpu/panels_avx512.cpp, cpu/panels_avx2.cpp) share:
 // a job's geometry, where an activation row's data and a tile's outputs are, the software
-// prefetch, and the driver that cuts a job into tiles.
+// prefetch, and the drivers that cut a job into tiles.
 //
 // A kernel type Kern provides tile<C>(job, panel, part, c0, valid) for 1 <= C <= Kern::kCols
 // activation rows starting at c0, on part `part` of the panel (Kern::kParts parts of
@@ -54,6 +54,21 @@ inline void prefetch_block(const Job & j, const uint8_t * panel, const uint8_t *
     _mm_prefetch((const char *) (meta + b * j.meta + kPrefetchBytes / 4), _MM_HINT_T0);
 }
 
+// The same for a tile of two panels read side by side (a pair at pair_panel): each stream half
+// the distance ahead, the same time ahead as one panel's 6 KiB, and past its panel's quants on
+// into the same panel of the next pair, which it streams next (its neighbour is being read now).
+// The scales are fetched a whole tile ahead, the next pair's at this block.
+constexpr size_t kPairPrefetchBytes = kPrefetchBytes / 2;
+inline void prefetch_pair_block(const Job & j, const uint8_t * pair_panel, int64_t b) {
+    const size_t quant_bytes = (size_t) j.nb * j.quant, at = (size_t) b * j.quant + kPairPrefetchBytes;
+    const size_t to_next_pair = at < quant_bytes ? 0 : 2 * j.pb - quant_bytes;
+    for (int s = 0; s < 2; s++) {
+        const uint8_t * q = pair_panel + s * j.pb + at + to_next_pair;
+        for (size_t i = 0; i < j.quant; i += 64) _mm_prefetch((const char *) (q + i), _MM_HINT_T0);
+        _mm_prefetch((const char *) (pair_panel + (2 + s) * j.pb + quant_bytes + b * j.meta), _MM_HINT_T0);
+    }
+}
+
 using PanelTileFn = void (*)(const Job &, const uint8_t *, int, int64_t, int);
 
 template <typename Kern, int... I>
@@ -79,6 +94,38 @@ void run_panels(const PanelProduct & p, int64_t first_panel, int64_t n_panels, i
             }
         }
     }
+}
+
+// run_panels with a kernel that takes the panels two at a time: Pair::tile<C>(job, panel, c0,
+// valid) for up to Pair::kCols activation rows (`valid` rows of the second panel exist), where
+// one broadcast activation group, one row's start and scale serve 32 weight rows instead of 16.
+// More rows go past a pair in runs of Pair::kCols; a lone last panel goes through Kern.
+// Per (weight row, activation row) both compute the same operations in the same order (the
+// integer sums are exact in any order): a row's result does not depend on which ran it.
+using PairTileFn = void (*)(const Job &, const uint8_t *, int64_t, int);
+
+template <typename Pair, int... I>
+constexpr std::array<PairTileFn, sizeof...(I)> make_pair_tiles(std::integer_sequence<int, I...>) {
+    return {{&Pair::template tile<I + 1>...}};
+}
+
+template <typename Kern, typename Pair>
+void run_panel_pairs(const PanelProduct & p, int64_t first_panel, int64_t n_panels, int64_t c0, int64_t nc) {
+    if (n_panels < 2) {
+        run_panels<Kern>(p, first_panel, n_panels, c0, nc);
+        return;
+    }
+    static constexpr auto tiles = make_pair_tiles<Pair>(std::make_integer_sequence<int, Pair::kCols>());
+    const panel::Geometry g = panel::geometry(p.type);
+    const Job job = {p, p.k / g.block, g.quant, g.meta, panel_bytes(p.type, p.k), summary_bytes(p.type, p.k)};
+    const int64_t end = first_panel + n_panels;
+    int64_t pi = first_panel;
+    for (; pi + 2 <= end; pi += 2) {
+        const int valid = (int) std::min<int64_t>(kPanelRows, p.rows - (pi + 1) * kPanelRows);
+        for (int64_t c = c0; c < c0 + nc; c += Pair::kCols)
+            tiles[std::min<int64_t>(Pair::kCols, c0 + nc - c) - 1](job, p.panels + (size_t) pi * job.pb, c, valid);
+    }
+    if (pi < end) run_panels<Kern>(p, pi, 1, c0, nc);
 }
 
 }  // namespace
