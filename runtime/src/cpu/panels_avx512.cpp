@@ -134,7 +134,11 @@ struct Kern32Pair {
         for (int c = 0; c < C; c++) acc0[c] = acc1[c] = _mm512_setzero_ps();
         const uint8_t * meta0 = panel + j.nb * j.quant, * meta1 = panel1 + j.nb * j.quant;
         for (int64_t b = 0; b < j.nb; b++) {
-            prefetch_pair_block(j, panel, b);
+            // At one row the hardware prefetchers keep up with the two streams, and the software
+            // prefetches only cost (real pair, q8_0 at 2 threads: decode 233-241 -> 283-286 tok/s
+            // without them); at several rows they are what keeps memory busy (6-row verify
+            // 2.0-2.2 decodes without them, 1.2-1.6 with).
+            if constexpr (C > 1) prefetch_pair_block(j, panel, b);
             const uint8_t * q0 = panel + b * j.quant, * q1 = panel1 + b * j.quant;
             __m512i i0[C], i1[C];
             for (int c = 0; c < C; c++) {
