@@ -12,7 +12,9 @@
 //
 // Batch invariance. Every row of every panel goes through one kernel per type and SIMD level,
 // whose per-(row, activation row) arithmetic does not depend on how many activation rows share
-// the call, which panel range a thread was given, or whether the row is in a padded panel. A
+// the call, which panel range a thread was given, whether the row is in a padded panel, or
+// whether its panel went through alone or beside the next one (AVX-512's q8_0 / q4_0 / q4_1
+// tiles take panels two at a time, one broadcast activation group serving both). A
 // token's logits are then the same bits whether it is decoded alone, verified in a batch of 5
 // or prefilled with 500 others, at any thread count: greedy speculative decoding equals plain
 // decoding on quantized models, token for token.
