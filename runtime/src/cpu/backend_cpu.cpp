@@ -92,53 +92,9 @@ public:
     }
 
     void matmul(const Tensor & w, const Tensor & x, Tensor & out, const Tensor * bias) override {
-        if (w.panels) {
-            const MatmulOut one{&w, &out, bias};
-            matmul_panels(x, &one, 1);
-            return;
-        }
-        const int64_t k = w.cols(), m = w.rows(), n = x.rows();
-        const DType dot_type = traits(w.type).dot_type;
-        const size_t x_row_bytes = row_size(dot_type, k);
-        const bool parallel = (double) m * k * n >= kMatmulMinParallelWork && pool_.size() > 1;
-
-        // Activations go into the weight type's dot type once, not once per weight row.
-        const uint8_t * xq = quantize_activations(w.type, x, false);
-
-        // Jobs are (block of weight rows) x (chunk of activation rows), chunk-major so that all
-        // threads work on the same activation rows (shared in L3) while the weights stream by;
-        // within a job the tiled kernel reuses every weight load across the chunk's rows.
-        const int nth = parallel ? pool_.size() : 1;
-        const int64_t col_chunk = std::min<int64_t>(n, std::max<int64_t>(16, (int64_t) (kMatmulColChunkBytes / x_row_bytes)));
-        const int64_t n_chunks = (n + col_chunk - 1) / col_chunk;
-        int64_t row_block = (m + nth * kMatmulJobsPerThread - 1) / (nth * kMatmulJobsPerThread);
-        row_block = std::max<int64_t>(16, (row_block + 15) / 16 * 16);  // whole register tiles
-        const int64_t n_row_blocks = (m + row_block - 1) / row_block;
-        const int64_t n_jobs = n_chunks * n_row_blocks;
-
-        const size_t w_row_bytes = w.row_bytes();
-        float * y = out.f32();
-        const float * b_data = bias ? bias->f32() : nullptr;
-        auto run_job = [&](int64_t job) {
-            const int64_t c0 = (job / n_row_blocks) * col_chunk, nc = std::min(col_chunk, n - c0);
-            const int64_t r0 = (job % n_row_blocks) * row_block, nr = std::min(row_block, m - r0);
-            mul_mat(w.type, k, (const uint8_t *) w.data + r0 * w_row_bytes, w_row_bytes, nr, xq + c0 * x_row_bytes,
-                    x_row_bytes, nc, y + c0 * m + r0, m);
-            if (b_data) {
-                for (int64_t c = c0; c < c0 + nc; ++c) {
-                    float * yc = y + c * m;
-                    for (int64_t r = r0; r < r0 + nr; ++r) yc[r] += b_data[r];
-                }
-            }
-        };
-        if (!parallel || n_jobs == 1) {
-            for (int64_t job = 0; job < n_jobs; ++job) run_job(job);
-            return;
-        }
-        next_job_.store(0, std::memory_order_relaxed);
-        pool_.run([&](int, int) {
-            for (int64_t job; (job = next_job_.fetch_add(1, std::memory_order_relaxed)) < n_jobs;) run_job(job);
-        });
+        const MatmulOut one{&w, &out, bias};
+        if (w.panels) matmul_panels(x, &one, 1);
+        else matmul_rows(x, &one, 1);
     }
 
     void matmul_group(const Tensor & x, const MatmulOut * outs, int n) override {
@@ -149,6 +105,15 @@ public:
         }
         if (shared) {
             matmul_panels(x, outs, n);
+            return;
+        }
+        // ... or when none is (f32 / f16 / bf16 files)
+        bool rows = n > 0;
+        for (int i = 0; i < n && rows; ++i) {
+            rows = !outs[i].w->panels && traits(outs[i].w->type).dot_type == traits(outs[0].w->type).dot_type;
+        }
+        if (rows) {
+            matmul_rows(x, outs, n);
             return;
         }
         for (int i = 0; i < n; ++i) matmul(*outs[i].w, x, *outs[i].out, outs[i].bias);
@@ -384,6 +349,60 @@ private:
         return scratch_.data();
     }
 
+    // Products of one activation matrix with row-major weights (float files; quantized types
+    // without panels) of one dot type: the activations are converted once, and the jobs of every
+    // product, (block of weight rows) x (chunk of activation rows), go out in one pass over the
+    // threads, chunk-major so that all threads work on the same activation rows (shared in L3)
+    // while the weights stream by; within a job the tiled kernel reuses every weight load across
+    // the chunk's rows. A group (q, k, v; gate, up) waits for its slowest thread once, not per
+    // product. A row's result does not depend on which job, thread or block computed it.
+    void matmul_rows(const Tensor & x, const MatmulOut * outs, int n_outs) {
+        const int64_t k = x.cols(), n = x.rows();
+        const DType wt = outs[0].w->type;
+        const size_t x_row_bytes = row_size(traits(wt).dot_type, k);
+        int64_t total_rows = 0;
+        for (int i = 0; i < n_outs; ++i) total_rows += outs[i].w->rows();
+        const bool parallel = (double) total_rows * k * n >= kMatmulMinParallelWork && pool_.size() > 1;
+        const uint8_t * xq = quantize_activations(wt, x, false);  // once, not once per weight row
+        const int nth = parallel ? pool_.size() : 1;
+        const int64_t col_chunk = std::min<int64_t>(n, std::max<int64_t>(16, (int64_t) (kMatmulColChunkBytes / x_row_bytes)));
+        int64_t row_block = (total_rows + nth * kMatmulJobsPerThread - 1) / (nth * kMatmulJobsPerThread);
+        row_block = std::max<int64_t>(16, (row_block + 15) / 16 * 16);  // whole register tiles
+        row_jobs_.clear();
+        for (int64_t c0 = 0; c0 < n; c0 += col_chunk) {
+            for (int i = 0; i < n_outs; ++i) {
+                const int64_t m = outs[i].w->rows();
+                for (int64_t r0 = 0; r0 < m; r0 += row_block) {
+                    row_jobs_.push_back({i, r0, std::min(row_block, m - r0), c0, std::min(col_chunk, n - c0)});
+                }
+            }
+        }
+        auto run_job = [&](const ProductJob & job) {
+            const MatmulOut & o = outs[job.out];
+            const int64_t m = o.w->rows();
+            const size_t w_row_bytes = o.w->row_bytes();
+            float * y = o.out->f32();
+            mul_mat(o.w->type, k, (const uint8_t *) o.w->data + job.first * w_row_bytes, w_row_bytes, job.count,
+                    xq + job.c0 * x_row_bytes, x_row_bytes, job.nc, y + job.c0 * m + job.first, m);
+            if (o.bias) {
+                const float * b = o.bias->f32();
+                for (int64_t c = job.c0; c < job.c0 + job.nc; ++c) {
+                    float * yc = y + c * m;
+                    for (int64_t r = job.first; r < job.first + job.count; ++r) yc[r] += b[r];
+                }
+            }
+        };
+        const int64_t n_jobs = (int64_t) row_jobs_.size();
+        if (nth == 1 || n_jobs == 1) {
+            for (const ProductJob & job : row_jobs_) run_job(job);
+            return;
+        }
+        next_job_.store(0, std::memory_order_relaxed);
+        pool_.run([&](int, int) {
+            for (int64_t j; (j = next_job_.fetch_add(1, std::memory_order_relaxed)) < n_jobs;) run_job(row_jobs_[(size_t) j]);
+        });
+    }
+
     // Products of one activation matrix with weights packed into panels (cpu/panels.h), all of one
     // dot type (their activation summaries are the same too): the activations are converted once, and the jobs of every product, (run of
     // panels) x (chunk of activation rows), are handed out dynamically in one pass over the
@@ -544,7 +563,13 @@ private:
         int64_t p0, np;      // its panels [p0, p0 + np)
         int64_t c0, nc;      // activation rows [c0, c0 + nc)
     };
+    struct ProductJob {
+        int out;               // which product of the group
+        int64_t first, count;  // its weight rows [first, first + count)
+        int64_t c0, nc;        // activation rows [c0, c0 + nc)
+    };
     std::vector<PanelJob> panel_jobs_;
+    std::vector<ProductJob> row_jobs_;
     std::vector<float> attn_scratch_;
     std::vector<int32_t> attn_rows_;  // per thread: the cache rows a masked query sees
     struct RopeAngles {  // rope_angles: what the table in cs was computed for

@@ -110,9 +110,10 @@ struct Kern32 {
 // Two panels against C <= kCols activation rows (run_panel_pairs): per broadcast activation
 // group two vpdpbusd, and each row's start and scale broadcast once for both. The broadcasts and
 // the per-row scalar work, not the multiplies, bound the one-panel tile at a few rows: a Zen 5
-// core, 6 rows in L2 (bench_quant 1024 x 512), 12% (q8_0) to 18% (q4_1) faster, and on the
-// real pair the 6-row verify of q8_0 1.39-1.46 -> 1.21-1.26 decodes, of Q4_1 1.59-1.67 ->
-// 1.35-1.39. One chain of 8 per (panel, activation row) (24 vector registers for 6 rows): q4's
+// core, 6 rows in L2 (bench_quant 1024 x 512), 12% (q8_0) to 18% (q4_1) faster; the real pair
+// at 2 threads (chains of 5), tokens/s: q8_0 decode 227-240 -> 283-286 and speculative 297-322
+// -> 345-355, Q4_1 337-344 -> 351-374 and 368-389 -> 418-455; prefill 2,500-2,800 -> 2,900-3,200.
+// One chain of 8 per (panel, activation row) (24 vector registers for 6 rows): q4's
 // high nibbles are shifted down (an op per vector a block, shared by the rows) rather than
 // kept 16 times their value, so that the two halves can share the chain.
 template <typename Unpack, bool kMins>
