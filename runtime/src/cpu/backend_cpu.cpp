@@ -368,38 +368,23 @@ private:
         const int64_t col_chunk = std::min<int64_t>(n, std::max<int64_t>(16, (int64_t) (kMatmulColChunkBytes / x_row_bytes)));
         int64_t row_block = (total_rows + nth * kMatmulJobsPerThread - 1) / (nth * kMatmulJobsPerThread);
         row_block = std::max<int64_t>(16, (row_block + 15) / 16 * 16);  // whole register tiles
-        row_jobs_.clear();
+        jobs_.clear();
         for (int64_t c0 = 0; c0 < n; c0 += col_chunk) {
             for (int i = 0; i < n_outs; ++i) {
                 const int64_t m = outs[i].w->rows();
                 for (int64_t r0 = 0; r0 < m; r0 += row_block) {
-                    row_jobs_.push_back({i, r0, std::min(row_block, m - r0), c0, std::min(col_chunk, n - c0)});
+                    jobs_.push_back({i, r0, std::min(row_block, m - r0), c0, std::min(col_chunk, n - c0)});
                 }
             }
         }
-        auto run_job = [&](const ProductJob & job) {
+        run_jobs(nth, [&](const ProductJob & job) {
             const MatmulOut & o = outs[job.out];
             const int64_t m = o.w->rows();
             const size_t w_row_bytes = o.w->row_bytes();
-            float * y = o.out->f32();
+            float * y = o.out->f32() + job.c0 * m;
             mul_mat(o.w->type, k, (const uint8_t *) o.w->data + job.first * w_row_bytes, w_row_bytes, job.count,
-                    xq + job.c0 * x_row_bytes, x_row_bytes, job.nc, y + job.c0 * m + job.first, m);
-            if (o.bias) {
-                const float * b = o.bias->f32();
-                for (int64_t c = job.c0; c < job.c0 + job.nc; ++c) {
-                    float * yc = y + c * m;
-                    for (int64_t r = job.first; r < job.first + job.count; ++r) yc[r] += b[r];
-                }
-            }
-        };
-        const int64_t n_jobs = (int64_t) row_jobs_.size();
-        if (nth == 1 || n_jobs == 1) {
-            for (const ProductJob & job : row_jobs_) run_job(job);
-            return;
-        }
-        next_job_.store(0, std::memory_order_relaxed);
-        pool_.run([&](int, int) {
-            for (int64_t j; (j = next_job_.fetch_add(1, std::memory_order_relaxed)) < n_jobs;) run_job(row_jobs_[(size_t) j]);
+                    xq + job.c0 * x_row_bytes, x_row_bytes, job.nc, y + job.first, m);
+            if (o.bias) add_bias(y, m, job.nc, o.bias->f32(), job.first, job.first + job.count);
         });
     }
 
@@ -422,38 +407,45 @@ private:
         // an even number: the kernels take panels two at a time where the rows are few
         int64_t panels_per_job = std::max<int64_t>(1, (total_panels + nth * kMatmulJobsPerThread - 1) / (nth * kMatmulJobsPerThread));
         panels_per_job += panels_per_job % 2;
-        panel_jobs_.clear();
+        jobs_.clear();
         for (int64_t c0 = 0; c0 < n; c0 += col_chunk) {
             for (int i = 0; i < n_outs; ++i) {
                 const int64_t n_panels = (outs[i].w->rows() + kPanelRows - 1) / kPanelRows;
                 for (int64_t p0 = 0; p0 < n_panels; p0 += panels_per_job) {
-                    panel_jobs_.push_back({i, p0, std::min(panels_per_job, n_panels - p0), c0, std::min(col_chunk, n - c0)});
+                    jobs_.push_back({i, p0, std::min(panels_per_job, n_panels - p0), c0, std::min(col_chunk, n - c0)});
                 }
             }
         }
-        auto run_job = [&](const PanelJob & job) {
+        run_jobs(nth, [&](const ProductJob & job) {  // first, count: panels
             const MatmulOut & o = outs[job.out];
             const int64_t m = o.w->rows();
             PanelProduct p{o.w->type, k, (const uint8_t *) o.w->data, m, xq, x_stride, sums_.data(), o.out->f32(), m};
-            panel_mul_mat(p, job.p0, job.np, job.c0, job.nc);
+            panel_mul_mat(p, job.first, job.count, job.c0, job.nc);
             if (o.bias) {
-                const float * b = o.bias->f32();
-                const int64_t r0 = job.p0 * kPanelRows, r1 = std::min(m, (job.p0 + job.np) * kPanelRows);
-                for (int64_t c = job.c0; c < job.c0 + job.nc; ++c) {
-                    float * yc = p.y + c * m;
-                    for (int64_t r = r0; r < r1; ++r) yc[r] += b[r];
-                }
+                add_bias(p.y + job.c0 * m, m, job.nc, o.bias->f32(), job.first * kPanelRows,
+                         std::min(m, (job.first + job.count) * kPanelRows));
             }
-        };
-        const int64_t n_jobs = (int64_t) panel_jobs_.size();
+        });
+    }
+
+    // Every job of jobs_ through run_job: handed out dynamically over nth threads, in order on one.
+    template <typename F> void run_jobs(int nth, F && run_job) {
+        const int64_t n_jobs = (int64_t) jobs_.size();
         if (nth == 1 || n_jobs == 1) {
-            for (const PanelJob & job : panel_jobs_) run_job(job);
+            for (const ProductJob & job : jobs_) run_job(job);
             return;
         }
         next_job_.store(0, std::memory_order_relaxed);
         pool_.run([&](int, int) {
-            for (int64_t j; (j = next_job_.fetch_add(1, std::memory_order_relaxed)) < n_jobs;) run_job(panel_jobs_[(size_t) j]);
+            for (int64_t j; (j = next_job_.fetch_add(1, std::memory_order_relaxed)) < n_jobs;) run_job(jobs_[(size_t) j]);
         });
+    }
+
+    // y (nc rows of m outputs) += bias at the outputs [r0, r1)
+    static void add_bias(float * y, int64_t m, int64_t nc, const float * bias, int64_t r0, int64_t r1) {
+        for (int64_t c = 0; c < nc; ++c) {
+            for (int64_t r = r0; r < r1; ++r) y[c * m + r] += bias[r];
+        }
     }
 
     // cos and sin of every (row, pair) rotation angle for these positions, interleaved, n x half
@@ -558,18 +550,12 @@ private:
     std::atomic<int64_t> next_job_{0};  // dynamic work counter of the op in flight
     std::vector<uint8_t> scratch_;  // quantized activations of the matmul in flight
     std::vector<uint8_t> sums_;     // and their block summaries (panel matmuls)
-    struct PanelJob {
-        int out;             // which product of the group
-        int64_t p0, np;      // its panels [p0, p0 + np)
-        int64_t c0, nc;      // activation rows [c0, c0 + nc)
-    };
     struct ProductJob {
         int out;               // which product of the group
-        int64_t first, count;  // its weight rows [first, first + count)
+        int64_t first, count;  // its weight rows [first, first + count) (panels, for panel products)
         int64_t c0, nc;        // activation rows [c0, c0 + nc)
     };
-    std::vector<PanelJob> panel_jobs_;
-    std::vector<ProductJob> row_jobs_;
+    std::vector<ProductJob> jobs_;  // the matmul in flight's
     std::vector<float> attn_scratch_;
     std::vector<int32_t> attn_rows_;  // per thread: the cache rows a masked query sees
     struct RopeAngles {  // rope_angles: what the table in cs was computed for
