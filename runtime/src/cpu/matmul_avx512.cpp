@@ -1,8 +1,8 @@
 // matmul_avx512.cpp - register-tiled products of float weights (f32, f16, bf16) with f32
 // activations, for quant.h's mul_mat, on AVX-512: the plan of matmul_avx2.cpp on 16-float
-// vectors, 4 x 6 tiles in the 32 zmm registers, ragged tails (k not a multiple of 16) by masked
-// loads whose missing lanes read as zero. Quantized weights are multiplied in 16-row panels
-// (cpu/panels_avx512.cpp).
+// vectors, 4 x 6 tiles in the 32 zmm registers (1 x 1 for f16 / bf16 decoding), ragged tails
+// (k not a multiple of 16) by masked loads whose missing lanes read as zero. Quantized weights
+// are multiplied in 16-row panels (cpu/panels_avx512.cpp).
 
 #if defined(__x86_64__) || defined(__i386__)
 
@@ -77,9 +77,11 @@ inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s));
 }
 
-template <typename Load>
+// RM_ weight rows a tile: 4 (24 accumulators, 4 weight vectors, 1 activation vector), or 1 for
+// f16 / bf16 at one activation row (see mul_mat_f16).
+template <typename Load, int RM_ = 4>
 struct FloatKern {
-    static constexpr int RM = 4, RN = 6;  // 24 accumulators, 4 weight vectors, 1 activation vector
+    static constexpr int RM = RM_, RN = 6;
 
     template <int R, int C>
     static void tile(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys) {
@@ -111,7 +113,7 @@ struct FloatKern {
             step(i, [m](const uint8_t * row, int64_t j) { return Load::load_tail(row, j, m); },
                  [m](const float * p) { return _mm512_maskz_loadu_ps(m, p); });
         }
-        static_assert(RM == 4, "a tile's rows are reduced four at a time");
+        static_assert(RM <= 4, "a tile's rows are reduced four at a time");
         const __m512 none = _mm512_setzero_ps();
         for (int c = 0; c < C; c++) {
             const __m128 sums = reduce4(acc[0][c], R > 1 ? acc[R > 1 ? 1 : 0][c] : none, R > 2 ? acc[R > 2 ? 2 : 0][c] : none,
@@ -127,11 +129,19 @@ struct FloatKern {
 void mul_mat_f32(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
     drive<FloatKern<LoadF32>>(k, w, ws, nr, x, xs, nc, y, ys);
 }
+// f16 / bf16 at one activation row (decode) take one weight row at a time: the rows, one after
+// the other in memory, are then one stream rather than four a row apart, which the prefetchers
+// follow better (bench_quant 3072 x 512 at 2 threads: 39-41 -> 43-45 GB/s; the real pair's f16
+// decode at 2 threads 132-135 -> 145-148 tokens/s; 1 thread even, its single fma chain a row
+// being about as fast as memory there). f32 measured no gain (and -6% on the real pair). A row's
+// sum is the same chain of fmas and the same reduction either way: the same bits.
 void mul_mat_f16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    drive<FloatKern<LoadF16>>(k, w, ws, nr, x, xs, nc, y, ys);
+    if (nc == 1) drive<FloatKern<LoadF16, 1>>(k, w, ws, nr, x, xs, nc, y, ys);
+    else drive<FloatKern<LoadF16>>(k, w, ws, nr, x, xs, nc, y, ys);
 }
 void mul_mat_bf16(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    drive<FloatKern<LoadBF16>>(k, w, ws, nr, x, xs, nc, y, ys);
+    if (nc == 1) drive<FloatKern<LoadBF16, 1>>(k, w, ws, nr, x, xs, nc, y, ys);
+    else drive<FloatKern<LoadBF16>>(k, w, ws, nr, x, xs, nc, y, ys);
 }
 }  // namespace avx512
 }  // namespace sparrow
