@@ -254,8 +254,7 @@ def main() -> int:
     # (mean accepted length 2.02; at 2 threads 1.46-1.67x adaptive, 1.52-1.74x fixed chains of 5 across runs on
     # a noisy host); with --steps 1800 --lr 2e-3 --target-temperature 0.5 the same 2.03 (1.54x, 1.61x).
     # An hour of an AMD EPYC Zen 5's 2 cores (bf16 training): --train-prompts 7000 --steps 4500
-    # --mtp-steps 2 --lr 2e-3 --target-temperature 0.5 (2.39; --target-type f16: 1.84x plain and
-    # 1.82x llama.cpp at 2 threads)
+    # --mtp-steps 2 --lr 2e-3 --target-temperature 0.5 (2.39; --target-type f16: the README's table)
     ap.add_argument("--train-prompts", type=int, default=6000)
     ap.add_argument("--max-new-tokens", type=int, default=160, help="target response length for training data")
     ap.add_argument("--draft-vocab", type=int, default=8192)

@@ -86,8 +86,9 @@ struct FloatKern {
     template <int R, int C>
     static void tile(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys) {
         constexpr int kTilesAhead = Load::kBytes == 2 && C > 1 ? 2 : 1;
-        __m512 acc[R][C];
-        for (int r = 0; r < R; r++)
+        static_assert(R <= 4, "a tile's rows are reduced four at a time");
+        __m512 acc[4][C];  // rows past R stay zero: reduce4 takes four
+        for (int r = 0; r < 4; r++)
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
         auto step = [&](int64_t i, auto load_w, auto load_x) {
             __m512 wv[R];
@@ -113,11 +114,8 @@ struct FloatKern {
             step(i, [m](const uint8_t * row, int64_t j) { return Load::load_tail(row, j, m); },
                  [m](const float * p) { return _mm512_maskz_loadu_ps(m, p); });
         }
-        static_assert(RM <= 4, "a tile's rows are reduced four at a time");
-        const __m512 none = _mm512_setzero_ps();
         for (int c = 0; c < C; c++) {
-            const __m128 sums = reduce4(acc[0][c], R > 1 ? acc[R > 1 ? 1 : 0][c] : none, R > 2 ? acc[R > 2 ? 2 : 0][c] : none,
-                                        R > 3 ? acc[R > 3 ? 3 : 0][c] : none);
+            const __m128 sums = reduce4(acc[0][c], acc[1][c], acc[2][c], acc[3][c]);
             if constexpr (R == 4) _mm_storeu_ps(y + c * ys, sums);
             else _mm_mask_storeu_ps(y + c * ys, (__mmask8) ((1u << R) - 1), sums);
         }

@@ -72,21 +72,30 @@ __attribute__((always_inline)) inline void prefetch_pair_block(const Job & j, co
     }
 }
 
-using PanelTileFn = void (*)(const Job &, const uint8_t *, int, int64_t, int);
+// A job's geometry for product p.
+inline Job job_of(const PanelProduct & p) {
+    const panel::Geometry g = panel::geometry(p.type);
+    return {p, p.k / g.block, g.quant, g.meta, panel_bytes(p.type, p.k), summary_bytes(p.type, p.k)};
+}
 
-template <typename Kern, int... I>
-constexpr std::array<PanelTileFn, sizeof...(I)> make_panel_tiles(std::integer_sequence<int, I...>) {
+// Kern::tile<1> .. tile<Kern::kCols>, indexed by activation rows - 1, as function pointers Fn.
+template <typename Fn, typename Kern, int... I>
+constexpr std::array<Fn, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
     return {{&Kern::template tile<I + 1>...}};
 }
+template <typename Fn, typename Kern>
+constexpr std::array<Fn, Kern::kCols> tile_table() {
+    return tile_table<Fn, Kern>(std::make_integer_sequence<int, Kern::kCols>());
+}
+using PanelTileFn = void (*)(const Job &, const uint8_t *, int, int64_t, int);
 
 // Every panel of [first_panel, first_panel + n_panels), each part of it, every tile of up to
 // Kern::kCols activation rows of [c0, c0 + nc).
 template <typename Kern>
 void run_panels(const PanelProduct & p, int64_t first_panel, int64_t n_panels, int64_t c0, int64_t nc) {
-    static constexpr auto tiles = make_panel_tiles<Kern>(std::make_integer_sequence<int, Kern::kCols>());
+    static constexpr auto tiles = tile_table<PanelTileFn, Kern>();
     constexpr int kPartRows = kPanelRows / Kern::kParts;
-    const panel::Geometry g = panel::geometry(p.type);
-    const Job job = {p, p.k / g.block, g.quant, g.meta, panel_bytes(p.type, p.k), summary_bytes(p.type, p.k)};
+    const Job job = job_of(p);
     for (int64_t pi = first_panel; pi < first_panel + n_panels; pi++) {
         const uint8_t * panel = p.panels + (size_t) pi * job.pb;
         for (int part = 0; part < Kern::kParts; part++) {
@@ -107,20 +116,14 @@ void run_panels(const PanelProduct & p, int64_t first_panel, int64_t n_panels, i
 // integer sums are exact in any order): a row's result does not depend on which ran it.
 using PairTileFn = void (*)(const Job &, const uint8_t *, int64_t, int);
 
-template <typename Pair, int... I>
-constexpr std::array<PairTileFn, sizeof...(I)> make_pair_tiles(std::integer_sequence<int, I...>) {
-    return {{&Pair::template tile<I + 1>...}};
-}
-
 template <typename Kern, typename Pair>
 void run_panel_pairs(const PanelProduct & p, int64_t first_panel, int64_t n_panels, int64_t c0, int64_t nc) {
     if (n_panels < 2) {
         run_panels<Kern>(p, first_panel, n_panels, c0, nc);
         return;
     }
-    static constexpr auto tiles = make_pair_tiles<Pair>(std::make_integer_sequence<int, Pair::kCols>());
-    const panel::Geometry g = panel::geometry(p.type);
-    const Job job = {p, p.k / g.block, g.quant, g.meta, panel_bytes(p.type, p.k), summary_bytes(p.type, p.k)};
+    static constexpr auto tiles = tile_table<PairTileFn, Pair>();
+    const Job job = job_of(p);
     const int64_t end = first_panel + n_panels;
     int64_t pi = first_panel;
     for (; pi + 2 <= end; pi += 2) {

@@ -45,12 +45,15 @@ inline void store_rows(float * y, __m512 v, int valid) {
 // ---- q8_0, q4_0, q4_1: 32-quant blocks against q8_0 activations ---------------------------------
 
 // The 8 quant vectors of a block, vector j against activation quants 4j .. 4j + 3.
+// vector(q, g): vector g alone, its quants at face value (q4's high nibbles shifted down), for
+// tiles that load a vector where they use it (Kern32Pair).
 struct UnpackQ8_0 {
     static constexpr int32_t kOffset = 128;  // stored quant - value
     static constexpr bool kHighTimes16 = false;
     static void unpack(const uint8_t * q, __m512i * w) {
-        for (int j = 0; j < 8; j++) w[j] = load(q + 64 * j);
+        for (int j = 0; j < 8; j++) w[j] = vector(q, j);
     }
+    static __m512i vector(const uint8_t * q, int g) { return load(q + 64 * g); }
 };
 // q4_0 / q4_1: low nibbles are quants 4j.., high nibbles 16 + 4j... The high nibbles stay in
 // place (16 times their value: one AND instead of a shift and an AND); their integer sum is
@@ -65,6 +68,10 @@ struct UnpackQ4 {
             w[j] = _mm512_and_si512(v, low4);
             w[j + 4] = _mm512_and_si512(v, high4);
         }
+    }
+    static __m512i vector(const uint8_t * q, int g) {
+        const __m512i v = load(q + 64 * (g & 3));
+        return _mm512_and_si512(g < 4 ? v : _mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f));
     }
 };
 
@@ -119,15 +126,6 @@ struct Kern32 {
 template <typename Unpack, bool kMins>
 struct Kern32Pair {
     static constexpr int kCols = 6;
-    // weight vector g (against activation quants 4g .. 4g + 3) of the block at q
-    static __m512i weights(const uint8_t * q, int g) {
-        if constexpr (Unpack::kHighTimes16) {
-            const __m512i v = load(q + 64 * (g & 3)), low4 = _mm512_set1_epi8(0x0f);
-            return _mm512_and_si512(g < 4 ? v : _mm512_srli_epi16(v, 4), low4);
-        } else {
-            return load(q + 64 * g);
-        }
-    }
     template <int C>
     static void tile(const Job & j, const uint8_t * panel, int64_t c0, int valid1) {  // valid1: rows of the second
         const uint8_t * panel1 = panel + j.pb;
@@ -148,7 +146,7 @@ struct Kern32Pair {
                 i0[c] = i1[c] = _mm512_set1_epi32(kMins ? 0 : -Unpack::kOffset * sums_of<SumQ8_0>(j, c0 + c)[b].sum);
             }
             for (int g = 0; g < 8; g++) {
-                const __m512i w0 = weights(q0, g), w1 = weights(q1, g);
+                const __m512i w0 = Unpack::vector(q0, g), w1 = Unpack::vector(q1, g);
                 for (int c = 0; c < C; c++) {
                     const int8_t * xg = ((const BlockQ8_0 *) row_of(j, c0 + c))[b].qs + 4 * g;
                     const __m512i x = bcast_group(xg);
@@ -157,15 +155,16 @@ struct Kern32Pair {
                 }
             }
             const __m512 dw0 = load_halfs(meta0 + b * j.meta), dw1 = load_halfs(meta1 + b * j.meta);
+            const __m512 mw0 = kMins ? load_halfs(meta0 + b * j.meta + 32) : _mm512_setzero_ps();
+            const __m512 mw1 = kMins ? load_halfs(meta1 + b * j.meta + 32) : _mm512_setzero_ps();
             for (int c = 0; c < C; c++) {
                 const SumQ8_0 & s = sums_of<SumQ8_0>(j, c0 + c)[b];
                 const __m512 dx = _mm512_set1_ps(s.d);
                 acc0[c] = _mm512_fmadd_ps(_mm512_mul_ps(dw0, dx), _mm512_cvtepi32_ps(i0[c]), acc0[c]);
                 acc1[c] = _mm512_fmadd_ps(_mm512_mul_ps(dw1, dx), _mm512_cvtepi32_ps(i1[c]), acc1[c]);
                 if (kMins) {
-                    const __m512 ds = _mm512_set1_ps(s.dsum);
-                    acc0[c] = _mm512_fmadd_ps(load_halfs(meta0 + b * j.meta + 32), ds, acc0[c]);
-                    acc1[c] = _mm512_fmadd_ps(load_halfs(meta1 + b * j.meta + 32), ds, acc1[c]);
+                    acc0[c] = _mm512_fmadd_ps(mw0, _mm512_set1_ps(s.dsum), acc0[c]);
+                    acc1[c] = _mm512_fmadd_ps(mw1, _mm512_set1_ps(s.dsum), acc1[c]);
                 }
             }
         }
