@@ -97,7 +97,8 @@ inline void accumulate_values(float * acc, const float * p, const float * vrows,
 
 // Row j + kBlock of a KV head's cache into L1, while row j's block is computed: read a block
 // at a time, the rows would arrive in a burst that leaves memory idle through the block's
-// arithmetic (bench_attention, 16k rows: decode reads 2-3x faster with it).
+// arithmetic (bench_attention with SPARROW_SIMD=avx2, Qwen2-0.5B shapes, 16k rows, 2 threads:
+// decode 1.00 -> 0.69 ms a layer).
 template <bool kF16>
 inline void prefetch_row_ahead(const AttnTask & t, const void * base, size_t stride, int64_t j, int64_t n_rows) {
     if (j + kBlock >= n_rows) return;
