@@ -1250,6 +1250,11 @@ void test_attention(Ctx & c) {
         {"segments", 3, 3, 12, 50, 0, 50, AttnCase::Segments, {0, 1, 17, 18, 50}},
         {"one segment", 4, 1, 64, 30, 0, 30, AttnCase::Segments, {0, 30}},
         {"frames", 2, 2, 80, 67, 0, 67, AttnCase::Segments, {0, 33, 66, 67}},
+        // past the CPU backend's 2048-row chunks: merged chunk states
+        {"chunked decode", 6, 3, 64, 1, 4300, 4301, AttnCase::Causal, {}},
+        {"chunked verify", 4, 2, 64, 6, 2045, 2051, AttnCase::Causal, {}},            // 3 queries in one chunk, 3 in two
+        {"chunked tree", 4, 2, 32, 6, 2100, 2106, AttnCase::Mask, {}},
+        {"chunked mask", 2, 1, 64, 6, 0, 4200, AttnCase::Mask, {}},                  // ~1400 rows a query, one sees none
     };
     for (const AttnCase & ac : cases) {
         for (int kvk = 0; kvk < 3; kvk++) {
@@ -1262,7 +1267,7 @@ void test_attention(Ctx & c) {
             std::vector<uint8_t> mask;
             if (ac.kind == AttnCase::Mask) {
                 mask.assign((size_t) (ac.n_q * ac.n_kv), 0);
-                if (std::string(ac.name) == "mask tree") {  // a prefix, then a draft tree over the batch
+                if (std::string(ac.name).find("tree") != std::string::npos) {  // a prefix, then a draft tree over the batch
                     const int parent[6] = {-1, 0, 0, 1, 1, 2};
                     for (int x = 0; x < 6; x++) {
                         for (int64_t j = 0; j < ac.q_first; j++) mask[(size_t) (x * ac.n_kv + j)] = 1;

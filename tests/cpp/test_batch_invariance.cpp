@@ -119,10 +119,14 @@ struct Cache {
     }
 };
 
-void test_attention(bool f16, int threads) {
+// prefix 150: the batch crosses a 64-key block edge; 2045: the CPU backend's 2048-row chunk
+// edge (its first queries see one chunk, the others two, merged); 4200: three chunks. Returns
+// the chain batch's output, for comparing thread counts.
+std::vector<float> test_attention(bool f16, int threads, int64_t prefix) {
     const int n_head = 4, n_head_kv = 2, hd = 64;
     const int64_t q_dim = n_head * hd, kv_dim = n_head_kv * hd;
-    const int64_t prefix = 150, n_q = 6;  // crosses a 64-key block edge inside the batch
+    const int64_t n_q = 6;
+    rng().seed(7);  // the same cache and queries for every thread count
     const int64_t n_kv = prefix + n_q;
     const DType kv_type = f16 ? DType::F16 : DType::F32;
     std::vector<float> kf((size_t) (n_kv * kv_dim)), vf(kf.size()), q((size_t) (n_q * q_dim));
@@ -160,8 +164,9 @@ void test_attention(bool f16, int threads) {
         run(K, V, q.data() + i * q_dim, 1, prefix + i + 1, prefix + i, nullptr, one.data());
         if (!same_bits(one.data(), batch.data() + i * q_dim, q_dim)) chain_bad++;
     }
-    check(chain_bad == 0, format("attention %s, %d threads: %d chain queries differ from decoding alone", f16 ? "f16" : "f32",
-                                 threads, chain_bad));
+    check(chain_bad == 0, format("attention %s, %d threads, %lld rows: %d chain queries differ from decoding alone",
+                                 f16 ? "f16" : "f32", threads, (long long) prefix, chain_bad));
+    const std::vector<float> chain = batch;
 
     // tree: node x (cache row prefix + x) sees the prefix, its ancestors and itself
     const int parent[n_q] = {-1, 0, 0, 1, 3, 2};
@@ -188,9 +193,10 @@ void test_attention(bool f16, int threads) {
         run(Kp, Vp, q.data() + x * q_dim, 1, rows, rows - 1, nullptr, one.data());
         if (!same_bits(one.data(), batch.data() + x * q_dim, q_dim)) tree_bad++;
     }
-    check(tree_bad == 0, format("attention %s, %d threads: %d tree nodes differ from decoding their path alone",
-                                f16 ? "f16" : "f32", threads, tree_bad));
-    std::printf("  attention %s, %d thread(s)\n", f16 ? "f16" : "f32", threads);
+    check(tree_bad == 0, format("attention %s, %d threads, %lld rows: %d tree nodes differ from decoding their path alone",
+                                f16 ? "f16" : "f32", threads, (long long) prefix, tree_bad));
+    std::printf("  attention %s, %d thread(s), %lld rows\n", f16 ? "f16" : "f32", threads, (long long) prefix);
+    return chain;
 }
 
 }  // namespace
@@ -207,7 +213,13 @@ int main(int argc, char ** argv) {
             test_matmul(t, 203, 1024);      // large enough to be split over threads
         }
         for (bool f16 : {false, true}) {
-            for (int threads : {1, 2}) test_attention(f16, threads);
+            for (int64_t prefix : {150, 2045, 4200}) {
+                const std::vector<float> one_thread = test_attention(f16, 1, prefix);
+                for (int threads : {2, 3}) {
+                    check(same_bits(one_thread.data(), test_attention(f16, threads, prefix).data(), one_thread.size()),
+                          format("attention %s, %lld rows: %d threads differ from 1", f16 ? "f16" : "f32", (long long) prefix, threads));
+                }
+            }
         }
     } catch (const std::exception & e) {
         std::fprintf(stderr, "FAIL: unexpected exception: %s\n", e.what());

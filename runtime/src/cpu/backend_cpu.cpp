@@ -36,17 +36,26 @@ constexpr int64_t kMatmulJobsPerThread = 16;
 // Causal queries per attention task (see attention): enough that a verify batch reads the KV
 // cache once, few enough to leave several tasks per thread in a prefill.
 constexpr int64_t kAttnQueriesPerTask = 8;
+// Attention over more cache rows than this is split into chunks of this many rows, each a task
+// of its own, merged after (attention_merge): with a task per KV head alone, a decode at 25k
+// rows has as many tasks as the model has KV heads (2-4), which leaves threads idle on any
+// machine with more cores, and one of two idle at 3 heads. A multiple of the kernels' 64-row
+// blocks; fixed, never from the thread count, so that a query gets the same bits from any
+// number of threads and alone or in a verify batch.
+constexpr int64_t kAttnChunkRows = 2048;
 
 // The run length, up to kAttnQueriesPerTask, that lets n_threads finish n_q causal queries over
-// n_head_kv heads soonest, counting a task's time as its queries: a verify of 6 queries over 3
-// KV heads on 2 threads is 3 tasks of 6 as runs of 8 go (the last thread's 6 queries run
-// after the others' 12), and 6 tasks of 3 in 3 + 3 + 3 a thread. Ties keep the longer run,
-// which reads each key and value block once for more queries.
-int64_t queries_per_task(int64_t n_q, int64_t n_head_kv, int64_t n_threads) {
+// n_parts (KV heads x row chunks) soonest, counting a task's time as its queries plus one for
+// reading its rows: a verify of 6 queries over 3 KV heads on 2 threads is 3 tasks of 6 as runs
+// of 8 go (the last thread's 7 units after the others' 14), and 6 tasks of 3 in 4 + 4 + 4 a
+// thread. Without the read, a long cache in 13 chunks would go one query a task (33 units
+// against 35 for runs of 5) and read the cache once per query: a 5-token verify at 25.6k rows
+// and one KV head took 2.5 ms instead of 1.8. Ties keep the longer run.
+int64_t queries_per_task(int64_t n_q, int64_t n_parts, int64_t n_threads) {
     int64_t best = 1, best_time = INT64_MAX;
     for (int64_t run = 1; run <= std::min(n_q, kAttnQueriesPerTask); run++) {
-        const int64_t tasks = (n_q + run - 1) / run * n_head_kv;
-        const int64_t time = (tasks + n_threads - 1) / n_threads * run;
+        const int64_t tasks = (n_q + run - 1) / run * n_parts;
+        const int64_t time = (tasks + n_threads - 1) / n_threads * (run + 1);
         if (time <= best_time) best = run, best_time = time;
     }
     return best;
@@ -187,9 +196,16 @@ public:
         // causal queries share tasks in runs of up to kAttnQueriesPerTask (each K/V block read
         // once for the run); masked (tree) and segmented queries go one by one
         const bool runs = !p.mask && !p.segments && n_q > 1 && p.q_first + n_q <= p.n_kv;
-        const int64_t per_task = runs ? queries_per_task(n_q, p.n_head_kv, pool_.size()) : 1;
+        // the most rows a query sees (a masked query sees at most n_kv), in chunks
+        const int64_t max_rows = p.segments ? 0 : p.mask ? p.n_kv : std::min(p.n_kv, p.q_first + n_q);
+        const int64_t n_chunks = std::max<int64_t>(1, (max_rows + kAttnChunkRows - 1) / kAttnChunkRows);
+        const int64_t per_task = runs ? queries_per_task(n_q, p.n_head_kv * n_chunks, pool_.size()) : 1;
         const int64_t n_runs = (n_q + per_task - 1) / per_task;
-        const int64_t tasks = n_runs * p.n_head_kv;
+        const int64_t tasks = n_runs * n_chunks * p.n_head_kv;
+        // chunk states: [chunk][query][head][head_dim + 2]
+        const size_t state_floats = (size_t) hd + 2, query_states = (size_t) p.n_head * state_floats;
+        if (n_chunks > 1 && attn_states_.size() < (size_t) n_chunks * n_q * query_states)
+            attn_states_.resize((size_t) n_chunks * n_q * query_states);
         const bool k_f16 = k_cache.type == DType::F16, v_f16 = v_cache.type == DType::F16;
         const size_t per_thread = attention_scratch_floats(group, hd, (int) per_task);
         if (attn_scratch_.size() < per_thread * pool_.size()) attn_scratch_.resize(per_thread * pool_.size());
@@ -202,7 +218,8 @@ public:
         // queries first: under the causal mask those see the most rows, so the longest tasks
         // start early and the short ones fill in at the end.
         auto run_task = [&](int64_t task, float * scratch, int32_t * rows) {
-            const int64_t i = (n_runs - 1 - task / p.n_head_kv) * per_task;  // the run's first query
+            const int64_t i = (n_runs - 1 - task / (p.n_head_kv * n_chunks)) * per_task;  // the run's first query
+            const int64_t chunk = task / p.n_head_kv % n_chunks;
             const int hkv = (int) (task % p.n_head_kv);
             AttnTask t;
             const size_t head_offset = (size_t) i * p.n_head * hd + (size_t) hkv * group * hd;
@@ -235,7 +252,19 @@ public:
                 t.v = (const uint8_t *) t.v + (size_t) seg[0] * t.v_stride;
                 t.n_kv = seg[1] - seg[0];
             }
+            if (n_chunks > 1) {
+                t.row_begin = chunk * kAttnChunkRows;
+                t.row_end = t.row_begin + kAttnChunkRows;
+                t.partial = attn_states_.data() + ((size_t) chunk * n_q + i) * query_states + (size_t) hkv * group * state_floats;
+                t.partial_stride = query_states;
+            }
             kernels.attention(t, scratch);
+        };
+        auto merge_chunks = [&](int64_t i) {  // query i, every head
+            for (int h = 0; h < p.n_head; h++) {
+                attention_merge(attn_states_.data() + (size_t) i * query_states + (size_t) h * state_floats, (int) n_chunks,
+                                (size_t) n_q * query_states, hd, out.f32() + (size_t) i * p.n_head * hd + (size_t) h * hd);
+            }
         };
         if (tasks == 1) {
             run_task(0, attn_scratch_.data(), attn_rows_.data());
@@ -247,6 +276,7 @@ public:
             int32_t * rows = attn_rows_.data() + rows_per_thread * ith;
             for (int64_t task; (task = next_job_.fetch_add(1, std::memory_order_relaxed)) < tasks;) run_task(task, scratch, rows);
         });
+        if (n_chunks > 1) for_rows_light(n_q, n_chunks * p.n_head * hd, merge_chunks);
     }
 
     void swiglu(const Tensor & gate, const Tensor & up, Tensor & out) override {
@@ -557,6 +587,7 @@ private:
     };
     std::vector<ProductJob> jobs_;  // the matmul in flight's
     std::vector<float> attn_scratch_;
+    std::vector<float> attn_states_;  // chunks' softmax states of the attention in flight (kAttnChunkRows)
     std::vector<int32_t> attn_rows_;  // per thread: the cache rows a masked query sees
     struct RopeAngles {  // rope_angles: what the table in cs was computed for
         RopeMode mode = RopeMode::Neox;

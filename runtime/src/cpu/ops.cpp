@@ -33,11 +33,55 @@ size_t attention_scratch_floats(int n_group, int head_dim, int n_queries) {
            (size_t) n_queries * n_group * ((size_t) head_dim + 2) + 64;
 }
 
+void attention_finish(const AttnTask & t, int qi, int g, const float * acc, float m, float l) {
+    const int hd = t.head_dim;
+    if (t.partial) {
+        float * state = t.partial + (size_t) qi * t.partial_stride + (size_t) g * (hd + 2);
+        std::copy(acc, acc + hd, state);
+        state[hd] = m;
+        state[hd + 1] = l;
+        return;
+    }
+    float * o = t.out + (size_t) qi * t.q_stride + (size_t) g * hd;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int d = 0; d < hd; d++) o[d] = acc[d] * inv;
+}
+
+void attention_merge(const float * states, int n_chunks, size_t stride, int hd, float * out) {
+    float m = -INFINITY;
+    for (int c = 0; c < n_chunks; c++) {
+        const float * s = states + (size_t) c * stride;
+        if (s[hd + 1] > 0.0f) m = std::max(m, s[hd]);
+    }
+    float l = 0.0f;
+    bool first = true;
+    for (int c = 0; c < n_chunks; c++) {
+        const float * s = states + (size_t) c * stride;
+        if (!(s[hd + 1] > 0.0f)) continue;
+        const float w = std::exp(s[hd] - m);  // 1 exactly for the chunk that holds the max
+        if (first) {
+            for (int d = 0; d < hd; d++) out[d] = s[d] * w;
+            l = s[hd + 1] * w;
+            first = false;
+        } else {
+            for (int d = 0; d < hd; d++) out[d] += s[d] * w;
+            l += s[hd + 1] * w;
+        }
+    }
+    if (first) {  // nothing visible anywhere
+        std::fill(out, out + hd, 0.0f);
+        return;
+    }
+    const float inv = 1.0f / l;
+    for (int d = 0; d < hd; d++) out[d] *= inv;
+}
+
 void attention_one_query_at_a_time(const AttnTask & t, float * scratch, void (*single)(const AttnTask &, float *)) {
     for (int i = 0; i < t.n_queries; i++) {
         AttnTask one = t;
         one.q = t.q + i * t.q_stride;
         one.out = t.out + i * t.q_stride;
+        if (t.partial) one.partial = t.partial + i * t.partial_stride;
         one.n_kv = t.n_kv + i;
         one.n_queries = 1;
         single(one, scratch);
@@ -65,7 +109,7 @@ void attention_one(const AttnTask & t, float * scratch) {
         const float * q = t.q + (size_t) g * hd;
         float m = -INFINITY, l = 0.0f;
         std::fill(acc, acc + hd, 0.0f);
-        for (int64_t j = 0; j < t.n_kv; j++) {
+        for (int64_t j = t.row_begin; j < std::min(t.n_kv, t.row_end); j++) {
             const float * k = row_f32(t.k, t.k_stride, t.row(j), t.k_f16, hd, kbuf);
             float s = 0.0f;
             for (int d = 0; d < hd; d++) s += q[d] * k[d];
@@ -81,9 +125,7 @@ void attention_one(const AttnTask & t, float * scratch) {
             l += w;
             for (int d = 0; d < hd; d++) acc[d] += w * v[d];
         }
-        float * o = t.out + (size_t) g * hd;
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        for (int d = 0; d < hd; d++) o[d] = acc[d] * inv;
+        attention_finish(t, 0, g, acc, m, l);
     }
 }
 

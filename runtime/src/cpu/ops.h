@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 
 namespace sparrow {
 
@@ -35,7 +36,27 @@ struct AttnTask {
     // Without a row list only.
     int n_queries = 1;
     size_t q_stride = 0;
+    // A task may cover a chunk of the rows its queries see, [row_begin, row_end) (indices j as
+    // above; row_begin a multiple of the kernels' 64-row blocks): the backend splits a long cache
+    // so that every thread has work, whatever the number of KV heads. With partial set, each
+    // query's softmax state goes there unnormalised instead of to out: for query i at partial +
+    // i * partial_stride, per head g of the group hd accumulated floats, the running max and the
+    // running sum (head_dim + 2 floats a head), for the backend to merge (attention_merge).
+    int64_t row_begin = 0, row_end = std::numeric_limits<int64_t>::max();
+    float * partial = nullptr;
+    size_t partial_stride = 0;
 };
+
+// The end of a task for query qi and head g: out = acc / l, or the unnormalised state into
+// t.partial. Every kernel finishes through this, so that a whole task and a merge of one
+// non-empty chunk give the same bits.
+void attention_finish(const AttnTask & t, int qi, int g, const float * acc, float m, float l);
+
+// out[0 .. hd) = the attention of one (query, head) from its chunks' states (n_chunks of them,
+// stride floats apart, each hd + 2 floats as attention_finish writes them), merged in order.
+// A chunk with nothing visible (sum 0) is skipped, so a query whose rows all fall in one chunk
+// gets what an unsplit task gives it.
+void attention_merge(const float * states, int n_chunks, size_t stride, int hd, float * out);
 
 // Floats of scratch attention() needs per thread for tasks of up to n_queries queries.
 size_t attention_scratch_floats(int n_group, int head_dim, int n_queries = 1);

@@ -135,14 +135,14 @@ void attention_impl(const AttnTask & t, float * scratch) {
     std::fill(acc, acc + (size_t) Q * G * hd, 0.0f);
     std::fill(m_run, m_run + (size_t) Q * G, -INFINITY);
     std::fill(l_run, l_run + (size_t) Q * G, 0.0f);
-    const int64_t n_kv_last = t.n_kv + Q - 1;  // rows the last query sees
+    const int64_t n_kv_last = std::min(t.n_kv + Q - 1, t.row_end);  // rows the last query sees, to the chunk's end
     // f16 keys are converted once per block for a run of queries; a lone query converts them in
     // registers as it goes (a pass through kbuf would only add a store and a load), and f32 keys
     // are read in place
     const bool convert_keys = kKF16 && Q > 1;
     const bool v_in_place = !kVF16 && !t.rows;         // a contiguous run of f32 value rows
 
-    for (int64_t j0 = 0; j0 < n_kv_last; j0 += kBlock) {
+    for (int64_t j0 = t.row_begin; j0 < n_kv_last; j0 += kBlock) {
         const int nb_all = (int) std::min<int64_t>(kBlock, n_kv_last - j0);
         if (convert_keys) convert_rows<kKF16>(t, t.k, t.k_stride, j0, nb_all, n_kv_last, kbuf);
         const float * vrows = vbuf;
@@ -154,7 +154,7 @@ void attention_impl(const AttnTask & t, float * scratch) {
             convert_rows<kVF16>(t, t.v, t.v_stride, j0, nb_all, n_kv_last, vbuf);
         }
         for (int qi = 0; qi < Q; qi++) {
-            const int nb = (int) std::min<int64_t>(kBlock, t.n_kv + qi - j0);
+            const int nb = (int) std::min<int64_t>(kBlock, std::min(t.n_kv + qi, t.row_end) - j0);
             if (nb <= 0) continue;
             const float * q = t.q + (size_t) qi * t.q_stride;
             // scores; the padding up to a whole vector stays -inf (exp -> 0)
@@ -206,10 +206,7 @@ void attention_impl(const AttnTask & t, float * scratch) {
     for (int qi = 0; qi < Q; qi++) {
         for (int g = 0; g < G; g++) {
             const size_t state = (size_t) qi * G + g;
-            const __m256 inv = _mm256_set1_ps(l_run[state] > 0.0f ? 1.0f / l_run[state] : 0.0f);
-            const float * a = acc + state * hd;
-            float * o = t.out + (size_t) qi * t.q_stride + (size_t) g * hd;
-            for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), inv));
+            attention_finish(t, qi, g, acc + state * hd, m_run[state], l_run[state]);
         }
     }
 }

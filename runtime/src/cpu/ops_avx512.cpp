@@ -184,10 +184,10 @@ void attention_impl(const AttnTask & t, float * scratch) {
     std::fill(acc, acc + (size_t) Q * G * hd, 0.0f);
     std::fill(m_run, m_run + (size_t) Q * G, -INFINITY);
     std::fill(l_run, l_run + (size_t) Q * G, 0.0f);
-    const int64_t n_kv_last = t.n_kv + Q - 1;  // rows the last query sees
+    const int64_t n_kv_last = std::min(t.n_kv + Q - 1, t.row_end);  // rows the last query sees, to the chunk's end
     constexpr size_t k_elem = kKF16 ? 2 : 4, v_elem = kVF16 ? 2 : 4;
 
-    for (int64_t j0 = 0; j0 < n_kv_last; j0 += kBlock) {
+    for (int64_t j0 = t.row_begin; j0 < n_kv_last; j0 += kBlock) {
         const int nb_all = (int) std::min<int64_t>(kBlock, n_kv_last - j0);
         const int n16_all = (nb_all + 15) / 16;
         // keys -> kT, 16 keys x 16 dimensions per transpose (rows past the block are zeros)
@@ -237,7 +237,7 @@ void attention_impl(const AttnTask & t, float * scratch) {
         // Each query goes through exactly the steps it would take alone: its own rows of the
         // block (nb), its own tiles, later rows of the block masked off (batch invariance).
         for (int qi = 0; qi < Q; qi++) {
-            const int nb = (int) std::min<int64_t>(kBlock, t.n_kv + qi - j0);
+            const int nb = (int) std::min<int64_t>(kBlock, std::min(t.n_kv + qi, t.row_end) - j0);
             if (nb <= 0) continue;
             const int n16 = (nb + 15) / 16;
             __mmask16 visible[kTiles];
@@ -295,10 +295,7 @@ void attention_impl(const AttnTask & t, float * scratch) {
     for (int qi = 0; qi < Q; qi++) {
         for (int g = 0; g < G; g++) {
             const size_t state = (size_t) qi * G + g;
-            const __m512 inv = _mm512_set1_ps(l_run[state] > 0.0f ? 1.0f / l_run[state] : 0.0f);
-            const float * a = acc + state * hd;
-            float * o = t.out + (size_t) qi * t.q_stride + (size_t) g * hd;
-            for (int d = 0; d < hd; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), inv));
+            attention_finish(t, qi, g, acc + state * hd, m_run[state], l_run[state]);
         }
     }
 }
