@@ -38,6 +38,7 @@
 
 #include "backend.h"
 #include "common.h"
+#include "cpu/ops.h"
 #include "quant.h"
 #include "test_util.h"
 
@@ -1238,6 +1239,7 @@ void attention_reference(const AttnCase & ac, const std::vector<float> & q, cons
 }
 
 void test_attention(Ctx & c) {
+    const int64_t C = kAttnChunkRows;
     const std::vector<AttnCase> cases = {
         {"prefill", 4, 2, 64, 37, 0, 37, AttnCase::Causal, {}},
         {"verify chain", 7, 1, 80, 5, 150, 155, AttnCase::Causal, {}},
@@ -1250,11 +1252,11 @@ void test_attention(Ctx & c) {
         {"segments", 3, 3, 12, 50, 0, 50, AttnCase::Segments, {0, 1, 17, 18, 50}},
         {"one segment", 4, 1, 64, 30, 0, 30, AttnCase::Segments, {0, 30}},
         {"frames", 2, 2, 80, 67, 0, 67, AttnCase::Segments, {0, 33, 66, 67}},
-        // past the CPU backend's 2048-row chunks: merged chunk states
-        {"chunked decode", 6, 3, 64, 1, 4300, 4301, AttnCase::Causal, {}},
-        {"chunked verify", 4, 2, 64, 6, 2045, 2051, AttnCase::Causal, {}},            // 3 queries in one chunk, 3 in two
-        {"chunked tree", 4, 2, 32, 6, 2100, 2106, AttnCase::Mask, {}},
-        {"chunked mask", 2, 1, 64, 6, 0, 4200, AttnCase::Mask, {}},                  // ~1400 rows a query, one sees none
+        // past the CPU backend's chunks of kAttnChunkRows rows: merged chunk states
+        {"chunked decode", 6, 3, 64, 1, 2 * C + 200, 2 * C + 201, AttnCase::Causal, {}},
+        {"chunked verify", 4, 2, 64, 6, C - 3, C + 3, AttnCase::Causal, {}},          // 3 queries in one chunk, 3 in two
+        {"chunked tree", 4, 2, 32, 6, C + 50, C + 56, AttnCase::Mask, {}},
+        {"chunked mask", 2, 1, 64, 6, 0, 3 * C + 300, AttnCase::Mask, {}},            // ~C + 100 rows a query, one sees none
     };
     for (const AttnCase & ac : cases) {
         for (int kvk = 0; kvk < 3; kvk++) {

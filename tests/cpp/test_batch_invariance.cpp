@@ -14,6 +14,7 @@
 
 #include "backend.h"
 #include "common.h"
+#include "cpu/ops.h"
 #include "quant.h"
 #include "test_util.h"
 
@@ -119,9 +120,9 @@ struct Cache {
     }
 };
 
-// prefix 150: the batch crosses a 64-key block edge; 2045: the CPU backend's 2048-row chunk
-// edge (its first queries see one chunk, the others two, merged); 4200: three chunks. Returns
-// the chain batch's output, for comparing thread counts.
+// prefix 150: the batch crosses a 64-key block edge; kAttnChunkRows - 3: the CPU backend's chunk
+// edge (its first queries see one chunk, the others two, merged); past twice that: three chunks.
+// Returns the chain batch's output, for comparing thread counts.
 std::vector<float> test_attention(bool f16, int threads, int64_t prefix) {
     const int n_head = 4, n_head_kv = 2, hd = 64;
     const int64_t q_dim = n_head * hd, kv_dim = n_head_kv * hd;
@@ -213,7 +214,7 @@ int main(int argc, char ** argv) {
             test_matmul(t, 203, 1024);      // large enough to be split over threads
         }
         for (bool f16 : {false, true}) {
-            for (int64_t prefix : {150, 2045, 4200}) {
+            for (int64_t prefix : {(int64_t) 150, kAttnChunkRows - 3, 2 * kAttnChunkRows + 104}) {
                 const std::vector<float> one_thread = test_attention(f16, 1, prefix);
                 for (int threads : {2, 3}) {
                     check(same_bits(one_thread.data(), test_attention(f16, threads, prefix).data(), one_thread.size()),

@@ -36,13 +36,6 @@ constexpr int64_t kMatmulJobsPerThread = 16;
 // Causal queries per attention task (see attention): enough that a verify batch reads the KV
 // cache once, few enough to leave several tasks per thread in a prefill.
 constexpr int64_t kAttnQueriesPerTask = 8;
-// Attention over more cache rows than this is split into chunks of this many rows, each a task
-// of its own, merged after (attention_merge): with a task per KV head alone, a decode at 25k
-// rows has as many tasks as the model has KV heads (2-4), which leaves threads idle on any
-// machine with more cores, and one of two idle at 3 heads. A multiple of the kernels' 64-row
-// blocks; fixed, never from the thread count, so that a query gets the same bits from any
-// number of threads and alone or in a verify batch.
-constexpr int64_t kAttnChunkRows = 2048;
 
 // The run length, up to kAttnQueriesPerTask, that lets n_threads finish n_q causal queries over
 // n_parts (KV heads x row chunks) soonest, counting a task's time as its queries plus one for
@@ -50,7 +43,7 @@ constexpr int64_t kAttnChunkRows = 2048;
 // of 8 go (the last thread's 7 units after the others' 14), and 6 tasks of 3 in 4 + 4 + 4 a
 // thread. Without the read, a long cache in 13 chunks would go one query a task (33 units
 // against 35 for runs of 5) and read the cache once per query: a 5-token verify at 25.6k rows
-// and one KV head took 2.5 ms instead of 1.8. Ties keep the longer run.
+// and one KV head (2048-row chunks then) took 2.5 ms instead of 1.8. Ties keep the longer run.
 int64_t queries_per_task(int64_t n_q, int64_t n_parts, int64_t n_threads) {
     int64_t best = 1, best_time = INT64_MAX;
     for (int64_t run = 1; run <= std::min(n_q, kAttnQueriesPerTask); run++) {

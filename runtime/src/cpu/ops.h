@@ -11,6 +11,16 @@
 
 namespace sparrow {
 
+// Attention over more cache rows than this goes in chunks of this many rows, each a task of its
+// own (AttnTask::row_begin), merged after (attention_merge): with a task per KV head alone, a
+// decode at 25k rows has as many tasks as the model has KV heads (2-4), which leaves threads idle
+// on any machine with more cores, and one of two idle at 3 heads. A multiple of the kernels'
+// 64-row blocks; fixed, never from the thread count, so that a query gets the same bits from any
+// number of threads and alone or in a verify batch. 4096 rather than 2048: each chunk's merge and
+// cold start cost 2048-row chunks 6% of a decode's attention at 25.6k rows and 2 KV heads on 2
+// threads (bench_attention, Qwen2-0.5B shapes), 4096-row ones 3%.
+constexpr int64_t kAttnChunkRows = 4096;
+
 // One query token against the cache rows of one KV head, for the group of query heads that
 // share that KV head (GQA): out[g] = softmax(q[g] . k[j] * scale over visible j) . v[j].
 struct AttnTask {
