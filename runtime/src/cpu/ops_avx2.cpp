@@ -57,42 +57,80 @@ inline __m256 load_row8(const void * row, int d) {
     return _mm256_loadu_ps((const float *) row + d);
 }
 
-// scores[g * kBlock] = scale * q[g] . k for NG heads of the group: the key row is loaded (and
-// converted) once per 8 elements for all NG heads, which also gives NG independent FMA chains.
-template <bool kF16, int NG>
-inline void dot_heads(const float * q, int hd, const void * k, float scale, float * scores) {
-    __m256 acc[NG];
-    for (int g = 0; g < NG; g++) acc[g] = _mm256_setzero_ps();
+// A vector several FMAs share is loaded once: GCC otherwise folds the load into each FMA, and
+// the repeated loads bound the loop.
+inline void keep_in_register(__m256 & v) { asm("" : "+x"(v)); }
+
+// scores[g * kBlock + i] = scale * q[g] . k_i for NG heads of the group and NK keys: each key row
+// is loaded (and converted) once per 8 elements for all NG heads, and the NG x NK accumulators
+// are independent FMA chains (4 alone leave the FMA units waiting on each other's latency).
+// Every (head, key) is the same chain of FMAs whatever NG and NK: the same bits.
+template <bool kF16, int NG, int NK>
+inline void dot_heads(const float * q, int hd, const void * const * k, float scale, float * scores) {
+    __m256 acc[NK][NG];
+    for (int i = 0; i < NK; i++)
+        for (int g = 0; g < NG; g++) acc[i][g] = _mm256_setzero_ps();
     for (int d = 0; d < hd; d += 8) {
-        const __m256 kv = load_row8<kF16>(k, d);
-        for (int g = 0; g < NG; g++) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + (size_t) g * hd + d), kv, acc[g]);
+        __m256 kv[NK];
+        for (int i = 0; i < NK; i++) kv[i] = load_row8<kF16>(k[i], d);
+        for (int g = 0; g < NG; g++) {
+            __m256 qv = _mm256_loadu_ps(q + (size_t) g * hd + d);
+            if (NK > 1) keep_in_register(qv);
+            for (int i = 0; i < NK; i++) acc[i][g] = _mm256_fmadd_ps(qv, kv[i], acc[i][g]);
+        }
     }
-    for (int g = 0; g < NG; g++) scores[g * kBlock] = hsum(acc[g]) * scale;
+    for (int i = 0; i < NK; i++)
+        for (int g = 0; g < NG; g++) scores[g * kBlock + i] = hsum(acc[i][g]) * scale;
 }
 
-template <bool kF16>
-void block_scores(const float * q, int n_group, int hd, const void * k, float scale, float * scores) {
+template <bool kF16, int NK>
+void block_scores(const float * q, int n_group, int hd, const void * const * k, float scale, float * scores) {
     int g = 0;
-    for (; g + 4 <= n_group; g += 4) dot_heads<kF16, 4>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock);
+    for (; g + 4 <= n_group; g += 4) dot_heads<kF16, 4, NK>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock);
     switch (n_group - g) {
-        case 3: dot_heads<kF16, 3>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock); break;
-        case 2: dot_heads<kF16, 2>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock); break;
-        case 1: dot_heads<kF16, 1>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock); break;
+        case 3: dot_heads<kF16, 3, NK>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock); break;
+        case 2: dot_heads<kF16, 2, NK>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock); break;
+        case 1: dot_heads<kF16, 1, NK>(q + (size_t) g * hd, hd, k, scale, scores + g * kBlock); break;
         default: break;
     }
 }
 
-// acc[0 .. 8 NV) += sum over the block's n rows of p[row] * v[row][0 .. 8 NV), in registers.
-template <int NV>
-inline void accumulate_values(float * acc, const float * p, const float * vrows, int hd, int n) {
-    __m256 a[NV];
-    for (int i = 0; i < NV; i++) a[i] = _mm256_loadu_ps(acc + 8 * i);
+// acc_g[0 .. 8 NV) += sum over the block's n rows of p_g[row] * v[row][0 .. 8 NV) for GH heads
+// (p rows kBlock apart, acc rows hd apart), in registers: each value vector is loaded once for
+// the GH heads, whose accumulators are independent chains. A head's sums are the same chain
+// whatever GH: the same bits.
+template <int NV, int GH>
+inline void accumulate_values(float * acc, const float * p, const float * vrows, int v_row_floats, int hd, int n) {
+    __m256 a[GH][NV];
+    for (int g = 0; g < GH; g++)
+        for (int i = 0; i < NV; i++) a[g][i] = _mm256_loadu_ps(acc + (size_t) g * hd + 8 * i);
     for (int jj = 0; jj < n; jj++) {
-        const __m256 pv = _mm256_broadcast_ss(p + jj);
-        const float * v = vrows + (size_t) jj * hd;
-        for (int i = 0; i < NV; i++) a[i] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * i), a[i]);
+        const float * v = vrows + (size_t) jj * v_row_floats;
+        __m256 vv[NV];
+        for (int i = 0; i < NV; i++) {
+            vv[i] = _mm256_loadu_ps(v + 8 * i);
+            if (GH > 1) keep_in_register(vv[i]);
+        }
+        for (int g = 0; g < GH; g++) {
+            const __m256 pv = _mm256_broadcast_ss(p + (size_t) g * kBlock + jj);
+            for (int i = 0; i < NV; i++) a[g][i] = _mm256_fmadd_ps(pv, vv[i], a[g][i]);
+        }
     }
-    for (int i = 0; i < NV; i++) _mm256_storeu_ps(acc + 8 * i, a[i]);
+    for (int g = 0; g < GH; g++)
+        for (int i = 0; i < NV; i++) _mm256_storeu_ps(acc + (size_t) g * hd + 8 * i, a[g][i]);
+}
+
+// The value sums of GH heads over every 32 (then 8 .. 24) dimensions.
+template <int GH>
+void head_values(float * acc, const float * p, const float * vrows, int v_row_floats, int hd, int n) {
+    int d = 0;
+    for (; d + 32 <= hd; d += 32) accumulate_values<4, GH>(acc + d, p, vrows + d, v_row_floats, hd, n);
+    switch ((hd - d) / 8) {
+        case 3: accumulate_values<3, GH>(acc + d, p, vrows + d, v_row_floats, hd, n); break;
+        case 2: accumulate_values<2, GH>(acc + d, p, vrows + d, v_row_floats, hd, n); break;
+        case 1: accumulate_values<1, GH>(acc + d, p, vrows + d, v_row_floats, hd, n); break;
+        default: break;
+    }
 }
 
 // Row j + kBlock of a KV head's cache into L1, while row j's block is computed: read a block
@@ -160,14 +198,22 @@ void attention_impl(const AttnTask & t, float * scratch) {
             // scores; the padding up to a whole vector stays -inf (exp -> 0)
             const int nb8 = (nb + 7) & ~7;
             for (int g = 0; g < G; g++) std::fill(scores + g * kBlock, scores + g * kBlock + nb8, -INFINITY);
-            for (int jj = 0; jj < nb; jj++) {
-                if (convert_keys) {
-                    block_scores<false>(q, G, hd, kbuf + (size_t) jj * hd, t.scale, scores + jj);
-                } else {
-                    prefetch_row_ahead<kKF16>(t, t.k, t.k_stride, j0 + jj, n_kv_last);
-                    block_scores<kKF16>(q, G, hd, (const uint8_t *) t.k + (size_t) t.row(j0 + jj) * t.k_stride, t.scale,
-                                        scores + jj);
-                }
+            // keys two at a time (the last alone when nb is odd)
+            auto key_row = [&](int jj) -> const void * {
+                if (convert_keys) return kbuf + (size_t) jj * hd;
+                prefetch_row_ahead<kKF16>(t, t.k, t.k_stride, j0 + jj, n_kv_last);
+                return (const uint8_t *) t.k + (size_t) t.row(j0 + jj) * t.k_stride;
+            };
+            int jj = 0;
+            for (; jj + 2 <= nb; jj += 2) {
+                const void * k[2] = {key_row(jj), key_row(jj + 1)};
+                if (convert_keys) block_scores<false, 2>(q, G, hd, k, t.scale, scores + jj);
+                else block_scores<kKF16, 2>(q, G, hd, k, t.scale, scores + jj);
+            }
+            if (jj < nb) {
+                const void * k[1] = {key_row(jj)};
+                if (convert_keys) block_scores<false, 1>(q, G, hd, k, t.scale, scores + jj);
+                else block_scores<kKF16, 1>(q, G, hd, k, t.scale, scores + jj);
             }
             for (int g = 0; g < G; g++) {
                 float * s = scores + g * kBlock;
@@ -192,15 +238,12 @@ void attention_impl(const AttnTask & t, float * scratch) {
                     sum = _mm256_add_ps(sum, p);
                 }
                 l_run[state] += hsum(sum);
-                int d = 0;
-                for (; d + 32 <= hd; d += 32) accumulate_values<4>(a + d, s, vrows + d, v_row_floats, nb);
-                switch ((hd - d) / 8) {
-                    case 3: accumulate_values<3>(a + d, s, vrows + d, v_row_floats, nb); break;
-                    case 2: accumulate_values<2>(a + d, s, vrows + d, v_row_floats, nb); break;
-                    case 1: accumulate_values<1>(a + d, s, vrows + d, v_row_floats, nb); break;
-                    default: break;
-                }
             }
+            // probabilities times values, heads two at a time
+            float * a_q = acc + (size_t) qi * G * hd;
+            int g = 0;
+            for (; g + 2 <= G; g += 2) head_values<2>(a_q + (size_t) g * hd, scores + g * kBlock, vrows, v_row_floats, hd, nb);
+            if (g < G) head_values<1>(a_q + (size_t) g * hd, scores + g * kBlock, vrows, v_row_floats, hd, nb);
         }
     }
     for (int qi = 0; qi < Q; qi++) {
