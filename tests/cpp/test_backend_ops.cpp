@@ -1257,6 +1257,7 @@ void test_attention(Ctx & c) {
         {"chunked verify", 4, 2, 64, 6, C - 3, C + 3, AttnCase::Causal, {}},          // 3 queries in one chunk, 3 in two
         {"chunked tree", 4, 2, 32, 6, C + 50, C + 56, AttnCase::Mask, {}},
         {"chunked mask", 2, 1, 64, 6, 0, 3 * C + 300, AttnCase::Mask, {}},            // ~C + 100 rows a query, one sees none
+        {"chunked prefill", 2, 1, 32, 300, C - 100, C + 200, AttnCase::Causal, {}},  // more queries than a slab of states
     };
     for (const AttnCase & ac : cases) {
         for (int kvk = 0; kvk < 3; kvk++) {

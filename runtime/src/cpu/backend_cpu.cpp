@@ -36,6 +36,11 @@ constexpr int64_t kMatmulJobsPerThread = 16;
 // Causal queries per attention task (see attention): enough that a verify batch reads the KV
 // cache once, few enough to leave several tasks per thread in a prefill.
 constexpr int64_t kAttnQueriesPerTask = 8;
+// A chunked attention (cpu/ops.h's kAttnChunkRows) keeps every query's chunk states until they
+// are merged: it goes this many queries at a time, so that a long prefill in big batches holds
+// 256 x chunks x heads x (head_dim + 2) floats (26 MB at 25.6k rows and Qwen2-7B's heads), not
+// n_batch times as many. A query gets the same bits in any slab.
+constexpr int64_t kAttnSlabQueries = 256;
 
 // The run length, up to kAttnQueriesPerTask, that lets n_threads finish n_q causal queries over
 // n_parts (KV heads x row chunks) soonest, counting a task's time as its queries plus one for
@@ -192,84 +197,90 @@ public:
         // the most rows a query sees (a masked query sees at most n_kv), in chunks
         const int64_t max_rows = p.segments ? 0 : p.mask ? p.n_kv : std::min(p.n_kv, p.q_first + n_q);
         const int64_t n_chunks = std::max<int64_t>(1, (max_rows + kAttnChunkRows - 1) / kAttnChunkRows);
-        const int64_t per_task = runs ? queries_per_task(n_q, p.n_head_kv * n_chunks, pool_.size()) : 1;
-        const int64_t n_runs = (n_q + per_task - 1) / per_task;
-        const int64_t tasks = n_runs * n_chunks * p.n_head_kv;
-        // chunk states: [chunk][query][head][head_dim + 2]
+        // chunk states: [chunk][query of the slab][head][head_dim + 2]
         const size_t state_floats = (size_t) hd + 2, query_states = (size_t) p.n_head * state_floats;
-        if (n_chunks > 1 && attn_states_.size() < (size_t) n_chunks * n_q * query_states)
-            attn_states_.resize((size_t) n_chunks * n_q * query_states);
+        const int64_t slab = n_chunks > 1 ? std::min(n_q, kAttnSlabQueries) : n_q;
+        if (n_chunks > 1 && attn_states_.size() < (size_t) n_chunks * slab * query_states)
+            attn_states_.resize((size_t) n_chunks * slab * query_states);
+        const int64_t max_per_task = runs ? kAttnQueriesPerTask : 1;
         const bool k_f16 = k_cache.type == DType::F16, v_f16 = v_cache.type == DType::F16;
-        const size_t per_thread = attention_scratch_floats(group, hd, (int) per_task);
+        const size_t per_thread = attention_scratch_floats(group, hd, (int) max_per_task);
         if (attn_scratch_.size() < per_thread * pool_.size()) attn_scratch_.resize(per_thread * pool_.size());
         const size_t rows_per_thread = p.mask ? (size_t) p.n_kv : 0;
         if (attn_rows_.size() < rows_per_thread * pool_.size()) attn_rows_.resize(rows_per_thread * pool_.size());
         const OpsKernels & kernels = ops_kernels();
 
-        // One task = a run of query tokens x one KV head (its whole GQA group of query heads, so
-        // each key/value row is loaded once for the group). Handed out dynamically, latest
-        // queries first: under the causal mask those see the most rows, so the longest tasks
-        // start early and the short ones fill in at the end.
-        auto run_task = [&](int64_t task, float * scratch, int32_t * rows) {
-            const int64_t i = (n_runs - 1 - task / (p.n_head_kv * n_chunks)) * per_task;  // the run's first query
-            const int64_t chunk = task / p.n_head_kv % n_chunks;
-            const int hkv = (int) (task % p.n_head_kv);
-            AttnTask t;
-            const size_t head_offset = (size_t) i * p.n_head * hd + (size_t) hkv * group * hd;
-            t.q = q.f32() + head_offset;
-            t.out = out.f32() + head_offset;
-            t.n_queries = (int) std::min<int64_t>(per_task, n_q - i);
-            t.q_stride = (size_t) p.n_head * hd;
-            t.n_group = group;
-            t.head_dim = hd;
-            t.scale = p.scale;
-            t.k = (const uint8_t *) k_cache.data + (size_t) hkv * hd * (k_f16 ? 2 : 4);
-            t.v = (const uint8_t *) v_cache.data + (size_t) hkv * hd * (v_f16 ? 2 : 4);
-            t.k_stride = k_cache.row_bytes();
-            t.v_stride = v_cache.row_bytes();
-            t.k_f16 = k_f16;
-            t.v_f16 = v_f16;
-            t.n_kv = std::min<int64_t>(p.n_kv, p.q_first + i + 1);
-            if (p.mask) {  // the rows query i sees, in order (see AttnTask::rows)
-                const uint8_t * mask = p.mask + i * p.n_kv;
-                int64_t n = 0;
-                for (int64_t j = 0; j < p.n_kv; ++j) {
-                    if (mask[j]) rows[n++] = (int32_t) j;
+        // Queries [s0, s0 + sn): one task = a run of query tokens x one KV head (its whole GQA
+        // group of query heads, so each key/value row is loaded once for the group) x one chunk
+        // of rows. Handed out dynamically, latest queries first: under the causal mask those see
+        // the most rows, so the longest tasks start early and the short ones fill in at the end.
+        auto attend = [&](int64_t s0, int64_t sn) {
+            const int64_t per_task = runs ? queries_per_task(sn, p.n_head_kv * n_chunks, pool_.size()) : 1;
+            const int64_t n_runs = (sn + per_task - 1) / per_task;
+            const int64_t tasks = n_runs * n_chunks * p.n_head_kv;
+            auto run_task = [&](int64_t task, float * scratch, int32_t * rows) {
+                const int64_t i = s0 + (n_runs - 1 - task / (p.n_head_kv * n_chunks)) * per_task;  // the run's first query
+                const int64_t chunk = task / p.n_head_kv % n_chunks;
+                const int hkv = (int) (task % p.n_head_kv);
+                AttnTask t;
+                const size_t head_offset = (size_t) i * p.n_head * hd + (size_t) hkv * group * hd;
+                t.q = q.f32() + head_offset;
+                t.out = out.f32() + head_offset;
+                t.n_queries = (int) std::min<int64_t>(per_task, s0 + sn - i);
+                t.q_stride = (size_t) p.n_head * hd;
+                t.n_group = group;
+                t.head_dim = hd;
+                t.scale = p.scale;
+                t.k = (const uint8_t *) k_cache.data + (size_t) hkv * hd * (k_f16 ? 2 : 4);
+                t.v = (const uint8_t *) v_cache.data + (size_t) hkv * hd * (v_f16 ? 2 : 4);
+                t.k_stride = k_cache.row_bytes();
+                t.v_stride = v_cache.row_bytes();
+                t.k_f16 = k_f16;
+                t.v_f16 = v_f16;
+                t.n_kv = std::min<int64_t>(p.n_kv, p.q_first + i + 1);
+                if (p.mask) {  // the rows query i sees, in order (see AttnTask::rows)
+                    const uint8_t * mask = p.mask + i * p.n_kv;
+                    int64_t n = 0;
+                    for (int64_t j = 0; j < p.n_kv; ++j) {
+                        if (mask[j]) rows[n++] = (int32_t) j;
+                    }
+                    t.rows = rows;
+                    t.n_kv = n;
                 }
-                t.rows = rows;
-                t.n_kv = n;
+                if (p.segments) {  // block-diagonal: the keys of query i's segment, all of them
+                    const int32_t * seg = std::upper_bound(p.segments, p.segments + p.n_segments + 1, (int32_t) i) - 1;
+                    t.k = (const uint8_t *) t.k + (size_t) seg[0] * t.k_stride;
+                    t.v = (const uint8_t *) t.v + (size_t) seg[0] * t.v_stride;
+                    t.n_kv = seg[1] - seg[0];
+                }
+                if (n_chunks > 1) {
+                    t.row_begin = chunk * kAttnChunkRows;
+                    t.row_end = t.row_begin + kAttnChunkRows;
+                    t.partial = attn_states_.data() + ((size_t) (chunk * sn + i - s0)) * query_states + (size_t) hkv * group * state_floats;
+                    t.partial_stride = query_states;
+                }
+                kernels.attention(t, scratch);
+            };
+            if (tasks == 1) {
+                run_task(0, attn_scratch_.data(), attn_rows_.data());
+            } else {
+                next_job_.store(0, std::memory_order_relaxed);
+                pool_.run([&](int ith, int) {
+                    float * scratch = attn_scratch_.data() + per_thread * ith;
+                    int32_t * rows = attn_rows_.data() + rows_per_thread * ith;
+                    for (int64_t task; (task = next_job_.fetch_add(1, std::memory_order_relaxed)) < tasks;) run_task(task, scratch, rows);
+                });
             }
-            if (p.segments) {  // block-diagonal: the keys of query i's segment, all of them
-                const int32_t * seg = std::upper_bound(p.segments, p.segments + p.n_segments + 1, (int32_t) i) - 1;
-                t.k = (const uint8_t *) t.k + (size_t) seg[0] * t.k_stride;
-                t.v = (const uint8_t *) t.v + (size_t) seg[0] * t.v_stride;
-                t.n_kv = seg[1] - seg[0];
-            }
-            if (n_chunks > 1) {
-                t.row_begin = chunk * kAttnChunkRows;
-                t.row_end = t.row_begin + kAttnChunkRows;
-                t.partial = attn_states_.data() + ((size_t) chunk * n_q + i) * query_states + (size_t) hkv * group * state_floats;
-                t.partial_stride = query_states;
-            }
-            kernels.attention(t, scratch);
+            if (n_chunks == 1) return;
+            for_rows_light(sn, n_chunks * p.n_head * hd, [&](int64_t r) {  // query s0 + r, every head
+                const int64_t i = s0 + r;
+                for (int h = 0; h < p.n_head; h++) {
+                    attention_merge(attn_states_.data() + (size_t) r * query_states + (size_t) h * state_floats, (int) n_chunks,
+                                    (size_t) sn * query_states, hd, out.f32() + (size_t) i * p.n_head * hd + (size_t) h * hd);
+                }
+            });
         };
-        auto merge_chunks = [&](int64_t i) {  // query i, every head
-            for (int h = 0; h < p.n_head; h++) {
-                attention_merge(attn_states_.data() + (size_t) i * query_states + (size_t) h * state_floats, (int) n_chunks,
-                                (size_t) n_q * query_states, hd, out.f32() + (size_t) i * p.n_head * hd + (size_t) h * hd);
-            }
-        };
-        if (tasks == 1) {
-            run_task(0, attn_scratch_.data(), attn_rows_.data());
-            return;
-        }
-        next_job_.store(0, std::memory_order_relaxed);
-        pool_.run([&](int ith, int) {
-            float * scratch = attn_scratch_.data() + per_thread * ith;
-            int32_t * rows = attn_rows_.data() + rows_per_thread * ith;
-            for (int64_t task; (task = next_job_.fetch_add(1, std::memory_order_relaxed)) < tasks;) run_task(task, scratch, rows);
-        });
-        if (n_chunks > 1) for_rows_light(n_q, n_chunks * p.n_head * hd, merge_chunks);
+        for (int64_t s0 = 0; s0 < n_q; s0 += slab) attend(s0, std::min(slab, n_q - s0));
     }
 
     void swiglu(const Tensor & gate, const Tensor & up, Tensor & out) override {
