@@ -37,9 +37,10 @@ constexpr int64_t kMatmulJobsPerThread = 16;
 // cache once, few enough to leave several tasks per thread in a prefill.
 constexpr int64_t kAttnQueriesPerTask = 8;
 // A chunked attention (cpu/ops.h's kAttnChunkRows) keeps every query's chunk states until they
-// are merged: it goes this many queries at a time, so that a long prefill in big batches holds
-// 256 x chunks x heads x (head_dim + 2) floats (26 MB at 25.6k rows and Qwen2-7B's heads), not
-// n_batch times as many. A query gets the same bits in any slab.
+// are merged, and a masked one each query's list of visible rows: it goes this many queries at a
+// time, so that a long prefill in big batches holds 256 x chunks x heads x (head_dim + 2) floats
+// (26 MB at 25.6k rows and Qwen2-7B's heads), not n_batch times as many. A query gets the same
+// bits in any slab.
 constexpr int64_t kAttnSlabQueries = 256;
 
 // The run length, up to kAttnQueriesPerTask, that lets n_threads finish n_q causal queries over
@@ -199,15 +200,18 @@ public:
         const int64_t n_chunks = std::max<int64_t>(1, (max_rows + kAttnChunkRows - 1) / kAttnChunkRows);
         // chunk states: [chunk][query of the slab][head][head_dim + 2]
         const size_t state_floats = (size_t) hd + 2, query_states = (size_t) p.n_head * state_floats;
-        const int64_t slab = n_chunks > 1 ? std::min(n_q, kAttnSlabQueries) : n_q;
+        const int64_t slab = n_chunks > 1 || p.mask ? std::min(n_q, kAttnSlabQueries) : n_q;
         if (n_chunks > 1 && attn_states_.size() < (size_t) n_chunks * slab * query_states)
             attn_states_.resize((size_t) n_chunks * slab * query_states);
         const int64_t max_per_task = runs ? kAttnQueriesPerTask : 1;
         const bool k_f16 = k_cache.type == DType::F16, v_f16 = v_cache.type == DType::F16;
         const size_t per_thread = attention_scratch_floats(group, hd, (int) max_per_task);
         if (attn_scratch_.size() < per_thread * pool_.size()) attn_scratch_.resize(per_thread * pool_.size());
-        const size_t rows_per_thread = p.mask ? (size_t) p.n_kv : 0;
-        if (attn_rows_.size() < rows_per_thread * pool_.size()) attn_rows_.resize(rows_per_thread * pool_.size());
+        // a masked query's visible rows, listed once for all its tasks (KV heads x chunks)
+        if (p.mask) {
+            if (attn_rows_.size() < (size_t) (slab * p.n_kv)) attn_rows_.resize((size_t) (slab * p.n_kv));
+            if (attn_row_counts_.size() < (size_t) slab) attn_row_counts_.resize((size_t) slab);
+        }
         const OpsKernels & kernels = ops_kernels();
 
         // Queries [s0, s0 + sn): one task = a run of query tokens x one KV head (its whole GQA
@@ -218,7 +222,18 @@ public:
             const int64_t per_task = runs ? queries_per_task(sn, p.n_head_kv * n_chunks, pool_.size()) : 1;
             const int64_t n_runs = (sn + per_task - 1) / per_task;
             const int64_t tasks = n_runs * n_chunks * p.n_head_kv;
-            auto run_task = [&](int64_t task, float * scratch, int32_t * rows) {
+            if (p.mask) {
+                for_rows_light(sn, p.n_kv, [&](int64_t r) {  // the rows query s0 + r sees, in order (AttnTask::rows)
+                    const uint8_t * mask = p.mask + (s0 + r) * p.n_kv;
+                    int32_t * rows = attn_rows_.data() + r * p.n_kv;
+                    int64_t n = 0;
+                    for (int64_t j = 0; j < p.n_kv; ++j) {
+                        if (mask[j]) rows[n++] = (int32_t) j;
+                    }
+                    attn_row_counts_[(size_t) r] = n;
+                });
+            }
+            auto run_task = [&](int64_t task, float * scratch) {
                 const int64_t i = s0 + (n_runs - 1 - task / (p.n_head_kv * n_chunks)) * per_task;  // the run's first query
                 const int64_t chunk = task / p.n_head_kv % n_chunks;
                 const int hkv = (int) (task % p.n_head_kv);
@@ -238,14 +253,9 @@ public:
                 t.k_f16 = k_f16;
                 t.v_f16 = v_f16;
                 t.n_kv = std::min<int64_t>(p.n_kv, p.q_first + i + 1);
-                if (p.mask) {  // the rows query i sees, in order (see AttnTask::rows)
-                    const uint8_t * mask = p.mask + i * p.n_kv;
-                    int64_t n = 0;
-                    for (int64_t j = 0; j < p.n_kv; ++j) {
-                        if (mask[j]) rows[n++] = (int32_t) j;
-                    }
-                    t.rows = rows;
-                    t.n_kv = n;
+                if (p.mask) {  // masked queries go one a task
+                    t.rows = attn_rows_.data() + (i - s0) * p.n_kv;
+                    t.n_kv = attn_row_counts_[(size_t) (i - s0)];
                 }
                 if (p.segments) {  // block-diagonal: the keys of query i's segment, all of them
                     const int32_t * seg = std::upper_bound(p.segments, p.segments + p.n_segments + 1, (int32_t) i) - 1;
@@ -262,13 +272,12 @@ public:
                 kernels.attention(t, scratch);
             };
             if (tasks == 1) {
-                run_task(0, attn_scratch_.data(), attn_rows_.data());
+                run_task(0, attn_scratch_.data());
             } else {
                 next_job_.store(0, std::memory_order_relaxed);
                 pool_.run([&](int ith, int) {
                     float * scratch = attn_scratch_.data() + per_thread * ith;
-                    int32_t * rows = attn_rows_.data() + rows_per_thread * ith;
-                    for (int64_t task; (task = next_job_.fetch_add(1, std::memory_order_relaxed)) < tasks;) run_task(task, scratch, rows);
+                    for (int64_t task; (task = next_job_.fetch_add(1, std::memory_order_relaxed)) < tasks;) run_task(task, scratch);
                 });
             }
             if (n_chunks == 1) return;
@@ -592,7 +601,8 @@ private:
     std::vector<ProductJob> jobs_;  // the matmul in flight's
     std::vector<float> attn_scratch_;
     std::vector<float> attn_states_;  // chunks' softmax states of the attention in flight (kAttnChunkRows)
-    std::vector<int32_t> attn_rows_;  // per thread: the cache rows a masked query sees
+    std::vector<int32_t> attn_rows_;        // per masked query of the slab: the cache rows it sees
+    std::vector<int64_t> attn_row_counts_;  // and how many
     struct RopeAngles {  // rope_angles: what the table in cs was computed for
         RopeMode mode = RopeMode::Neox;
         int n_dims = 0;
