@@ -95,6 +95,9 @@ struct sparrow_context {
         sparrow::SpecPolicy policy;              // kept across generations: costs carry over
         std::vector<sparrow::DraftEntry> pending;  // committed entries the draft has yet to run
         std::vector<float> pending_g;            // their features, n_embd each
+        // the pending entries are the prompt's: the next round's draft catches up on all of it, so
+        // that round's time is not what a round costs and the policy is not told it
+        bool prompt_pending = false;
         // What rebuilds the draft for rows kept in the target cache (speculative.h): the feature
         // (fused taps, n_embd each) of every text row among cache rows [0, g_rows), in order,
         // and the glimpses of the last prompt that had visual rows (its means and positions, and

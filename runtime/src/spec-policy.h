@@ -16,7 +16,11 @@
 // it gets tried once and measured. Measurements go stale (the first decode after a prefill is
 // slow; the machine gets busy), so the comparison point is re-measured: while speculating, a
 // plain step every kRefreshEvery rounds (kFarRefreshEvery while speculation is far ahead), and
-// the chosen k's neighbours every few dozen rounds.
+// the chosen k's neighbours every few dozen rounds. The first round after a prefill, whose draft
+// catches up on the whole prompt, is not timed (kUntimed): on a context that serves one prompt
+// after another, every generation's first round had set the cost of the length it drafted (a
+// chain of 5 on the real pair, 9.4 ms a round, timed at ~33 ms once, then drafted 4 for 64
+// rounds).
 // A plain step is taken to cost no more than the fastest timed round (each runs the target once),
 // and a chain must promise 5% more speed than plain decoding (a useless draft's estimated yield
 // stays a little above one token a round).
@@ -58,12 +62,16 @@ public:
     // Nodes to verify in the next tree round, at most max_nodes (0: a plain decode step instead).
     int32_t choose_tree(int32_t max_nodes);
 
+    // A round's `ms` that says nothing of what such a round costs (the draft caught up on a whole
+    // prompt in it): its acceptance is learned, its time is not.
+    static constexpr double kUntimed = -1.0;
+
     // After a chain round that drafted k tokens (k = 0: a plain step) of which `accepted` were
-    // kept, and took `ms` milliseconds in all.
+    // kept, and took `ms` milliseconds in all (or kUntimed).
     void record_chain(int32_t k, int32_t accepted, double ms);
-    // After a tree round that verified n nodes and took `ms` in all: produced_if[m], m = 0..n, is
-    // what it would have produced (accepted + bonus) had only its m best nodes been verified;
-    // produced_if[n] is what it did produce.
+    // After a tree round that verified n nodes and took `ms` in all (or kUntimed): produced_if[m],
+    // m = 0..n, is what it would have produced (accepted + bonus) had only its m best nodes been
+    // verified; produced_if[n] is what it did produce.
     void record_tree(const int32_t * produced_if, int32_t n, double ms);
 
     double acceptance(int32_t depth) const;  // the current estimate of a_depth (1-based)

@@ -38,6 +38,7 @@ void run_pending(sparrow_context & ctx, bool want_lead_logits) {
     s.state->run(s.pending.data(), n, s.pending_g.data(), want.data(), nullptr, s.scratch_logits.data());
     s.pending.clear();
     s.pending_g.clear();
+    s.prompt_pending = false;
 }
 
 // Keep the verified rows `rows` (batch indices, increasing, starting with 0 = the lead token)
@@ -262,6 +263,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const double t_draft0 = now_ms();
     std::vector<int32_t> drafts;
     std::vector<std::vector<TokenProb>> q_dists;
+    const bool timed = !s.prompt_pending;
     run_pending(ctx, k > 0);
     for (int32_t i = 1; i <= k; ++i) {
         int32_t token;
@@ -310,7 +312,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const double verify_ms = now_ms() - t_verify0;
     ctx.stats.t_verify_ms += verify_ms;
     ctx.stats.n_draft_rounds[std::min(k, 32)] += 1;
-    s.policy.record_chain(k, accepted, draft_ms + verify_ms);
+    s.policy.record_chain(k, accepted, timed ? draft_ms + verify_ms : SpecPolicy::kUntimed);
 }
 
 // ---- EAGLE-2 dynamic trees -------------------------------------------------------------------
@@ -395,6 +397,7 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     const double t_draft0 = now_ms();
     std::vector<TreeNode> nodes;
     std::vector<std::vector<TokenProb>> q_at;  // q at the lead (index 0) and at each expanded node (spec_id + 1)
+    const bool timed = !s.prompt_pending;
     run_pending(ctx, total > 1);
     if (total > 1) {
         q_at.emplace_back();
@@ -497,7 +500,7 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
         const int32_t first_without = pick[(size_t) selected[(size_t) acc.rows[i] - 1]] + 1;
         for (int32_t m = first_without; m <= n_nodes; ++m) produced_if[(size_t) m] += 1;
     }
-    s.policy.record_tree(produced_if.data(), n_nodes, t_end - t_draft0);
+    s.policy.record_tree(produced_if.data(), n_nodes, timed ? t_end - t_draft0 : SpecPolicy::kUntimed);
 }
 
 }  // namespace
@@ -635,6 +638,7 @@ void spec_begin(sparrow_context & ctx, int32_t n_cached, int32_t n_fed, int32_t 
         e.pos = ctx.cache_pos[p];
         s.pending.push_back(e);
     }
+    s.prompt_pending = true;
 }
 
 void spec_round(sparrow_context & ctx, std::vector<int32_t> & produced) {

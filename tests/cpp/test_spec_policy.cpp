@@ -8,6 +8,9 @@
 //     the policy speculate at a loss), and at least 90% of the best fixed chain's speed;
 //   - a bad start (every length's first round slow, the first long chain's second token
 //     rejected) does not keep a good draft at short chains for a whole caption;
+//   - one round ten times as slow moves a length's cost by at most 6% (a lasting slowdown is
+//     still followed); an untimed round (kUntimed: the draft caught up on a prompt in it) teaches
+//     acceptance or yield and leaves the costs alone;
 //   - a useless draft rests even where a one-token round costs what a plain step does (a target in
 //     the CPU's cache), in chains and in trees;
 //   - a useless draft rests within a few rounds and is probed after 4, 8 ... 64 plain steps (a
@@ -528,6 +531,34 @@ void test_useless_draft_when_rounds_are_free() {
     }
 }
 
+void test_slow_rounds_and_untimed_rounds() {
+    SpecPolicy p;
+    p.record_chain(0, 0, kDecodeMs);
+    for (int i = 0; i < 10; i++) p.record_chain(5, 3, 12.0);
+    const double settled = p.round_ms(5);
+    // one round ten times as slow (a draft catching up on a 2,000-token prompt, a stall): at the
+    // exponential mean's weight alone T(5) would rise by 45%, and 5 would not be chosen again
+    // (nor timed again) for kExploreEvery rounds
+    p.record_chain(5, 3, 120.0);
+    check(p.round_ms(5) <= 1.06 * settled, fmt("one slow round moves T(5) from %.2f to %.2f ms", settled, p.round_ms(5)));
+    // a lasting slowdown is still followed
+    for (int i = 0; i < 40; i++) p.record_chain(5, 3, 24.0);
+    check(p.round_ms(5) > 20.0, fmt("rounds twice as slow for 40 rounds: T(5) %.2f ms (from %.2f)", p.round_ms(5), settled));
+    // an untimed round teaches acceptance and leaves the costs alone
+    const double cost = p.round_ms(5), accept = p.acceptance(5);
+    p.record_chain(5, 5, SpecPolicy::kUntimed);
+    check(p.round_ms(5) == cost, "an untimed round leaves T(5) alone");
+    check(p.acceptance(5) > accept, "and its acceptance is learned");
+    const int32_t produced[4] = {1, 2, 3, 4};
+    p.record_tree(produced, 3, 30.0);
+    const double tree_cost = p.tree_round_ms(3), tree_yield = p.tree_tokens(3);
+    p.record_tree(produced, 3, SpecPolicy::kUntimed);
+    check(p.tree_round_ms(3) == tree_cost && p.tree_tokens(3) == tree_yield, "so does an untimed tree round (same yield)");
+    const int32_t better[4] = {1, 2, 3, 5};
+    p.record_tree(better, 3, SpecPolicy::kUntimed);
+    check(p.tree_round_ms(3) == tree_cost && p.tree_tokens(3) > tree_yield, "whose yield is learned");
+}
+
 int main(int argc, char ** argv) {
     (void) argc, (void) argv;
     test_first_step_is_plain();
@@ -541,5 +572,6 @@ int main(int argc, char ** argv) {
     test_chains_and_trees_learn_apart();
     test_a_bad_start();
     test_useless_draft_when_rounds_are_free();
+    test_slow_rounds_and_untimed_rounds();
     return finish("test_spec_policy");
 }
