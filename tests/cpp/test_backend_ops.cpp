@@ -38,6 +38,7 @@
 
 #include "backend.h"
 #include "common.h"
+#include "cpu/features.h"
 #include "cpu/ops.h"
 #include "quant.h"
 #include "test_util.h"
@@ -1490,9 +1491,66 @@ std::unique_ptr<Backend> ref_backend(int) { return make_ref_backend(); }  // one
 
 }  // namespace
 
+#if defined(__x86_64__) || defined(__i386__)
+namespace sparrow::avx2 {  // cpu/ops_avx2.cpp, which the AVX-512 silu_mul promises to equal
+void silu_mul(const float * gate, const float * up, float * out, int64_t n);
+}
+#endif
+
+// The per-row kernels of cpu/ops.h that promise the same bits at every SIMD level, compared bit
+// for bit with the scalar ones (rope, rms_norm: the scalar operations, none fused) and the
+// AVX-512 silu_mul with the AVX2 one (exp16 is exp8 on 16 lanes). Pair counts and lengths with
+// tails; adjacent and split-half pairs; partial rotary dims.
+void test_kernel_levels() {
+    const OpsKernels & k = ops_kernels(), & r = ref::ops_kernels();
+    std::uniform_real_distribution<float> angle(-3.2f, 3.2f);
+    struct Shape { int head_dim, n_dims; };
+    for (const bool adjacent : {false, true}) {
+        for (const Shape sh : {Shape{64, 64}, Shape{128, 128}, Shape{64, 32}, Shape{80, 80}, Shape{48, 48}, Shape{16, 16},
+                               Shape{8, 8}, Shape{6, 6}, Shape{128, 96}}) {
+            const int n_head = 3, half = sh.n_dims / 2;
+            std::vector<float> cs((size_t) sh.n_dims);
+            for (int i = 0; i < half; i++) {
+                const float a = angle(rng());
+                cs[(size_t) i] = std::cos(a);
+                cs[(size_t) (half + i)] = std::sin(a);
+            }
+            const std::vector<float> x = normals((int64_t) n_head * sh.head_dim);
+            std::vector<float> got = x, want = x;
+            k.rope(got.data(), n_head, sh.head_dim, sh.n_dims, adjacent, cs.data());
+            r.rope(want.data(), n_head, sh.head_dim, sh.n_dims, adjacent, cs.data());
+            check(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0,
+                  format("rope kernel (%s) %s head_dim %d n_dims %d: the scalar bits", k.level,
+                         adjacent ? "adjacent" : "split", sh.head_dim, sh.n_dims));
+        }
+    }
+    for (const int64_t n : {1, 7, 8, 15, 16, 17, 64, 576, 1000}) {
+        const std::vector<float> x = normals(n), g = normals(n);
+        std::vector<float> got((size_t) n), want((size_t) n);
+        k.rms_norm(x.data(), g.data(), 1e-5f, got.data(), n);
+        r.rms_norm(x.data(), g.data(), 1e-5f, want.data(), n);
+        check(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0,
+              format("rms_norm kernel (%s) n %lld: the scalar bits", k.level, (long long) n));
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    if (simd_level_available() >= SimdLevel::Avx2) {
+        for (const int64_t n : {1, 15, 16, 17, 100, 1536}) {
+            const std::vector<float> gate = normals(n), up = normals(n);
+            std::vector<float> got((size_t) n), want((size_t) n);
+            k.silu_mul(gate.data(), up.data(), got.data(), n);
+            avx2::silu_mul(gate.data(), up.data(), want.data(), n);
+            check(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0,
+                  format("silu_mul kernel (%s) n %lld: the AVX2 bits", k.level, (long long) n));
+        }
+    }
+#endif
+    std::printf("  kernels %s: rope, rms_norm bit for bit with the scalar ones, silu_mul with AVX2's\n", k.level);
+}
+
 int main(int argc, char ** argv) {
     (void) argc, (void) argv;
     std::printf("test_backend_ops: kernels %s\n", simd_level());
+    test_kernel_levels();
     const BackendKind kinds[] = {
         {"CPU", make_cpu_backend, cpu_store, true},
         {"ref", ref_backend, make_ref_weight_store, false},

@@ -130,21 +130,10 @@ public:
     void rms_norm(const Tensor & x, const Tensor & weight, float eps, Tensor & out) override {
         const int64_t d = x.cols(), n = x.rows();
         const float * g = weight.f32();
-        for_rows_light(n, d, [&](int64_t i) {
-            const float * xi = x.f32() + i * d;
-            float * yi = out.f32() + i * d;
-            // eight partial sums, added in a fixed order: one chain of dependent double adds
-            // made a row of 576 cost ~1 us
-            double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            int64_t j = 0;
-            for (; j + 8 <= d; j += 8) {
-                for (int u = 0; u < 8; ++u) part[u] += (double) xi[j + u] * xi[j + u];
-            }
-            for (; j < d; ++j) part[j % 8] += (double) xi[j] * xi[j];
-            const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-            const float scale = (float) (1.0 / std::sqrt(sum / d + eps));
-            for (int64_t j = 0; j < d; ++j) yi[j] = xi[j] * scale * g[j];
-        });
+        const OpsKernels & kernels = ops_kernels();
+        // (eight partial sums in the kernels: one chain of dependent double adds made a row of 576
+        // cost ~1 us)
+        for_rows_light(n, d, [&](int64_t i) { kernels.rms_norm(x.f32() + i * d, g, eps, out.f32() + i * d, d); });
     }
 
     void rope(Tensor & x, int n_head, int head_dim, const int32_t * pos, const RopeParams & p) override {
@@ -153,22 +142,11 @@ public:
             return;
         }
         const int64_t n = x.rows();
-        const int half = p.n_dims / 2;
         const float * cs = rope_angles(n, pos, p);
+        const OpsKernels & kernels = ops_kernels();
         for_rows_light(n, (int64_t) n_head * head_dim, [&](int64_t t) {
-            float * row = x.f32() + t * (int64_t) n_head * head_dim;
-            const float * cs_t = cs + t * 2 * half;
-            for (int i = 0; i < half; ++i) {
-                const float c = cs_t[2 * i], s = cs_t[2 * i + 1];
-                for (int h = 0; h < n_head; ++h) {
-                    float * v = row + h * head_dim;
-                    const int a = p.mode == RopeMode::Norm ? 2 * i : i;
-                    const int b = p.mode == RopeMode::Norm ? 2 * i + 1 : i + half;
-                    const float x0 = v[a], x1 = v[b];
-                    v[a] = x0 * c - x1 * s;
-                    v[b] = x0 * s + x1 * c;
-                }
-            }
+            kernels.rope(x.f32() + t * (int64_t) n_head * head_dim, n_head, head_dim, p.n_dims, p.mode == RopeMode::Norm,
+                         cs + t * p.n_dims);
         });
     }
 
@@ -491,8 +469,8 @@ private:
         }
     }
 
-    // cos and sin of every (row, pair) rotation angle for these positions, interleaved, n x half
-    // pairs. A forward pass ropes q and k of every layer at the same positions: the angles are
+    // cos and sin of every (row, pair) rotation angle for these positions: per row the half
+    // cosines, then the half sines (OpsKernels::rope). A forward pass ropes q and k of every layer at the same positions: the angles are
     // computed on the first of those calls and reused while the positions and parameters are the
     // same (the trigonometry in double was most of a rope call: 60 calls a token for a 30-layer
     // model). The values are those the per-call computation gave, bit for bit.
@@ -521,7 +499,7 @@ private:
         const int section_total = section_end[3];
         rope_.cs.resize((size_t) n * 2 * half);
         for_rows(n, [&](int64_t t) {
-            float * cs_t = rope_.cs.data() + t * 2 * half;
+            float * cs_t = rope_.cs.data() + t * 2 * half, * sn_t = cs_t + half;
             for (int i = 0; i < half; ++i) {
                 int stream = 0;
                 if (p.mode == RopeMode::MRope && section_total > 0) {
@@ -530,8 +508,8 @@ private:
                 }
                 const double position = (double) pos[(int64_t) stream * n + t] * p.freq_scale;
                 const double theta = position * inv_freq[(size_t) i] / (p.freq_factors ? p.freq_factors[i] : 1.0f);
-                cs_t[2 * i] = (float) std::cos(theta);
-                cs_t[2 * i + 1] = (float) std::sin(theta);
+                cs_t[i] = (float) std::cos(theta);
+                sn_t[i] = (float) std::sin(theta);
             }
         });
         return rope_.cs.data();

@@ -18,9 +18,14 @@ namespace sparrow {
 namespace avx2 {  // cpu/ops_avx2.cpp
 void attention(const AttnTask & t, float * scratch);
 void silu_mul(const float * gate, const float * up, float * out, int64_t n);
+void rope(float * x, int n_head, int head_dim, int n_dims, bool adjacent, const float * cs);
+void rms_norm(const float * x, const float * g, float eps, float * y, int64_t n);
 }  // namespace avx2
 namespace avx512 {  // cpu/ops_avx512.cpp
 void attention(const AttnTask & t, float * scratch);
+void silu_mul(const float * gate, const float * up, float * out, int64_t n);
+void rope(float * x, int n_head, int head_dim, int n_dims, bool adjacent, const float * cs);
+void rms_norm(const float * x, const float * g, float eps, float * y, int64_t n);
 }  // namespace avx512
 #endif
 
@@ -135,10 +140,31 @@ void silu_mul(const float * gate, const float * up, float * out, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+void rope(float * x, int n_head, int head_dim, int n_dims, bool adjacent, const float * cs) {
+    const int half = n_dims / 2;
+    for (int h = 0; h < n_head; ++h) {
+        float * v = x + (int64_t) h * head_dim;
+        for (int i = 0; i < half; ++i) {
+            const int a = adjacent ? 2 * i : i, b = adjacent ? 2 * i + 1 : i + half;
+            const float x0 = v[a], x1 = v[b], c = cs[i], s = cs[half + i];
+            v[a] = mul_rounded(x0, c) - mul_rounded(x1, s);
+            v[b] = mul_rounded(x0, s) + mul_rounded(x1, c);
+        }
+    }
+}
+
+void rms_norm(const float * x, const float * g, float eps, float * y, int64_t n) {
+    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = 0; j < n; ++j) part[j % 8] += (double) x[j] * x[j];
+    const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    const float scale = (float) (1.0 / std::sqrt(sum / n + eps));
+    for (int64_t j = 0; j < n; ++j) y[j] = x[j] * scale * g[j];
+}
+
 }  // namespace
 
 const OpsKernels & ops_kernels() {
-    static const OpsKernels k = {attention, silu_mul, "scalar"};
+    static const OpsKernels k = {attention, silu_mul, rope, rms_norm, "scalar"};
     return k;
 }
 
@@ -151,11 +177,16 @@ OpsKernels select_ops() {
     if (simd_level_available() >= SimdLevel::Avx2) {
         k.attention = avx2::attention;
         k.silu_mul = avx2::silu_mul;
+        k.rope = avx2::rope;
+        k.rms_norm = avx2::rms_norm;
         k.level = "AVX2";
     }
     if (simd_level_available() >= SimdLevel::Avx512) {
         k.attention = avx512::attention;
-        k.level = "AVX512 (attention), AVX2";
+        k.silu_mul = avx512::silu_mul;
+        k.rope = avx512::rope;
+        k.rms_norm = avx512::rms_norm;
+        k.level = "AVX512";
     }
 #endif
     return k;

@@ -71,12 +71,38 @@ void attention_merge(const float * states, int n_chunks, size_t stride, int hd, 
 // Floats of scratch attention() needs per thread for tasks of up to n_queries queries.
 size_t attention_scratch_floats(int n_group, int head_dim, int n_queries = 1);
 
+// a * b rounded to float on its own, so that the compiler cannot fuse it into the add that
+// follows (it may wherever the target has FMA: the AVX2 files, -march=native, ARM): kernels that
+// promise the scalar code's bits round each product.
+inline float mul_rounded(float a, float b) {
+    float p = a * b;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    asm("" : "+x"(p));
+#elif defined(__GNUC__) && defined(__aarch64__)
+    asm("" : "+w"(p));
+#else
+    volatile float v = p;
+    p = v;
+#endif
+    return p;
+}
+
 struct OpsKernels {
     // Streaming (online) softmax over the visible rows, never materialising all scores: rows
     // with no visible key produce zeros.
     void (*attention)(const AttnTask & t, float * scratch);
     // out[i] = gate[i] / (1 + exp(-gate[i])) * up[i]; out may alias gate or up.
     void (*silu_mul)(const float * gate, const float * up, float * out, int64_t n);
+    // Rotary embedding of one row of n_head heads (head_dim floats each, back to back): the first
+    // n_dims of each head, pair i of n_dims / 2 turned by the angle whose cosine and sine are
+    // cs[i] and cs[n_dims / 2 + i]. Pairs are (2i, 2i + 1) when adjacent (RopeMode::Norm), else
+    // (i, i + n_dims / 2). Every level computes x0 c - x1 s and x0 s + x1 c as two products and
+    // an add, never fused: the same bits.
+    void (*rope)(float * x, int n_head, int head_dim, int n_dims, bool adjacent, const float * cs);
+    // y = x / sqrt(mean(x^2) + eps) * g over n floats, the sum of squares in double in eight
+    // partial sums (lane u takes x[j] for j = u mod 8), added in a fixed tree: the same bits at
+    // every level.
+    void (*rms_norm)(const float * x, const float * g, float eps, float * y, int64_t n);
     const char * level;
 };
 

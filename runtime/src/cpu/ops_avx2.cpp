@@ -285,6 +285,63 @@ void silu_mul(const float * gate, const float * up, float * out, int64_t n) {
     for (; i < n; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+void rope(float * x, int n_head, int head_dim, int n_dims, bool adjacent, const float * cs) {
+    const int half = n_dims / 2;
+    // [c0 c0 c1 c1 c2 c2 c3 c3] from four values: the angle of each adjacent pair on both its lanes
+    const __m256i twice = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    for (int h = 0; h < n_head; ++h) {
+        float * v = x + (int64_t) h * head_dim;
+        int done = 0;  // pairs
+        if (adjacent) {
+            for (; 2 * done + 8 <= n_dims; done += 4) {
+                const __m256 xv = _mm256_loadu_ps(v + 2 * done), sw = _mm256_permute_ps(xv, 0xb1);  // pairs swapped
+                const __m256 c = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(cs + done)), twice);
+                const __m256 sn = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(cs + half + done)), twice);
+                __m256 p = _mm256_mul_ps(xv, c), q = _mm256_mul_ps(sw, sn);  // even lanes x0 c, x1 s; odd x1 c, x0 s
+                keep_in_register(p), keep_in_register(q);  // unfused, as the scalar code
+                _mm256_storeu_ps(v + 2 * done, _mm256_addsub_ps(p, q));
+            }
+        } else {
+            for (; done + 8 <= half; done += 8) {
+                const __m256 x0 = _mm256_loadu_ps(v + done), x1 = _mm256_loadu_ps(v + half + done);
+                const __m256 c = _mm256_loadu_ps(cs + done), sn = _mm256_loadu_ps(cs + half + done);
+                __m256 a = _mm256_mul_ps(x0, c), b = _mm256_mul_ps(x1, sn), d = _mm256_mul_ps(x0, sn), e = _mm256_mul_ps(x1, c);
+                keep_in_register(a), keep_in_register(b), keep_in_register(d), keep_in_register(e);
+                _mm256_storeu_ps(v + done, _mm256_sub_ps(a, b));
+                _mm256_storeu_ps(v + half + done, _mm256_add_ps(d, e));
+            }
+        }
+        for (int i = done; i < half; ++i) {
+            const int ia = adjacent ? 2 * i : i, ib = adjacent ? 2 * i + 1 : i + half;
+            const float x0 = v[ia], x1 = v[ib], c = cs[i], sn = cs[half + i];
+            v[ia] = mul_rounded(x0, c) - mul_rounded(x1, sn);
+            v[ib] = mul_rounded(x0, sn) + mul_rounded(x1, c);
+        }
+    }
+}
+
+void rms_norm(const float * x, const float * g, float eps, float * y, int64_t n) {
+    // a float's square is exact in double, so a fused multiply-add rounds as the scalar add does
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 v = _mm256_loadu_ps(x + j);
+        const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), b = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        lo = _mm256_fmadd_pd(a, a, lo);
+        hi = _mm256_fmadd_pd(b, b, hi);
+    }
+    double part[8];
+    _mm256_storeu_pd(part, lo);
+    _mm256_storeu_pd(part + 4, hi);
+    for (; j < n; ++j) part[j % 8] += (double) x[j] * x[j];
+    const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    const float scale = (float) (1.0 / std::sqrt(sum / n + eps));
+    const __m256 sv = _mm256_set1_ps(scale);
+    j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), sv), _mm256_loadu_ps(g + j)));
+    for (; j < n; ++j) y[j] = x[j] * scale * g[j];
+}
+
 }  // namespace avx2
 }  // namespace sparrow
 

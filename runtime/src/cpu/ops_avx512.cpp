@@ -24,8 +24,10 @@
 
 namespace sparrow {
 
-namespace avx2 {
-void attention(const AttnTask & t, float * scratch);  // cpu/ops_avx2.cpp: head sizes this file does not take
+namespace avx2 {  // cpu/ops_avx2.cpp
+void attention(const AttnTask & t, float * scratch);  // head sizes this file does not take
+void silu_mul(const float * gate, const float * up, float * out, int64_t n);  // tails
+void rope(float * x, int n_head, int head_dim, int n_dims, bool adjacent, const float * cs);  // pair counts not of 8
 }
 
 namespace avx512 {
@@ -327,6 +329,70 @@ void attention(const AttnTask & t, float * scratch) {
         case 7: return dispatch_kv<7>(t, scratch);
         default: return dispatch_kv<8>(t, scratch);
     }
+}
+
+void silu_mul(const float * gate, const float * up, float * out, int64_t n) {
+    // ops_avx2.cpp's silu_mul on 16 lanes (exp16 is exp8): the same bits
+    const __m512 one = _mm512_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + i);
+        const __m512 e = exp16(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32((int) 0x80000000))));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + i)));
+    }
+    if (i < n) avx2::silu_mul(gate + i, up + i, out + i, n - i);
+}
+
+void rope(float * x, int n_head, int head_dim, int n_dims, bool adjacent, const float * cs) {
+    const int half = n_dims / 2;
+    if ((adjacent ? n_dims : half) % 16 != 0) {  // a tail of pairs: the AVX2 kernel has one (same bits)
+        avx2::rope(x, n_head, head_dim, n_dims, adjacent, cs);
+        return;
+    }
+    // [c0 c0 c1 c1 ... c7 c7] from eight values: the angle of each adjacent pair on both its lanes
+    const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    for (int h = 0; h < n_head; ++h) {
+        float * v = x + (int64_t) h * head_dim;
+        if (adjacent) {
+            for (int i = 0; i < half; i += 8) {
+                const __m512 xv = _mm512_loadu_ps(v + 2 * i), sw = _mm512_permute_ps(xv, 0xb1);  // pairs swapped
+                const __m512 c = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps(cs + i)));
+                const __m512 sn = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(_mm256_loadu_ps(cs + half + i)));
+                __m512 p = _mm512_mul_ps(xv, c), q = _mm512_mul_ps(sw, sn);  // even lanes x0 c, x1 s; odd x1 c, x0 s
+                keep_in_register(p), keep_in_register(q);  // unfused, as the scalar code
+                _mm512_storeu_ps(v + 2 * i, _mm512_mask_sub_ps(_mm512_add_ps(p, q), (__mmask16) 0x5555, p, q));
+            }
+        } else {
+            for (int i = 0; i < half; i += 16) {
+                const __m512 x0 = _mm512_loadu_ps(v + i), x1 = _mm512_loadu_ps(v + half + i);
+                const __m512 c = _mm512_loadu_ps(cs + i), sn = _mm512_loadu_ps(cs + half + i);
+                __m512 a = _mm512_mul_ps(x0, c), b = _mm512_mul_ps(x1, sn), d = _mm512_mul_ps(x0, sn), e = _mm512_mul_ps(x1, c);
+                keep_in_register(a), keep_in_register(b), keep_in_register(d), keep_in_register(e);
+                _mm512_storeu_ps(v + i, _mm512_sub_ps(a, b));
+                _mm512_storeu_ps(v + half + i, _mm512_add_ps(d, e));
+            }
+        }
+    }
+}
+
+void rms_norm(const float * x, const float * g, float eps, float * y, int64_t n) {
+    // part[u] in lane u, as the scalar code; a float's square is exact in double, so the fused
+    // multiply-add rounds as its add does
+    __m512d part = _mm512_setzero_pd();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m512d a = _mm512_cvtps_pd(_mm256_loadu_ps(x + j));
+        part = _mm512_fmadd_pd(a, a, part);
+    }
+    double p[8];
+    _mm512_storeu_pd(p, part);
+    for (; j < n; ++j) p[j % 8] += (double) x[j] * x[j];
+    const double sum = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+    const float scale = (float) (1.0 / std::sqrt(sum / n + eps));
+    const __m512 sv = _mm512_set1_ps(scale);
+    j = 0;
+    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(y + j, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), sv), _mm512_loadu_ps(g + j)));
+    for (; j < n; ++j) y[j] = x[j] * scale * g[j];
 }
 
 }  // namespace avx512
