@@ -22,7 +22,7 @@ struct TokenProb {
 // min_p outside [0, 1].
 void validate_sampler_params(const sparrow_sampler_params & params);
 
-// The first index of the largest logit. Throws INTERNAL when the logits are NaN (a model whose
+// The first index of the largest logit. Throws INTERNAL when a logit is NaN (a model whose
 // numbers went non-finite), rather than answering token 0.
 int32_t argmax(const float * logits, int32_t n_vocab);
 

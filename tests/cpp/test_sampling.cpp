@@ -1,4 +1,5 @@
-// test_sampling.cpp - greedy and sampled token choice on NaN logits: an error, never token 0.
+// test_sampling.cpp - greedy and sampled token choice on NaN logits: an error, never token 0;
+// argmax against its definition.
 // (NaN compares false, so a plain argmax over NaN logits answers index 0 and the text becomes
 // "!!!!" without a word of warning.)
 
@@ -9,6 +10,8 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <random>
+#include <string>
 #include <vector>
 
 using namespace sparrow;
@@ -44,5 +47,41 @@ int main() {
     check(throws_internal([&] { sample_token(all_nan.data(), 5, sampled, rng, scratch); }), "sampling NaN logits throws");
     std::vector<float> first_nan = {nan, 1.0f, 2.0f, 0.0f, -1.0f};
     check(throws_internal([&] { argmax(first_nan.data(), 5); }), "a NaN where the scan starts throws too");
+    for (const int32_t n : {9, 16, 17, 49152}) {  // a NaN anywhere, in the vector part or the tail
+        for (const int32_t at : {1, n / 2, n - 1}) {
+            std::vector<float> v((size_t) n, 0.5f);
+            v[(size_t) at] = nan;
+            check(throws_internal([&] { argmax(v.data(), n); }), "a NaN anywhere throws (n " + std::to_string(n) + ")");
+        }
+    }
+
+    // against the definition (the first index of the largest), on lengths with tails, few distinct
+    // values (ties everywhere), -inf, both zeros, and the maximum first, last or inside
+    std::mt19937 gen(5);
+    const float inf = std::numeric_limits<float>::infinity();
+    int agree = 0, cases = 0;
+    for (const int32_t n : {1, 2, 7, 8, 9, 15, 16, 17, 31, 100, 8192, 49152}) {
+        for (int trial = 0; trial < 40; trial++) {
+            std::vector<float> v((size_t) n);
+            const int kind = trial % 4;
+            std::uniform_int_distribution<int> small(-3, 3);
+            std::normal_distribution<float> normal(0.0f, 4.0f);
+            for (auto & x : v) {
+                x = kind == 0 ? normal(gen) : kind == 1 ? (float) small(gen) : kind == 2 ? (small(gen) < 0 ? -inf : -0.0f) : 0.0f;
+            }
+            if (kind == 3 && n > 1) v[(size_t) (gen() % (uint32_t) n)] = -0.0f;  // +0 and -0 tie
+            if (trial % 5 == 4) v[(size_t) (trial % 2 ? 0 : n - 1)] = 100.0f;  // the maximum at an end
+            int32_t want = 0;
+            for (int32_t i = 1; i < n; i++) {
+                if (v[(size_t) i] > v[(size_t) want]) want = i;
+            }
+            agree += argmax(v.data(), n) == want;
+            cases++;
+        }
+    }
+    check(agree == cases, "argmax agrees with the first index of the largest (" + std::to_string(agree) + " of " +
+                              std::to_string(cases) + ")");
+    std::vector<float> all_minus_inf(20, -inf);
+    check(argmax(all_minus_inf.data(), 20) == 0, "argmax of all -inf is 0");
     return finish("test_sampling");
 }
