@@ -155,9 +155,7 @@ void rope(float * x, int n_head, int head_dim, int n_dims, bool adjacent, const 
 
 void rms_norm(const float * x, const float * g, float eps, float * y, int64_t n) {
     double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t j = 0; j < n; ++j) part[j % 8] += (double) x[j] * x[j];
-    const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-    const float scale = (float) (1.0 / std::sqrt(sum / n + eps));
+    const float scale = rms_scale(part, x, 0, n, eps);
     for (int64_t j = 0; j < n; ++j) y[j] = x[j] * scale * g[j];
 }
 

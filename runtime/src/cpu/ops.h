@@ -5,6 +5,7 @@
 // what tests compare with) and SIMD versions chosen at run time (ops_kernels()).
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -85,6 +86,15 @@ inline float mul_rounded(float a, float b) {
     p = v;
 #endif
     return p;
+}
+
+// rms_norm's scale, 1 / sqrt(mean(x^2) + eps), from the eight partial sums of squares of
+// x[0, j) (lane u holding the x[i] with i = u mod 8), the rest of x added here in the same lanes:
+// the one place that fixes the sum's order for every level.
+inline float rms_scale(double part[8], const float * x, int64_t j, int64_t n, float eps) {
+    for (; j < n; ++j) part[j % 8] += (double) x[j] * x[j];
+    const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    return (float) (1.0 / std::sqrt(sum / (double) n + eps));
 }
 
 struct OpsKernels {

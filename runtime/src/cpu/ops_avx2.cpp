@@ -333,9 +333,7 @@ void rms_norm(const float * x, const float * g, float eps, float * y, int64_t n)
     double part[8];
     _mm256_storeu_pd(part, lo);
     _mm256_storeu_pd(part + 4, hi);
-    for (; j < n; ++j) part[j % 8] += (double) x[j] * x[j];
-    const double sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-    const float scale = (float) (1.0 / std::sqrt(sum / n + eps));
+    const float scale = rms_scale(part, x, j, n, eps);
     const __m256 sv = _mm256_set1_ps(scale);
     j = 0;
     for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), sv), _mm256_loadu_ps(g + j)));

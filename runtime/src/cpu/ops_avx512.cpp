@@ -386,9 +386,7 @@ void rms_norm(const float * x, const float * g, float eps, float * y, int64_t n)
     }
     double p[8];
     _mm512_storeu_pd(p, part);
-    for (; j < n; ++j) p[j % 8] += (double) x[j] * x[j];
-    const double sum = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-    const float scale = (float) (1.0 / std::sqrt(sum / n + eps));
+    const float scale = rms_scale(p, x, j, n, eps);
     const __m512 sv = _mm512_set1_ps(scale);
     j = 0;
     for (; j + 16 <= n; j += 16) _mm512_storeu_ps(y + j, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), sv), _mm512_loadu_ps(g + j)));
