@@ -470,10 +470,11 @@ private:
     }
 
     // cos and sin of every (row, pair) rotation angle for these positions: per row the half
-    // cosines, then the half sines (OpsKernels::rope). A forward pass ropes q and k of every layer at the same positions: the angles are
-    // computed on the first of those calls and reused while the positions and parameters are the
-    // same (the trigonometry in double was most of a rope call: 60 calls a token for a 30-layer
-    // model). The values are those the per-call computation gave, bit for bit.
+    // cosines, then the half sines (OpsKernels::rope). A forward pass ropes q and k of every
+    // layer at the same positions: the angles are computed on the first of those calls and
+    // reused while the positions and parameters are the same (the trigonometry in double was
+    // most of a rope call: 60 calls a token for a 30-layer model). The values are those the
+    // per-call computation gave, bit for bit.
     const float * rope_angles(int64_t n, const int32_t * pos, const RopeParams & p) {
         const int half = p.n_dims / 2;
         const size_t n_pos = (size_t) n * (p.mode == RopeMode::MRope ? 4 : 1);
