@@ -84,8 +84,57 @@ void test_mul_mat(DType t) {
 // Panels: packing round-trips byte for byte; the panel kernel of the active SIMD level matches
 // ref::mul_mat on the file layout; and a (row, activation row) result is the same bits whatever
 // run of panels and range of activation rows the call that computed it covered.
+// f16 / bf16 panels (rows interleaved in groups of 4): packing round-trips; products equal the
+// rows' kernel (mul_mat) bit for bit, whole and in pieces (runs of groups, a few activation rows
+// at a time, as jobs cut them), at column counts with and without a 16-column tail.
+void test_float_panels(DType t) {
+    int cases = 0;
+    const int64_t shapes[][3] = {{1, 1, 1}, {16, 5, 2}, {17, 16, 7}, {33, 13, 6}, {64, 37, 9}, {576, 21, 1}, {100, 8, 13}};
+    for (const auto & s : shapes) {
+        const int64_t k = s[0], nr = s[1], nc = s[2];
+        const std::vector<uint8_t> w = make_weights(t, nr, k);
+        const size_t wrb = row_size(t, k), xrb = (size_t) k * sizeof(float);
+        std::vector<uint8_t> packed(packed_bytes(t, k, nr) + 64);
+        uint8_t * pk = (uint8_t *) (((uintptr_t) packed.data() + 63) / 64 * 64);
+        pack_panels(t, k, w.data(), wrb, nr, pk);
+        std::vector<uint8_t> row(wrb);
+        for (int64_t r = 0; r < nr; r++) {
+            unpack_panel_row(t, k, pk, r, row.data());
+            check(std::memcmp(row.data(), w.data() + r * wrb, wrb) == 0,
+                  format("panels %s k=%lld: row %lld does not round-trip", traits(t).name, (long long) k, (long long) r));
+        }
+        std::vector<float> x((size_t) (k * nc));
+        for (auto & v : x) v = normal();
+        const int64_t ys = nr + 3;
+        std::vector<float> y((size_t) (nc * ys), -7.0f), y_rows((size_t) (nc * ys), -7.0f), y_split((size_t) (nc * ys), -7.0f);
+        float_panel_mul_mat(t, k, pk, nr, x.data(), xrb, nc, y.data(), ys);
+        mul_mat(t, k, w.data(), wrb, nr, x.data(), xrb, nc, y_rows.data(), ys);
+        for (int64_t r0 = 0; r0 < nr;) {  // groups of 4 rows in runs of 1-3 groups
+            const int64_t rr = std::min<int64_t>(nr - r0, 4 * pick(1, 3));
+            for (int64_t c0 = 0; c0 < nc;) {
+                const int64_t cc = std::min<int64_t>(nc - c0, pick(1, 5));
+                float_panel_mul_mat(t, k, pk + r0 * float_panel_row_stride(k), rr, x.data() + c0 * k, xrb, cc,
+                                    y_split.data() + c0 * ys + r0, ys);
+                c0 += cc;
+            }
+            r0 += rr;
+        }
+        check(std::memcmp(y.data(), y_rows.data(), y.size() * sizeof(float)) == 0,
+              format("panels %s k=%lld nr=%lld nc=%lld: not the rows' bits (or wrote outside)", traits(t).name, (long long) k,
+                     (long long) nr, (long long) nc));
+        check(std::memcmp(y_split.data(), y_rows.data(), y.size() * sizeof(float)) == 0,
+              format("panels %s k=%lld: in pieces not the rows' bits", traits(t).name, (long long) k));
+        cases++;
+    }
+    std::printf("  panels  %-5s %3d cases (groups of 4 rows)\n", traits(t).name, cases);
+}
+
 void test_panels(DType t) {
     if (!panels_supported(t)) return;
+    if (is_float_panel_type(t)) {
+        test_float_panels(t);
+        return;
+    }
     const DType dt = traits(t).dot_type;
     const int64_t bs = traits(t).block_size;
     int cases = 0;

@@ -101,7 +101,7 @@ public:
 
     void matmul(const Tensor & w, const Tensor & x, Tensor & out, const Tensor * bias) override {
         const MatmulOut one{&w, &out, bias};
-        if (w.panels) matmul_panels(x, &one, 1);
+        if (w.panels && !is_float_panel_type(w.type)) matmul_panels(x, &one, 1);
         else matmul_rows(x, &one, 1);
     }
 
@@ -109,16 +109,18 @@ public:
         // one pass when every weight is in panels of one dot type (the usual q/k/v, gate/up)
         bool shared = n > 0;
         for (int i = 0; i < n && shared; ++i) {
-            shared = outs[i].w->panels && traits(outs[i].w->type).dot_type == traits(outs[0].w->type).dot_type;
+            shared = outs[i].w->panels && !is_float_panel_type(outs[i].w->type) &&
+                     traits(outs[i].w->type).dot_type == traits(outs[0].w->type).dot_type;
         }
         if (shared) {
             matmul_panels(x, outs, n);
             return;
         }
-        // ... or when none is (f32 / f16 / bf16 files)
+        // ... or when none is (f32 / f16 / bf16 files; f16 / bf16 in their panels go by rows too)
         bool rows = n > 0;
         for (int i = 0; i < n && rows; ++i) {
-            rows = !outs[i].w->panels && traits(outs[i].w->type).dot_type == traits(outs[0].w->type).dot_type;
+            rows = (!outs[i].w->panels || is_float_panel_type(outs[i].w->type)) &&
+                   traits(outs[i].w->type).dot_type == traits(outs[0].w->type).dot_type;
         }
         if (rows) {
             matmul_rows(x, outs, n);
@@ -401,10 +403,15 @@ private:
         run_jobs(nth, [&](const ProductJob & job) {
             const MatmulOut & o = outs[job.out];
             const int64_t m = o.w->rows();
-            const size_t w_row_bytes = o.w->row_bytes();
             float * y = o.out->f32() + job.c0 * m;
-            mul_mat(o.w->type, k, (const uint8_t *) o.w->data + job.first * w_row_bytes, w_row_bytes, job.count,
-                    xq + job.c0 * x_row_bytes, x_row_bytes, job.nc, y + job.first, m);
+            if (o.w->panels) {  // f16 / bf16 in groups of 4 rows; a job's first row is a multiple of 16
+                const uint8_t * w = (const uint8_t *) o.w->data + (size_t) job.first * float_panel_row_stride(k);
+                float_panel_mul_mat(o.w->type, k, w, job.count, xq + job.c0 * x_row_bytes, x_row_bytes, job.nc, y + job.first, m);
+            } else {
+                const size_t w_row_bytes = o.w->row_bytes();
+                mul_mat(o.w->type, k, (const uint8_t *) o.w->data + job.first * w_row_bytes, w_row_bytes, job.count,
+                        xq + job.c0 * x_row_bytes, x_row_bytes, job.nc, y + job.first, m);
+            }
             if (o.bias) add_bias(y, m, job.nc, o.bias->f32(), job.first, job.first + job.count);
         });
     }

@@ -21,6 +21,12 @@ void panel_q4_K(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
 void panel_q5_K(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
 void panel_q6_K(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
 }  // namespace avx512
+using FloatPanelKernel = void (*)(int64_t k, const void * packed, int64_t nr, const void * x, size_t xs, int64_t nc,
+                                  float * y, int64_t ys);
+namespace avx512 {  // cpu/matmul_avx512.cpp
+void panel_f16(int64_t k, const void * packed, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void panel_bf16(int64_t k, const void * packed, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+}  // namespace avx512
 namespace avx2 {
 void panel_q8_0(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
 void panel_q4_0(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
@@ -111,6 +117,7 @@ inline void copy_flipped(uint8_t * dst, const uint8_t * src, size_t n, uint8_t f
 #if SPARROW_PANEL_KERNELS
 struct PanelKernels {
     PanelKernel fn[32] = {};
+    FloatPanelKernel f16 = nullptr, bf16 = nullptr;
 };
 
 PanelKernels select_panel_kernels() {
@@ -124,6 +131,8 @@ PanelKernels select_panel_kernels() {
         set(DType::Q4_K, avx512::panel_q4_K);
         set(DType::Q5_K, avx512::panel_q5_K);
         set(DType::Q6_K, avx512::panel_q6_K);
+        k.f16 = avx512::panel_f16;
+        k.bf16 = avx512::panel_bf16;
     } else if (level >= SimdLevel::Avx2) {
         set(DType::Q8_0, avx2::panel_q8_0);
         set(DType::Q4_0, avx2::panel_q4_0);
@@ -151,7 +160,29 @@ PanelKernel kernel_for(DType t) {
 #endif
 }
 
+FloatPanelKernel float_kernel_for(DType t) {
+#if SPARROW_PANEL_KERNELS
+    return t == DType::F16 ? panel_kernels().f16 : t == DType::BF16 ? panel_kernels().bf16 : nullptr;
+#else
+    (void) t;
+    return nullptr;
+#endif
+}
+
+constexpr int kGroupRows = 4;  // f16 / bf16: rows interleaved per group (see panels.h)
+int64_t padded_cols(int64_t k) { return (k + 15) / 16 * 16; }
+
 }  // namespace
+
+bool is_float_panel_type(DType t) { return t == DType::F16 || t == DType::BF16; }
+size_t float_panel_row_stride(int64_t k) { return (size_t) padded_cols(k) * 2; }
+
+void float_panel_mul_mat(DType t, int64_t k, const void * packed, int64_t nr, const void * x, size_t xs, int64_t nc,
+                         float * y, int64_t ys) {
+    FloatPanelKernel fn = float_kernel_for(t);
+    if (!fn) fail(SPARROW_ERR_INTERNAL, format("no panel kernel for %s", traits(t).name));
+    fn(k, packed, nr, x, xs, nc, y, ys);
+}
 
 namespace panel {
 Geometry geometry(DType t) {
@@ -160,9 +191,10 @@ Geometry geometry(DType t) {
 }
 }  // namespace panel
 
-bool panels_supported(DType t) { return kernel_for(t) != nullptr; }
+bool panels_supported(DType t) { return kernel_for(t) != nullptr || float_kernel_for(t) != nullptr; }
 
 size_t panel_bytes(DType t, int64_t k) {
+    if (is_float_panel_type(t)) return (size_t) kPanelRows * float_panel_row_stride(k);
     const PanelType * pt = panel_type(t);
     if (!pt || k % pt->geo.block != 0) fail(SPARROW_ERR_INTERNAL, "panel_bytes: not a panel type or shape");
     const size_t nb = (size_t) (k / pt->geo.block);
@@ -174,6 +206,18 @@ size_t packed_bytes(DType t, int64_t k, int64_t rows) {
 }
 
 void pack_panels(DType t, int64_t k, const void * src, size_t row_stride, int64_t rows, void * dst) {
+    if (is_float_panel_type(t)) {  // padding rows and columns are zeros
+        const int64_t kp = padded_cols(k);
+        std::memset(dst, 0, packed_bytes(t, k, rows));
+        for (int64_t r = 0; r < rows; r++) {
+            const uint16_t * row = (const uint16_t *) ((const uint8_t *) src + (size_t) r * row_stride);
+            uint16_t * group = (uint16_t *) dst + (r / kGroupRows) * kGroupRows * kp;
+            for (int64_t j = 0; j < k; j += 16) {
+                std::memcpy(group + j * kGroupRows + (r % kGroupRows) * 16, row + j, (size_t) std::min<int64_t>(16, k - j) * 2);
+            }
+        }
+        return;
+    }
     const PanelType & pt = *panel_type(t);
     const size_t nb = (size_t) (k / pt.geo.block), file_block = traits(t).type_size;
     const size_t pb = panel_bytes(t, k), used = nb * (pt.geo.quant + pt.geo.meta);
@@ -202,6 +246,14 @@ void pack_panels(DType t, int64_t k, const void * src, size_t row_stride, int64_
 }
 
 void unpack_panel_row(DType t, int64_t k, const void * packed, int64_t r, void * dst_row) {
+    if (is_float_panel_type(t)) {
+        const int64_t kp = padded_cols(k);
+        const uint16_t * group = (const uint16_t *) packed + (r / kGroupRows) * kGroupRows * kp;
+        for (int64_t j = 0; j < k; j += 16) {
+            std::memcpy((uint16_t *) dst_row + j, group + j * kGroupRows + (r % kGroupRows) * 16, (size_t) std::min<int64_t>(16, k - j) * 2);
+        }
+        return;
+    }
     const PanelType & pt = *panel_type(t);
     const size_t nb = (size_t) (k / pt.geo.block), file_block = traits(t).type_size;
     const uint8_t * panel = (const uint8_t *) packed + (size_t) (r / kPanelRows) * panel_bytes(t, k);

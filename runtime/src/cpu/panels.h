@@ -39,6 +39,14 @@
 //         4g + i), then qs as q4_K;  M 256: as q4_K
 //   q6_K  Q 3072: ql[32][16][4], row r's ql bytes 4j + i, then qh[16][16][4], its qh bytes
 //         M 288: d[16], scales[16][16] int8 ([sub-block][row])
+//
+// f16 and bf16 (AVX-512 only) are not blocks but rows of 4 interleaved: a panel is 4 groups of 4
+// rows, and a group holds, for every 16 columns j (k padded to a multiple of 16 with zeros), the
+// 4 rows' 16 values: group[j][row][16]. Their tile (4 rows x up to 6 activation rows, the one
+// the file's rows go through, fp32 activations) then reads one stream at any batch, where it read
+// 4 rows a row apart; decoding one row had gone a row at a time for the single stream, with one
+// chain of FMAs, which bounded it on a Zen 5 core: bench_quant 49152 x 576 at one row, 1 thread,
+// 31-33 -> 37-39 GB/s. Each row's sum is the same chain of FMAs and the same reduction: the same bits.
 #pragma once
 
 #include "quant.h"
@@ -83,6 +91,14 @@ struct PanelProduct {
     int64_t y_stride;
 };
 void panel_mul_mat(const PanelProduct & p, int64_t first_panel, int64_t n_panels, int64_t c0, int64_t nc);
+
+// f16 / bf16 panels: y[c * ys + r] = dot(weight row r, activation row c) for rows [0, nr) of
+// the packed matrix from `packed`, which points at a row that is a multiple of 4, that is at
+// packed_base + row * float_panel_row_stride(k); activations are fp32 rows xs bytes apart.
+bool is_float_panel_type(DType t);
+size_t float_panel_row_stride(int64_t k);
+void float_panel_mul_mat(DType t, int64_t k, const void * packed, int64_t nr, const void * x, size_t xs, int64_t nc,
+                         float * y, int64_t ys);
 
 }  // namespace sparrow
 
