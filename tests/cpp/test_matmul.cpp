@@ -84,6 +84,22 @@ void test_mul_mat(DType t) {
 // Panels: packing round-trips byte for byte; the panel kernel of the active SIMD level matches
 // ref::mul_mat on the file layout; and a (row, activation row) result is the same bits whatever
 // run of panels and range of activation rows the call that computed it covered.
+// The nr x k matrix w packed into panels at the store's alignment (in buf); every row checked to
+// unpack to its bytes.
+const uint8_t * pack_and_check(DType t, int64_t k, int64_t nr, const std::vector<uint8_t> & w, std::vector<uint8_t> & buf) {
+    const size_t wrb = row_size(t, k);
+    buf.assign(packed_bytes(t, k, nr) + 64, 0);
+    uint8_t * pk = (uint8_t *) (((uintptr_t) buf.data() + 63) / 64 * 64);
+    pack_panels(t, k, w.data(), wrb, nr, pk);
+    std::vector<uint8_t> row(wrb);
+    for (int64_t r = 0; r < nr; r++) {
+        unpack_panel_row(t, k, pk, r, row.data());
+        check(std::memcmp(row.data(), w.data() + r * wrb, wrb) == 0,
+              format("panels %s k=%lld: row %lld does not round-trip", traits(t).name, (long long) k, (long long) r));
+    }
+    return pk;
+}
+
 // f16 / bf16 panels (rows interleaved in groups of 4): packing round-trips; products equal the
 // rows' kernel (mul_mat) bit for bit, whole and in pieces (runs of groups, a few activation rows
 // at a time, as jobs cut them), at column counts with and without a 16-column tail.
@@ -94,15 +110,8 @@ void test_float_panels(DType t) {
         const int64_t k = s[0], nr = s[1], nc = s[2];
         const std::vector<uint8_t> w = make_weights(t, nr, k);
         const size_t wrb = row_size(t, k), xrb = (size_t) k * sizeof(float);
-        std::vector<uint8_t> packed(packed_bytes(t, k, nr) + 64);
-        uint8_t * pk = (uint8_t *) (((uintptr_t) packed.data() + 63) / 64 * 64);
-        pack_panels(t, k, w.data(), wrb, nr, pk);
-        std::vector<uint8_t> row(wrb);
-        for (int64_t r = 0; r < nr; r++) {
-            unpack_panel_row(t, k, pk, r, row.data());
-            check(std::memcmp(row.data(), w.data() + r * wrb, wrb) == 0,
-                  format("panels %s k=%lld: row %lld does not round-trip", traits(t).name, (long long) k, (long long) r));
-        }
+        std::vector<uint8_t> packed;
+        const uint8_t * pk = pack_and_check(t, k, nr, w, packed);
         std::vector<float> x((size_t) (k * nc));
         for (auto & v : x) v = normal();
         const int64_t ys = nr + 3;
@@ -143,15 +152,8 @@ void test_panels(DType t) {
         const int64_t k = s[0] * bs, nr = s[1], nc = s[2];
         const std::vector<uint8_t> w = make_weights(t, nr, k);
         const size_t wrb = row_size(t, k), xrb = row_size(dt, k);
-        std::vector<uint8_t> packed(packed_bytes(t, k, nr) + 64);
-        uint8_t * pk = (uint8_t *) (((uintptr_t) packed.data() + 63) / 64 * 64);  // the store's alignment
-        pack_panels(t, k, w.data(), wrb, nr, pk);
-        std::vector<uint8_t> row(wrb);
-        for (int64_t r = 0; r < nr; r++) {
-            unpack_panel_row(t, k, pk, r, row.data());
-            check(std::memcmp(row.data(), w.data() + r * wrb, wrb) == 0,
-                  format("panels %s k=%lld: row %lld does not round-trip", traits(t).name, (long long) k, (long long) r));
-        }
+        std::vector<uint8_t> packed;
+        const uint8_t * pk = pack_and_check(t, k, nr, w, packed);
         std::vector<uint8_t> x(xrb * (size_t) nc), sums(summary_bytes(t, k) * (size_t) nc);
         std::vector<float> xf((size_t) k);
         for (int64_t c = 0; c < nc; c++) {
