@@ -161,11 +161,12 @@ struct PanelKern {
         }
     }
 
-    static void run(int64_t k, const void * packed, int64_t nr, const void * xv, size_t xs, int64_t nc, float * y,
-                    int64_t ys) {
+    // ws: the packed matrix's bytes per row (float_panel_row_stride), a group of 4 rows 4 ws
+    static void run(int64_t k, const void * packed, size_t ws, int64_t nr, const void * xv, size_t xs, int64_t nc,
+                    float * y, int64_t ys) {
         using TileFn = void (*)(int64_t, const uint8_t *, size_t, const uint8_t *, size_t, float *, int64_t, int);
         static constexpr TileFn tiles[6] = {tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
-        const size_t group_bytes = 4 * (size_t) ((k + 15) / 16 * 16) * Load::kBytes;
+        const size_t group_bytes = 4 * ws;
         const uint8_t * x = (const uint8_t *) xv;
         for (int64_t r0 = 0; r0 < nr; r0 += 4) {
             const uint8_t * g = (const uint8_t *) packed + (size_t) (r0 / 4) * group_bytes;
@@ -179,11 +180,13 @@ struct PanelKern {
 
 }  // namespace
 
-void panel_f16(int64_t k, const void * packed, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    PanelKern<LoadF16>::run(k, packed, nr, x, xs, nc, y, ys);
+void panel_f16(int64_t k, const void * packed, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y,
+               int64_t ys) {
+    PanelKern<LoadF16>::run(k, packed, ws, nr, x, xs, nc, y, ys);
 }
-void panel_bf16(int64_t k, const void * packed, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    PanelKern<LoadBF16>::run(k, packed, nr, x, xs, nc, y, ys);
+void panel_bf16(int64_t k, const void * packed, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y,
+                int64_t ys) {
+    PanelKern<LoadBF16>::run(k, packed, ws, nr, x, xs, nc, y, ys);
 }
 
 void mul_mat_f32(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {

@@ -21,11 +21,13 @@ void panel_q4_K(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
 void panel_q5_K(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
 void panel_q6_K(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
 }  // namespace avx512
-using FloatPanelKernel = void (*)(int64_t k, const void * packed, int64_t nr, const void * x, size_t xs, int64_t nc,
-                                  float * y, int64_t ys);
+using FloatPanelKernel = void (*)(int64_t k, const void * packed, size_t ws, int64_t nr, const void * x, size_t xs,
+                                  int64_t nc, float * y, int64_t ys);
 namespace avx512 {  // cpu/matmul_avx512.cpp
-void panel_f16(int64_t k, const void * packed, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
-void panel_bf16(int64_t k, const void * packed, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys);
+void panel_f16(int64_t k, const void * packed, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y,
+               int64_t ys);
+void panel_bf16(int64_t k, const void * packed, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y,
+                int64_t ys);
 }  // namespace avx512
 namespace avx2 {
 void panel_q8_0(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
@@ -171,6 +173,11 @@ FloatPanelKernel float_kernel_for(DType t) {
 
 constexpr int kGroupRows = 4;  // f16 / bf16: rows interleaved per group (see panels.h)
 int64_t padded_cols(int64_t k) { return (k + 15) / 16 * 16; }
+// Where row r's values from column j (a multiple of 16) start in a packed f16 / bf16 matrix, in
+// values: its group's, then the 16 columns', then the row's place among the 4.
+size_t float_panel_at(int64_t r, int64_t j, int64_t k) {
+    return (size_t) ((r / kGroupRows) * kGroupRows * padded_cols(k) + j * kGroupRows + (r % kGroupRows) * 16);
+}
 
 }  // namespace
 
@@ -181,7 +188,7 @@ void float_panel_mul_mat(DType t, int64_t k, const void * packed, int64_t nr, co
                          float * y, int64_t ys) {
     FloatPanelKernel fn = float_kernel_for(t);
     if (!fn) fail(SPARROW_ERR_INTERNAL, format("no panel kernel for %s", traits(t).name));
-    fn(k, packed, nr, x, xs, nc, y, ys);
+    fn(k, packed, float_panel_row_stride(k), nr, x, xs, nc, y, ys);
 }
 
 namespace panel {
@@ -207,13 +214,11 @@ size_t packed_bytes(DType t, int64_t k, int64_t rows) {
 
 void pack_panels(DType t, int64_t k, const void * src, size_t row_stride, int64_t rows, void * dst) {
     if (is_float_panel_type(t)) {  // padding rows and columns are zeros
-        const int64_t kp = padded_cols(k);
         std::memset(dst, 0, packed_bytes(t, k, rows));
         for (int64_t r = 0; r < rows; r++) {
             const uint16_t * row = (const uint16_t *) ((const uint8_t *) src + (size_t) r * row_stride);
-            uint16_t * group = (uint16_t *) dst + (r / kGroupRows) * kGroupRows * kp;
             for (int64_t j = 0; j < k; j += 16) {
-                std::memcpy(group + j * kGroupRows + (r % kGroupRows) * 16, row + j, (size_t) std::min<int64_t>(16, k - j) * 2);
+                std::memcpy((uint16_t *) dst + float_panel_at(r, j, k), row + j, (size_t) std::min<int64_t>(16, k - j) * 2);
             }
         }
         return;
@@ -247,10 +252,9 @@ void pack_panels(DType t, int64_t k, const void * src, size_t row_stride, int64_
 
 void unpack_panel_row(DType t, int64_t k, const void * packed, int64_t r, void * dst_row) {
     if (is_float_panel_type(t)) {
-        const int64_t kp = padded_cols(k);
-        const uint16_t * group = (const uint16_t *) packed + (r / kGroupRows) * kGroupRows * kp;
         for (int64_t j = 0; j < k; j += 16) {
-            std::memcpy((uint16_t *) dst_row + j, group + j * kGroupRows + (r % kGroupRows) * 16, (size_t) std::min<int64_t>(16, k - j) * 2);
+            std::memcpy((uint16_t *) dst_row + j, (const uint16_t *) packed + float_panel_at(r, j, k),
+                        (size_t) std::min<int64_t>(16, k - j) * 2);
         }
         return;
     }
