@@ -126,21 +126,30 @@ struct FloatKern {
 // f16 / bf16 panels (cpu/panels.h): 4 rows interleaved per group, every 16 columns the 4 rows'
 // 16 values, so a tile's weights are one stream. The tile is FloatKern's 4 x C with the same FMA
 // chain per (row, activation row) and the same reduction (the same bits as the rows' kernels), the
-// zero padding of the last 16 columns standing in for the masked weight load. The group two
-// ahead is prefetched into L2, at every batch (one row: 37-39 GB/s against 33-35 with one group
-// ahead or none, bench_quant 49152 x 576, 1 thread, Zen 5; the hardware prefetchers follow the
-// stream too, and the software prefetch keeps several tiles of FMAs from leaving it idle).
+// zero padding of the last 16 columns standing in for the masked weight load.
+//
+// The stream is prefetched into L2 kPanelPrefetchBytes ahead, at every batch: the hardware
+// prefetchers follow it too, but the software prefetch keeps several tiles of FMAs from leaving
+// memory idle (one row: 37-39 GB/s against 33-35 without, bench_quant 49152 x 576, 1 thread, Zen
+// 5). A fixed distance, not a number of groups: two groups ahead (9 KiB on SmolLM2's 576 columns)
+// was right there, but on ffn_down's 1,536 columns (24 KiB ahead) a 6-row verify took 1.40-1.55
+// of one row's time against 1.08-1.20 at 6-8 KiB (bench_quant 576 x 1536, 2 threads; 12 KiB and
+// more as slow as 24); one row 35-36 -> 37-38 GB/s at 1 thread. Cutting k into pieces whose
+// activation rows stay in L1 was tried there too, and lost at both distances (the pieces break
+// the stream the prefetch runs ahead of).
+constexpr size_t kPanelPrefetchBytes = 8192;
+
 template <typename Load>
 struct PanelKern {
     template <int C>
-    static void tile(int64_t k, const uint8_t * g, size_t group_bytes, const uint8_t * x, size_t xs, float * y,
+    static void tile(int64_t k, const uint8_t * g, const uint8_t * x, size_t xs, float * y,
                      int64_t ys, int valid) {
         __m512 acc[4][C];
         for (int r = 0; r < 4; r++)
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
         auto step = [&](const uint8_t * p, auto load_x) {
-            _mm_prefetch((const char *) (p + 2 * group_bytes), _MM_HINT_T1);
-            _mm_prefetch((const char *) (p + 2 * group_bytes + 64), _MM_HINT_T1);
+            _mm_prefetch((const char *) (p + kPanelPrefetchBytes), _MM_HINT_T1);
+            _mm_prefetch((const char *) (p + kPanelPrefetchBytes + 64), _MM_HINT_T1);
             __m512 wv[4];
             for (int r = 0; r < 4; r++) wv[r] = Load::load16(p + 32 * r, 0);
             for (int c = 0; c < C; c++) {
@@ -164,7 +173,7 @@ struct PanelKern {
     // ws: the packed matrix's bytes per row (float_panel_row_stride), a group of 4 rows 4 ws
     static void run(int64_t k, const void * packed, size_t ws, int64_t nr, const void * xv, size_t xs, int64_t nc,
                     float * y, int64_t ys) {
-        using TileFn = void (*)(int64_t, const uint8_t *, size_t, const uint8_t *, size_t, float *, int64_t, int);
+        using TileFn = void (*)(int64_t, const uint8_t *, const uint8_t *, size_t, float *, int64_t, int);
         static constexpr TileFn tiles[6] = {tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
         const size_t group_bytes = 4 * ws;
         const uint8_t * x = (const uint8_t *) xv;
@@ -172,7 +181,7 @@ struct PanelKern {
             const uint8_t * g = (const uint8_t *) packed + (size_t) (r0 / 4) * group_bytes;
             const int valid = (int) std::min<int64_t>(4, nr - r0);
             for_even_col_tiles(nc, 6, [&](int64_t c0, int cc) {
-                tiles[cc - 1](k, g, group_bytes, x + c0 * xs, xs, y + c0 * ys + r0, ys, valid);
+                tiles[cc - 1](k, g, x + c0 * xs, xs, y + c0 * ys + r0, ys, valid);
             });
         }
     }
