@@ -417,8 +417,10 @@ private:
     }
 
     // Products of one activation matrix with weights packed into panels (cpu/panels.h), all of one
-    // dot type (their activation summaries are the same too): the activations are converted once, and the jobs of every product, (run of
-    // panels) x (chunk of activation rows), go out in one pass over the threads (run_jobs). A row's result does not depend on which job, thread or chunk computed it.
+    // dot type (their activation summaries are the same too): the activations are converted once,
+    // and the jobs of every product, (run of panels) x (chunk of activation rows), go out in one
+    // pass over the threads (run_jobs). A row's result does not depend on which job, thread or
+    // chunk computed it.
     void matmul_panels(const Tensor & x, const MatmulOut * outs, int n_outs) {
         const int64_t k = x.cols(), n = x.rows();
         const DType wt = outs[0].w->type;
