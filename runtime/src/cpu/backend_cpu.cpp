@@ -458,15 +458,15 @@ private:
     }
 
     // Every job of jobs_ through run_job: in order on one thread; over several, where there is one
-    // chunk of activation rows (decode, a verify), each thread takes its own run of the jobs from
-    // the front, then the other runs' last jobs; otherwise (prefill) they are handed out one at a
-    // time. A run of neighbouring jobs is one stream of weight rows per thread, which the
-    // prefetchers follow from job to job: handed out in turn, each thread's stream broke at every
-    // job and its prefetches ran into the other thread's rows (Zen 5, 2 threads: bench_quant f16
-    // 3072 x 576, GB/s of weights at one row, 44-56 -> 45-72; SmolLM2 in f16, plain decoding
-    // 183-192 -> 218-232 tokens/s and speculative 247-282 -> 344-383; in q8_0 294-316 -> 335-364 and
-    // 363-389 -> 474-484). Taking the others' leftovers keeps the threads finishing together when
-    // one is slowed.
+    // chunk of activation rows (decode, a verify, a short prompt), each thread takes its own run of
+    // the jobs from the front, then the other runs' last jobs; otherwise (a long prefill) they are
+    // handed out one at a time. A run of neighbouring jobs is one stream of weight rows per thread,
+    // which the prefetchers follow from job to job: handed out in turn, each thread's stream broke at
+    // every job and its prefetches ran into the other thread's rows (Zen 5, 2 threads: bench_quant f16
+    // 3072 x 576, GB/s of weights at one row, 44-56 -> 45-72; SmolLM2 in f16, plain decoding 183-192
+    // -> 218-232 tokens/s and speculative 247-282 -> 344-383; in q8_0 294-316 -> 335-364 and 363-389
+    // -> 474-484). Taking the others' leftovers keeps the threads finishing together when one is
+    // slowed.
     template <typename F> void run_jobs(int nth, F && run_job) {
         const int64_t n_jobs = (int64_t) jobs_.size();
         if (nth == 1 || n_jobs == 1) {

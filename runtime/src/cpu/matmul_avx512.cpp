@@ -130,8 +130,8 @@ struct FloatKern {
 //
 // The stream is prefetched into L2 kPanelPrefetchBytes ahead, at every batch: the hardware
 // prefetchers follow it too, but the software prefetch keeps several tiles of FMAs from leaving
-// memory idle (one row: 37-39 GB/s against 33-35 without, bench_quant 49152 x 576, 1 thread, Zen
-// 5). A fixed distance, not a number of groups: two groups ahead (9 KiB on SmolLM2's 576 columns)
+// memory idle (one row: 37-39 GB/s against 33-35 with none or one group ahead, bench_quant 49152 x
+// 576, 1 thread, Zen 5). A fixed distance, not a number of groups: two groups ahead (9 KiB on SmolLM2's 576 columns)
 // was right there, but on ffn_down's 1,536 columns (24 KiB ahead) a 6-row verify took 1.40-1.55
 // of one row's time against 1.08-1.20 at 6-8 KiB (bench_quant 576 x 1536, 2 threads; 12 KiB and
 // more as slow as 24); one row 35-36 -> 37-38 GB/s at 1 thread. Cutting k into pieces whose
@@ -142,8 +142,7 @@ constexpr size_t kPanelPrefetchBytes = 8192;
 template <typename Load>
 struct PanelKern {
     template <int C>
-    static void tile(int64_t k, const uint8_t * g, const uint8_t * x, size_t xs, float * y,
-                     int64_t ys, int valid) {
+    static void tile(int64_t k, const uint8_t * g, const uint8_t * x, size_t xs, float * y, int64_t ys, int valid) {
         __m512 acc[4][C];
         for (int r = 0; r < 4; r++)
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
