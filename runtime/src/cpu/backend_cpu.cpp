@@ -101,7 +101,7 @@ public:
 
     void matmul(const Tensor & w, const Tensor & x, Tensor & out, const Tensor * bias) override {
         const MatmulOut one{&w, &out, bias};
-        if (w.panels && !is_float_panel_type(w.type)) matmul_panels(x, &one, 1);
+        if (in_quantized_panels(w)) matmul_panels(x, &one, 1);
         else matmul_rows(x, &one, 1);
     }
 
@@ -109,8 +109,7 @@ public:
         // one pass when every weight is in panels of one dot type (the usual q/k/v, gate/up)
         bool shared = n > 0;
         for (int i = 0; i < n && shared; ++i) {
-            shared = outs[i].w->panels && !is_float_panel_type(outs[i].w->type) &&
-                     traits(outs[i].w->type).dot_type == traits(outs[0].w->type).dot_type;
+            shared = in_quantized_panels(*outs[i].w) && traits(outs[i].w->type).dot_type == traits(outs[0].w->type).dot_type;
         }
         if (shared) {
             matmul_panels(x, outs, n);
@@ -119,8 +118,7 @@ public:
         // ... or when none is (f32 / f16 / bf16 files; f16 / bf16 in their panels go by rows too)
         bool rows = n > 0;
         for (int i = 0; i < n && rows; ++i) {
-            rows = (!outs[i].w->panels || is_float_panel_type(outs[i].w->type)) &&
-                   traits(outs[i].w->type).dot_type == traits(outs[0].w->type).dot_type;
+            rows = !in_quantized_panels(*outs[i].w) && traits(outs[i].w->type).dot_type == traits(outs[0].w->type).dot_type;
         }
         if (rows) {
             matmul_rows(x, outs, n);
@@ -350,6 +348,10 @@ public:
     }
 
 private:
+    // Quantized weights in panels go through matmul_panels; every other matrix, f16 / bf16 panels
+    // included (their activations stay f32), through matmul_rows.
+    static bool in_quantized_panels(const Tensor & w) { return w.panels && !is_float_panel_type(w.type); }
+
     // x's rows in the dot type of weights of type wt (in scratch_; x itself for f32 dot types),
     // and with summarize, their per-block summaries for the panel kernels (in sums_). Each row
     // is converted on its own, so a row's bytes do not depend on the batch it came in.
