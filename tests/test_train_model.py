@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sparrow_py.train.model import (DraftCache, DraftConfig, DraftConfigError, SparrowDraft, TargetShape,  # noqa: E402
-                                    pool_glimpses, vata_visible)
+                                    attend, attend_chain, pool_glimpses, vata_visible)
 
 H = 24
 
@@ -117,6 +117,30 @@ def test_step_by_step_equals_full_forward(kw, anchor_start, n_glimpses):
     if config.window:
         # VATA bound: glimpses + anchors + ring of W, plus the speculative chain
         assert max_entries <= n_glimpses + config.anchors + config.window + steps
+
+
+def test_attend_chain_is_attention_over_diagonal_blocks():
+    """attend_chain (shared keys + each query's own chain keys) equals attend(), torch's fused
+    attention, over the layout it replaces: the s chain keys as s diagonal M x M blocks after the
+    shared ones. Outputs and gradients, GQA, masked keys on both sides."""
+    g = torch.Generator().manual_seed(3)
+    B, M, K, s, nh, nkv, hd = 2, 7, 9, 2, 6, 2, 4
+    q = torch.randn(B, M, nh, hd, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, K, nkv, hd, generator=g, requires_grad=True) for _ in range(2))
+    ck, cv = (torch.randn(B, M, s, nkv, hd, generator=g, requires_grad=True) for _ in range(2))
+    vis = torch.rand(B, M, K, generator=g) < 0.6
+    vis[:, :, 0] = True
+    cvis = torch.rand(B, M, s, generator=g) < 0.5
+    got = attend_chain(q, k, v, vis, ck, cv, cvis)
+    eye = torch.eye(M, dtype=torch.bool)
+    want = attend(q, torch.cat([k] + [ck[:, :, r] for r in range(s)], 1), torch.cat([v] + [cv[:, :, r] for r in range(s)], 1),
+                  torch.cat([vis] + [eye & cvis[:, :, r, None] for r in range(s)], 2))
+    assert_close_to_scale(got.detach(), want.detach())
+    w = torch.randn(got.shape, generator=g)
+    grads_got = torch.autograd.grad((got * w).sum(), (q, k, v, ck, cv))
+    grads_want = torch.autograd.grad((want * w).sum(), (q, k, v, ck, cv))
+    for a, b in zip(grads_got, grads_want):
+        assert_close_to_scale(a, b)
 
 
 def test_padding_does_not_change_a_row():

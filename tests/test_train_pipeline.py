@@ -121,10 +121,18 @@ def test_hidden_store_is_the_full_distribution_in_fewer_bytes(text_target, tmp_p
         # the trainer's path: the head only at the entries with a target, in the same order
         has_target = b["target_row"] >= 0
         assert not bool(has_target.all())  # padding and the last entries of each step are left out
-        sparse, _ = draft(b["taps"], b["tokens"], b["positions"], b["n_entries"], b["anchor_start"], 2,
-                          b["glimpses"], b["glimpse_pos"], b["glimpse_valid"], has_target)
+        sparse, sparse_h = draft(b["taps"], b["tokens"], b["positions"], b["n_entries"], b["anchor_start"], 2,
+                                 b["glimpses"], b["glimpse_pos"], b["glimpse_valid"], has_target)
+        _, full_h = draft(b["taps"], b["tokens"], b["positions"], b["n_entries"], b["anchor_start"], 2,
+                          b["glimpses"], b["glimpse_pos"], b["glimpse_valid"])
         for s, (full, part) in enumerate(zip(logits, sparse)):
             torch.testing.assert_close(part, full[has_target[:, :, s]])
+            # a chain step runs only where it or a later step has a target: its hidden state is
+            # the full run's there, and 0 (not computed) elsewhere
+            needed = has_target[:, :, s:].any(-1)
+            torch.testing.assert_close(sparse_h[s][needed], full_h[s][needed])
+            if s:
+                assert bool((sparse_h[s][~needed] == 0).all()) and not bool(needed.all())
         loss_sparse, parts_sparse = mtp_loss(sparse, b, draft, 0.8)
     torch.testing.assert_close(loss_hidden, loss_logits, rtol=1e-4, atol=1e-6)
     assert np.allclose(parts_hidden, parts_logits, rtol=1e-4, atol=1e-6)

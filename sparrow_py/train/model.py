@@ -236,6 +236,38 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Ten
     return out.transpose(1, 2).to(q.dtype).flatten(-2)
 
 
+def attend_chain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                 chain_k: torch.Tensor, chain_v: torch.Tensor, chain_visible: torch.Tensor) -> torch.Tensor:
+    """attend() over shared keys plus each query's own chain: q [B, M, nh, hd]; k/v [B, K, nkv,
+    hd] seen by every query through visible [B, M, K]; chain_k/chain_v [B, M, s, nkv, hd], the s
+    keys of query m's own chain, seen through chain_visible [B or 1, M, s]. -> [B, M, nh*hd], in
+    float32. The same as attend() with the chain keys laid out as s diagonal M x M blocks (the
+    k + 1 MTP steps as training unrolls them), without the (1 + s) M-wide scores that are all but
+    the diagonal masked: at step 2 of the real pair's draft that layout was most of a step's
+    attention. A query that sees no key gets an average of them all rather than attend()'s zeros
+    (forward_mtp drops such rows: a draft query it computes always sees itself)."""
+    with torch.autocast(device_type=q.device.type, enabled=False):   # float32 products, as attend()'s
+        return _attend_chain(q, k, v, visible, chain_k, chain_v, chain_visible)
+
+
+def _attend_chain(q, k, v, visible, chain_k, chain_v, chain_visible):
+    B, M, nh, hd = q.shape
+    K, nkv = k.shape[1], k.shape[2]
+    g = nh // nkv
+    scale = hd ** -0.5
+    never = torch.finfo(torch.float32).min
+    qf = q.float().view(B, M, nkv, g, hd)
+    # GQA: query head n*g + i reads key head n, so a key head's g queries share its products
+    scores = (qf.permute(0, 2, 1, 3, 4).reshape(B, nkv, M * g, hd) @ k.float().permute(0, 2, 3, 1))
+    scores = scores.view(B, nkv, M, g, K).mul(scale).masked_fill(~visible[:, None, :, None, :], never)
+    own = torch.einsum("bmngd,bmsnd->bnmgs", qf, chain_k.float()).mul(scale)
+    own = own.masked_fill(~chain_visible[:, None, :, None, :], never)
+    p = torch.softmax(torch.cat([scores, own], -1), -1)
+    out = (p[..., :K].reshape(B, nkv, M * g, K) @ v.float().transpose(1, 2)).view(B, nkv, M, g, hd)
+    out = out + torch.einsum("bnmgs,bmsnd->bnmgd", p[..., K:], chain_v.float())
+    return out.permute(0, 2, 1, 3, 4).reshape(B, M, nh * hd).to(q.dtype)
+
+
 # --- the step-by-step KV cache (what the runtime mirrors) ---------------------------------------
 
 class DraftCache:
@@ -380,6 +412,18 @@ class SparrowDraft(nn.Module):
             return self.lm_head(n)
         return n @ self.target_head.to(n.dtype).t()
 
+    def target_head_rows(self) -> torch.Tensor:
+        """The target's frozen head at the draft vocabulary [N, H] (all of it without d2t); the
+        gather is kept until d2t or the head changes, as training asks for it every step."""
+        if self.d2t is None:
+            return self.target_head
+        key = (self.target_head.data_ptr(), self.target_head._version, self.d2t.data_ptr(), self.d2t._version,
+               self.target_head.device)
+        if getattr(self, "_head_rows_key", None) != key:
+            self._head_rows = self.target_head[self.d2t]
+            self._head_rows_key = key
+        return self._head_rows
+
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return self.d2t[draft_ids] if self.d2t is not None else draft_ids
 
@@ -402,9 +446,10 @@ class SparrowDraft(nn.Module):
         the glimpses, the committed (step 0) entries j' <= j0 and its own chain entries 1..s, all
         filtered by vata_visible: exactly what step() sees at inference.
         logit_rows [B, M, steps+1] bool: if given, step s's logits only at logit_rows[:, :, s], as
-        [n_s, N] in row-major order; training passes the entries with a target (padding and the
-        entries near the end have none), which spares the head (most of a step's multiplies on a
-        CPU with a reduced vocabulary) ~15% of its rows.
+        [n_s, N] in row-major order, and chain step s > 0 computed only where some step >= s has a
+        logit row (its h elsewhere is 0). Training passes the entries with a target (padding and
+        the entries near the end have none), which spares the head and the chain steps those rows.
+        Padding rows are never computed: their h is 0.
         Returns (logits per step [B, M, N] or [n_s, N], pre-norm hidden states per step [B, M, H]).
         """
         c = self.config
@@ -420,12 +465,32 @@ class SparrowDraft(nn.Module):
         else:
             gk = gv = None
 
-        g = self.fuse_taps(taps)
+        # rows computed at each step, packed: the products run on them alone and are scattered
+        # back to [B, M, ...] for the masked attention (a row not computed is 0 there, and no
+        # computed query sees it: padding keys are masked, a chain key is seen only by its own chain)
+        if logit_rows is None:
+            step_rows = [entry_valid] * (steps + 1)
+        else:
+            # a chain step is needed where it or a later step of the same chain has a logit row
+            later = logit_rows.flip(-1).cummax(-1).values.flip(-1)
+            step_rows = [entry_valid] + [entry_valid & later[:, :, s] for s in range(1, steps + 1)]
+
+        def dense(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            out = packed.new_zeros(*rows.shape, *packed.shape[1:])
+            out[rows] = packed
+            return out
+
+        g = self.fuse_taps(taps[entry_valid])
+        h_dense = None
         ks, vs = [], []          # step-0 K/V, then each chain step's K/V
         all_logits, all_h = [], []
         for s in range(steps + 1):
-            x = self._layer_input(tokens[:, :, s], g)
-            q, k, v = self._qkv(x, positions + s)
+            rows = step_rows[s]
+            if s > 0:
+                g = h_dense[rows]
+            x = self._layer_input(tokens[:, :, s][rows], g)
+            q, k, v = self._qkv(x, (positions + s)[rows])
+            q, k, v = dense(q, rows), dense(k, rows), dense(v, rows)
             ks.append(k)
             vs.append(v)
             q_idx = (j + s)[None, :, None]                                 # [1, M, 1]
@@ -433,22 +498,19 @@ class SparrowDraft(nn.Module):
             k0 = j[None, None, :]
             vis0 = vata_visible(q_idx, k0, a0, c.anchors, c.window) & (k0 <= j[None, :, None]) & entry_valid[:, None, :]
             vis_parts, k_parts, v_parts = [vis0], [ks[0]], [vs[0]]
-            # chain entries r = 1..s of the same chain: diagonal blocks
-            for r in range(1, s + 1):
-                diag = torch.eye(M, dtype=torch.bool, device=dev)[None]
-                vis_r = diag & vata_visible(q_idx, (j + r)[None, :, None], a0, c.anchors, c.window)
-                vis_parts.append(vis_r.expand(B, M, M))
-                k_parts.append(ks[r])
-                v_parts.append(vs[r])
             if gk is not None:
                 vis_parts.insert(0, g_vis)
                 k_parts.insert(0, gk)
                 v_parts.insert(0, gv)
-            out = attend(q, torch.cat(k_parts, 1), torch.cat(v_parts, 1), torch.cat(vis_parts, 2))
-            h = self._finish(out, g)
-            all_h.append(h)
-            all_logits.append(self.logits(h if logit_rows is None else h[logit_rows[:, :, s]]))
-            g = h
+            # chain entries r = 1..s: each query's own, at its own row of ks[r]
+            r = torch.arange(1, s + 1, device=dev)
+            chain_vis = vata_visible(q_idx, (j[:, None] + r)[None], a0, c.anchors, c.window)   # [B, M, s]
+            out = attend_chain(q, torch.cat(k_parts, 1), torch.cat(v_parts, 1), torch.cat(vis_parts, 2),
+                               torch.stack(ks[1:], 2) if s else k.new_zeros(B, M, 0, *k.shape[2:]),
+                               torch.stack(vs[1:], 2) if s else v.new_zeros(B, M, 0, *v.shape[2:]), chain_vis)
+            h_dense = dense(self._finish(out[rows], g), rows)
+            all_h.append(h_dense)
+            all_logits.append(self.logits(h_dense if logit_rows is None else h_dense[logit_rows[:, :, s]]))
         return all_logits, all_h
 
     forward = forward_mtp  # nn.Module.__call__ (and DDP) run the training path

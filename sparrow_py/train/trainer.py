@@ -64,18 +64,26 @@ class TrainResult:
 
 def target_distribution(batch: dict[str, torch.Tensor], model: SparrowDraft, target_temperature: float
                         ) -> dict[str, torch.Tensor]:
-    """The target's distribution at every stored row of a batch, computed once for all MTP steps
-    (step s of entry j reads the row of entry j + s, so each row serves up to k + 1 terms).
+    """The target's distribution at the stored rows of a batch that some loss term reads, computed
+    once for all MTP steps (step s of entry j reads the row of entry j + s, so each row serves up to
+    k + 1 terms).
 
-    Returns "keep" [R] (rows with at least one id the draft can propose), "idx" [R, n] (draft
-    ids of the row's values; absent when the values cover the draft vocabulary in order), and
-    either "argmax" [R, 1] (temperature 0) or "p" and "logp" [R, n] of softmax(values / T)."""
+    Returns "row" [R] (a stored row's index in what follows, -1 where no term reads it), "keep" [n]
+    (rows with at least one id the draft can propose), "idx" [n, m] (draft ids of the row's values;
+    absent when the values cover the draft vocabulary in order), and either "argmax" [n, 1]
+    (temperature 0) or "p" and "logp" [n, m] of softmax(values / T)."""
+    n_rows = len(batch["final"] if "final" in batch else batch["topk_val"])
+    read = torch.zeros(n_rows, dtype=torch.bool, device=batch["target_row"].device)
+    read[batch["target_row"][batch["target_row"] >= 0]] = True
+    row = torch.full((n_rows,), -1, dtype=torch.long, device=read.device)
+    row[read] = torch.arange(int(read.sum()), device=read.device)
     if "final" in batch:  # the target's logits again, through its frozen head: every id kept
-        head = model.target_head if model.d2t is None else model.target_head[model.d2t]
-        vals = batch["final"] @ head.t()
+        # in float32: most of the rows a step reads, so the largest single product of a step
+        # on a CPU (the draft's own run in bf16); the rows no term reads are skipped
+        vals = batch["final"][read] @ model.target_head_rows().t()
         out = {"keep": torch.ones(len(vals), dtype=torch.bool, device=vals.device)}
     else:
-        vals, idx = batch["topk_val"], batch["topk_idx"]
+        vals, idx = batch["topk_val"][read], batch["topk_idx"][read]
         if model.d2t is not None:
             # target ids outside the draft vocabulary are dropped and the rest renormalised
             t2d = torch.full((model.config.vocab_size,), -1, dtype=torch.long, device=model.d2t.device)
@@ -84,6 +92,7 @@ def target_distribution(batch: dict[str, torch.Tensor], model: SparrowDraft, tar
             vals = vals.masked_fill(idx < 0, float("-inf"))
             idx = idx.clamp(min=0)
         out = {"keep": torch.isfinite(vals).any(-1), "idx": idx}
+    out["row"] = row
     if target_temperature == 0:
         out["argmax"] = vals.argmax(-1, keepdim=True)
     else:
@@ -116,7 +125,7 @@ def mtp_loss(logits: list[torch.Tensor], batch: dict[str, torch.Tensor], model: 
             per_step.append(float("nan"))
             continue
         logq = F.log_softmax((lg if lg.dim() == 2 else lg[valid]).float(), dim=-1)
-        r = rows[valid]
+        r = target["row"][rows[valid]]
         keep = target["keep"][r]
         if not bool(keep.all()):
             logq, r = logq[keep], r[keep]
