@@ -160,6 +160,13 @@ def test_hidden_store_is_the_full_distribution_in_fewer_bytes(text_target, tmp_p
             got_logits, _ = mtp_loss(logits, batches["logits"], draft, 0.8, temperature)
         assert float(got_hidden) == pytest.approx(want, rel=1e-4)
         torch.testing.assert_close(got_hidden, got_logits, rtol=1e-4, atol=1e-6)
+        # a bf16 step's head product: close for a sharpened target, float32 (the same) for its argmax
+        with torch.no_grad():
+            got_bf16, _ = mtp_loss(logits, batches["hidden"], draft, 0.8, temperature, bf16=True)
+        if temperature:
+            assert float(got_bf16) == pytest.approx(want, rel=2e-2) and float(got_bf16) != float(got_hidden)
+        else:
+            assert float(got_bf16) == float(got_hidden)
 
 
 def test_batched_generation_is_generation_one_by_one(text_target):

@@ -412,15 +412,16 @@ class SparrowDraft(nn.Module):
             return self.lm_head(n)
         return n @ self.target_head.to(n.dtype).t()
 
-    def target_head_rows(self) -> torch.Tensor:
-        """The target's frozen head at the draft vocabulary [N, H] (all of it without d2t); the
-        gather is kept until d2t or the head changes, as training asks for it every step."""
-        if self.d2t is None:
+    def target_head_rows(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The target's frozen head at the draft vocabulary [N, H] (all of it without d2t), in
+        dtype; kept until d2t or the head changes, as training asks for it every step."""
+        if self.d2t is None and dtype == self.target_head.dtype:
             return self.target_head
-        key = (self.target_head.data_ptr(), self.target_head._version, self.d2t.data_ptr(), self.d2t._version,
-               self.target_head.device)
+        key = (self.target_head.data_ptr(), self.target_head._version, self.target_head.device, dtype,
+               None if self.d2t is None else (self.d2t.data_ptr(), self.d2t._version))
         if getattr(self, "_head_rows_key", None) != key:
-            self._head_rows = self.target_head[self.d2t]
+            rows = self.target_head if self.d2t is None else self.target_head[self.d2t]
+            self._head_rows = rows.to(dtype)
             self._head_rows_key = key
         return self._head_rows
 
