@@ -410,7 +410,7 @@ class SparrowDraft(nn.Module):
         n = self.output_norm(h)
         if self.lm_head is not None:
             return self.lm_head(n)
-        return n @ self.target_head.to(n.dtype).t()
+        return n @ self.target_head_rows(n.dtype).t()   # converted once, not at every call
 
     def target_head_rows(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The target's frozen head at the draft vocabulary [N, H] (all of it without d2t), in
