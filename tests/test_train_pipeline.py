@@ -127,12 +127,11 @@ def test_hidden_store_is_the_full_distribution_in_fewer_bytes(text_target, tmp_p
                           b["glimpses"], b["glimpse_pos"], b["glimpse_valid"])
         for s, (full, part) in enumerate(zip(logits, sparse)):
             torch.testing.assert_close(part, full[has_target[:, :, s]])
-            # a chain step runs only where it or a later step has a target: its hidden state is
-            # the full run's there, and 0 (not computed) elsewhere
+            # a step runs only where it or a later step has a target: its hidden state is the full
+            # run's there, and 0 (not computed) elsewhere
             needed = has_target[:, :, s:].any(-1)
             torch.testing.assert_close(sparse_h[s][needed], full_h[s][needed])
-            if s:
-                assert bool((sparse_h[s][~needed] == 0).all()) and not bool(needed.all())
+            assert bool((sparse_h[s][~needed] == 0).all()) and not bool(needed.all())
         loss_sparse, parts_sparse = mtp_loss(sparse, b, draft, 0.8)
     torch.testing.assert_close(loss_hidden, loss_logits, rtol=1e-4, atol=1e-6)
     assert np.allclose(parts_hidden, parts_logits, rtol=1e-4, atol=1e-6)
@@ -279,6 +278,65 @@ def test_loss_falls_trained_beats_untrained_and_resume_is_exact(text_target, tex
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+def test_loss_fraction_trains_a_share_of_the_chains_and_resumes_exactly(text_target, text_features, tmp_path):
+    """--loss-fraction: a dropped entry keeps its tokens, taps and position (it is still a key) but
+    loses every target of its chain; a kept one keeps them all. The draw is part of the run's
+    determinism: an interrupted run resumes to the same losses."""
+    from sparrow_py.train.data import sample_to_rows
+
+    config, files = text_features
+    kept = total = 0
+    for i, f in enumerate(files):
+        s = load_sample(f)
+        full = sample_to_rows(s, 2)
+        part = sample_to_rows(s, 2, 0, 0.5, torch.Generator().manual_seed(i))
+        for k in full:
+            if k != "target_row":
+                torch.testing.assert_close(part[k], full[k], rtol=0, atol=0)
+        trained = (full["target_row"] >= 0).any(-1)
+        keep = (part["target_row"] >= 0).any(-1)
+        assert bool((part["target_row"][keep] == full["target_row"][keep]).all())
+        assert bool((part["target_row"][~keep] == -1).all())
+        kept += int(keep.sum())
+        total += int(trained.sum())
+    assert 0.3 * total < kept < 0.7 * total, (kept, total)
+
+    # the trainer's forward on such a batch: the kept chains' logits and hidden states are the full
+    # run's; a dropped entry's step 0 is not computed past its key and value (its h is 0)
+    from sparrow_py.train.data import collate
+
+    draft = new_draft(config, text_target)
+    b = collate([sample_to_rows(load_sample(f), 2, 0, 0.5, torch.Generator().manual_seed(i))
+                 for i, f in enumerate(files[:3])])
+    args = (b["taps"], b["tokens"], b["positions"], b["n_entries"], b["anchor_start"], 2, b["glimpses"],
+            b["glimpse_pos"], b["glimpse_valid"])
+    with torch.no_grad():
+        full_logits, full_h = draft(*args)
+        part_logits, part_h = draft(*args, b["target_row"] >= 0)
+    for st in range(3):
+        has = b["target_row"][:, :, st] >= 0
+        torch.testing.assert_close(part_logits[st], full_logits[st][has])
+        needed = (b["target_row"][:, :, st:] >= 0).any(-1)
+        torch.testing.assert_close(part_h[st][needed], full_h[st][needed])
+        assert bool((part_h[st][~needed] == 0).all())
+    dropped = (b["target_row"] < 0).all(-1) & (torch.arange(b["taps"].shape[1]) < b["n_entries"][:, None])
+    assert bool(dropped.any())
+    # however small the share, every sample keeps a chain (a batch always has a loss)
+    for i, f in enumerate(files):
+        assert bool((sample_to_rows(load_sample(f), 2, 0, 1e-6, torch.Generator().manual_seed(i))["target_row"] >= 0).any())
+
+    train_files = files[:9]
+    opts = TrainOptions(steps=12, lr=3e-3, warmup_steps=3, mtp_steps=2, batch_size=2, loss_fraction=0.5, seed=3,
+                        progress=False)
+    whole = train(new_draft(config, text_target), train_files, [], opts, tmp_path / "a", log=lambda s: None)
+    train(new_draft(config, text_target), train_files, [], opts, tmp_path / "b", stop_after=5, log=lambda s: None)
+    rest = train(new_draft(config, text_target), train_files, [], opts, tmp_path / "b", log=lambda s: None)
+    assert rest.losses == whole.losses
+    every = train(new_draft(config, text_target), train_files, [], TrainOptions(**{**opts.__dict__, "loss_fraction": 1.0}),
+                  tmp_path / "c", log=lambda s: None)
+    assert every.losses[0] != whole.losses[0]  # the fraction took effect from the first step
+
+
 def test_evaluation_accounting(text_target, text_features):
     """Every generated token after the first is produced by exactly one simulated target forward."""
     config, files = text_features
@@ -377,9 +435,13 @@ def test_cli_train_then_eval(tiny_qwen2_dir, tmp_path, capsys):
     h = tmp_path / "heldout.jsonl"
     h.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[4:6]))
     out = tmp_path / "drafts" / "my-draft"
+    for bad in ("0", "1.5"):
+        assert main(["train", "--target", str(tiny_qwen2_dir), "--data", str(m), "--out", str(out),
+                     "--loss-fraction", bad]) == 1
+        assert "--loss-fraction must be above 0 and at most 1" in capsys.readouterr().err
     rc = main(["train", "--target", str(tiny_qwen2_dir), "--data", str(m), "--out", str(out), "--steps", "4",
                "--mtp-steps", "1", "--glimpses", "0", "--window", "16", "--anchors", "4", "--max-new-tokens", "12",
-               "--draft-vocab", "64", "--quiet", "--eval-data", str(h)])
+               "--draft-vocab", "64", "--quiet", "--eval-data", str(h), "--loss-fraction", "0.5"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "1 skipped" in text and "invalid JSON" in text and "mean accepted length" in text

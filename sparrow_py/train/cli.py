@@ -82,6 +82,11 @@ def add_train_commands(sub) -> None:
     t.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off; default 1)")
+    t.add_argument("--loss-fraction", type=float, default=1.0,
+                   help="share of each sample's positions whose chains are trained, drawn anew at every step; the "
+                        "rest stay in the sequence as context. Below 1 a step is cheaper (the head and the chain "
+                        "steps run on those rows alone), so more samples fit the same time: 0.5 with twice the "
+                        "--batch-size (default 1)")
     t.add_argument("--position-jitter", type=int, default=0, help="max random offset added to text RoPE "
                                                                   "positions per sample (default 0)")
     t.add_argument("--seed", type=int, default=0, help="seed for data order, jitter, sampling and init (default 0)")
@@ -178,6 +183,9 @@ def _train(args) -> int:
     if not args.target_temperature >= 0:
         print("sparrow train: error: --target-temperature must be 0 or more", file=sys.stderr)
         return 1
+    if not 0 < args.loss_fraction <= 1:
+        print("sparrow train: error: --loss-fraction must be above 0 and at most 1", file=sys.stderr)
+        return 1
     import torch
     device = _device(args.device)
     try:
@@ -231,7 +239,7 @@ def _train(args) -> int:
                         lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
                         weight_decay=args.weight_decay, clip=args.clip, mtp_steps=args.mtp_steps,
                         step_weight=args.step_weight, target_temperature=args.target_temperature,
-                        position_jitter=args.position_jitter, seed=args.seed,
+                        position_jitter=args.position_jitter, loss_fraction=args.loss_fraction, seed=args.seed,
                         save_every=args.save_every, eval_every=args.eval_every, eval_depth=args.eval_depth,
                         device=device, bf16=None if args.bf16 == "auto" else args.bf16 == "on",
                         progress=not args.quiet, sample_cache_mb=args.sample_cache_mb)

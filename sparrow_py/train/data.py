@@ -353,13 +353,17 @@ def load_sample(path: Path) -> dict[str, Any]:
 
 # --- batching: samples -> the tensors SparrowDraft.forward_mtp takes -----------------------------
 
-def sample_to_rows(s: dict[str, Any], steps: int, position_jitter: int = 0) -> dict[str, torch.Tensor]:
+def sample_to_rows(s: dict[str, Any], steps: int, position_jitter: int = 0, loss_fraction: float = 1.0,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """One sample's draft-sequence tensors for forward_mtp with `steps` MTP steps, plus the loss
     targets: target_row[j, s] indexes the sample's text positions (final / topk_val rows) holding the
     target distribution for step s of the chain starting at entry j, or -1 where there is none
     (beyond the sequence, or the chain would cross a visual position).
     position_jitter: added to the text entries' RoPE positions (not the glimpses'), the random
-    offset that teaches invariance to the gap between video and text."""
+    offset that teaches invariance to the gap between video and text.
+    loss_fraction: below 1, each entry's chain is trained (keeps its targets) with that chance,
+    drawn from `generator`; the others stay in the sequence as keys, so the draft sees the same
+    context while the head and the chain steps run on the kept rows alone."""
     ids = s["ids"].long()
     N = len(ids)
     text_pos = s["text_pos"].long()
@@ -379,6 +383,12 @@ def sample_to_rows(s: dict[str, Any], steps: int, position_jitter: int = 0) -> d
         tokens[:, st] = torch.where(inside, ids[q.clamp(max=N - 1)], torch.zeros_like(q))
         ok &= is_text[q]
         target_row[:, st] = torch.where(ok, row_of[q], torch.full_like(q, -1))
+    if loss_fraction < 1:
+        drop = torch.rand(M, generator=generator) >= loss_fraction
+        trainable = (target_row >= 0).any(-1)
+        if trainable.any() and not (trainable & ~drop).any():  # a sample always gives the loss a term
+            drop[torch.nonzero(trainable).flatten()[torch.randint(int(trainable.sum()), (1,), generator=generator)]] = False
+        target_row[drop] = -1
     positions = s["positions"].long()[entries] + position_jitter
     return {"taps": s["taps"], "tokens": tokens, "positions": positions, "target_row": target_row,
             "anchor_start": torch.tensor(s["anchor_start"]), "glimpses": s["glimpses"],

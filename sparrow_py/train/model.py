@@ -447,9 +447,10 @@ class SparrowDraft(nn.Module):
         the glimpses, the committed (step 0) entries j' <= j0 and its own chain entries 1..s, all
         filtered by vata_visible: exactly what step() sees at inference.
         logit_rows [B, M, steps+1] bool: if given, step s's logits only at logit_rows[:, :, s], as
-        [n_s, N] in row-major order, and chain step s > 0 computed only where some step >= s has a
-        logit row (its h elsewhere is 0). Training passes the entries with a target (padding and
-        the entries near the end have none), which spares the head and the chain steps those rows.
+        [n_s, N] in row-major order, and step s computed only where some step >= s has a logit row
+        (its h elsewhere is 0; step 0 still gives every entry its key and value). Training passes
+        the entries with a target (padding and the entries near the end have none, and with
+        --loss-fraction most), which spares the head and the steps those rows.
         Padding rows are never computed: their h is 0.
         Returns (logits per step [B, M, N] or [n_s, N], pre-norm hidden states per step [B, M, H]).
         """
@@ -470,11 +471,14 @@ class SparrowDraft(nn.Module):
         # back to [B, M, ...] for the masked attention (a row not computed is 0 there, and no
         # computed query sees it: padding keys are masked, a chain key is seen only by its own chain)
         if logit_rows is None:
-            step_rows = [entry_valid] * (steps + 1)
+            step_rows = out_rows = [entry_valid] * (steps + 1)
         else:
-            # a chain step is needed where it or a later step of the same chain has a logit row
+            # a step is needed where it or a later step of the same chain has a logit row; step 0's
+            # keys and values at every entry (the context of the others), its attention output and
+            # MLP only there
             later = logit_rows.flip(-1).cummax(-1).values.flip(-1)
-            step_rows = [entry_valid] + [entry_valid & later[:, :, s] for s in range(1, steps + 1)]
+            out_rows = [entry_valid & later[:, :, s] for s in range(steps + 1)]
+            step_rows = [entry_valid] + out_rows[1:]
 
         def dense(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             out = packed.new_zeros(*rows.shape, *packed.shape[1:])
@@ -509,7 +513,10 @@ class SparrowDraft(nn.Module):
             out = attend_chain(q, torch.cat(k_parts, 1), torch.cat(v_parts, 1), torch.cat(vis_parts, 2),
                                torch.stack(ks[1:], 2) if s else k.new_zeros(B, M, 0, *k.shape[2:]),
                                torch.stack(vs[1:], 2) if s else v.new_zeros(B, M, 0, *v.shape[2:]), chain_vis)
-            h_dense = dense(self._finish(out[rows], g), rows)
+            if out_rows[s] is rows:
+                h_dense = dense(self._finish(out[rows], g), rows)
+            else:  # step 0 of a sparse batch: g is packed over every entry, the rest over fewer
+                h_dense = dense(self._finish(out[out_rows[s]], dense(g, rows)[out_rows[s]]), out_rows[s])
             all_h.append(h_dense)
             all_logits.append(self.logits(h_dense if logit_rows is None else h_dense[logit_rows[:, :, s]]))
         return all_logits, all_h

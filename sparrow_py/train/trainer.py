@@ -2,9 +2,10 @@
 
 Determinism: everything random is a function of (seed, position in the run), never of how the
 run got there: the sample order of epoch e is a permutation seeded by (seed, e), and the
-position jitter of micro-step i comes from a generator seeded by (seed, i). A checkpoint holds the
-draft's parameters, the optimizer, the step counter and the losses so far, so a resumed run
-computes the same losses as an uninterrupted one (tests/test_train_loop.py checks it).
+position jitter and the trained entries (loss_fraction) of micro-step i come from a generator
+seeded by (seed, i). A checkpoint holds the draft's parameters, the optimizer, the step counter and
+the losses so far, so a resumed run computes the same losses as an uninterrupted one
+(tests/test_train_pipeline.py checks it).
 
 DDP: under torchrun (WORLD_SIZE > 1) each rank takes every world_size-th micro-batch of the same
 global order and gradients are averaged; rank 0 writes checkpoints and prints.
@@ -43,6 +44,7 @@ class TrainOptions:
     step_weight: float = 0.8        # loss = sum_s step_weight**s * CE_s
     target_temperature: float = 1.0  # the target distribution distilled: softmax(logits / T); 0 = its argmax
     position_jitter: int = 0        # max random offset added to text RoPE positions per sample
+    loss_fraction: float = 1.0      # share of a sample's entries whose chains are trained (the rest are keys only)
     seed: int = 0
     save_every: int = 0             # checkpoint every n optimizer steps (0: only at the end)
     eval_every: int = 0             # held-out acceptance every n steps (0: only at the end)
@@ -331,7 +333,7 @@ def train(model: SparrowDraft, train_files: list[Path], eval_samples: list[dict]
             for k, fi in enumerate(mine):
                 g = torch.Generator().manual_seed(opt.seed * 1_000_003 + (step * opt.grad_accum + micro) * 1009 + k)
                 jitter = int(torch.randint(0, opt.position_jitter + 1, (1,), generator=g)) if opt.position_jitter else 0
-                rows.append(sample_to_rows(sample(fi), opt.mtp_steps, jitter))
+                rows.append(sample_to_rows(sample(fi), opt.mtp_steps, jitter, opt.loss_fraction, g))
             batch = {k: v.to(dev) for k, v in collate(rows).items()}
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits, _ = ddp_model(batch["taps"], batch["tokens"], batch["positions"], batch["n_entries"],
