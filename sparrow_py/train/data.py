@@ -387,7 +387,8 @@ def sample_to_rows(s: dict[str, Any], steps: int, position_jitter: int = 0, loss
         drop = torch.rand(M, generator=generator) >= loss_fraction
         trainable = (target_row >= 0).any(-1)
         if trainable.any() and not (trainable & ~drop).any():  # a sample always gives the loss a term
-            drop[torch.nonzero(trainable).flatten()[torch.randint(int(trainable.sum()), (1,), generator=generator)]] = False
+            candidates = torch.nonzero(trainable).flatten()
+            drop[candidates[torch.randint(len(candidates), (1,), generator=generator)]] = False
         target_row[drop] = -1
     positions = s["positions"].long()[entries] + position_jitter
     return {"taps": s["taps"], "tokens": tokens, "positions": positions, "target_row": target_row,

@@ -470,30 +470,26 @@ class SparrowDraft(nn.Module):
         # rows computed at each step, packed: the products run on them alone and are scattered
         # back to [B, M, ...] for the masked attention (a row not computed is 0 there, and no
         # computed query sees it: padding keys are masked, a chain key is seen only by its own chain)
+        # out_rows[s]: where step s's output is needed, i.e. it or a later step of the same chain
+        # has a logit row; its keys and values are computed there too, except at step 0, whose
+        # keys and values every entry needs (the context of the others)
         if logit_rows is None:
-            step_rows = out_rows = [entry_valid] * (steps + 1)
+            out_rows = [entry_valid] * (steps + 1)
         else:
-            # a step is needed where it or a later step of the same chain has a logit row; step 0's
-            # keys and values at every entry (the context of the others), its attention output and
-            # MLP only there
             later = logit_rows.flip(-1).cummax(-1).values.flip(-1)
             out_rows = [entry_valid & later[:, :, s] for s in range(steps + 1)]
-            step_rows = [entry_valid] + out_rows[1:]
 
         def dense(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             out = packed.new_zeros(*rows.shape, *packed.shape[1:])
             out[rows] = packed
             return out
 
-        g = self.fuse_taps(taps[entry_valid])
-        h_dense = None
+        g_dense = dense(self.fuse_taps(taps[entry_valid]), entry_valid)   # step s's input state
         ks, vs = [], []          # step-0 K/V, then each chain step's K/V
         all_logits, all_h = [], []
         for s in range(steps + 1):
-            rows = step_rows[s]
-            if s > 0:
-                g = h_dense[rows]
-            x = self._layer_input(tokens[:, :, s][rows], g)
+            rows = entry_valid if s == 0 else out_rows[s]
+            x = self._layer_input(tokens[:, :, s][rows], g_dense[rows])
             q, k, v = self._qkv(x, (positions + s)[rows])
             q, k, v = dense(q, rows), dense(k, rows), dense(v, rows)
             ks.append(k)
@@ -513,10 +509,8 @@ class SparrowDraft(nn.Module):
             out = attend_chain(q, torch.cat(k_parts, 1), torch.cat(v_parts, 1), torch.cat(vis_parts, 2),
                                torch.stack(ks[1:], 2) if s else k.new_zeros(B, M, 0, *k.shape[2:]),
                                torch.stack(vs[1:], 2) if s else v.new_zeros(B, M, 0, *v.shape[2:]), chain_vis)
-            if out_rows[s] is rows:
-                h_dense = dense(self._finish(out[rows], g), rows)
-            else:  # step 0 of a sparse batch: g is packed over every entry, the rest over fewer
-                h_dense = dense(self._finish(out[out_rows[s]], dense(g, rows)[out_rows[s]]), out_rows[s])
+            h_dense = dense(self._finish(out[out_rows[s]], g_dense[out_rows[s]]), out_rows[s])
+            g_dense = h_dense
             all_h.append(h_dense)
             all_logits.append(self.logits(h_dense if logit_rows is None else h_dense[logit_rows[:, :, s]]))
         return all_logits, all_h
