@@ -253,7 +253,18 @@ Decoded decode_rows(DType t, const uint8_t * data, int64_t rows, int64_t k) {
 // not these rules: half a quant step d / 2 (plus the float rounding of x / d, 300 u of a step),
 // and for q8_0 the fp16 rounding of d times |q| <= 127 (2^-11 relative for a normal half,
 // 2^-25 absolute for a subnormal one).
+// bf16 (the dot type of bf16 weights): the nearest value with 8 significant bits, ties to the
+// even one (f's significand rounded in double), within 2^-8 |x| (half a unit of the 8th bit).
 void quantize_activations(DType dot, const float * x, int64_t k, double * xq, double * bound) {
+    if (dot == DType::BF16) {
+        for (int64_t j = 0; j < k; j++) {
+            int e;
+            const double m = std::frexp((double) x[j], &e);
+            xq[j] = std::ldexp(std::nearbyint(std::ldexp(m, 8)), e - 8);
+            bound[j] = std::ldexp(std::fabs((double) x[j]), -8);
+        }
+        return;
+    }
     const int64_t bs = dot == DType::Q8_0 ? 32 : 256;
     for (int64_t b0 = 0; b0 < k; b0 += bs) {
         const float * xb = x + b0;
@@ -564,7 +575,8 @@ std::vector<float> matmul_activations(int64_t n, int64_t k) {
 //   a priori: against sum_j w_j x_j, within the tight bound (with |x_j| + bound_j for |xq_j|) plus
 //     sum_j |w_j| bound_j: the error any 8-bit block quantization of x with scale amax / 127 may
 //     make, whatever its rounding rules.
-// Float weights multiply x as it is: one check, within gamma(k + 2) * (sum |w_j x_j| + |bias|).
+// Float weights multiply x as it is (bf16 weights: x rounded to bf16, their exact products
+// summed in float, both checks): within gamma(k + 2) * (sum |w_j x_j| + |bias|).
 // A backend that does not quantize the activations (quantize_x false) gets that one check for every
 // weight type: against sum_j w_j x_j, within gamma(k + 3) * (sum_j |w_j x_j| + |bias|), plus, where
 // decoding a block is not exact (q4_1, the k-quants), 4 u sum_j absw_j |x_j|: its decoded weights
@@ -579,7 +591,7 @@ struct MatmulRef {
 MatmulRef matmul_reference(DType t, const Decoded & w, int64_t m, int64_t k, const std::vector<float> & x, int64_t n,
                            const float * bias, bool quantize_x) {
     MatmulRef ref;
-    ref.quantized = quantize_x && !is_float_type(t);
+    ref.quantized = quantize_x && traits(t).dot_type != DType::F32;
     ref.tight.resize((size_t) (n * m));
     ref.tight_tol.resize(ref.tight.size());
     ref.loose.resize(ref.tight.size());
@@ -606,7 +618,10 @@ MatmulRef matmul_reference(DType t, const Decoded & w, int64_t m, int64_t k, con
             const size_t o = (size_t) (c * m + r);
             ref.tight[o] = yq + b;
             ref.loose[o] = yx + b;
-            if (ref.quantized) {
+            if (ref.quantized && is_float_type(t)) {  // bf16 x bf16: exact products summed in float
+                ref.tight_tol[o] = gamma_n((double) k + 2) * (magq + std::fabs(b));
+                ref.loose_tol[o] = gamma_n((double) k + 2) * (magx + std::fabs(b)) + qerr;
+            } else if (ref.quantized) {
                 ref.tight_tol[o] = gamma_n(2 * nb + 8) * (magq + std::fabs(b));
                 ref.loose_tol[o] = gamma_n(2 * nb + 8) * (magx + std::fabs(b)) + qerr;
             } else if (is_float_type(t)) {

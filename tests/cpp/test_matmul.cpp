@@ -109,11 +109,14 @@ void test_float_panels(DType t) {
     for (const auto & s : shapes) {
         const int64_t k = s[0], nr = s[1], nc = s[2];
         const std::vector<uint8_t> w = make_weights(t, nr, k);
-        const size_t wrb = row_size(t, k), xrb = (size_t) k * sizeof(float);
+        const DType dt = traits(t).dot_type;  // f32 for f16, bf16 for bf16
+        const size_t wrb = row_size(t, k), xrb = row_size(dt, k);
         std::vector<uint8_t> packed;
         const uint8_t * pk = pack_and_check(t, k, nr, w, packed);
-        std::vector<float> x((size_t) (k * nc));
-        for (auto & v : x) v = normal();
+        std::vector<float> xf((size_t) (k * nc));
+        for (auto & v : xf) v = normal();
+        std::vector<uint8_t> x(xrb * (size_t) nc);
+        for (int64_t c = 0; c < nc; c++) quantize_row(dt, xf.data() + c * k, x.data() + c * xrb, k);
         const int64_t ys = nr + 3;
         std::vector<float> y((size_t) (nc * ys), -7.0f), y_rows((size_t) (nc * ys), -7.0f), y_split((size_t) (nc * ys), -7.0f);
         float_panel_mul_mat(t, k, pk, nr, x.data(), xrb, nc, y.data(), ys);
@@ -122,7 +125,7 @@ void test_float_panels(DType t) {
             const int64_t rr = std::min<int64_t>(nr - r0, 4 * pick(1, 3));
             for (int64_t c0 = 0; c0 < nc;) {
                 const int64_t cc = std::min<int64_t>(nc - c0, pick(1, 5));
-                float_panel_mul_mat(t, k, pk + r0 * float_panel_row_stride(k), rr, x.data() + c0 * k, xrb, cc,
+                float_panel_mul_mat(t, k, pk + r0 * float_panel_row_stride(k), rr, x.data() + c0 * xrb, xrb, cc,
                                     y_split.data() + c0 * ys + r0, ys);
                 c0 += cc;
             }

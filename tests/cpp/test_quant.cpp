@@ -428,9 +428,11 @@ void test_fp16_bf16() {
 // ---- traits and errors -------------------------------------------------------------------------
 
 void test_traits() {
+    // dot: ggml's vec_dot_type, except f16, whose activations stay f32 here (ggml rounds them to
+    // f16); bf16 activations are bf16 as in ggml (vdpbf16ps).
     struct Expect { DType t; int64_t block; size_t bytes; DType dot; };
     const Expect expect[] = {
-        {DType::F32, 1, 4, DType::F32},         {DType::F16, 1, 2, DType::F32},         {DType::BF16, 1, 2, DType::F32},
+        {DType::F32, 1, 4, DType::F32},         {DType::F16, 1, 2, DType::F32},         {DType::BF16, 1, 2, DType::BF16},
         {DType::Q8_0, 32, 34, DType::Q8_0},     {DType::Q4_0, 32, 18, DType::Q8_0},     {DType::Q4_1, 32, 20, DType::Q8_0},
         {DType::Q4_K, 256, 144, DType::Q8_K},   {DType::Q5_K, 256, 176, DType::Q8_K},   {DType::Q6_K, 256, 210, DType::Q8_K},
         {DType::Q8_K, 256, 292, DType::Q8_K},

@@ -349,7 +349,7 @@ public:
 
 private:
     // Quantized weights in panels go through matmul_panels; every other matrix, f16 / bf16 panels
-    // included (their activations stay f32), through matmul_rows.
+    // included (their activations f32 / bf16, with no block summaries), through matmul_rows.
     static bool in_quantized_panels(const Tensor & w) { return w.panels && !is_float_panel_type(w.type); }
 
     // x's rows in the dot type of weights of type wt (in scratch_; x itself for f32 dot types),

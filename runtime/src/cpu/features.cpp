@@ -17,7 +17,7 @@ SimdLevel cpu_level() {
     }
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni")) {
-        return SimdLevel::Avx512;
+        return __builtin_cpu_supports("avx512bf16") ? SimdLevel::Avx512Bf16 : SimdLevel::Avx512;
     }
     return SimdLevel::Avx2;
 #else
@@ -27,13 +27,14 @@ SimdLevel cpu_level() {
 
 SimdLevel requested_cap() {
     const char * v = std::getenv("SPARROW_SIMD");
-    if (!v || !*v) return SimdLevel::Avx512;
+    if (!v || !*v) return SimdLevel::Avx512Bf16;
     if (!std::strcmp(v, "scalar")) return SimdLevel::Scalar;
     if (!std::strcmp(v, "avx2")) return SimdLevel::Avx2;
     if (!std::strcmp(v, "avx512")) return SimdLevel::Avx512;
+    if (!std::strcmp(v, "avx512bf16")) return SimdLevel::Avx512Bf16;
     // a typo must not silently pick a level: say so once and use the CPU's best
-    std::fprintf(stderr, "sparrow: SPARROW_SIMD=%s is not one of scalar, avx2, avx512; ignored\n", v);
-    return SimdLevel::Avx512;
+    std::fprintf(stderr, "sparrow: SPARROW_SIMD=%s is not one of scalar, avx2, avx512, avx512bf16; ignored\n", v);
+    return SimdLevel::Avx512Bf16;
 }
 
 }  // namespace

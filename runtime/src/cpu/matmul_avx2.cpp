@@ -1,5 +1,5 @@
 // matmul_avx2.cpp - register-tiled products of float weights (f32, f16, bf16) with f32
-// activations, for quant.h's mul_mat, on AVX2 + FMA + F16C.
+// activations (bf16 for bf16 weights), for quant.h's mul_mat, on AVX2 + FMA + F16C.
 //
 // vec_dot streams one weight row against one activation row. With several activation rows
 // (prefill, a verify batch) the same weight row would be fetched and converted once per token,
@@ -27,18 +27,24 @@ namespace sparrow {
 namespace avx2 {
 namespace {
 
-// ---- float weights: f32, f16, bf16 against f32 activations ----------------------------------
+// ---- float weights: f32, f16, bf16 against f32 (bf16) activations ----------------------------
 
 // Each weight row's stream is prefetched this far ahead into L1, and the next tile's rows into L2
 // (see matmul_avx512.cpp).
 constexpr int kPrefetchBytes = 512;
 
-struct LoadF32 {
+// What a weight row's values are converted from (load8 / load1), and the activations they meet
+// (x8 / x1): f32 for f32 and f16 weights, bf16 for bf16 (its dot type, quant.cpp).
+struct ActivationsF32 {
+    static __m256 x8(const uint8_t * row, int64_t i) { return _mm256_loadu_ps((const float *) row + i); }
+    static float x1(const uint8_t * row, int64_t i) { return ((const float *) row)[i]; }
+};
+struct LoadF32 : ActivationsF32 {
     static constexpr int kBytes = 4;
     static __m256 load8(const uint8_t * row, int64_t i) { return _mm256_loadu_ps((const float *) row + i); }
     static float load1(const uint8_t * row, int64_t i) { return ((const float *) row)[i]; }
 };
-struct LoadF16 {
+struct LoadF16 : ActivationsF32 {
     static constexpr int kBytes = 2;
     static __m256 load8(const uint8_t * row, int64_t i) {
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) ((const uint16_t *) row + i)));
@@ -49,6 +55,8 @@ struct LoadBF16 {
     static constexpr int kBytes = 2;
     static __m256 load8(const uint8_t * row, int64_t i) { return load_bf16x8((const uint16_t *) row + i); }
     static float load1(const uint8_t * row, int64_t i) { return bf16_to_fp32(((const uint16_t *) row)[i]); }
+    static __m256 x8(const uint8_t * row, int64_t i) { return load8(row, i); }
+    static float x1(const uint8_t * row, int64_t i) { return load1(row, i); }
 };
 
 template <typename Load, int RM_, int RN_>
@@ -73,7 +81,7 @@ struct FloatKern {
             // Either order performs the same fma chain per accumulator.
             if constexpr (C <= R) {
                 __m256 xv[C];
-                for (int c = 0; c < C; c++) xv[c] = _mm256_loadu_ps((const float *) (x + c * xs) + i);
+                for (int c = 0; c < C; c++) xv[c] = Load::x8(x + c * xs, i);
                 for (int r = 0; r < R; r++) {
                     const __m256 wv = Load::load8(w + r * ws, i);
                     for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(wv, xv[c], acc[r][c]);
@@ -82,7 +90,7 @@ struct FloatKern {
                 __m256 wv[R];
                 for (int r = 0; r < R; r++) wv[r] = Load::load8(w + r * ws, i);
                 for (int c = 0; c < C; c++) {
-                    const __m256 xv = _mm256_loadu_ps((const float *) (x + c * xs) + i);
+                    const __m256 xv = Load::x8(x + c * xs, i);
                     for (int r = 0; r < R; r++) acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
                 }
             }
@@ -90,8 +98,7 @@ struct FloatKern {
         for (int r = 0; r < R; r++) {
             for (int c = 0; c < C; c++) {
                 float sum = hsum(acc[r][c]);
-                const float * xc = (const float *) (x + c * xs);
-                for (int64_t j = i; j < k; j++) sum += Load::load1(w + r * ws, j) * xc[j];
+                for (int64_t j = i; j < k; j++) sum += Load::load1(w + r * ws, j) * Load::x1(x + c * xs, j);
                 y[c * ys + r] = sum;
             }
         }

@@ -1,13 +1,15 @@
 // matmul_avx512.cpp - register-tiled products of float weights (f32, f16, bf16) with f32
-// activations, for quant.h's mul_mat, on AVX-512: the plan of matmul_avx2.cpp on 16-float
-// vectors, 4 x 6 tiles in the 32 zmm registers (1 x 1 for f16 / bf16 decoding), ragged tails
-// (k not a multiple of 16) by masked loads whose missing lanes read as zero. Quantized weights
-// are multiplied in 16-row panels (cpu/panels_avx512.cpp).
+// activations (bf16 for bf16 weights), for quant.h's mul_mat, on AVX-512: the plan of
+// matmul_avx2.cpp on 16-float vectors, 4 x 6 tiles in the 32 zmm registers (1 x 1 for f16 / bf16
+// decoding), ragged tails (k not a multiple of 16) by masked loads whose missing lanes read as
+// zero. Quantized weights are multiplied in 16-row panels (cpu/panels_avx512.cpp); bf16 on CPUs
+// with AVX512_BF16 in cpu/matmul_avx512bf16.cpp.
 
 #if defined(__x86_64__) || defined(__i386__)
 
 #include "cpu/matmul_tiles.h"
 #include "cpu/simd_avx2.h"
+#include "cpu/simd_avx512.h"
 
 #include <immintrin.h>
 
@@ -35,17 +37,26 @@ constexpr int kPrefetchBytes = 512;
 // tiles ahead (6 rows at 2 threads: 39.8 -> 41.9 GB/s of weights on one CCD, 41 -> 45 on two);
 // f32 there loses by it (1.20 -> 1.31 of one row's time), one row gains nothing.
 
-// ---- float weights: f32, f16, bf16 against f32 activations ----------------------------------
+// ---- float weights: f32, f16, bf16 against f32 (bf16) activations ----------------------------
 // Ragged tails (k not a multiple of 16) are masked loads: the missing lanes read as zero.
 
-struct LoadF32 {
+// What a weight row's values are converted from (load16 / load_tail), and the activations they
+// meet (x16 / x_tail): f32 for f32 and f16 weights, bf16 for bf16 (its dot type, quant.cpp; the
+// tiles on vdpbf16ps are in cpu/matmul_avx512bf16.cpp, these serve CPUs without it).
+struct ActivationsF32 {
+    static __m512 x16(const uint8_t * row, int64_t i) { return _mm512_loadu_ps((const float *) row + i); }
+    static __m512 x_tail(const uint8_t * row, int64_t i, __mmask16 m) {
+        return _mm512_maskz_loadu_ps(m, (const float *) row + i);
+    }
+};
+struct LoadF32 : ActivationsF32 {
     static constexpr int kBytes = 4;
     static __m512 load16(const uint8_t * row, int64_t i) { return _mm512_loadu_ps((const float *) row + i); }
     static __m512 load_tail(const uint8_t * row, int64_t i, __mmask16 m) {
         return _mm512_maskz_loadu_ps(m, (const float *) row + i);
     }
 };
-struct LoadF16 {
+struct LoadF16 : ActivationsF32 {
     static constexpr int kBytes = 2;
     static __m512 load16(const uint8_t * row, int64_t i) {
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) ((const uint16_t *) row + i)));
@@ -63,20 +74,9 @@ struct LoadBF16 {
     static __m512 load_tail(const uint8_t * row, int64_t i, __mmask16 m) {
         return widen(_mm256_maskz_loadu_epi16(m, (const uint16_t *) row + i));
     }
+    static __m512 x16(const uint8_t * row, int64_t i) { return load16(row, i); }
+    static __m512 x_tail(const uint8_t * row, int64_t i, __mmask16 m) { return load_tail(row, i, m); }
 };
-
-// The sums of four accumulators' lanes, in one vector: each added in the order
-// _mm512_reduce_add_ps adds one vector's (lanes i + i+8, then j + j+4, then 0 + 2 and 1 + 3, then
-// those two: the same bits), but the four share every shuffle and add, 13 operations for what
-// took 32: a tile's reductions were ~10% of a 6-row f16 tile (bench_quant 1024 x 512 in L2).
-inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee));  // [a 8 | b 8]
-    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xee));
-    const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xdd));  // [a 4 | b 4 | c 4 | d 4]
-    const __m512 h = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4e));  // lanes 0, 1 of each quarter: 0 + 2, 1 + 3
-    const __m512 s = _mm512_add_ps(h, _mm512_permute_ps(h, 0xb1));  // lane 0 of each quarter: its sum
-    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s));
-}
 
 // RM_ weight rows a tile: 4 (24 accumulators, 4 weight vectors, 1 activation vector), or 1 for
 // f16 / bf16 at one activation row (see mul_mat_f16).
@@ -101,19 +101,19 @@ struct FloatKern {
             }
             for (int r = 0; r < R; r++) wv[r] = load_w(w + r * ws, i);
             for (int c = 0; c < C; c++) {
-                const __m512 xv = load_x((const float *) (x + c * xs) + i);
+                const __m512 xv = load_x(x + c * xs, i);
                 for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
             }
         };
         int64_t i = 0;
         for (; i + 16 <= k; i += 16) {
             step(i, [](const uint8_t * row, int64_t j) { return Load::load16(row, j); },
-                 [](const float * p) { return _mm512_loadu_ps(p); });
+                 [](const uint8_t * row, int64_t j) { return Load::x16(row, j); });
         }
         if (i < k) {
             const __mmask16 m = (__mmask16) ((1u << (k - i)) - 1);
             step(i, [m](const uint8_t * row, int64_t j) { return Load::load_tail(row, j, m); },
-                 [m](const float * p) { return _mm512_maskz_loadu_ps(m, p); });
+                 [m](const uint8_t * row, int64_t j) { return Load::x_tail(row, j, m); });
         }
         for (int c = 0; c < C; c++) {
             const __m128 sums = reduce4(acc[0][c], acc[1][c], acc[2][c], acc[3][c]);
@@ -152,15 +152,15 @@ struct PanelKern {
             __m512 wv[4];
             for (int r = 0; r < 4; r++) wv[r] = Load::load16(p + 32 * r, 0);
             for (int c = 0; c < C; c++) {
-                const __m512 xv = load_x((const float *) (x + c * xs));
+                const __m512 xv = load_x(x + c * xs);
                 for (int r = 0; r < 4; r++) acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
             }
         };
         int64_t i = 0;
-        for (; i + 16 <= k; i += 16) step(g + i * 8, [i](const float * row) { return _mm512_loadu_ps(row + i); });
+        for (; i + 16 <= k; i += 16) step(g + i * 8, [i](const uint8_t * row) { return Load::x16(row, i); });
         if (i < k) {
             const __mmask16 m = (__mmask16) ((1u << (k - i)) - 1);
-            step(g + i * 8, [i, m](const float * row) { return _mm512_maskz_loadu_ps(m, row + i); });
+            step(g + i * 8, [i, m](const uint8_t * row) { return Load::x_tail(row, i, m); });
         }
         for (int c = 0; c < C; c++) {
             const __m128 sums = reduce4(acc[0][c], acc[1][c], acc[2][c], acc[3][c]);

@@ -29,6 +29,10 @@ void panel_f16(int64_t k, const void * packed, size_t ws, int64_t nr, const void
 void panel_bf16(int64_t k, const void * packed, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y,
                 int64_t ys);
 }  // namespace avx512
+namespace avx512bf16 {  // cpu/matmul_avx512bf16.cpp
+void panel_bf16(int64_t k, const void * packed, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y,
+                int64_t ys);
+}  // namespace avx512bf16
 namespace avx2 {
 void panel_q8_0(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
 void panel_q4_0(const PanelProduct &, int64_t, int64_t, int64_t, int64_t);
@@ -134,7 +138,7 @@ PanelKernels select_panel_kernels() {
         set(DType::Q5_K, avx512::panel_q5_K);
         set(DType::Q6_K, avx512::panel_q6_K);
         k.f16 = avx512::panel_f16;
-        k.bf16 = avx512::panel_bf16;
+        k.bf16 = level >= SimdLevel::Avx512Bf16 ? avx512bf16::panel_bf16 : avx512::panel_bf16;
     } else if (level >= SimdLevel::Avx2) {
         set(DType::Q8_0, avx2::panel_q8_0);
         set(DType::Q4_0, avx2::panel_q4_0);

@@ -25,23 +25,30 @@ namespace avx2 {
 
 // ---- float weights ---------------------------------------------------------------------------
 // Four independent accumulators hide the FMA latency; the tail (n not a multiple of 8) is
-// scalar. The weight-to-float conversion is the only difference between the three.
+// scalar. The weight-to-float conversion is the only difference between the three, and bf16's
+// activations, which are bf16 too (traits' dot type), widened the same way.
 
-template <typename LoadW8, typename LoadW1>
-static inline float dot_float_weights(int64_t n, const float * x, LoadW8 load8, LoadW1 load1) {
+template <typename LoadW8, typename LoadW1, typename LoadX8, typename LoadX1>
+static inline float dot_float_weights(int64_t n, LoadW8 load8, LoadW1 load1, LoadX8 x8, LoadX1 x1) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        acc0 = _mm256_fmadd_ps(load8(i), _mm256_loadu_ps(x + i), acc0);
-        acc1 = _mm256_fmadd_ps(load8(i + 8), _mm256_loadu_ps(x + i + 8), acc1);
-        acc2 = _mm256_fmadd_ps(load8(i + 16), _mm256_loadu_ps(x + i + 16), acc2);
-        acc3 = _mm256_fmadd_ps(load8(i + 24), _mm256_loadu_ps(x + i + 24), acc3);
+        acc0 = _mm256_fmadd_ps(load8(i), x8(i), acc0);
+        acc1 = _mm256_fmadd_ps(load8(i + 8), x8(i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(load8(i + 16), x8(i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(load8(i + 24), x8(i + 24), acc3);
     }
-    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(load8(i), _mm256_loadu_ps(x + i), acc0);
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(load8(i), x8(i), acc0);
     float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-    for (; i < n; i++) sum += load1(i) * x[i];
+    for (; i < n; i++) sum += load1(i) * x1(i);
     return sum;
+}
+
+template <typename LoadW8, typename LoadW1>
+static inline float dot_float_weights(int64_t n, const float * x, LoadW8 load8, LoadW1 load1) {
+    return dot_float_weights(
+        n, load8, load1, [x](int64_t i) { return _mm256_loadu_ps(x + i); }, [x](int64_t i) { return x[i]; });
 }
 
 float vec_dot_f32(int64_t n, const void * wv, const void * xv) {
@@ -57,12 +64,12 @@ float vec_dot_f16(int64_t n, const void * wv, const void * xv) {
         [w](int64_t i) { return fp16(w[i]); });
 }
 
-
 float vec_dot_bf16(int64_t n, const void * wv, const void * xv) {
     const uint16_t * w = (const uint16_t *) wv;
+    const uint16_t * x = (const uint16_t *) xv;
     return dot_float_weights(
-        n, (const float *) xv, [w](int64_t i) { return load_bf16x8(w + i); },
-        [w](int64_t i) { return bf16_to_fp32(w[i]); });
+        n, [w](int64_t i) { return load_bf16x8(w + i); }, [w](int64_t i) { return bf16_to_fp32(w[i]); },
+        [x](int64_t i) { return load_bf16x8(x + i); }, [x](int64_t i) { return bf16_to_fp32(x[i]); });
 }
 
 // ---- 32-element blocks, q8_0 activations -----------------------------------------------------
