@@ -169,20 +169,11 @@ struct PanelKern {
         }
     }
 
-    // ws: the packed matrix's bytes per row (float_panel_row_stride), a group of 4 rows 4 ws
-    static void run(int64_t k, const void * packed, size_t ws, int64_t nr, const void * xv, size_t xs, int64_t nc,
+    // ws: the packed matrix's bytes per row (float_panel_row_stride)
+    static void run(int64_t k, const void * packed, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc,
                     float * y, int64_t ys) {
-        using TileFn = void (*)(int64_t, const uint8_t *, const uint8_t *, size_t, float *, int64_t, int);
-        static constexpr TileFn tiles[6] = {tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
-        const size_t group_bytes = 4 * ws;
-        const uint8_t * x = (const uint8_t *) xv;
-        for (int64_t r0 = 0; r0 < nr; r0 += 4) {
-            const uint8_t * g = (const uint8_t *) packed + (size_t) (r0 / 4) * group_bytes;
-            const int valid = (int) std::min<int64_t>(4, nr - r0);
-            for_even_col_tiles(nc, 6, [&](int64_t c0, int cc) {
-                tiles[cc - 1](k, g, x + c0 * xs, xs, y + c0 * ys + r0, ys, valid);
-            });
-        }
+        static constexpr PanelTileFn tiles[6] = {tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+        drive_panel_groups(tiles, k, packed, ws, nr, x, xs, nc, y, ys);
     }
 };
 

@@ -51,5 +51,21 @@ void drive(int64_t k, const void * wv, size_t ws, int64_t nr, const void * xv, s
     }
 }
 
+// f16 / bf16 panels (cpu/panels.h): groups of 4 interleaved weight rows, ws bytes a row (a group
+// 4 ws), each group against activation tiles of up to 6 rows; tiles[C - 1] takes C rows and how
+// many of the group's rows are real (the last group's may be fewer).
+using PanelTileFn = void (*)(int64_t k, const uint8_t * g, const uint8_t * x, size_t xs, float * y, int64_t ys, int valid);
+
+inline void drive_panel_groups(const PanelTileFn (&tiles)[6], int64_t k, const void * packed, size_t ws, int64_t nr,
+                               const void * xv, size_t xs, int64_t nc, float * y, int64_t ys) {
+    const size_t group_bytes = 4 * ws;
+    const uint8_t * x = (const uint8_t *) xv;
+    for (int64_t r0 = 0; r0 < nr; r0 += 4) {
+        const uint8_t * g = (const uint8_t *) packed + (size_t) (r0 / 4) * group_bytes;
+        const int valid = (int) std::min<int64_t>(4, nr - r0);
+        for_even_col_tiles(nc, 6, [&](int64_t c0, int cc) { tiles[cc - 1](k, g, x + c0 * xs, xs, y + c0 * ys + r0, ys, valid); });
+    }
+}
+
 }  // namespace
 }  // namespace sparrow
