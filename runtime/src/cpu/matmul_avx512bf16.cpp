@@ -2,10 +2,12 @@
 // quant.h's mul_mat (rows) and the store's f16 / bf16 panels (cpu/panels.h).
 //
 // vdpbf16ps multiplies 32 bf16 pairs into 16 f32 lanes, lane j adding columns 2j and 2j + 1 of
-// a 32-column step: twice the products of an f32 fma. The fma tiles of matmul_avx512.cpp, with
-// f16 weights converted on load, are compute-bound at a verify's 6 rows on Zen 5 once memory is
-// fast (a stream of SmolLM2-135M's shapes at 2 threads: 6 rows took 1.8x one row's time, 1.3x
-// here; at 1 thread 1.22x against 1.12x).
+// a 32-column step: twice the products of an f32 fma at nearly its rate (Zen 5: 7.8 against 8.4
+// G instructions a second a core). Against matmul_avx512.cpp's fma tiles (f16 weights converted
+// on load), SmolLM2-135M's prefill of 512 tokens ran 1.48x (2 threads) and 1.50x (1 thread)
+// faster, bench_quant's 16 rows of 3072 x 576 took 1.3-1.4x one row's time against 1.8-1.9;
+// the model's 6-row verify did not get cheaper (~1.35x a row a product either way at 2 threads:
+// its limit there is not the arithmetic).
 //
 // Both kernels run the same chain per (weight row, activation row): 32-column steps from column
 // 0, the last one with the columns past k zero in weights and activations, then reduce4. So a
