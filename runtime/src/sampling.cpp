@@ -76,6 +76,43 @@ int32_t argmax(const float * logits, int32_t n_vocab) {
     return 0;  // not reached: best is one of the logits
 }
 
+// Logits this far below the largest count as this far below (e^-30 ~ 1e-13 each: 8,192 of
+// them move the sum by 1e-9 of its first term), which keeps 2^t's exponent bits in range.
+constexpr float kTopProbabilityFloor = -30.0f;
+
+float top_probability(const float * logits, int32_t n_vocab, int32_t top) {
+    const float best = logits[top];
+    double sum = 0.0;  // sum of exp(l - best): the top's own term is 1
+    int32_t i = 0;
+#if defined(__SSE2__)
+    // exp(x) = 2^t, t = x log2(e) in [-43.3, 0]: n = t rounded to the nearest integer, f = t - n
+    // in [-0.5, 0.5], 2^f by its Taylor series to the 6th power (relative error < 2e-7), 2^n
+    // added to the exponent bits. Four lanes a step, summed in double.
+    const __m128 floor = _mm_set1_ps(kTopProbabilityFloor), shift = _mm_set1_ps(best), log2e = _mm_set1_ps(1.44269504f);
+    __m128d acc_lo = _mm_setzero_pd(), acc_hi = _mm_setzero_pd();
+    for (; i + 4 <= n_vocab; i += 4) {
+        const __m128 t = _mm_mul_ps(_mm_max_ps(_mm_sub_ps(_mm_loadu_ps(logits + i), shift), floor), log2e);
+        const __m128i n = _mm_cvtps_epi32(t);
+        const __m128 f = _mm_sub_ps(t, _mm_cvtepi32_ps(n));
+        __m128 p = _mm_set1_ps(1.5403530e-4f);
+        p = _mm_add_ps(_mm_mul_ps(p, f), _mm_set1_ps(1.3333558e-3f));
+        p = _mm_add_ps(_mm_mul_ps(p, f), _mm_set1_ps(9.6181291e-3f));
+        p = _mm_add_ps(_mm_mul_ps(p, f), _mm_set1_ps(5.5504109e-2f));
+        p = _mm_add_ps(_mm_mul_ps(p, f), _mm_set1_ps(2.4022651e-1f));
+        p = _mm_add_ps(_mm_mul_ps(p, f), _mm_set1_ps(6.9314718e-1f));
+        p = _mm_add_ps(_mm_mul_ps(p, f), _mm_set1_ps(1.0f));
+        const __m128 e = _mm_castsi128_ps(_mm_add_epi32(_mm_castps_si128(p), _mm_slli_epi32(n, 23)));
+        acc_lo = _mm_add_pd(acc_lo, _mm_cvtps_pd(e));
+        acc_hi = _mm_add_pd(acc_hi, _mm_cvtps_pd(_mm_movehl_ps(e, e)));
+    }
+    double lanes[2];
+    _mm_storeu_pd(lanes, _mm_add_pd(acc_lo, acc_hi));
+    sum = lanes[0] + lanes[1];
+#endif
+    for (; i < n_vocab; ++i) sum += std::exp((double) std::max(logits[i] - best, kTopProbabilityFloor));
+    return (float) (1.0 / sum);
+}
+
 void sampling_distribution(const float * logits, int32_t n_vocab, const sparrow_sampler_params & params,
                            std::vector<TokenProb> & out) {
     const float inv_t = 1.0f / params.temperature;

@@ -26,6 +26,11 @@ void validate_sampler_params(const sparrow_sampler_params & params);
 // numbers went non-finite), rather than answering token 0.
 int32_t argmax(const float * logits, int32_t n_vocab);
 
+// softmax(logits)[top], where top is the index of the largest logit (argmax): the model's own
+// confidence in its greedy choice, to within 1e-6 (a vectorized exp; logits more than 30 below
+// the largest add less than 1e-13 each and are left out).
+float top_probability(const float * logits, int32_t n_vocab, int32_t top);
+
 // The filtered distribution, most probable first, probabilities summing to 1.
 // Requires temperature > 0. Throws INTERNAL when a logit is NaN.
 void sampling_distribution(const float * logits, int32_t n_vocab, const sparrow_sampler_params & params,

@@ -164,6 +164,15 @@ int32_t SpecPolicy::choose_chain(int32_t max_k) {
     return best;
 }
 
+double SpecPolicy::chain_stop_below(int32_t k) const {
+    k = std::min(k, (int32_t) kMaxDepth);
+    if (k < 2 || spec_ms_ <= 0.0) return 0.0;
+    const double first = round_ms(1), last = round_ms(k);
+    if (first <= 0.0 || last <= 0.0) return 0.0;
+    const double ms_per_token = std::max(0.0, (last - first) / (k - 1));
+    return spec_tokens_ / spec_ms_ * ms_per_token;
+}
+
 int32_t SpecPolicy::choose_tree(int32_t max_nodes) {
     if (max_nodes <= 0 || cost_[0].n == 0) return 0;  // first time what plain decoding costs
     max_nodes = std::min(max_nodes, (int32_t) kMaxTreeNodes);
@@ -212,6 +221,10 @@ void SpecPolicy::record_chain(int32_t k, int32_t accepted, double ms) {
     tick();
     if (ms != kUntimed) cost_[k].add(ms);
     if (k == 0) return;
+    if (ms != kUntimed) {
+        spec_tokens_ = kDecay * spec_tokens_ + (accepted + 1);
+        spec_ms_ = kDecay * spec_ms_ + ms;
+    }
     if (chain_probes_.probing && accepted > 0) chain_probes_.every = chain_probes_.start;  // the draft may be waking up: look again soon
     chain_probes_.probing = false;
     for (int32_t d = 0; d < kMaxDepth; ++d) {

@@ -264,11 +264,20 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     std::vector<int32_t> drafts;
     std::vector<std::vector<TokenProb>> q_dists;
     const bool timed = !s.prompt_pending;
+    // an adaptive greedy chain ends where the draft's confidence in it no longer pays for another
+    // token (spec-policy.h); the first token is always drafted
+    const double stop_below = greedy && s.adaptive ? s.policy.chain_stop_below(k) : 0.0;
+    double chain_p = 1.0;  // the draft's probability of its chain so far
     run_pending(ctx, k > 0);
     for (int32_t i = 1; i <= k; ++i) {
         int32_t token;
         if (greedy) {
-            token = draft.to_target_token(argmax(s.scratch_logits.data(), draft.n_logits()));
+            const int32_t choice = argmax(s.scratch_logits.data(), draft.n_logits());
+            if (stop_below > 0.0) {
+                chain_p *= top_probability(s.scratch_logits.data(), draft.n_logits(), choice);
+                if (i > 1 && chain_p < stop_below) break;
+            }
+            token = draft.to_target_token(choice);
         } else {
             q_dists.emplace_back();
             draft_distribution(ctx, s.scratch_logits.data(), sp, q_dists.back());
@@ -286,6 +295,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     }
     ctx.stats.draft_kv_entries = (int32_t) std::max<int64_t>(ctx.stats.draft_kv_entries, draft.n_kv_entries());
     draft.drop_speculative();
+    const int32_t n_drafted = (int32_t) drafts.size();  // k, or fewer where the chain stopped early
     const double draft_ms = now_ms() - t_draft0;
     ctx.stats.t_draft_ms += draft_ms;
 
@@ -298,21 +308,21 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     verify(ctx, batch, nullptr);
 
     // ---- accept: the chain as a tree of one child per node ----
-    std::vector<VerifyNode> chain((size_t) k);
-    for (int32_t i = 0; i < k; ++i) {
+    std::vector<VerifyNode> chain((size_t) n_drafted);
+    for (int32_t i = 0; i < n_drafted; ++i) {
         chain[(size_t) i].token = drafts[(size_t) i];
         chain[(size_t) i].parent = i - 1;
         chain[(size_t) i].children_q = i + 1;  // draft i + 1 was drawn at draft i
     }
     const Acceptance acc = accept_drafts(ctx, chain, q_dists);
     const int32_t accepted = (int32_t) acc.tokens.size();
-    ctx.stats.n_drafted += k;
+    ctx.stats.n_drafted += n_drafted;
     ctx.stats.n_accepted += accepted;
     finish_round(ctx, n_before, (int64_t) batch.size(), acc.rows, acc.tokens, acc.bonus, produced);
     const double verify_ms = now_ms() - t_verify0;
     ctx.stats.t_verify_ms += verify_ms;
-    ctx.stats.n_draft_rounds[std::min(k, 32)] += 1;
-    s.policy.record_chain(k, accepted, timed ? draft_ms + verify_ms : SpecPolicy::kUntimed);
+    ctx.stats.n_draft_rounds[std::min(n_drafted, 32)] += 1;
+    s.policy.record_chain(n_drafted, accepted, timed ? draft_ms + verify_ms : SpecPolicy::kUntimed);
 }
 
 // ---- EAGLE-2 dynamic trees -------------------------------------------------------------------

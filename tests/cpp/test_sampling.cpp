@@ -1,5 +1,5 @@
 // test_sampling.cpp - greedy and sampled token choice on NaN logits: an error, never token 0;
-// argmax against its definition.
+// argmax against its definition; top_probability against softmax in double.
 // (NaN compares false, so a plain argmax over NaN logits answers index 0 and the text becomes
 // "!!!!" without a word of warning.)
 
@@ -7,7 +7,9 @@
 #include "sampling.h"
 #include "test_util.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <limits>
 #include <random>
@@ -83,5 +85,28 @@ int main() {
                               std::to_string(cases) + ")");
     std::vector<float> all_minus_inf(20, -inf);
     check(argmax(all_minus_inf.data(), 20) == 0, "argmax of all -inf is 0");
+
+    // top_probability = softmax(v)[argmax] within 1e-6 (relative), on peaked and flat logits,
+    // spreads of 0.01 to 40 (the floor at 30 below the top), -inf, ties at the top, tails
+    double worst = 0.0;
+    for (const int32_t n : {1, 3, 4, 5, 17, 100, 8192, 49152}) {
+        for (int trial = 0; trial < 24; trial++) {
+            const float spread = std::vector<float>{0.01f, 0.5f, 2.0f, 6.0f, 15.0f, 40.0f}[(size_t) (trial % 6)];
+            std::normal_distribution<float> normal(0.0f, spread);
+            std::vector<float> v((size_t) n);
+            for (auto & x : v) x = normal(gen);
+            if (trial % 4 == 1 && n > 2) v[(size_t) (gen() % (uint32_t) n)] = -inf;
+            if (trial % 4 == 2) v[(size_t) (gen() % (uint32_t) n)] += 8.0f;  // one clear favourite
+            const int32_t top = argmax(v.data(), n);
+            if (trial % 4 == 3 && n > 1) v[(size_t) (top == 0 ? n - 1 : 0)] = v[(size_t) top];  // a tie at the top
+            double sum = 0.0;
+            for (const float x : v) sum += std::exp((double) x - (double) v[(size_t) top]);
+            const double want = 1.0 / sum, got = top_probability(v.data(), n, top);
+            worst = std::max(worst, std::fabs(got - want) / want);
+        }
+    }
+    char worst_text[32];
+    std::snprintf(worst_text, sizeof worst_text, "%.2g", worst);
+    check(worst < 1e-6, std::string("top_probability is softmax at the argmax (worst relative error ") + worst_text + ")");
     return finish("test_sampling");
 }

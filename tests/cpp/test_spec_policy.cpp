@@ -22,12 +22,17 @@
 //   - tree sizes: on simulated tree machines (the target's path at growing ranks in the draft's
 //     tree) the policy's speed is >= 95% of plain decoding and >= 90% of the best fixed size's
 //     (85% when up to 63 nodes),
-//     and a target that verifies expensively gets small trees.
+//     and a target that verifies expensively gets small trees;
+//   - chain_stop_below by hand; with a calibrated draft (each token accepted with the draft's own
+//     probability of it) chains cut where that threshold says are >= 3% faster than whole ones and
+//     no slower than the best fixed length, and a useless draft stays within 5% of plain.
 
 #include "spec-policy.h"
 #include "test_util.h"
 
+#include <cmath>
 #include <cstdio>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -559,6 +564,77 @@ void test_slow_rounds_and_untimed_rounds() {
     check(p.tree_round_ms(3) == tree_cost && p.tree_tokens(3) > tree_yield, "whose yield is learned");
 }
 
+// Chains whose every drafted token comes with the draft's probability q of it, accepted with
+// probability q (a calibrated draft), while the tokens before it were; stop: the rounds end where
+// chain_stop_below says (speculative.cpp's rule), else they draft what choose_chain says. A
+// round that stops early has paid for one more draft step (the logits that said stop).
+Run simulate_confident(SpecPolicy & p, const Machine & m, int32_t max_k, bool stop, const std::function<double(std::mt19937_64 &)> & conf,
+                       int64_t n_tokens, uint64_t seed) {
+    constexpr double kDraftStep = 0.02;  // of a decode
+    std::mt19937_64 gen(seed);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    Run r;
+    while (r.tokens < (double) n_tokens) {
+        const int32_t k = p.choose_chain(max_k);
+        const double stop_below = stop ? p.chain_stop_below(k) : 0.0;
+        int32_t drafted = 0, accepted = 0;
+        bool all_kept = true;
+        double chain_p = 1.0;
+        for (int32_t i = 1; i <= k; i++) {
+            const double q = conf(gen);
+            chain_p *= q;
+            if (i > 1 && chain_p < stop_below) break;
+            drafted = i;
+            all_kept = all_kept && u(gen) < q;
+            accepted += all_kept;
+        }
+        const double ms = m.cost(drafted) + (drafted < k ? kDraftStep * kDecodeMs : 0.0);
+        p.record_chain(drafted, accepted, u(gen) < 0.1 ? ms * (1.5 + 1.5 * u(gen)) : ms);
+        r.tokens += accepted + 1;
+        r.ms += ms;
+        r.rounds_by_k[(size_t) drafted]++;
+    }
+    return r;
+}
+
+void test_chain_stop_below() {
+    SpecPolicy p;
+    check(p.chain_stop_below(5) == 0.0, "nothing timed: chains are not cut");
+    p.record_chain(0, 0, 10.0);
+    p.record_chain(1, 1, 11.0);
+    p.record_chain(3, 0, SpecPolicy::kUntimed);  // teaches acceptance, not speed
+    p.record_chain(5, 3, 15.0);
+    // tokens 0.95 * 2 + 4 over 0.95 * 11 + 15 ms a second, times (T(5) - T(1)) / 4 = 1 ms a token
+    const double want = (0.95 * 2.0 + 4.0) / (0.95 * 11.0 + 15.0) * 1.0;
+    check(std::fabs(p.chain_stop_below(5) - want) < 1e-12, fmt("stop below %.6f (want %.6f)", p.chain_stop_below(5), want));
+    check(p.chain_stop_below(1) == 0.0, "a one-token chain is not cut");
+
+    // A draft like the real pair's (a quarter of its tokens at 0.9-1.0, the rest spread evenly
+    // below; calibrated, independent from token to token) on a memory-bound target: cutting
+    // chains where the draft is unsure pays (+4-5% here; on the real pair's logged rounds, whose
+    // hard stretches come in runs, +4% over the best fixed length as well).
+    const Machine real{"memory-bound, calibrated draft", 0.02, 0.085, {0.575}};
+    auto like_real = [](std::mt19937_64 & g) {
+        std::uniform_real_distribution<double> u(0.0, 1.0);
+        return u(g) < 0.25 ? 0.9 + 0.1 * u(g) : 0.9 * u(g);
+    };
+    double best_fixed = 1.0 / kDecodeMs;  // tokens per ms, from E(k) with a_j = E[q] = 0.575
+    for (int32_t k = 1; k <= 7; k++) best_fixed = std::max(best_fixed, real.expected_tokens(k) / real.cost(k));
+    for (const int32_t max_k : {5, 7}) {
+        SpecPolicy with, without;
+        const double cut = simulate_confident(with, real, max_k, true, like_real, 40000, 7).rate();
+        const double whole = simulate_confident(without, real, max_k, false, like_real, 40000, 7).rate();
+        std::printf("  calibrated draft, up to %d: cut chains %.3f, whole %.3f, best fixed %.3f decodes' speed\n", max_k,
+                    cut * kDecodeMs, whole * kDecodeMs, best_fixed * kDecodeMs);
+        check(cut >= 1.03 * whole, fmt("cut chains are faster (%.3f against %.3f)", cut * kDecodeMs, whole * kDecodeMs));
+        check(cut >= best_fixed, fmt("and no slower than the best fixed length (%.3f against %.3f)", cut * kDecodeMs, best_fixed * kDecodeMs));
+    }
+    // a useless draft that knows it (tiny probabilities): still within 5% of plain decoding
+    SpecPolicy useless;
+    const Run r = simulate_confident(useless, real, 7, true, [](std::mt19937_64 &) { return 1e-3; }, 20000, 3);
+    check(r.rate() >= 0.95 / kDecodeMs, fmt("a useless draft with cut chains: %.3f of plain (%.0f)", r.rate() * kDecodeMs, 0.95));
+}
+
 int main(int argc, char ** argv) {
     (void) argc, (void) argv;
     test_first_step_is_plain();
@@ -573,5 +649,6 @@ int main(int argc, char ** argv) {
     test_a_bad_start();
     test_useless_draft_when_rounds_are_free();
     test_slow_rounds_and_untimed_rounds();
+    test_chain_stop_below();
     return finish("test_spec_policy");
 }
