@@ -85,13 +85,14 @@ float top_probability(const float * logits, int32_t n_vocab, int32_t top) {
     double sum = 0.0;  // sum of exp(l - best): the top's own term is 1
     int32_t i = 0;
 #if defined(__SSE2__)
-    // exp(x) = 2^t, t = x log2(e) in [-43.3, 0]: n = t rounded to the nearest integer, f = t - n
-    // in [-0.5, 0.5], 2^f by its Taylor series to the 6th power (relative error < 2e-7), 2^n
-    // added to the exponent bits. Four lanes a step, summed in double.
-    const __m128 floor = _mm_set1_ps(kTopProbabilityFloor), shift = _mm_set1_ps(best), log2e = _mm_set1_ps(1.44269504f);
+    // exp(x) = 2^t, t = x log2(e) in [-43.3, 0]: n = t rounded to the nearest integer (the
+    // default rounding mode; under another, f below stays within (-1, 1) and the error within
+    // 3e-5), f = t - n in [-0.5, 0.5], 2^f by its Taylor series to the 6th power (relative error
+    // < 2e-7), 2^n added to the exponent bits. Four lanes a step, summed in double.
+    const __m128 lowest = _mm_set1_ps(kTopProbabilityFloor), shift = _mm_set1_ps(best), log2e = _mm_set1_ps(1.44269504f);
     __m128d acc_lo = _mm_setzero_pd(), acc_hi = _mm_setzero_pd();
     for (; i + 4 <= n_vocab; i += 4) {
-        const __m128 t = _mm_mul_ps(_mm_max_ps(_mm_sub_ps(_mm_loadu_ps(logits + i), shift), floor), log2e);
+        const __m128 t = _mm_mul_ps(_mm_max_ps(_mm_sub_ps(_mm_loadu_ps(logits + i), shift), lowest), log2e);
         const __m128i n = _mm_cvtps_epi32(t);
         const __m128 f = _mm_sub_ps(t, _mm_cvtepi32_ps(n));
         __m128 p = _mm_set1_ps(1.5403530e-4f);

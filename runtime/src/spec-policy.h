@@ -40,7 +40,8 @@
 // 95%), and it costs the round's marginal time per drafted token. So the chain stops before
 // token i (after the first) when c_i < chain_stop_below(k) = (the tokens per millisecond that
 // speculation has been giving) x (the marginal milliseconds of a drafted token, from T(1) and
-// T(k)): the round then yields more per millisecond without it. On the real pair's logged rounds
+// T(k); a cut round, which ran one draft step more than it kept, is timed as a round of the
+// length it kept): the round then yields more per millisecond without it. On the real pair's logged rounds
 // (held-out prompts, chains of up to 7, T(k) measured) this gave 1.84x plain decoding's speed
 // against 1.76x for the best fixed length; the threshold came out at ~0.16, where a sweep of
 // fixed thresholds peaked (0.15-0.2).

@@ -143,7 +143,7 @@ constexpr size_t kPanelPrefetchBytes = 8192;
 // in one process, Zen 5: decode 5-7% faster at 2 threads, 8% at 1; bf16 1-2% slower, so it keeps
 // L2; into L1 at several rows, or 16 KiB ahead there, moved a 6-row verify by under 2%).
 template <typename Load, int C>
-constexpr int kPanelPrefetchHint = std::is_same_v<Load, LoadF16> && C == 1 ? _MM_HINT_T0 : _MM_HINT_T1;
+constexpr bool kPanelPrefetchIntoL1 = std::is_same_v<Load, LoadF16> && C == 1;
 
 template <typename Load>
 struct PanelKern {
@@ -153,9 +153,13 @@ struct PanelKern {
         for (int r = 0; r < 4; r++)
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
         auto step = [&](const uint8_t * p, auto load_x) {
-            constexpr int hint = kPanelPrefetchHint<Load, C>;
-            _mm_prefetch((const char *) (p + kPanelPrefetchBytes), (_mm_hint) hint);
-            _mm_prefetch((const char *) (p + kPanelPrefetchBytes + 64), (_mm_hint) hint);
+            if constexpr (kPanelPrefetchIntoL1<Load, C>) {
+                _mm_prefetch((const char *) (p + kPanelPrefetchBytes), _MM_HINT_T0);
+                _mm_prefetch((const char *) (p + kPanelPrefetchBytes + 64), _MM_HINT_T0);
+            } else {
+                _mm_prefetch((const char *) (p + kPanelPrefetchBytes), _MM_HINT_T1);
+                _mm_prefetch((const char *) (p + kPanelPrefetchBytes + 64), _MM_HINT_T1);
+            }
             __m512 wv[4];
             for (int r = 0; r < 4; r++) wv[r] = Load::load16(p + 32 * r, 0);
             for (int c = 0; c < C; c++) {
