@@ -133,14 +133,13 @@ struct Kern32Pair {
         for (int c = 0; c < C; c++) acc0[c] = acc1[c] = _mm512_setzero_ps();
         const uint8_t * meta0 = panel + j.nb * j.quant, * meta1 = panel1 + j.nb * j.quant;
         for (int64_t b = 0; b < j.nb; b++) {
-            // Every tile prefetches its two streams. q4's unpacking slows the stream enough that
-            // they pay at one row (bench_quant 3072 x 512: 27-28 -> 35 GB/s at 1 thread, 32-37 ->
-            // 37-40 at 2); at several rows they are what keeps memory busy (q8_0 6-row verify
-            // 2.0-2.2 decodes without them, 1.2-1.6 with). q8_0 at one row went without them once
-            // (stop 36: decode 233-241 -> 283-286 tok/s at 2 threads, the kernels of then); with
-            // today's, switched in one process on the real pair's q8_0 file (Zen 5), they make
-            // decoding 4-13% faster at 2 threads and 9% at 1.
-            prefetch_pair_block(j, panel, b);
+            // At one row of q8_0 the hardware prefetchers keep up with the two streams, and the
+            // software prefetches only cost (real pair, q8_0 at 2 threads: decode 233-241 -> 283-286
+            // tok/s without them); q4's unpacking slows the stream enough that they pay (bench_quant
+            // 3072 x 512 at one row: 27-28 -> 35 GB/s at 1 thread, 32-37 -> 37-40 at 2), and at
+            // several rows they are what keeps memory busy (q8_0 6-row verify 2.0-2.2 decodes
+            // without them, 1.2-1.6 with).
+            if constexpr (C > 1 || Unpack::kHighTimes16) prefetch_pair_block(j, panel, b);
             const uint8_t * q0 = panel + b * j.quant, * q1 = panel1 + b * j.quant;
             __m512i i0[C], i1[C];
             for (int c = 0; c < C; c++) {
