@@ -139,9 +139,11 @@ struct FloatKern {
 // the stream the prefetch runs ahead of).
 constexpr size_t kPanelPrefetchBytes = 8192;
 // f16 at one activation row (decode) prefetches into L1 instead: its conversions make the
-// loads' latency count where bf16's shifts do not (the real pair's f16 file, engines alternating
-// in one process, Zen 5: decode 5-7% faster at 2 threads, 8% at 1; bf16 1-2% slower, so it keeps
-// L2; into L1 at several rows, or 16 KiB ahead there, moved a 6-row verify by under 2%).
+// loads' latency count where bf16's shifts do not (the real pair's f16 file, Zen 5, libraries with
+// and without in alternating processes: 1 thread 122-131 -> 144-146 tokens/s; 2 threads 5-7%
+// faster with the hint switched at run time in one process, within the host's noise across
+// processes; bf16 was 1-2% slower that way, so it keeps L2; into L1 at several rows, or 16 KiB
+// ahead there, moved a 6-row verify by under 2%).
 template <typename Load, int C>
 constexpr bool kPanelPrefetchIntoL1 = std::is_same_v<Load, LoadF16> && C == 1;
 
