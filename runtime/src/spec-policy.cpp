@@ -42,6 +42,10 @@ constexpr int32_t kExploreEvery = 64;
 // kProbeBudget times what a probe costs beyond a plain step, in plain steps: probes take at most
 // ~2% of the time while resting, even a tree that costs 8 decodes.
 constexpr double kProbeBudget = 50.0;
+// A draft's calibration is a property of the draft, not of the text: its counts decay slowly
+// (~100 rounds, a few hundred tokens), and until they come a tenth's scale is held at 1 by this
+// many tokens' worth of pseudo-counts.
+constexpr double kConfidenceDecay = 0.99, kConfidencePrior = 2.0;
 // A chain is chosen over plain decoding only when it promises this much more speed. The prior
 // keeps a useless draft's estimated yield a little above one token a round (E(k) ~1.02), and on a
 // target in the CPU's cache a one-token round costs what a plain step does (one more verified row
@@ -147,6 +151,7 @@ double SpecPolicy::rate(int32_t k) const {
 }
 
 int32_t SpecPolicy::choose_chain(int32_t max_k) {
+    timing_chain_ = false;
     if (max_k <= 0 || cost_[0].n == 0) return 0;  // first time what plain decoding costs
     max_k = std::min(max_k, (int32_t) kMaxDepth);
     int32_t best = 0;
@@ -158,19 +163,47 @@ int32_t SpecPolicy::choose_chain(int32_t max_k) {
     if (best == 0) return probe_now(chain_probes_, round_ms(1)) ? 1 : 0;
     chain_probes_ = chain_probes();
     if (cost_[0].age >= refresh_every(best_rate)) return 0;  // what speculation is compared with, timed again
-    for (const int32_t k : {best + 1, best - 1}) {
-        if (k >= 1 && k <= max_k && cost_[k].age >= kExploreEvery) return k;
+    // the chosen length and its neighbours timed again, as whole chains: rounds cut by the draft's
+    // confidence rarely reach the longer lengths, and one slow timing of those, never retimed,
+    // had raised the cut threshold until nearly every round stopped at one token
+    for (const int32_t k : {best, best + 1, best - 1}) {
+        if (k >= 1 && k <= max_k && cost_[k].age >= kExploreEvery) {
+            timing_chain_ = true;
+            return k;
+        }
     }
     return best;
 }
 
 double SpecPolicy::chain_stop_below(int32_t k) const {
     k = std::min(k, (int32_t) kMaxDepth);
-    if (k < 2 || spec_ms_ <= 0.0) return 0.0;
+    if (k < 2 || spec_ms_ <= 0.0 || timing_chain_) return 0.0;
     const double first = round_ms(1), last = round_ms(k);
     if (first <= 0.0 || last <= 0.0) return 0.0;
     const double ms_per_token = std::max(0.0, (last - first) / (k - 1));
     return spec_tokens_ / spec_ms_ * ms_per_token;
+}
+
+double SpecPolicy::calibrated(double p) const {
+    p = std::min(std::max(p, 0.0), 1.0);
+    const int b = std::min(kConfidenceBins - 1, (int) (p * kConfidenceBins));
+    // accepted tokens over expected ones (their probabilities' sum) in p's tenth: a scale, so
+    // that the order of probabilities within a tenth still counts
+    return std::min(1.0, p * (conf_accepted_[b] + kConfidencePrior) / (conf_expected_[b] + kConfidencePrior));
+}
+
+void SpecPolicy::record_confidences(const float * p, int32_t n, int32_t accepted) {
+    for (int b = 0; b < kConfidenceBins; ++b) {
+        conf_expected_[b] *= kConfidenceDecay;
+        conf_accepted_[b] *= kConfidenceDecay;
+    }
+    // tokens 1 .. accepted were accepted; the next one, if drafted, was reached and rejected
+    for (int32_t i = 0; i < n && i <= accepted; ++i) {
+        const double q = std::min(std::max((double) p[i], 0.0), 1.0);
+        const int b = std::min(kConfidenceBins - 1, (int) (q * kConfidenceBins));
+        conf_expected_[b] += q;
+        if (i < accepted) conf_accepted_[b] += 1.0;
+    }
 }
 
 int32_t SpecPolicy::choose_tree(int32_t max_nodes) {

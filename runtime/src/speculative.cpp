@@ -267,15 +267,18 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     // an adaptive greedy chain ends where the draft's confidence in it no longer pays for another
     // token (spec-policy.h); the first token is always drafted
     const double stop_below = greedy && s.adaptive ? s.policy.chain_stop_below(k) : 0.0;
-    double chain_p = 1.0;  // the draft's probability of its chain so far
+    double chain_p = 1.0;  // the chance that the chain so far is accepted, by the draft's calibrated probabilities
+    std::vector<float> confidences;  // the draft's probability of each drafted token
     run_pending(ctx, k > 0);
     for (int32_t i = 1; i <= k; ++i) {
         int32_t token;
         if (greedy) {
             const int32_t choice = argmax(s.scratch_logits.data(), draft.n_logits());
             if (stop_below > 0.0) {
-                chain_p *= top_probability(s.scratch_logits.data(), draft.n_logits(), choice);
+                const float p = top_probability(s.scratch_logits.data(), draft.n_logits(), choice);
+                chain_p *= s.policy.calibrated(p);
                 if (i > 1 && chain_p < stop_below) break;
+                confidences.push_back(p);
             }
             token = draft.to_target_token(choice);
         } else {
@@ -323,6 +326,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     ctx.stats.t_verify_ms += verify_ms;
     ctx.stats.n_draft_rounds[std::min(n_drafted, 32)] += 1;
     s.policy.record_chain(n_drafted, accepted, timed ? draft_ms + verify_ms : SpecPolicy::kUntimed);
+    if (!confidences.empty()) s.policy.record_confidences(confidences.data(), (int32_t) confidences.size(), accepted);
 }
 
 // ---- EAGLE-2 dynamic trees -------------------------------------------------------------------

@@ -23,9 +23,10 @@
 //     tree) the policy's speed is >= 95% of plain decoding and >= 90% of the best fixed size's
 //     (85% when up to 63 nodes),
 //     and a target that verifies expensively gets small trees;
-//   - chain_stop_below by hand; with a calibrated draft (each token accepted with the draft's own
-//     probability of it) chains cut where that threshold says are >= 3% faster than whole ones and
-//     no slower than the best fixed length, and a useless draft stays within 5% of plain.
+//   - chain_stop_below and calibrated() by hand; with a calibrated draft (each token accepted with
+//     the draft's own probability of it) chains cut where that threshold says are >= 3% faster than
+//     whole ones and no slower than the best fixed length, and >= 1% faster with drafts whose
+//     probabilities are halved, squared or overstated; a useless draft stays within 5% of plain.
 
 #include "spec-policy.h"
 #include "test_util.h"
@@ -568,8 +569,9 @@ void test_slow_rounds_and_untimed_rounds() {
 // probability q (a calibrated draft), while the tokens before it were; stop: the rounds end where
 // chain_stop_below says (speculative.cpp's rule), else they draft what choose_chain says. A
 // round that stops early has paid for one more draft step (the logits that said stop).
+// report: what the draft says its probability is, given the true one (a calibrated draft: q).
 Run simulate_confident(SpecPolicy & p, const Machine & m, int32_t max_k, bool stop, const std::function<double(std::mt19937_64 &)> & conf,
-                       int64_t n_tokens, uint64_t seed) {
+                       int64_t n_tokens, uint64_t seed, const std::function<double(double)> & report = [](double q) { return q; }) {
     constexpr double kDraftStep = 0.02;  // of a decode
     std::mt19937_64 gen(seed);
     std::uniform_real_distribution<double> u(0.0, 1.0);
@@ -580,16 +582,19 @@ Run simulate_confident(SpecPolicy & p, const Machine & m, int32_t max_k, bool st
         int32_t drafted = 0, accepted = 0;
         bool all_kept = true;
         double chain_p = 1.0;
+        std::vector<float> said;  // as speculative.cpp: calibrated probabilities cut, raw ones are recorded
         for (int32_t i = 1; i <= k; i++) {
-            const double q = conf(gen);
-            chain_p *= q;
+            const double q = conf(gen), r = report(q);
+            chain_p *= p.calibrated(r);
             if (i > 1 && chain_p < stop_below) break;
             drafted = i;
+            said.push_back((float) r);
             all_kept = all_kept && u(gen) < q;
             accepted += all_kept;
         }
         const double ms = m.cost(drafted) + (drafted < k ? kDraftStep * kDecodeMs : 0.0);
         p.record_chain(drafted, accepted, u(gen) < 0.1 ? ms * (1.5 + 1.5 * u(gen)) : ms);
+        if (stop_below > 0.0) p.record_confidences(said.data(), drafted, accepted);
         r.tokens += accepted + 1;
         r.ms += ms;
         r.rounds_by_k[(size_t) drafted]++;
@@ -629,6 +634,33 @@ void test_chain_stop_below() {
         check(cut >= 1.03 * whole, fmt("cut chains are faster (%.3f against %.3f)", cut * kDecodeMs, whole * kDecodeMs));
         check(cut >= best_fixed, fmt("and no slower than the best fixed length (%.3f against %.3f)", cut * kDecodeMs, best_fixed * kDecodeMs));
     }
+    // Drafts whose probabilities mean something else: calibrated() learns what, and cutting
+    // still pays (measured +5% for halved and squared probabilities, +2.6% for overstated ones,
+    // whose tenths hold less of the order; by the raw probabilities a draft that halves them ran
+    // 4.5% slower than whole chains).
+    const std::vector<std::pair<const char *, std::function<double(double)>>> miscalibrated = {
+        {"halves its probabilities", [](double q) { return q / 2; }},
+        {"squares them", [](double q) { return q * q; }},
+        {"overstates them", [](double q) { return 0.5 + q / 2; }}};
+    for (const auto & [what, report] : miscalibrated) {
+        SpecPolicy with, without;
+        const double cut = simulate_confident(with, real, 5, true, like_real, 40000, 7, report).rate();
+        const double whole = simulate_confident(without, real, 5, false, like_real, 40000, 7, report).rate();
+        std::printf("  a draft that %s: cut chains %.3f, whole %.3f\n", what, cut * kDecodeMs, whole * kDecodeMs);
+        check(cut >= 1.01 * whole, fmt(("a draft that " + std::string(what) + ": cut chains are faster (%.3f against %.3f)").c_str(),
+                                       cut * kDecodeMs, whole * kDecodeMs));
+    }
+    // calibrated() by hand: p itself before any token; then accepted over expected in p's tenth
+    SpecPolicy cal;
+    check(cal.calibrated(0.37) == 0.37, "an uncalibrated probability is itself");
+    const float said[3] = {0.45f, 0.42f, 0.95f};
+    cal.record_confidences(said, 3, 1);  // the first kept, the second rejected, the third not reached
+    cal.record_confidences(said, 1, 1);
+    const double expected = 0.99 * (0.45 + 0.42) + 0.45, kept = 0.99 * 1.0 + 1.0;
+    const double want_cal = 0.4 * (kept + 2.0) / (expected + 2.0);
+    check(std::fabs(cal.calibrated(0.4) - want_cal) < 1e-6, fmt("calibrated(0.4) %.6f (want %.6f)", cal.calibrated(0.4), want_cal));
+    check(cal.calibrated(0.95) == 0.95, "a tenth no token reached keeps its probability");
+
     // a useless draft that knows it (tiny probabilities): still within 5% of plain decoding
     SpecPolicy useless;
     const Run r = simulate_confident(useless, real, 7, true, [](std::mt19937_64 &) { return 1e-3; }, 20000, 3);
