@@ -16,11 +16,11 @@
 // it gets tried once and measured. Measurements go stale (the first decode after a prefill is
 // slow; the machine gets busy), so the comparison point is re-measured: while speculating, a
 // plain step every kRefreshEvery rounds (kFarRefreshEvery while speculation is far ahead), and
-// the chosen k's neighbours every few dozen rounds. The first round after a prefill, whose draft
-// catches up on the whole prompt, is not timed (kUntimed): on a context that serves one prompt
-// after another, every generation's first round had set the cost of the length it drafted (a
-// chain of 5 on the real pair, 9.4 ms a round, timed at ~33 ms once, then drafted 4 for 64
-// rounds).
+// the chosen k and its neighbours every few dozen rounds (as whole chains, see below). The first
+// round after a prefill, whose draft catches up on the whole prompt, is not timed (kUntimed): on
+// a context that serves one prompt after another, every generation's first round had set the cost
+// of the length it drafted (a chain of 5 on the real pair, 9.4 ms a round, timed at ~33 ms once,
+// then drafted 4 for 64 rounds).
 // A plain step is taken to cost no more than the fastest timed round (each runs the target once),
 // and a chain must promise 5% more speed than plain decoding (a useless draft's estimated yield
 // stays a little above one token a round).
