@@ -12,6 +12,7 @@
 //   bench_attention [model [threads...]]      model: qwen2-0.5b (default) or qwen2-7b; threads 1 2
 
 #include "backend.h"
+#include "bench_util.h"
 #include "quant.h"
 
 #include <algorithm>
@@ -57,27 +58,6 @@ double ms_per_layer(Backend & be, const Shape & s, std::vector<Tensor> & k, std:
     return times[times.size() / 2];
 }
 
-// "AMD EPYC (family 26)": /proc/cpuinfo's model name and family, since a speed holds for the CPU
-// it was measured on (virtual machines often hide the model number).
-std::string cpu_model() {
-    std::FILE * f = std::fopen("/proc/cpuinfo", "r");
-    if (!f) return "unknown CPU";
-    std::string name = "unknown CPU", family;
-    char line[512];
-    while (std::fgets(line, sizeof line, f)) {
-        const std::string l = line;
-        const size_t colon = l.find(':');
-        if (colon == std::string::npos) continue;
-        std::string value = l.substr(colon + 1);
-        value.erase(0, value.find_first_not_of(" \t"));
-        value.erase(value.find_last_not_of(" \t\n") + 1);
-        if (l.rfind("model name", 0) == 0 && name == "unknown CPU") name = value;
-        if (l.rfind("cpu family", 0) == 0 && family.empty()) family = value;
-    }
-    std::fclose(f);
-    return family.empty() ? name : name + " (family " + family + ")";
-}
-
 }  // namespace
 
 int main(int argc, char ** argv) {
@@ -108,7 +88,7 @@ int main(int argc, char ** argv) {
     Tensor out = Tensor::matrix(DType::F32, q_cols, n_verify, out_data.data());
 
     std::printf("# %s; attention, %s shapes (%d layers, %d/%d heads, head_dim %d), f16 KV; ms per layer, medians\n",
-                cpu_model().c_str(), shape.name, shape.n_layer, shape.n_head, shape.n_head_kv, shape.head_dim);
+                bench::cpu_model().c_str(), shape.name, shape.n_layer, shape.n_head, shape.n_head_kv, shape.head_dim);
     std::printf("%7s %7s %12s %14s %10s %12s\n", "threads", "n_kv", "decode ms", "verify-5 ms", "ratio", "KV GB/s");
     for (int nt : threads) {
         auto be = make_cpu_backend(nt);

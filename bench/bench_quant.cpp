@@ -9,6 +9,7 @@
 // Built by CMake with the tests (build/bench_quant); run it under SPARROW_SIMD=avx2 to compare
 // kernel levels:
 //   bench_quant [rows cols [threads...]]      (default 4096 4096, threads 1 2)
+//   bench_quant model [threads...]            (SmolLM2-135M's products in a decode's order, below)
 // SPARROW_BENCH_TYPES=f32,f16 measures only the types named; SPARROW_BENCH_CACHED=1 one copy of
 // the matrix, so a small one stays in cache.
 //
@@ -20,6 +21,7 @@
 // one-row prefetches looked 4-13% faster switched in one process and were slower built apart).
 
 #include "backend.h"
+#include "bench_util.h"
 #include "cpu/threadpool.h"
 #include "quant.h"
 
@@ -151,9 +153,84 @@ bool type_wanted(DType t) {
     return names.find(std::string(",") + traits(t).name + ",") != std::string::npos;
 }
 
+// bench_quant model: a decode's and a verify's products as a model runs them, SmolLM2-135M's
+// shapes (30 layers of q/k/v as one group, o, gate/up as one group, down; the tied 49,152-row
+// head), each layer its own weights (~270 MB in f16, from DRAM as in the model), one activation
+// row against 6 (a verify of 5 drafts), passes alternating, medians. The model's verify costs
+// more than bench_quant's single matrix says when memory is fast: 6 rows stream at a rate of
+// their own, below both one row's and their in-cache arithmetic's (Zen 5, fast-memory state: 75
+// GB/s at one row, 52-55 at six in f16 and bf16 alike, which run six rows from cache at 67 and 96).
+int bench_model(const std::vector<int> & thread_counts) {
+    constexpr int kLayers = 30, kDim = 576, kKv = 192, kFfn = 1536, kVocab = 49152, kVerifyRows = 6, kPasses = 30;
+    const DType types[] = {DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1};
+    std::printf("# %s; bench_quant model: SmolLM2-135M's products, %d layers + head; kernels %s\n",
+                bench::cpu_model().c_str(), kLayers, simd_level());
+    std::printf("threads  type   1 row ms  GB/s   %d rows ms  GB/s   %d rows / 1 (paired)\n", kVerifyRows, kVerifyRows);
+    std::mt19937 rng(7);
+    for (const int threads : thread_counts) {
+        auto be = make_cpu_backend(threads);
+        for (const DType t : types) {
+            if (!type_wanted(t)) continue;
+            auto store = make_cpu_weight_store(false);
+            std::vector<std::vector<uint8_t>> bytes;
+            double total_bytes = 0.0;
+            auto weight = [&](int64_t rows, int64_t cols) {
+                bytes.push_back(make_matrix(t, rows, cols, rng));
+                total_bytes += (double) bytes.back().size();
+                return store->matmul_weight(Tensor::matrix(t, cols, rows, bytes.back().data()));
+            };
+            struct Layer { Tensor q, k, v, o, gate, up, down; };
+            std::vector<Layer> layers;
+            for (int l = 0; l < kLayers; l++) {
+                Layer L{weight(kDim, kDim), weight(kKv, kDim), weight(kKv, kDim), weight(kDim, kDim),
+                        weight(kFfn, kDim), weight(kFfn, kDim), weight(kDim, kFfn)};
+                layers.push_back(L);
+            }
+            const Tensor head = weight(kVocab, kDim);
+            std::vector<float> x((size_t) kFfn * kVerifyRows), out((size_t) kVocab * kVerifyRows);
+            std::normal_distribution<float> normal(0.0f, 1.0f);
+            for (auto & v : x) v = normal(rng);
+            auto pass = [&](int n) {  // outputs overwrite one buffer: only the products' time counts
+                const Tensor xd = Tensor::matrix(DType::F32, kDim, n, x.data()), xf = Tensor::matrix(DType::F32, kFfn, n, x.data());
+                Tensor yd = Tensor::matrix(DType::F32, kDim, n, out.data()), ykv = Tensor::matrix(DType::F32, kKv, n, out.data());
+                Tensor ykv2 = ykv, yd2 = yd, yf = Tensor::matrix(DType::F32, kFfn, n, out.data()), yf2 = yf;
+                Tensor yh = Tensor::matrix(DType::F32, kVocab, n, out.data());
+                const auto t0 = Clock::now();
+                for (const Layer & L : layers) {
+                    const MatmulOut qkv[3] = {{&L.q, &yd, nullptr}, {&L.k, &ykv, nullptr}, {&L.v, &ykv2, nullptr}};
+                    be->matmul_group(xd, qkv, 3);
+                    be->matmul(L.o, xd, yd2, nullptr);
+                    const MatmulOut gate_up[2] = {{&L.gate, &yf, nullptr}, {&L.up, &yf2, nullptr}};
+                    be->matmul_group(xd, gate_up, 2);
+                    be->matmul(L.down, xf, yd, nullptr);
+                }
+                be->matmul(head, xd, yh, nullptr);
+                return seconds_since(t0);
+            };
+            for (int i = 0; i < 5; i++) pass(1);  // the workers settle on their cores
+            std::vector<double> one, many, ratio;
+            for (int i = 0; i < kPasses; i++) {
+                one.push_back(pass(1));
+                many.push_back(pass(kVerifyRows));
+                ratio.push_back(many.back() / one.back());
+            }
+            const double t1 = median(one), tn = median(many);
+            std::printf("%7d  %-5s  %9.3f  %5.1f   %9.3f  %5.1f   %.3f\n", threads, traits(t).name, t1 * 1e3,
+                        total_bytes / t1 / 1e9, tn * 1e3, total_bytes / tn / 1e9, median(ratio));
+        }
+    }
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
+    if (argc > 1 && std::string(argv[1]) == "model") {
+        std::vector<int> thread_counts;
+        for (int i = 2; i < argc; i++) thread_counts.push_back(atoi(argv[i]));
+        if (thread_counts.empty()) thread_counts = {1, 2};
+        return bench_model(thread_counts);
+    }
     const int64_t rows = argc > 2 ? atoll(argv[1]) : 4096;
     const int64_t cols = argc > 2 ? atoll(argv[2]) : 4096;
     std::vector<int> thread_counts;
