@@ -247,7 +247,8 @@ int main(int argc, char ** argv) {
                            DType::Q4_1, DType::Q4_K, DType::Q5_K, DType::Q6_K};
     const int batches[] = {1, 2, 3, 4, 6, 8, 16};
 
-    std::printf("bench_quant: %lld x %lld weights, kernels %s\n", (long long) rows, (long long) cols, simd_level());
+    std::printf("# %s; bench_quant: %lld x %lld weights, kernels %s\n", bench::cpu_model().c_str(), (long long) rows,
+                (long long) cols, simd_level());
     // What a parallel op pays to start and join its threads (a decode step runs ~5 per layer).
     for (int threads : thread_counts) {
         if (threads < 2) continue;
