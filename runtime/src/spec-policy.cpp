@@ -184,9 +184,11 @@ double SpecPolicy::chain_stop_below(int32_t k) const {
     return spec_tokens_ / spec_ms_ * ms_per_token;
 }
 
+int SpecPolicy::confidence_bin(double p) { return std::min(kConfidenceBins - 1, (int) (p * kConfidenceBins)); }
+
 double SpecPolicy::calibrated(double p) const {
     p = std::min(std::max(p, 0.0), 1.0);
-    const int b = std::min(kConfidenceBins - 1, (int) (p * kConfidenceBins));
+    const int b = confidence_bin(p);
     // accepted tokens over expected ones (their probabilities' sum) in p's tenth: a scale, so
     // that the order of probabilities within a tenth still counts
     return std::min(1.0, p * (conf_accepted_[b] + kConfidencePrior) / (conf_expected_[b] + kConfidencePrior));
@@ -200,7 +202,7 @@ void SpecPolicy::record_confidences(const float * p, int32_t n, int32_t accepted
     // tokens 1 .. accepted were accepted; the next one, if drafted, was reached and rejected
     for (int32_t i = 0; i < n && i <= accepted; ++i) {
         const double q = std::min(std::max((double) p[i], 0.0), 1.0);
-        const int b = std::min(kConfidenceBins - 1, (int) (q * kConfidenceBins));
+        const int b = confidence_bin(q);
         conf_expected_[b] += q;
         if (i < accepted) conf_accepted_[b] += 1.0;
     }

@@ -137,6 +137,7 @@ private:
     // by tenths of the draft's probability, over the drafted tokens reached (those before them
     // accepted): decayed sums of their probabilities, and counts of those accepted
     static constexpr int kConfidenceBins = 10;
+    static int confidence_bin(double p);  // p's tenth, p in [0, 1]
     double conf_expected_[kConfidenceBins] = {}, conf_accepted_[kConfidenceBins] = {};
     double accepted_[kMaxDepth] = {};  // decayed counts: drafts accepted at depth d + 1
     double reached_[kMaxDepth] = {};   // and drafts proposed there (the depth was reached)

@@ -9,6 +9,8 @@ namespace sparrow {
 
 namespace {
 
+constexpr SimdLevel kTopLevel = SimdLevel::Avx512Bf16;  // the cap when SPARROW_SIMD does not lower it
+
 SimdLevel cpu_level() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
@@ -27,14 +29,14 @@ SimdLevel cpu_level() {
 
 SimdLevel requested_cap() {
     const char * v = std::getenv("SPARROW_SIMD");
-    if (!v || !*v) return SimdLevel::Avx512Bf16;
+    if (!v || !*v) return kTopLevel;
     if (!std::strcmp(v, "scalar")) return SimdLevel::Scalar;
     if (!std::strcmp(v, "avx2")) return SimdLevel::Avx2;
     if (!std::strcmp(v, "avx512")) return SimdLevel::Avx512;
     if (!std::strcmp(v, "avx512bf16")) return SimdLevel::Avx512Bf16;
     // a typo must not silently pick a level: say so once and use the CPU's best
     std::fprintf(stderr, "sparrow: SPARROW_SIMD=%s is not one of scalar, avx2, avx512, avx512bf16; ignored\n", v);
-    return SimdLevel::Avx512Bf16;
+    return kTopLevel;
 }
 
 }  // namespace

@@ -2,8 +2,9 @@
 //
 // Kernel tables (quant.cpp, cpu/ops.cpp) are filled once, from the best level that both the CPU
 // reports and the SPARROW_SIMD environment variable allows ("scalar", "avx2", "avx512" or
-// "avx512bf16"; unset means the best the CPU has). The cap lets tests run every level's kernels against the scalar
-// references on one machine, and lets a user rule out a level suspected of a bug.
+// "avx512bf16"; unset means the best the CPU has). The cap lets tests run every level's kernels
+// against the scalar references on one machine, and lets a user rule out a level suspected of a
+// bug.
 #pragma once
 
 namespace sparrow {

@@ -29,9 +29,8 @@ namespace {
 
 // ---- float weights: f32, f16, bf16 against f32 (bf16) activations ----------------------------
 
-// Each weight row's stream is prefetched this far ahead into L1, and the next tile's rows into L2
-// (see matmul_avx512.cpp).
-constexpr int kPrefetchBytes = 512;
+// Each weight row's stream is prefetched kPrefetchBytes ahead into L1 (matmul_tiles.h), and the
+// next tile's rows into L2 (see matmul_avx512.cpp).
 
 // What a weight row's values are converted from (load8 / load1), and the activations they meet
 // (x8 / x1): f32 for f32 and f16 weights, bf16 for bf16 (its dot type, quant.cpp).

@@ -26,7 +26,7 @@ namespace {
 // hardware prefetchers keep up with the stream and the 4 prefetches a step only take load slots
 // (Zen 5, bench_quant 3072 x 512, GB/s of weights at one row: f16 at 1 thread 26-28 -> 31-33,
 // at 2 threads on two CCDs 47 -> 53-55, on one CCD even at 39-41; f32 32-35 -> 35-37).
-constexpr int kPrefetchBytes = 512;
+// (kPrefetchBytes and kPanelPrefetchBytes are in matmul_tiles.h, shared with the other files.)
 // ... and the next tile's rows (the same columns, R rows further on) into L2. A row of a small
 // model is only a few KiB, so the near prefetch alone leaves every tile's first lines cold; and
 // with several activation rows the FMAs are long enough that only a request issued a whole tile
@@ -128,7 +128,7 @@ struct FloatKern {
 // chain per (row, activation row) and the same reduction (the same bits as the rows' kernels), the
 // zero padding of the last 16 columns standing in for the masked weight load.
 //
-// The stream is prefetched into L2 kPanelPrefetchBytes ahead, at every batch: the hardware
+// The stream is prefetched into L2 kPanelPrefetchBytes (8 KiB) ahead, at every batch: the hardware
 // prefetchers follow it too, but the software prefetch keeps several tiles of FMAs from leaving
 // memory idle (one row: 37-39 GB/s against 33-35 with none or one group ahead, bench_quant 49152 x
 // 576, 1 thread, Zen 5). A fixed distance, not a number of groups: two groups ahead (9 KiB on SmolLM2's 576 columns)
@@ -137,7 +137,6 @@ struct FloatKern {
 // more as slow as 24); one row 35-36 -> 37-38 GB/s at 1 thread. Cutting k into pieces whose
 // activation rows stay in L1 was tried there too, and lost at both distances (the pieces break
 // the stream the prefetch runs ahead of).
-constexpr size_t kPanelPrefetchBytes = 8192;
 // f16 at one activation row (decode) prefetches into L1 instead: its conversions make the
 // loads' latency count where bf16's shifts do not (the real pair's f16 file, Zen 5, libraries with
 // and without in alternating processes: 1 thread 122-131 -> 144-146 tokens/s; 2 threads 5-7%

@@ -22,16 +22,11 @@
 
 #include <immintrin.h>
 
-
 namespace sparrow {
 namespace avx512bf16 {
 namespace {
 
 using avx512::reduce4;
-
-// Prefetch distances as in matmul_avx512.cpp (see kPrefetchBytes and kPanelPrefetchBytes there).
-constexpr int kPrefetchBytes = 512;
-constexpr size_t kPanelPrefetchBytes = 8192;
 
 inline __m512 dot(__m512 acc, __m512i w, __m512i x) { return _mm512_dpbf16_ps(acc, (__m512bh) w, (__m512bh) x); }
 

@@ -17,6 +17,12 @@
 namespace sparrow {
 namespace {
 
+// How far ahead the float kernels prefetch (every *_avx*.cpp's tiles; measured and explained in
+// matmul_avx512.cpp): a weight row's stream into L1 (rows' tiles), and a panel's stream (f16 /
+// bf16 panels).
+constexpr int kPrefetchBytes = 512;
+constexpr size_t kPanelPrefetchBytes = 8192;
+
 using TileFn = void (*)(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys);
 
 template <typename Kern, int... I>
