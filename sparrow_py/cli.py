@@ -27,6 +27,9 @@ def _add_run(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--draft", help="Sparrow draft GGUF for speculative decoding (the output stays the model's own)")
     p.add_argument("--n-draft", type=int, default=4, help="tokens drafted per verification, at most (default 4)")
+    p.add_argument("--draft-p-min", type=float, default=0.0,
+                   help="a chain stops drafting before a token, after its first, whose draft distribution's likeliest "
+                        "token has a probability below this (0..1; default 0: off, adaptive chains cut by cost)")
     p.add_argument("--speculative", choices=["chain", "tree"], default="chain",
                    help="with --draft: a chain of --n-draft tokens or an EAGLE-2 dynamic tree (default chain)")
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
@@ -61,7 +64,8 @@ def _run(args) -> int:
                 stop=args.stop,
             )
             if args.draft:
-                gen_kwargs.update(n_draft=args.n_draft, speculative=args.speculative, adaptive=args.adaptive)
+                gen_kwargs.update(n_draft=args.n_draft, draft_p_min=args.draft_p_min, speculative=args.speculative,
+                                  adaptive=args.adaptive)
             if args.chat:
                 content = prompt
                 if visual:  # Hugging Face style parts: the template places the vision tokens

@@ -446,6 +446,7 @@ class Engine(OwnsHandles):
         ignore_eos: bool = False,
         speculative: Optional[str] = None,
         n_draft: int = 4,
+        draft_p_min: float = 0.0,
         tree_depth: int = 5,
         tree_top_k: int = 4,
         tree_total_tokens: int = 24,
@@ -468,8 +469,11 @@ class Engine(OwnsHandles):
         tree_top_k children per expanded node, the tree_total_tokens best verified together);
         "none" turns speculation off. adaptive (default) sizes each round from what this machine
         and this text show: up to n_draft tokens, or a plain decode step when speculating does
-        not pay (last_stats["n_draft_rounds"] counts what it chose); adaptive=False always drafts
-        n_draft (or the whole tree).
+        not pay (last_stats["n_draft_rounds"] counts what it chose), and a greedy or sampled
+        chain stops where the draft's confidence no longer pays for another token; adaptive=False
+        always drafts n_draft (or the whole tree). draft_p_min (0..1, llama.cpp's --draft-p-min)
+        also stops a chain before a token, after its first, whose draft distribution's likeliest
+        token is less likely than that (0: off).
         video / images (needs mmproj=): a video file, a list or array of HxWx3 uint8 RGB frames,
         and a list of images. They go where the prompt text says "<video>" / "<image>", else
         before the text, wrapped in the model's vision markers. fps / num_frames choose frames;
@@ -526,6 +530,7 @@ class Engine(OwnsHandles):
             raise SparrowError(f"speculative must be 'none', 'chain' or 'tree' (or None for the default), not {speculative!r}")
         params.speculative = modes[speculative]
         params.n_draft = int(n_draft)
+        params.draft_p_min = float(draft_p_min)
         params.tree_depth = int(tree_depth)
         params.tree_top_k = int(tree_top_k)
         params.tree_total_tokens = int(tree_total_tokens)

@@ -150,15 +150,126 @@ def test_sampled_tokens_follow_the_target_distribution(target, draft, tmp_path, 
         for seed in range(1, n + 1):
             "".join(spec.generate(prompt, max_tokens=2, seed=seed, ignore_eos=True, **SPEC_MODES[mode], **params))
             counts[spec.last_tokens[1]] += 1
-    exp = exact * n
+    assert_drawn_from(counts, exact, min_df=5)
+
+
+def assert_drawn_from(counts, p, min_df):
+    """A chi-square test that counts[t] (token t drawn so often) came from distribution p, the
+    tokens expected fewer than 5 times pooled; the bound is ~4.5 sigma above the mean."""
+    exp = p * counts.sum()
     big = exp >= 5
     obs_b = np.append(counts[big], counts[~big].sum())
     exp_b = np.append(exp[big], exp[~big].sum())
     keep = exp_b > 0
     chi2 = float(((obs_b[keep] - exp_b[keep]) ** 2 / exp_b[keep]).sum())
     df = int(keep.sum()) - 1
-    assert df >= 5, "the test distribution is too concentrated to say anything"
+    assert df >= min_df, "the test distribution is too concentrated to say anything"
     assert chi2 < df + 4.5 * np.sqrt(2 * df) + 10, f"chi2 {chi2:.1f} with {df} degrees of freedom"
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_draft_p_min_out_of_range_is_refused(target, draft, bad):
+    with sp.Engine(str(target), n_ctx=64, n_threads=1, kv_type="f32", draft=str(draft)) as spec:
+        with pytest.raises(sp.SparrowError, match="draft_p_min"):
+            "".join(spec.generate([1, 2, 3], max_tokens=4, draft_p_min=bad))
+
+
+def test_draft_p_min_cuts_greedy_chains_losslessly(target, draft):
+    """A chain stops before a token whose draft probability is below draft_p_min (its first token
+    is always drafted): at 1 every round drafts one token, at 0 all n_draft, and in between some
+    rounds stop early; the output is plain decoding's in every case."""
+    with sp.Engine(str(target), n_ctx=256, n_threads=2, kv_type="f32") as ar, \
+         sp.Engine(str(target), n_ctx=256, n_threads=2, kv_type="f32", draft=str(draft)) as spec:
+        rounds = {}
+        for p_min in (0.0, 0.02, 1.0):
+            lengths = np.zeros(33, dtype=int)
+            for prompt in prompts(ar, n=6, seed=3):
+                want = "".join(ar.generate(prompt, max_tokens=32, ignore_eos=True))
+                got = "".join(spec.generate(prompt, max_tokens=32, ignore_eos=True, speculative="chain", n_draft=6,
+                                            adaptive=False, draft_p_min=p_min))
+                assert got == want and spec.last_tokens == ar.last_tokens, p_min
+                n = spec.last_stats["n_draft_rounds"]
+                lengths[:len(n)] += n
+            rounds[p_min] = lengths
+        assert rounds[1.0][1] > 0 and rounds[1.0].sum() == rounds[1.0][1], rounds[1.0]
+        assert rounds[0.0][6] > 0 and rounds[0.0][1:6].sum() == 0, rounds[0.0]
+        assert rounds[0.02][1:6].sum() > 0, rounds[0.02]
+
+
+@pytest.fixture(scope="module")
+def copying_pair(tmp_path_factory, tiny_llama_dir):
+    """A target whose next-token distribution p is the same at every position (every token has
+    the same embedding, so every position's state is alike), spread over a few dozen tokens, and
+    a draft that computes exactly p (its fc passes the target's final state through, its layer adds
+    nothing, its output norm is the target's): every sampled draft is accepted (min(1, p / q) = 1),
+    so every chain reaches its end and a stop anywhere in it changes which tokens the target draws
+    itself. Returns (target, draft, p)."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from sparrow_py.train.export import save_draft
+    from sparrow_py.train.model import DraftConfig, SparrowDraft
+    from sparrow_py.train.target import target_shape
+
+    folder = tmp_path_factory.mktemp("copying")
+    hf = folder / "target-hf"
+    shutil.copytree(tiny_llama_dir, hf)
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight[0].expand_as(model.model.embed_tokens.weight))
+        unit = model(torch.tensor([[1, 2, 3]])).logits[0, -1].double().numpy()
+        # the final norm's weight scales the logits: sharpen p until its likeliest token has ~0.25
+        scale = next(s for s in np.linspace(1.0, 400.0, 4000) if _softmax(s * unit).max() >= 0.25)
+        model.model.norm.weight.mul_(float(scale))
+    model.save_pretrained(hf)
+    target = folder / "target.gguf"
+    convert(hf, target, outtype="f32", progress=False)
+
+    config = DraftConfig.for_target(target_shape(hf), glimpses=0)
+    L, H = config.target_num_layers, config.hidden_size
+    assert config.taps[-1] == L, "the draft passes the target's final state (tap L) through"
+    d = SparrowDraft(config)
+    with torch.no_grad():
+        d.fc.weight.zero_()
+        d.fc.weight[:, (len(config.taps) - 1) * H:].copy_(torch.eye(H))
+        d.o_proj.weight.zero_()
+        d.down_proj.weight.zero_()
+        d.output_norm.weight.copy_(model.model.norm.weight)
+    save_draft(d, folder / "draft")
+    draft = folder / "draft.gguf"
+    convert(folder / "draft", draft, outtype="f32", progress=False)
+    with sp.Engine(str(target), n_ctx=64, n_threads=1, kv_type="f32") as e:
+        p = _softmax(e.decode([5, 6, 7])[-1])
+    return target, draft, p
+
+
+@pytest.mark.parametrize("p_min", [0.1, 0.9])
+def test_sampled_chains_cut_by_draft_p_min_keep_the_target_distribution(copying_pair, p_min):
+    """Sampled chains with draft_p_min: the stop is decided on the draft's distribution before
+    its token is drawn (here its largest probability, ~0.25, the same at every step: 0.1 never
+    stops a chain, 0.9 stops every one after its first token). Deciding on the drawn token's own
+    probability instead (0.1: the unlikely ones) would let the target's fresh draws replace exactly
+    those and skew the output towards p's likely tokens. Every output token is a draw from p here."""
+    target, draft, p = copying_pair
+    params = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    counts = np.zeros(len(p))
+    with sp.Engine(str(target), n_ctx=128, n_threads=1, kv_type="f32", draft=str(draft)) as spec:
+        lengths = np.zeros(33, dtype=int)
+        accepted = drafted = 0
+        for seed in range(1, 61):
+            "".join(spec.generate([5, 6, 7], max_tokens=48, seed=seed, ignore_eos=True, speculative="chain",
+                                  n_draft=4, adaptive=False, draft_p_min=p_min, **params))
+            for t in spec.last_tokens[1:]:  # the first comes from the prompt's prefill
+                counts[t] += 1
+            s = spec.last_stats
+            n = s["n_draft_rounds"]
+            lengths[:len(n)] += n
+            accepted, drafted = accepted + s["n_accepted"], drafted + s["n_drafted"]
+    assert accepted >= 0.97 * drafted, "the test needs a draft whose tokens are all accepted"
+    stops = p_min > p.max()
+    assert lengths[1:].sum() == (lengths[1] if stops else lengths[4]), (p_min, lengths)
+    assert_drawn_from(counts, p, min_df=8)
 
 
 def _softmax(x):

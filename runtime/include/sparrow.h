@@ -323,6 +323,13 @@ typedef struct sparrow_generate_params {
     bool ignore_eog;                    /* keep going past end-of-generation tokens        */
     int32_t speculative;                /* SPARROW_SPEC_*; default CHAIN when a draft is attached */
     int32_t n_draft;                    /* tokens drafted per verification (chain), 1..32  */
+    float draft_p_min;                  /* chain: stop drafting a round before a token (after its
+                                           first) whose draft distribution's likeliest token has a
+                                           probability below this (llama.cpp's --draft-p-min), in
+                                           the distribution the draft draws from: the softmax of its
+                                           logits when greedy, the sampler's when sampling. 0..1,
+                                           default 0 (off); adaptive chains also stop where the
+                                           draft's confidence no longer pays (spec-policy.h)   */
     int32_t tree_depth;                 /* tree: levels drafted, 1..32                    */
     int32_t tree_top_k;                 /* tree: children per expanded node, 1..16        */
     int32_t tree_total_tokens;          /* tree: tokens verified per target forward (at most,

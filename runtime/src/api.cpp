@@ -473,6 +473,7 @@ sparrow_generate_params sparrow_generate_default_params(void) {
     p.ignore_eog = false;
     p.speculative = -1;  // chain when a draft is attached, none otherwise
     p.n_draft = 4;
+    p.draft_p_min = 0.0f;
     p.tree_depth = 5;
     p.tree_top_k = 4;
     p.tree_total_tokens = 24;

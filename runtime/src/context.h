@@ -90,6 +90,7 @@ struct sparrow_context {
         bool active = false;                     // this generation speculates
         bool tree = false;                       // with an EAGLE-2 tree rather than a chain
         int32_t n_draft = 4;
+        float draft_p_min = 0.0f;                // sparrow_generate_params.draft_p_min
         int32_t tree_depth = 5, tree_top_k = 4, tree_total = 24;
         bool adaptive = true;                    // rounds sized by the policy (spec-policy.h)
         sparrow::SpecPolicy policy;              // kept across generations: costs carry over

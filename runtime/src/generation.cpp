@@ -253,6 +253,9 @@ void generation_begin(sparrow_context & ctx, const sparrow_token * prompt, int32
         if (params.n_draft < 1 || params.n_draft > kMaxDraftTokens) {
             fail(SPARROW_ERR_INVALID_ARGUMENT, format("n_draft must be in [1, %d] (got %d)", kMaxDraftTokens, params.n_draft));
         }
+        if (!(params.draft_p_min >= 0.0f && params.draft_p_min <= 1.0f)) {  // NaN fails too
+            fail(SPARROW_ERR_INVALID_ARGUMENT, format("draft_p_min must be in [0, 1] (got %g)", (double) params.draft_p_min));
+        }
     }
     if (n_media > 0) {  // the prompt's input embeddings and positions, held until it is prefilled
         require_memory((int64_t) n_prompt * (ctx.model->hparams.n_embd + 4) * 4, format("a media prompt of %d tokens",
@@ -269,6 +272,7 @@ void generation_begin(sparrow_context & ctx, const sparrow_token * prompt, int32
     if (tree && tree_shape_changed) ctx.spec.policy.reset_tree();
     ctx.spec.tree = tree;
     ctx.spec.n_draft = params.n_draft;
+    ctx.spec.draft_p_min = params.draft_p_min;
     ctx.spec.tree_depth = params.tree_depth;
     ctx.spec.tree_top_k = params.tree_top_k;
     ctx.spec.tree_total = params.tree_total_tokens;

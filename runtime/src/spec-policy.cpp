@@ -186,25 +186,27 @@ double SpecPolicy::chain_stop_below(int32_t k) const {
 
 int SpecPolicy::confidence_bin(double p) { return std::min(kConfidenceBins - 1, (int) (p * kConfidenceBins)); }
 
-double SpecPolicy::calibrated(double p) const {
+double SpecPolicy::calibrated(double p, Confidence kind) const {
     p = std::min(std::max(p, 0.0), 1.0);
     const int b = confidence_bin(p);
     // accepted tokens over expected ones (their probabilities' sum) in p's tenth: a scale, so
     // that the order of probabilities within a tenth still counts
-    return std::min(1.0, p * (conf_accepted_[b] + kConfidencePrior) / (conf_expected_[b] + kConfidencePrior));
+    return std::min(1.0, p * (conf_accepted_[kind][b] + kConfidencePrior) / (conf_expected_[kind][b] + kConfidencePrior));
 }
 
-void SpecPolicy::record_confidences(const float * p, int32_t n, int32_t accepted) {
+void SpecPolicy::record_confidences(const float * p, int32_t n, int32_t accepted, Confidence kind) {
+    double * expected = conf_expected_[kind];
+    double * accepted_count = conf_accepted_[kind];
     for (int b = 0; b < kConfidenceBins; ++b) {
-        conf_expected_[b] *= kConfidenceDecay;
-        conf_accepted_[b] *= kConfidenceDecay;
+        expected[b] *= kConfidenceDecay;
+        accepted_count[b] *= kConfidenceDecay;
     }
     // tokens 1 .. accepted were accepted; the next one, if drafted, was reached and rejected
     for (int32_t i = 0; i < n && i <= accepted; ++i) {
         const double q = std::min(std::max((double) p[i], 0.0), 1.0);
         const int b = confidence_bin(q);
-        conf_expected_[b] += q;
-        if (i < accepted) conf_accepted_[b] += 1.0;
+        expected[b] += q;
+        if (i < accepted) accepted_count[b] += 1.0;
     }
 }
 

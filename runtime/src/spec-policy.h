@@ -33,11 +33,12 @@
 // percent of a decode: on simulated text of that kind, chains that rested 32 to 512 steps before
 // looking again reached 0.93 of the best fixed chain's speed, 0.98 with these probes.
 //
-// Within a greedy chain round the draft's own confidence decides how far to go (EAGLE-2 stops
-// drafting the same way): drafted token i adds a token to the round only if it and every token
-// before it are accepted, about the product c_i of the draft's probabilities of its choices
-// (calibrated on the real pair: tokens it gave 0.3-0.4 were accepted 39% of the time, 0.9-1.0
-// 95%), and it costs the round's marginal time per drafted token. So the chain stops before
+// Within a chain round the draft's own confidence decides how far to go (EAGLE-2 stops drafting
+// the same way): drafted token i adds a token to the round only if it and every token before it
+// are accepted, about the product c_i of the draft's confidences in its tokens (greedy: its
+// probability of its choice; calibrated on the real pair: tokens it gave 0.3-0.4 were accepted
+// 39% of the time, 0.9-1.0 95%; sampled: its distribution's largest probability, see Confidence),
+// and it costs the round's marginal time per drafted token. So the chain stops before
 // token i (after the first) when c_i < chain_stop_below(k) = (the tokens per millisecond that
 // speculation has been giving) x (the marginal milliseconds of a drafted token, from T(1) and
 // T(k); a cut round, which ran one draft step more than it kept, is timed as a round of the
@@ -93,16 +94,22 @@ public:
     // verified; produced_if[n] is what it did produce.
     void record_tree(const int32_t * produced_if, int32_t n, double ms);
 
-    // While drafting a greedy chain round of up to k tokens: the product of the draft's
-    // (calibrated) probabilities of its tokens so far under which the next token is not worth
-    // drafting (0: nothing timed yet, k < 2, or a round choose_chain chose to time a length).
+    // While drafting a chain round of up to k tokens: the product of the draft's (calibrated)
+    // confidences in its tokens so far under which the next token is not worth drafting (0:
+    // nothing timed yet, k < 2, or a round choose_chain chose to time a length).
     double chain_stop_below(int32_t k) const;
-    // The chance that a drafted token the draft gave probability p is accepted once the tokens
-    // before it were, as the rounds so far tell (p itself before they tell anything).
-    double calibrated(double p) const;
-    // After a greedy chain round whose drafted tokens had the draft's probabilities p[0 .. n) and
-    // of which `accepted` were kept.
-    void record_confidences(const float * p, int32_t n, int32_t accepted);
+    // What a drafted token's confidence p is: greedy, the draft's probability of the token it
+    // chose; sampled, the largest probability in the distribution it is drawn from, taken before
+    // the draw (a stop that looked at the drawn token would make the output's distribution
+    // depend on it). Each kind is calibrated on its own: a sampled token is accepted with
+    // probability min(1, target / draft), not when it is the target's argmax.
+    enum Confidence { kGreedy = 0, kSampled = 1 };
+    // The chance that a drafted token of confidence p is accepted once the tokens before it were,
+    // as the rounds so far tell (p itself before they tell anything).
+    double calibrated(double p, Confidence kind = kGreedy) const;
+    // After a chain round whose drafted tokens had confidences p[0 .. n) and of which `accepted`
+    // were kept.
+    void record_confidences(const float * p, int32_t n, int32_t accepted, Confidence kind = kGreedy);
 
     double acceptance(int32_t depth) const;  // the current estimate of a_depth (1-based)
     double expected_tokens(int32_t k) const;  // E(k)
@@ -134,11 +141,11 @@ private:
     // milliseconds: the speed speculation is giving (chain_stop_below)
     double spec_tokens_ = 0.0, spec_ms_ = 0.0;
     bool timing_chain_ = false;  // the chain chosen last is there to be timed: whole, not cut
-    // by tenths of the draft's probability, over the drafted tokens reached (those before them
-    // accepted): decayed sums of their probabilities, and counts of those accepted
+    // per Confidence kind, by tenths of confidence, over the drafted tokens reached (those before
+    // them accepted): decayed sums of their confidences, and counts of those accepted
     static constexpr int kConfidenceBins = 10;
     static int confidence_bin(double p);  // p's tenth, p in [0, 1]
-    double conf_expected_[kConfidenceBins] = {}, conf_accepted_[kConfidenceBins] = {};
+    double conf_expected_[2][kConfidenceBins] = {}, conf_accepted_[2][kConfidenceBins] = {};
     double accepted_[kMaxDepth] = {};  // decayed counts: drafts accepted at depth d + 1
     double reached_[kMaxDepth] = {};   // and drafts proposed there (the depth was reached)
     Cost cost_[kMaxDepth + 1];         // T(k), k = 0 the plain step

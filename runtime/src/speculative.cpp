@@ -264,28 +264,41 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     std::vector<int32_t> drafts;
     std::vector<std::vector<TokenProb>> q_dists;
     const bool timed = !s.prompt_pending;
-    // an adaptive greedy chain ends where the draft's confidence in it no longer pays for another
-    // token (spec-policy.h); the first token is always drafted
-    const double stop_below = greedy && s.adaptive ? s.policy.chain_stop_below(k) : 0.0;
-    double chain_p = 1.0;  // the chance that the chain so far is accepted, by the draft's calibrated probabilities
-    std::vector<float> confidences;  // the draft's probability of each drafted token
+    // An adaptive chain ends where the draft's confidence in it no longer pays for another token
+    // (spec-policy.h), any chain where a token's confidence is below draft_p_min; the first token
+    // is always drafted. A sampled token's confidence is its distribution's largest probability,
+    // decided on before it is drawn: stopping on the drawn token itself would bias what the round
+    // outputs at that position (the target's fresh draw there would stand in for some drafts and
+    // not others).
+    const double stop_below = s.adaptive ? s.policy.chain_stop_below(k) : 0.0;
+    const bool cut = stop_below > 0.0 || s.draft_p_min > 0.0f;
+    const SpecPolicy::Confidence kind = greedy ? SpecPolicy::kGreedy : SpecPolicy::kSampled;
+    double chain_p = 1.0;  // the chance that the chain so far is accepted, by the draft's calibrated confidences
+    std::vector<float> confidences;  // the draft's confidence in each drafted token
     run_pending(ctx, k > 0);
     for (int32_t i = 1; i <= k; ++i) {
-        int32_t token;
+        int32_t token = -1, choice = -1;
+        float confidence = 1.0f;
         if (greedy) {
-            const int32_t choice = argmax(s.scratch_logits.data(), draft.n_logits());
-            if (stop_below > 0.0) {
-                const float p = top_probability(s.scratch_logits.data(), draft.n_logits(), choice);
-                chain_p *= s.policy.calibrated(p);
-                if (i > 1 && chain_p < stop_below) break;
-                confidences.push_back(p);
-            }
-            token = draft.to_target_token(choice);
+            choice = argmax(s.scratch_logits.data(), draft.n_logits());
+            if (cut) confidence = top_probability(s.scratch_logits.data(), draft.n_logits(), choice);
         } else {
             q_dists.emplace_back();
             draft_distribution(ctx, s.scratch_logits.data(), sp, q_dists.back());
-            token = draw(q_dists.back(), g.rng);
+            if (cut) {
+                confidence = 0.0f;
+                for (const TokenProb & tp : q_dists.back()) confidence = std::max(confidence, tp.p);
+            }
         }
+        if (cut) {
+            chain_p *= s.policy.calibrated(confidence, kind);
+            if (i > 1 && (confidence < s.draft_p_min || chain_p < stop_below)) {
+                if (!greedy) q_dists.pop_back();
+                break;
+            }
+            confidences.push_back(confidence);
+        }
+        token = greedy ? draft.to_target_token(choice) : draw(q_dists.back(), g.rng);
         drafts.push_back(token);
         if (i == k) break;
         DraftEntry e;
@@ -326,7 +339,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     ctx.stats.t_verify_ms += verify_ms;
     ctx.stats.n_draft_rounds[std::min(n_drafted, 32)] += 1;
     s.policy.record_chain(n_drafted, accepted, timed ? draft_ms + verify_ms : SpecPolicy::kUntimed);
-    if (!confidences.empty()) s.policy.record_confidences(confidences.data(), (int32_t) confidences.size(), accepted);
+    if (!confidences.empty()) s.policy.record_confidences(confidences.data(), (int32_t) confidences.size(), accepted, kind);
 }
 
 // ---- EAGLE-2 dynamic trees -------------------------------------------------------------------

@@ -29,6 +29,8 @@ static void usage(FILE * out) {
             "      --no-special      do not parse special tokens written in the prompt\n"
             "      --draft FILE      Sparrow draft GGUF: speculative decoding (the output stays the model's)\n"
             "      --n-draft N       tokens drafted per verification, at most (default 4)\n"
+            "      --draft-p-min P   stop a chain before a token whose draft probability is below P\n"
+            "                        (its first token is always drafted; default 0 = off)\n"
             "      --tree            draft an EAGLE-2 dynamic tree instead of a chain\n"
             "      --no-adaptive     always draft --n-draft tokens (or the whole tree); by default each\n"
             "                        round drafts what pays on this machine, down to plain decoding\n"
@@ -100,6 +102,7 @@ int main(int argc, char ** argv) {
         else if (FLAG(NULL, "--no-special")) { parse_special = false; }
         else if (FLAG(NULL, "--draft")) { NEED_VALUE(); draft_path = v; }
         else if (FLAG(NULL, "--n-draft")) { NEED_VALUE(); gparams.n_draft = atoi(v); }
+        else if (FLAG(NULL, "--draft-p-min")) { NEED_VALUE(); gparams.draft_p_min = (float) atof(v); }
         else if (FLAG(NULL, "--tree")) { gparams.speculative = SPARROW_SPEC_TREE; }
         else if (FLAG(NULL, "--no-adaptive")) { gparams.adaptive = false; }
         else { fprintf(stderr, "sparrow-cli: unknown argument '%s' (see --help)\n", a); return 2; }

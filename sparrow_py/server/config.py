@@ -104,6 +104,9 @@ def add_serve_command(sub) -> None:
     g.add_argument("-s", "--seed", type=int, default=None, help="sampling seed")
     g.add_argument("--draft-max", "--n-draft", dest="n_draft", type=int, default=4,
                    help="with --draft: tokens drafted per verification, at most (default 4)")
+    g.add_argument("--draft-p-min", type=float, default=0.0,
+                   help="with --draft: a chain stops before a token, after its first, whose draft distribution's "
+                        "likeliest token has a probability below this (0..1; default 0 = off)")
     g.add_argument("--speculative", choices=["chain", "tree"], default=None,
                    help="with --draft: a chain of --draft-max tokens or an EAGLE-2 dynamic tree (default chain)")
     g.add_argument("--no-adaptive", dest="adaptive", action="store_false",
@@ -116,7 +119,7 @@ def add_serve_command(sub) -> None:
 def config_from_args(args) -> ServerConfig:
     sampling = Sampling(max_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                         min_p=args.min_p, seed=args.seed, speculative=args.speculative, n_draft=args.n_draft,
-                        adaptive=args.adaptive)
+                        draft_p_min=args.draft_p_min, adaptive=args.adaptive)
     return ServerConfig(model=args.model, mmproj=args.mmproj, draft=args.draft, alias=args.alias, host=args.host,
                         port=args.port, api_key=args.api_key or None, parallel=args.parallel, ctx_size=args.ctx_size,
                         threads=args.threads, batch_size=args.batch_size, queue_size=args.queue_size,

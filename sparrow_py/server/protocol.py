@@ -3,8 +3,8 @@
 Requests are checked field by field here, so that every mistake in one is a 400 naming the field
 before any work starts. Sampling fields carry OpenAI's and llama-server's names (max_tokens,
 max_completion_tokens and n_predict; temperature, top_p, top_k, min_p, seed, stop, ignore_eos),
-plus Sparrow's own: speculative ("none", "chain", "tree"), n_draft and adaptive (false: draft
-every round, as Engine.generate's adaptive=False), and for videos fps,
+plus Sparrow's own: speculative ("none", "chain", "tree"), n_draft, draft_p_min (Engine.generate's)
+and adaptive (false: draft every round, as Engine.generate's adaptive=False), and for videos fps,
 num_frames and max_pixels (on the request, or on one video part to override it there).
 
 Responses carry `usage` and a `timings` object with llama-server's field names (prompt_n,
@@ -40,13 +40,15 @@ class Sampling:
     ignore_eos: bool = False
     speculative: Optional[str] = None   # None: chain when the server has a draft
     n_draft: int = 4
+    draft_p_min: float = 0.0
     adaptive: bool = True
 
     def generate_kwargs(self) -> dict:
         """Engine.generate's keyword arguments."""
         return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                     min_p=self.min_p, seed=self.seed, stop=list(self.stop), ignore_eos=self.ignore_eos,
-                    speculative=self.speculative, n_draft=self.n_draft, adaptive=self.adaptive)
+                    speculative=self.speculative, n_draft=self.n_draft, draft_p_min=self.draft_p_min,
+                    adaptive=self.adaptive)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ def parse_sampling(body: dict, defaults: Sampling) -> Sampling:
         ignore_eos=_bool(body, "ignore_eos", defaults.ignore_eos),
         speculative=speculative,
         n_draft=_int(body, "n_draft", 1, 32, defaults.n_draft),
+        draft_p_min=_float(body, "draft_p_min", 0.0, 1.0, defaults.draft_p_min),
         adaptive=_bool(body, "adaptive", defaults.adaptive),
     )
 

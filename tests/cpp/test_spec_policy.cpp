@@ -23,7 +23,7 @@
 //     tree) the policy's speed is >= 95% of plain decoding and >= 90% of the best fixed size's
 //     (85% when up to 63 nodes),
 //     and a target that verifies expensively gets small trees;
-//   - chain_stop_below and calibrated() by hand; with a calibrated draft (each token accepted with
+//   - chain_stop_below and calibrated() by hand (greedy and sampled confidences apart); with a calibrated draft (each token accepted with
 //     the draft's own probability of it) chains cut where that threshold says are >= 3% faster than
 //     whole ones and no slower than the best fixed length, and >= 1% faster with drafts whose
 //     probabilities are halved, squared or overstated; a useless draft stays within 5% of plain.
@@ -660,6 +660,14 @@ void test_chain_stop_below() {
     const double want_cal = 0.4 * (kept + 2.0) / (expected + 2.0);
     check(std::fabs(cal.calibrated(0.4) - want_cal) < 1e-6, fmt("calibrated(0.4) %.6f (want %.6f)", cal.calibrated(0.4), want_cal));
     check(cal.calibrated(0.95) == 0.95, "a tenth no token reached keeps its probability");
+    // sampled tokens are calibrated apart: what greedy rounds taught does not move them, and back
+    check(cal.calibrated(0.4, SpecPolicy::kSampled) == 0.4, "greedy rounds leave sampled confidences alone");
+    const float drawn[2] = {0.48f, 0.41f};
+    cal.record_confidences(drawn, 2, 2, SpecPolicy::kSampled);  // both kept
+    const double want_sampled = 0.4 * (2.0 + 2.0) / (0.48 + 0.41 + 2.0);
+    check(std::fabs(cal.calibrated(0.4, SpecPolicy::kSampled) - want_sampled) < 1e-6,
+          fmt("sampled calibrated(0.4) %.6f (want %.6f)", cal.calibrated(0.4, SpecPolicy::kSampled), want_sampled));
+    check(std::fabs(cal.calibrated(0.4) - want_cal) < 1e-6, "sampled rounds leave greedy confidences alone");
 
     // a useless draft that knows it (tiny probabilities): still within 5% of plain decoding
     SpecPolicy useless;
