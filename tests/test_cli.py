@@ -53,3 +53,7 @@ def test_run_with_a_draft(tiny_qwen2_dir, tmp_path):
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     assert spec.stdout == plain.stdout
     assert "mean accepted length" in spec.stderr
+    cut = run(args + ["--draft", str(draft), "--n-draft", "3", "--draft-p-min", "0.5"], cwd=tmp_path)
+    assert cut.returncode == 0 and cut.stdout == plain.stdout, cut.stderr
+    bad = run(args + ["--draft", str(draft), "--draft-p-min", "2"], cwd=tmp_path)
+    assert bad.returncode != 0 and "draft_p_min" in bad.stderr

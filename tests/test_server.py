@@ -449,6 +449,7 @@ def test_bad_requests_get_error_objects(server, client, media_dir):
     _error(_post(server, {"model": MODEL}), 400)                      # no messages
     assert _error(_post(server, {"messages": hi, "temperature": "hot"}), 400)["param"] == "temperature"
     assert _error(_post(server, {"messages": hi, "n": 2}), 400)["param"] == "n"
+    assert _error(_post(server, {"messages": hi, "draft_p_min": 1.5}), 400)["param"] == "draft_p_min"
     _error(_post(server, {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}), 400)
     _error(_post(server, {"prompt": ""}, path="/v1/completions"), 400)
     _error(_post(server, {"prompt": [10 ** 6]}, path="/v1/completions"), 400)
