@@ -9,7 +9,8 @@
 // decode.
 //
 // Built by CMake with the tests (build/bench_attention):
-//   bench_attention [model [threads...]]      model: qwen2-0.5b (default) or qwen2-7b; threads 1 2
+//   bench_attention [model [threads...]]      model: qwen2-0.5b (default), qwen2-7b or smollm2-135m (the real
+//                                             pair's target, bench/bench_real_pair.py); threads 1 2
 
 #include "backend.h"
 #include "bench_util.h"
@@ -62,11 +63,13 @@ double ms_per_layer(Backend & be, const Shape & s, std::vector<Tensor> & k, std:
 
 int main(int argc, char ** argv) {
     const std::string model = argc > 1 ? argv[1] : "qwen2-0.5b";
-    const Shape shape = model == "qwen2-7b" ? Shape{"Qwen2-7B", 28, 28, 4, 128} : Shape{"Qwen2-0.5B", 24, 14, 2, 64};
+    const Shape shape = model == "qwen2-7b"       ? Shape{"Qwen2-7B", 28, 28, 4, 128}
+                        : model == "smollm2-135m" ? Shape{"SmolLM2-135M", 30, 9, 3, 64}
+                                                  : Shape{"Qwen2-0.5B", 24, 14, 2, 64};
     std::vector<int> threads;
     for (int i = 2; i < argc; i++) threads.push_back(std::atoi(argv[i]));
     if (threads.empty()) threads = {1, 2};
-    const int64_t lengths[] = {1024, 4096, 16384, 25600};
+    const int64_t lengths[] = {256, 1024, 4096, 16384, 25600};
     const int64_t max_kv = 25600, n_verify = 5;
     const int64_t kv_cols = (int64_t) shape.n_head_kv * shape.head_dim, q_cols = (int64_t) shape.n_head * shape.head_dim;
 
