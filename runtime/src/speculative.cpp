@@ -277,7 +277,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     std::vector<float> confidences;  // the draft's confidence in each drafted token
     run_pending(ctx, k > 0);
     for (int32_t i = 1; i <= k; ++i) {
-        int32_t token = -1, choice = -1;
+        int32_t choice = -1;
         float confidence = 1.0f;
         if (greedy) {
             choice = argmax(s.scratch_logits.data(), draft.n_logits());
@@ -298,7 +298,7 @@ void chain_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
             }
             confidences.push_back(confidence);
         }
-        token = greedy ? draft.to_target_token(choice) : draw(q_dists.back(), g.rng);
+        const int32_t token = greedy ? draft.to_target_token(choice) : draw(q_dists.back(), g.rng);
         drafts.push_back(token);
         if (i == k) break;
         DraftEntry e;
