@@ -75,15 +75,17 @@ int main(int argc, char ** argv) {
 
     std::mt19937 rng(1);
     std::normal_distribution<float> normal(0.0f, 1.0f);
-    std::vector<std::vector<uint16_t>> k_data((size_t) shape.n_layer), v_data((size_t) shape.n_layer);
+    // the caches from the backend's allocator, as the runtime's KV cache
+    auto memory = make_cpu_backend(1);
     std::vector<Tensor> k, v;
     for (int l = 0; l < shape.n_layer; l++) {
-        for (auto * d : {&k_data[(size_t) l], &v_data[(size_t) l]}) {
-            d->resize((size_t) (max_kv * kv_cols));
-            for (auto & x : *d) x = fp32_to_fp16(normal(rng));
+        for (auto * list : {&k, &v}) {
+            Tensor t = Tensor::matrix(DType::F16, kv_cols, max_kv, nullptr);
+            t.data = memory->alloc(t.nbytes());
+            uint16_t * d = (uint16_t *) t.data;
+            for (int64_t i = 0; i < max_kv * kv_cols; i++) d[i] = fp32_to_fp16(normal(rng));
+            list->push_back(t);
         }
-        k.push_back(Tensor::matrix(DType::F16, kv_cols, max_kv, k_data[(size_t) l].data()));
-        v.push_back(Tensor::matrix(DType::F16, kv_cols, max_kv, v_data[(size_t) l].data()));
     }
     std::vector<float> q_data((size_t) (n_verify * q_cols)), out_data(q_data.size());
     for (auto & x : q_data) x = normal(rng);
@@ -104,6 +106,9 @@ int main(int argc, char ** argv) {
             std::printf("%7d %7lld %12.3f %14.3f %10.2f %12.1f\n", nt, (long long) n_kv, dec, ver, ver / dec,
                         kv_bytes / (dec * 1e-3) / 1e9);
         }
+    }
+    for (auto * list : {&k, &v}) {
+        for (Tensor & t : *list) memory->free(t.data);
     }
     return 0;
 }

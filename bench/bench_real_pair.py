@@ -266,6 +266,9 @@ def main() -> int:
     # with the cheaper training step of stop 40, --steps 5000 in the same time (2.42). Going on from
     # it: --steps 4000 --lr 1e-3 --init-from draft-7000p-4500s-lr0.002-T0.5-mtp2 (2.47, 1.86x on f16).
     # --batch-size 8 --loss-fraction 0.5 --steps 3800 (34 min): 2.43, the 5,000-step draft's tau in less time
+    # An AMD EPYC Zen 4 steps half as fast: its hour holds --batch-size 8 --loss-fraction 0.5 --steps 2000
+    # (2.06); going on from it --steps 2000 --lr 1e-3 --init-from draft-7000p-2000s-lr0.002-T0.5-mtp2-bs8-lf0.5
+    # (37 min): 2.22, 1.79x on f16 at 2 threads.
     ap.add_argument("--train-prompts", type=int, default=6000)
     ap.add_argument("--max-new-tokens", type=int, default=160, help="target response length for training data")
     ap.add_argument("--draft-vocab", type=int, default=8192)

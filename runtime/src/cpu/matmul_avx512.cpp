@@ -128,23 +128,25 @@ struct FloatKern {
 // chain per (row, activation row) and the same reduction (the same bits as the rows' kernels), the
 // zero padding of the last 16 columns standing in for the masked weight load.
 //
-// The stream is prefetched into L2 kPanelPrefetchBytes (8 KiB) ahead, at every batch: the hardware
-// prefetchers follow it too, but the software prefetch keeps several tiles of FMAs from leaving
-// memory idle (one row: 37-39 GB/s against 33-35 with none or one group ahead, bench_quant 49152 x
-// 576, 1 thread, Zen 5). A fixed distance, not a number of groups: two groups ahead (9 KiB on SmolLM2's 576 columns)
+// Where a tile has several activation rows the stream is prefetched into L2 kPanelPrefetchBytes
+// (8 KiB) ahead: the hardware prefetchers follow it too, but the software prefetch keeps several
+// tiles of FMAs from leaving memory idle (a 6-row verify of SmolLM2's products without it took
+// 1.5-1.9x one row's time against 1.1-1.4x, bench_quant model, Zen 4; on a Zen 5 with 4 KiB pages
+// it had helped one row too, 33-35 -> 37-39 GB/s, bench_quant 49152 x 576). A fixed distance, not a number of groups: two groups ahead (9 KiB on SmolLM2's 576 columns)
 // was right there, but on ffn_down's 1,536 columns (24 KiB ahead) a 6-row verify took 1.40-1.55
 // of one row's time against 1.08-1.20 at 6-8 KiB (bench_quant 576 x 1536, 2 threads; 12 KiB and
 // more as slow as 24); one row 35-36 -> 37-38 GB/s at 1 thread. Cutting k into pieces whose
 // activation rows stay in L1 was tried there too, and lost at both distances (the pieces break
 // the stream the prefetch runs ahead of).
-// f16 at one activation row (decode) prefetches into L1 instead: its conversions make the
-// loads' latency count where bf16's shifts do not (the real pair's f16 file, Zen 5, libraries with
-// and without in alternating processes: 1 thread 122-131 -> 144-146 tokens/s; 2 threads 5-7%
-// faster with the hint switched at run time in one process, within the host's noise across
-// processes; bf16 was 1-2% slower that way, so it keeps L2; into L1 at several rows, or 16 KiB
-// ahead there, moved a 6-row verify by under 2%).
-template <typename Load, int C>
-constexpr bool kPanelPrefetchIntoL1 = std::is_same_v<Load, LoadF16> && C == 1;
+// At one activation row (decode) the panels are not prefetched at all: from huge pages (the
+// store's arena, cpu/huge_pages.h) the hardware prefetchers follow the one stream by themselves,
+// and software prefetches only compete with them (AMD EPYC Zen 4, bench_quant model at one row, 1
+// thread, GB/s of weights: f16 23-24 with an 8 KiB prefetch into L1, 22 into L2, 31-32 without;
+// bf16 on vdpbf16ps 22 with its L2 prefetch, 27-32 without; even from 4 KiB pages f16 went 18-21
+// -> 24). On a Zen 5, with 4 KiB pages, the L1 prefetch had made f16 decoding 10-15% faster at 1
+// thread; that CPU has not run the weights from huge pages yet.
+template <int C>
+constexpr bool kPanelPrefetch = C > 1;
 
 template <typename Load>
 struct PanelKern {
@@ -154,10 +156,7 @@ struct PanelKern {
         for (int r = 0; r < 4; r++)
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
         auto step = [&](const uint8_t * p, auto load_x) {
-            if constexpr (kPanelPrefetchIntoL1<Load, C>) {
-                _mm_prefetch((const char *) (p + kPanelPrefetchBytes), _MM_HINT_T0);
-                _mm_prefetch((const char *) (p + kPanelPrefetchBytes + 64), _MM_HINT_T0);
-            } else {
+            if constexpr (kPanelPrefetch<C>) {
                 _mm_prefetch((const char *) (p + kPanelPrefetchBytes), _MM_HINT_T1);
                 _mm_prefetch((const char *) (p + kPanelPrefetchBytes + 64), _MM_HINT_T1);
             }

@@ -4,17 +4,15 @@
 // The panels are the backend's copy; the file stays the source of truth. Once a matrix is
 // packed, its pages of the mapping are handed back to the kernel (MADV_DONTNEED on a read-only
 // shared mapping only drops them from this process: a later read faults them in again from the
-// page cache), so a model does not sit in memory twice.
+// page cache), so a model does not sit in memory twice. The panels come one after the other from
+// an arena on huge pages (cpu/huge_pages.h): a token streams them in that order.
 #include "backend.h"
 #include "common.h"
+#include "cpu/huge_pages.h"
 #include "cpu/panels.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
-
-#include <cstdlib>
-#include <unordered_set>
-#include <vector>
 
 namespace sparrow {
 
@@ -23,9 +21,6 @@ namespace {
 class CpuWeightStore final : public WeightStore {
 public:
     explicit CpuWeightStore(bool release_mapped_pages) : release_(release_mapped_pages) {}
-    ~CpuWeightStore() override {
-        for (void * p : buffers_) std::free(p);
-    }
 
     Tensor matmul_weight(const Tensor & view) override {
         if (view.data && !mul_mat_supported(view.type)) {
@@ -35,9 +30,8 @@ public:
         if (!view.data || view.panels || !panels_supported(view.type)) return view;
         const int64_t k = view.cols(), rows = view.rows();
         const size_t bytes = packed_bytes(view.type, k, rows);
-        void * p = std::aligned_alloc(64, bytes);
+        void * p = arena_.alloc(bytes);
         if (!p) fail(SPARROW_ERR_OUT_OF_MEMORY, format("cannot allocate %zu bytes for packed weights", bytes));
-        buffers_.push_back(p);
         bytes_ += bytes;
         pack_panels(view.type, k, view.data, view.row_bytes(), rows, p);
         if (release_) release_pages(view.data, view.nbytes());
@@ -62,7 +56,7 @@ private:
     }
 
     bool release_;
-    std::vector<void *> buffers_;
+    StreamedArena arena_;
     size_t bytes_ = 0;
 };
 
