@@ -175,8 +175,9 @@ std::unique_ptr<Backend> make_cpu_backend(int n_threads);
 std::unique_ptr<Backend> make_ref_backend();
 
 // Weights in the form the backend's matmul reads best, made once at load and shared by every
-// context of the model. The CPU store repacks quantized matrices into panels (cpu/panels.h) and
-// lets the kernel drop the mapped file's pages it no longer needs; other views pass through.
+// context of the model. The CPU store repacks matrices into panels (cpu/panels.h), or copies those
+// of types without panels, onto huge pages, and lets the kernel drop the mapped file's pages it no
+// longer needs; other views pass through.
 class WeightStore {
 public:
     virtual ~WeightStore() = default;

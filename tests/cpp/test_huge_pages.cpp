@@ -1,6 +1,6 @@
 // test_huge_pages.cpp - the CPU weight store's memory (cpu/huge_pages.h): the arena's buffers are
 // aligned, disjoint and consecutive, and sit where Linux may back them with 2 MiB pages, as do the
-// store's packed matrices.
+// store's matrices, packed or copied.
 //
 // The last is read from the kernel: /proc/self/smaps says per mapping whether it is eligible for
 // transparent huge pages ("THPeligible"), which it is under THP "madvise" (the usual default) only
@@ -133,6 +133,12 @@ void test_weight_store() {
     const Tensor packed = store->matmul_weight(Tensor::matrix(DType::F16, 576, 1536, f16.data()));
     check(packed.panels && packed.data != f16.data(), "an f16 matrix is packed into the store");
     check_huge_eligible(packed.data, "the weight store's packed f16 matrix");
+    // f32 has no panels: its rows are copied as they are, onto the same pages
+    std::vector<uint8_t> f32 = make_weights(DType::F32, 576, 1536);
+    const Tensor copied = store->matmul_weight(Tensor::matrix(DType::F32, 1536, 576, f32.data()));
+    check(!copied.panels && copied.data != f32.data() && std::memcmp(copied.data, f32.data(), f32.size()) == 0,
+          "an f32 matrix is copied into the store byte for byte");
+    check_huge_eligible(copied.data, "the weight store's copied f32 matrix");
 }
 
 }  // namespace

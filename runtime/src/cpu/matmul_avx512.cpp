@@ -130,12 +130,13 @@ struct FloatKern {
 //
 // Where a tile has several activation rows the stream is prefetched into L2 kPanelPrefetchBytes
 // (8 KiB) ahead: the hardware prefetchers follow it too, but the software prefetch keeps several
-// tiles of FMAs from leaving memory idle (a 6-row verify of SmolLM2's products without it took
-// 1.5-1.9x one row's time against 1.1-1.4x, bench_quant model, Zen 4; on a Zen 5 with 4 KiB pages
-// it had helped one row too, 33-35 -> 37-39 GB/s, bench_quant 49152 x 576). A fixed distance, not a number of groups: two groups ahead (9 KiB on SmolLM2's 576 columns)
-// was right there, but on ffn_down's 1,536 columns (24 KiB ahead) a 6-row verify took 1.40-1.55
-// of one row's time against 1.08-1.20 at 6-8 KiB (bench_quant 576 x 1536, 2 threads; 12 KiB and
-// more as slow as 24); one row 35-36 -> 37-38 GB/s at 1 thread. Cutting k into pieces whose
+// tiles of FMAs from leaving memory idle (SmolLM2's products at 6 rows, bench_quant model, 1
+// thread, Zen 4: f16 16.2-16.5 ms with it, 28-31 without; on a Zen 5 with 4 KiB pages it had
+// helped one row too, 33-35 -> 37-39 GB/s, bench_quant 49152 x 576). A fixed distance, not a
+// number of groups: two groups ahead (9 KiB on SmolLM2's 576 columns) was right there, but on
+// ffn_down's 1,536 columns (24 KiB ahead) a 6-row verify took 1.40-1.55 of one row's time against
+// 1.08-1.20 at 6-8 KiB (bench_quant 576 x 1536, 2 threads; 12 KiB and more as slow as 24); one row
+// 35-36 -> 37-38 GB/s at 1 thread. Cutting k into pieces whose
 // activation rows stay in L1 was tried there too, and lost at both distances (the pieces break
 // the stream the prefetch runs ahead of).
 // At one activation row (decode) the panels are not prefetched at all: from huge pages (the
