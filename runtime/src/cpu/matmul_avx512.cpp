@@ -145,9 +145,7 @@ struct FloatKern {
 // thread, GB/s of weights: f16 23-24 with an 8 KiB prefetch into L1, 22 into L2, 31-32 without;
 // bf16 on vdpbf16ps 22 with its L2 prefetch, 27-32 without; even from 4 KiB pages f16 went 18-21
 // -> 24). On a Zen 5, with 4 KiB pages, the L1 prefetch had made f16 decoding 10-15% faster at 1
-// thread; that CPU has not run the weights from huge pages yet.
-template <int C>
-constexpr bool kPanelPrefetch = C > 1;
+// thread; that CPU has not run the weights from huge pages yet. (kPanelPrefetch, matmul_tiles.h.)
 
 template <typename Load>
 struct PanelKern {

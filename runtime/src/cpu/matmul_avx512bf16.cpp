@@ -80,7 +80,7 @@ void panel_tile(int64_t k, const uint8_t * g, const uint8_t * x, size_t xs, floa
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
     auto step = [&](const uint8_t * p, auto load_w, auto load_x) {
-        if constexpr (C > 1) {  // one row streams best alone (matmul_avx512.cpp's kPanelPrefetch)
+        if constexpr (kPanelPrefetch<C>) {
             for (int line = 0; line < 4; line++) _mm_prefetch((const char *) (p + kPanelPrefetchBytes + 64 * line), _MM_HINT_T1);
         }
         __m512i wv[4];
