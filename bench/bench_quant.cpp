@@ -162,7 +162,9 @@ bool type_wanted(DType t) {
 // their own, below both one row's and their in-cache arithmetic's (Zen 5, fast-memory state: 75
 // GB/s at one row, 52-55 at six in f16 and bf16 alike, which run six rows from cache at 67 and 96).
 int bench_model(const std::vector<int> & thread_counts) {
-    constexpr int kLayers = 30, kDim = 576, kKv = 192, kFfn = 1536, kVocab = 49152, kVerifyRows = 6, kPasses = 30;
+    constexpr int kLayers = 30, kDim = 576, kKv = 192, kFfn = 1536, kVocab = 49152, kPasses = 30;
+    const char * rows_env = std::getenv("SPARROW_BENCH_ROWS");  // a verify's rows (default 6: 5 drafts)
+    const int kVerifyRows = rows_env != nullptr && atoi(rows_env) > 0 ? atoi(rows_env) : 6;
     const DType types[] = {DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1};
     std::printf("# %s; bench_quant model: SmolLM2-135M's products, %d layers + head; kernels %s\n",
                 bench::cpu_model().c_str(), kLayers, simd_level());

@@ -22,10 +22,10 @@ namespace {
 // bf16 panels).
 constexpr int kPrefetchBytes = 512;
 constexpr size_t kPanelPrefetchBytes = 8192;
-// Whether a float panel tile of C activation rows prefetches its stream: only at several rows (one
-// row streams best from huge pages alone; measured in matmul_avx512.cpp).
+// Whether a float panel tile of C activation rows prefetches its stream: only at three rows and
+// more (one or two rows stream best from huge pages alone; measured in matmul_avx512.cpp).
 template <int C>
-constexpr bool kPanelPrefetch = C > 1;
+constexpr bool kPanelPrefetch = C > 2;
 
 using TileFn = void (*)(int64_t k, const uint8_t * w, size_t ws, const uint8_t * x, size_t xs, float * y, int64_t ys);
 
