@@ -11,7 +11,8 @@
 //   bench_quant [rows cols [threads...]]      (default 4096 4096, threads 1 2)
 //   bench_quant model [threads...]            (SmolLM2-135M's products in a decode's order, below)
 // SPARROW_BENCH_TYPES=f32,f16 measures only the types named; SPARROW_BENCH_CACHED=1 one copy of
-// the matrix, so a small one stays in cache.
+// the matrix, so a small one stays in cache; SPARROW_BENCH_ROWS=3 gives `model` a verify of 3
+// rows instead of 6 (its cost by chain length).
 //
 // Each type gets enough copies of the matrix to exceed 1 GiB, cycled through, so the weights
 // come from DRAM as at decode time rather than from the last-level cache.
@@ -164,11 +165,11 @@ bool type_wanted(DType t) {
 int bench_model(const std::vector<int> & thread_counts) {
     constexpr int kLayers = 30, kDim = 576, kKv = 192, kFfn = 1536, kVocab = 49152, kPasses = 30;
     const char * rows_env = std::getenv("SPARROW_BENCH_ROWS");  // a verify's rows (default 6: 5 drafts)
-    const int kVerifyRows = rows_env != nullptr && atoi(rows_env) > 0 ? atoi(rows_env) : 6;
+    const int verify_rows = rows_env != nullptr && atoi(rows_env) > 0 ? std::min(atoi(rows_env), 64) : 6;
     const DType types[] = {DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1};
     std::printf("# %s; bench_quant model: SmolLM2-135M's products, %d layers + head; kernels %s\n",
                 bench::cpu_model().c_str(), kLayers, simd_level());
-    std::printf("threads  type   1 row ms  GB/s   %d rows ms  GB/s   %d rows / 1 (paired)\n", kVerifyRows, kVerifyRows);
+    std::printf("threads  type   1 row ms  GB/s   %d rows ms  GB/s   %d rows / 1 (paired)\n", verify_rows, verify_rows);
     std::mt19937 rng(7);
     for (const int threads : thread_counts) {
         auto be = make_cpu_backend(threads);
@@ -190,7 +191,7 @@ int bench_model(const std::vector<int> & thread_counts) {
                 layers.push_back(L);
             }
             const Tensor head = weight(kVocab, kDim);
-            std::vector<float> x((size_t) kFfn * kVerifyRows), out((size_t) kVocab * kVerifyRows);
+            std::vector<float> x((size_t) kFfn * verify_rows), out((size_t) kVocab * verify_rows);
             std::normal_distribution<float> normal(0.0f, 1.0f);
             for (auto & v : x) v = normal(rng);
             auto pass = [&](int n) {  // outputs overwrite one buffer: only the products' time counts
@@ -214,7 +215,7 @@ int bench_model(const std::vector<int> & thread_counts) {
             std::vector<double> one, many, ratio;
             for (int i = 0; i < kPasses; i++) {
                 one.push_back(pass(1));
-                many.push_back(pass(kVerifyRows));
+                many.push_back(pass(verify_rows));
                 ratio.push_back(many.back() / one.back());
             }
             const double t1 = median(one), tn = median(many);
