@@ -128,8 +128,8 @@ struct FloatKern {
 // chain per (row, activation row) and the same reduction (the same bits as the rows' kernels), the
 // zero padding of the last 16 columns standing in for the masked weight load.
 //
-// Where a tile has several activation rows the stream is prefetched into L2 kPanelPrefetchBytes
-// (8 KiB) ahead: the hardware prefetchers follow it too, but the software prefetch keeps several
+// Where a tile has three activation rows or more the stream is prefetched into L2
+// kPanelPrefetchBytes (8 KiB) ahead: the hardware prefetchers follow it too, but the software prefetch keeps several
 // tiles of FMAs from leaving memory idle (SmolLM2's products at 6 rows, bench_quant model, 1
 // thread, Zen 4: f16 16.2-16.5 ms with it, 28-31 without; on a Zen 5 with 4 KiB pages it had
 // helped one row too, 33-35 -> 37-39 GB/s, bench_quant 49152 x 576). A fixed distance, not a
@@ -144,11 +144,11 @@ struct FloatKern {
 // and software prefetches only compete with them (AMD EPYC Zen 4, bench_quant model at one row, 1
 // thread, GB/s of weights: f16 23-24 with an 8 KiB prefetch into L1, 22 into L2, 31-32 without;
 // bf16 on vdpbf16ps 22 with its L2 prefetch, 27-32 without; even from 4 KiB pages f16 went 18-21
-// -> 24). Nor at two rows (a verify of one draft), whose FMAs still keep pace with the stream:
-// there the prefetch made the product 1.30 times one row's in f16 and 1.41-1.49 in bf16, without
-// it 1.08 and 1.05-1.11 (the same machine, SPARROW_BENCH_ROWS=2 bench_quant model, 1 thread; at 3
-// rows the prefetch still wins, f16 1.09 against 1.32). On a Zen 5, with 4 KiB pages, the L1 prefetch had made f16 decoding 10-15% faster at 1
-// thread; that CPU has not run the weights from huge pages yet. (kPanelPrefetch, matmul_tiles.h.)
+// -> 24). Nor at two rows (a verify of one draft): there the prefetch made the product 1.30 times
+// one row's in f16 and 1.41-1.49 in bf16, without it 1.08 and 1.05-1.11 (the same machine,
+// SPARROW_BENCH_ROWS=2 bench_quant model, 1 thread; at 3 rows the prefetch still wins, f16 1.09
+// against 1.32). On a Zen 5, with 4 KiB pages, the L1 prefetch had made f16 decoding 10-15% faster
+// at 1 thread; that CPU has not run the weights from huge pages yet. (kPanelPrefetch, matmul_tiles.h.)
 
 template <typename Load>
 struct PanelKern {
