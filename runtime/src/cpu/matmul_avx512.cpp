@@ -129,16 +129,14 @@ struct FloatKern {
 // zero padding of the last 16 columns standing in for the masked weight load.
 //
 // Where a tile has three activation rows or more the stream is prefetched into L2
-// kPanelPrefetchBytes (8 KiB) ahead: the hardware prefetchers follow it too, but the software prefetch keeps several
-// tiles of FMAs from leaving memory idle (SmolLM2's products at 6 rows, bench_quant model, 1
-// thread, Zen 4: f16 16.2-16.5 ms with it, 28-31 without; on a Zen 5 with 4 KiB pages it had
-// helped one row too, 33-35 -> 37-39 GB/s, bench_quant 49152 x 576). A fixed distance, not a
-// number of groups: two groups ahead (9 KiB on SmolLM2's 576 columns) was right there, but on
+// kPanelPrefetchBytes (8 KiB) ahead: the hardware prefetchers follow it too, but the software
+// prefetch keeps several tiles of FMAs from leaving memory idle (SmolLM2's products at 6 rows,
+// bench_quant model, 1 thread, Zen 4: f16 16.2-16.5 ms with it, 28-31 without). A fixed distance,
+// not a number of groups: two groups ahead (9 KiB on SmolLM2's 576 columns) was right there, but on
 // ffn_down's 1,536 columns (24 KiB ahead) a 6-row verify took 1.40-1.55 of one row's time against
-// 1.08-1.20 at 6-8 KiB (bench_quant 576 x 1536, 2 threads; 12 KiB and more as slow as 24); one row
-// 35-36 -> 37-38 GB/s at 1 thread. Cutting k into pieces whose
-// activation rows stay in L1 was tried there too, and lost at both distances (the pieces break
-// the stream the prefetch runs ahead of).
+// 1.08-1.20 at 6-8 KiB (bench_quant 576 x 1536, 2 threads; 12 KiB and more as slow as 24). Cutting k
+// into pieces whose activation rows stay in L1 was tried there too, and lost at both distances (the
+// pieces break the stream the prefetch runs ahead of).
 // At one activation row (decode) the panels are not prefetched at all: from huge pages (the
 // store's arena, cpu/huge_pages.h) the hardware prefetchers follow the one stream by themselves,
 // and software prefetches only compete with them (AMD EPYC Zen 4, bench_quant model at one row, 1
@@ -147,8 +145,9 @@ struct FloatKern {
 // -> 24). Nor at two rows (a verify of one draft): there the prefetch made the product 1.30 times
 // one row's in f16 and 1.41-1.49 in bf16, without it 1.08 and 1.05-1.11 (the same machine,
 // SPARROW_BENCH_ROWS=2 bench_quant model, 1 thread; at 3 rows the prefetch still wins, f16 1.09
-// against 1.32). On a Zen 5, with 4 KiB pages, the L1 prefetch had made f16 decoding 10-15% faster
-// at 1 thread; that CPU has not run the weights from huge pages yet. (kPanelPrefetch, matmul_tiles.h.)
+// against 1.32). On a Zen 5 with 4 KiB pages, prefetching one row had paid (into L2: 33-35 -> 37-39
+// GB/s, bench_quant 49152 x 576; into L1: f16 decoding 10-15% faster at 1 thread); that CPU has not
+// run the weights from huge pages yet. (kPanelPrefetch, matmul_tiles.h.)
 
 template <typename Load>
 struct PanelKern {
