@@ -178,7 +178,7 @@ def _train(args) -> int:
     from .data import build_cache, load_sample
     from .model import DraftConfig, DraftConfigError, SparrowDraft
     from .target import Target
-    from .trainer import TrainOptions, choose_draft_vocab, init_from_target, train
+    from .trainer import TrainOptions, choose_draft_vocab, init_from_target, retain_freed_memory, train
 
     if not args.target_temperature >= 0:
         print("sparrow train: error: --target-temperature must be 0 or more", file=sys.stderr)
@@ -186,6 +186,7 @@ def _train(args) -> int:
     if not 0 < args.loss_fraction <= 1:
         print("sparrow train: error: --loss-fraction must be above 0 and at most 1", file=sys.stderr)
         return 1
+    retain_freed_memory()
     import torch
     device = _device(args.device)
     try:

@@ -170,6 +170,28 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def retain_freed_memory() -> bool:
+    """Keep the memory torch frees in this process for its next tensors, instead of handing it
+    back to the kernel (glibc only; returns whether it applied).
+
+    A training step allocates and frees a dozen float tensors of rows x draft vocabulary (30-55
+    MB each on the real pair). glibc serves every block above 32 MB, and any above its adaptive
+    threshold, with a fresh mmap, and returns freed heap tops past 128 KiB: each of those tensors
+    then costs one page fault per 4 KiB touched, which made the loss's softmax, division and
+    products 5-20x slower than on reused memory. With mmap off and trimming off, freed blocks go
+    back to the heap and are reused: the real pair's step took 0.75-0.86 s instead of 0.91-1.05
+    (2 threads, AMD EPYC Zen 4), for ~11% more peak memory (3.4 GB against 3.1). Process-wide, so
+    the training CLI calls it, not train()."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def lr_at(step: int, total: int, opt: TrainOptions) -> float:
     if opt.warmup_steps and step < opt.warmup_steps:
         return opt.lr * (step + 1) / opt.warmup_steps
