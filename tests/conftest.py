@@ -39,6 +39,18 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
 
 DATA_DIR = Path(__file__).parent / "data"
 
+
+@pytest.fixture(autouse=True)
+def retain_freed_memory_calls(monkeypatch):
+    """`sparrow train` sets glibc to keep freed memory for the whole process; the tests run it in
+    this process, so the call is recorded here instead (and the list returned to tests that check
+    it). Only where torch is loaded: the trainer needs it, and the other tests never train."""
+    calls: list[bool] = []
+    if "torch" in sys.modules:
+        from sparrow_py.train import trainer
+        monkeypatch.setattr(trainer, "retain_freed_memory", lambda: calls.append(True) or True)
+    return calls
+
 # The added tokens of the tiny tokenizer, in id order after the BPE vocab: (content, special)
 TINY_ADDED_TOKENS = [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
                      ("<think>", False)]

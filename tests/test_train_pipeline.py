@@ -427,7 +427,7 @@ def test_draft_that_does_not_fit_is_refused(text_target, tiny_llama_dir, tmp_pat
                  "--data", str(m)]) == 1
 
 
-def test_cli_train_then_eval(tiny_qwen2_dir, tmp_path, capsys):
+def test_cli_train_then_eval(tiny_qwen2_dir, tmp_path, capsys, retain_freed_memory_calls):
     from sparrow_py.cli import main
 
     m = tmp_path / "train.jsonl"
@@ -444,6 +444,7 @@ def test_cli_train_then_eval(tiny_qwen2_dir, tmp_path, capsys):
                "--draft-vocab", "64", "--quiet", "--eval-data", str(h), "--loss-fraction", "0.5"])
     text = capsys.readouterr().out
     assert rc == 0, text
+    assert retain_freed_memory_calls == [True]  # its steps' large tensors reuse memory (trainer.py)
     assert "1 skipped" in text and "invalid JSON" in text and "mean accepted length" in text
     assert DraftConfig.load(out).draft_vocab_size == 64
     rc = main(["eval-draft", "--target", str(tiny_qwen2_dir), "--draft", str(out), "--data", str(h),
@@ -610,7 +611,7 @@ def test_bf16_by_default_where_the_hardware_computes_it(text_target, text_featur
     assert losses(None, False) == f32
 
 
-def test_training_reuses_freed_memory_instead_of_faulting_it_in_again():
+def test_training_reuses_freed_memory_instead_of_faulting_it_in_again(tmp_path):
     """retain_freed_memory (called by `sparrow train`): a freed 64 MB tensor's memory serves the
     next one, so touching it takes no page faults; glibc's default (a fresh mmap per block over
     32 MB) faults every 4 KiB page in again. A subprocess each: the setting is process-wide."""
@@ -633,6 +634,7 @@ print(faults[-1])
 """
     pages = 64 * 2**20 // 4096
     faults = {mode: int(subprocess.run([sys.executable, "-c", probe, mode], check=True, capture_output=True,
-                                       text=True).stdout) for mode in ("default", "retain")}
+                                       text=True, cwd=tmp_path).stdout) for mode in ("default", "retain")}
     assert faults["default"] > pages // 2, faults
     assert faults["retain"] < pages // 16, faults
+
