@@ -179,12 +179,12 @@ def retain_freed_memory() -> bool:
     threshold, with a fresh mmap, and returns freed heap tops past 128 KiB: each of those tensors
     then costs one page fault per 4 KiB touched, which made the loss's softmax, division and
     products several times slower than on reused memory (the target's distribution took 118-148
-    ms a step instead of 65-88). With mmap and trimming off, freed blocks stay in the heap and are reused: the
-    real pair's step took 0.80-0.83 s instead of 0.94-1.06 (2 threads, AMD EPYC Zen 4, alternating
-    runs of 25 steps), 0.89 s over a 5,000-step run against 1.10 s over the 3,000 before it. The
-    cost is memory held: 6.6 GB of anonymous memory after 200 steps against 5.9, and the 5,000-step
-    run's trainer stayed at 8.5 GB from step ~1,700 to the end. Process-wide, so the training CLI
-    calls it, not train()."""
+    ms a step instead of 65-88). With mmap and trimming off, freed blocks stay in the heap and
+    are reused: the real pair's step took 0.80-0.83 s instead of 0.94-1.06 (2 threads, AMD EPYC
+    Zen 4, alternating runs of 25 steps), 0.89 s over a 5,000-step run against 1.10 s over the
+    3,000 before it. The cost is memory held: 6.6 GB of anonymous memory after 200 steps against
+    5.9, and the 5,000-step run's trainer stayed at 8.5 GB from step ~1,700 to the end.
+    Process-wide, so the training CLI calls it, not train()."""
     import ctypes
     import platform
 
