@@ -637,4 +637,3 @@ print(faults[-1])
                                        text=True, cwd=tmp_path).stdout) for mode in ("default", "retain")}
     assert faults["default"] > pages // 2, faults
     assert faults["retain"] < pages // 16, faults
-
