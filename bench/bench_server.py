@@ -20,7 +20,6 @@ import base64
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -28,16 +27,7 @@ import time
 
 import numpy as np
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from compare_llamacpp import cpu_model  # bench/ is the script's folder, so on sys.path
 
 
 def npy_uri(frames: np.ndarray) -> str:

@@ -1,17 +1,21 @@
 // bench_util.h - what the benchmarks under bench/ share.
 #pragma once
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <string>
 
 namespace bench {
 
-// "AMD EPYC (family 26)": /proc/cpuinfo's model name and family, since a speed holds for the CPU
-// it was measured on (virtual machines often hide the model number).
+// "AMD EPYC (family 25, model 17, L1d 32 KiB)": /proc/cpuinfo's model name, family and model, and
+// the L1 data cache's size, since a speed holds for the CPU it was measured on (virtual machines
+// often hide the model name's number; the family and model tell Zen 4 from Zen 5, and the L1's
+// size decides where the attention kernel prefetches, cpu/ops_avx512.cpp).
 inline std::string cpu_model() {
     std::FILE * f = std::fopen("/proc/cpuinfo", "r");
     if (!f) return "unknown CPU";
-    std::string name = "unknown CPU", family;
+    std::string name = "unknown CPU", family, model;
     char line[512];
     while (std::fgets(line, sizeof line, f)) {
         const std::string l = line;
@@ -22,9 +26,16 @@ inline std::string cpu_model() {
         value.erase(value.find_last_not_of(" \t\n") + 1);
         if (l.rfind("model name", 0) == 0 && name == "unknown CPU") name = value;
         if (l.rfind("cpu family", 0) == 0 && family.empty()) family = value;
+        if (l.rfind("model\t", 0) == 0 && model.empty()) model = value;  // not "model name"
     }
     std::fclose(f);
-    return family.empty() ? name : name + " (family " + family + ")";
+    std::string details = family.empty() ? "" : "family " + family;
+    if (!model.empty()) details += (details.empty() ? "model " : ", model ") + model;
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    const long l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    if (l1d > 0) details += (details.empty() ? "L1d " : ", L1d ") + std::to_string(l1d / 1024) + " KiB";
+#endif
+    return details.empty() ? name : name + " (" + details + ")";
 }
 
 

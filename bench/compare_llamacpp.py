@@ -212,15 +212,31 @@ def measure(runner, rng, n_context: int, n_prefill: int, n_decode: int, batch_re
 
 
 def cpu_model() -> str:
+    """"AMD EPYC (family 25, model 17, L1d 32 KiB)", as bench/bench_util.h's cpu_model prints it:
+    virtual machines often hide the model name's number; family and model tell Zen 4 from Zen 5."""
+    name, details = None, []
     try:
+        fields = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        name = fields.get("model name")
+        details += [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
+        details = [d.replace("cpu family", "family") for d in details]
     except OSError:
         pass
-    import platform
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):  # the kernel's list of core 0's caches
+        try:
+            if (index / "level").read_text().strip() == "1" and (index / "type").read_text().strip() == "Data":
+                details.append(f"L1d {(index / 'size').read_text().strip().replace('K', ' KiB')}")
+                break
+        except OSError:
+            pass
+    if name is None:
+        import platform
 
-    return platform.processor() or platform.machine()
+        name = platform.processor() or platform.machine()
+    return f"{name} ({', '.join(details)})" if details else name
 
 
 def read_bandwidth(threads: int, cache: Path) -> tuple[float, str]:
