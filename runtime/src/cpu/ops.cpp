@@ -4,6 +4,8 @@
 #include "cpu/features.h"
 #include "quant.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -36,6 +38,18 @@ size_t attention_scratch_floats(int n_group, int head_dim, int n_queries) {
     constexpr size_t kBlock = 64;
     return (size_t) n_group * kBlock + 2 * kBlock * (size_t) head_dim +
            (size_t) n_queries * n_group * ((size_t) head_dim + 2) + 64;
+}
+
+bool attention_prefetch_into_l1() {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    static const bool into_l1 = [] {
+        const long l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+        return l1d <= 0 || l1d >= 48 * 1024;
+    }();
+    return into_l1;
+#else
+    return true;
+#endif
 }
 
 void attention_finish(const AttnTask & t, int qi, int g, const float * acc, float m, float l) {

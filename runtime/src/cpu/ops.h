@@ -72,6 +72,16 @@ void attention_merge(const float * states, int n_chunks, size_t stride, int hd, 
 // Floats of scratch attention() needs per thread for tasks of up to n_queries queries.
 size_t attention_scratch_floats(int n_group, int head_dim, int n_queries = 1);
 
+// Whether the SIMD attention kernels prefetch the cache rows a block ahead into L1 (else into
+// L2): a block's working set and the next block's rows are ~32-48 KiB at head_dim 64. On Zen 5's
+// 48 KiB L1 prefetching into L1 won (into L2 was slower at every length); on Zen 4's 32 KiB L1
+// the prefetched rows were evicted before use, and into L2, bench_attention at SmolLM2-135M's
+// shapes, 16k rows, 1 / 2 threads: AVX-512 decode 2.47-2.59 -> 1.20-1.28 / 1.32-1.36 -> 0.71-0.76
+// ms a layer, 5-token verify 4.3-4.5 -> 3.1-3.2 at 1 thread (Qwen2-7B's shapes: decode 6.5 ->
+// 5.7); the AVX2 kernel's decode 2.0-2.1 -> 1.33-1.48 / 1.10-1.59 -> 0.73-0.74. So the L1 data
+// cache's size decides, once: L1 from 48 KiB (or where the size is unknown: the first measured).
+bool attention_prefetch_into_l1();
+
 // a * b rounded to float on its own, so that the compiler cannot fuse it into the add that
 // follows (it may wherever the target has FMA: the AVX2 files, -march=native, ARM): kernels that
 // promise the scalar code's bits round each product.

@@ -133,25 +133,30 @@ void head_values(float * acc, const float * p, const float * vrows, int v_row_fl
     }
 }
 
-// Row j + kBlock of a KV head's cache into L1, while row j's block is computed: read a block
-// at a time, the rows would arrive in a burst that leaves memory idle through the block's
-// arithmetic (bench_attention with SPARROW_SIMD=avx2, Qwen2-0.5B shapes, 16k rows, 2 threads:
-// decode 1.00 -> 0.69 ms a layer).
+// Row j + kBlock of a KV head's cache into L1 or L2 (attention_prefetch_into_l1, cpu/ops.h),
+// while row j's block is computed: read a block at a time, the rows would arrive in a burst that
+// leaves memory idle through the block's arithmetic (bench_attention with SPARROW_SIMD=avx2,
+// Qwen2-0.5B shapes, 16k rows, 2 threads, into L1 on a Zen 5: decode 1.00 -> 0.69 ms a layer).
 template <bool kF16>
-inline void prefetch_row_ahead(const AttnTask & t, const void * base, size_t stride, int64_t j, int64_t n_rows) {
+inline void prefetch_row_ahead(const AttnTask & t, const void * base, size_t stride, int64_t j, int64_t n_rows, bool into_l1) {
     if (j + kBlock >= n_rows) return;
     const char * row = (const char *) base + (size_t) t.row(j + kBlock) * stride;
     const int bytes = t.head_dim * (kF16 ? 2 : 4);
-    for (int b = 0; b < bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+    // the choice inside the loop: with a loop in each branch GCC 12 dropped every prefetch of both
+    for (int b = 0; b < bytes; b += 64) {
+        if (into_l1) _mm_prefetch(row + b, _MM_HINT_T0);
+        else _mm_prefetch(row + b, _MM_HINT_T1);
+    }
 }
 
 // Rows [j0, j0 + n) of a KV head's cache converted to f32 into buf (n x head_dim). f16 -> f32
 // is exact: a converted row gives the bits its f16 row gives when converted in registers.
 // Rows past n_rows (the rows the task reads) are not prefetched.
 template <bool kF16>
-void convert_rows(const AttnTask & t, const void * base, size_t stride, int64_t j0, int n, int64_t n_rows, float * buf) {
+void convert_rows(const AttnTask & t, const void * base, size_t stride, int64_t j0, int n, int64_t n_rows, bool into_l1,
+                  float * buf) {
     for (int jj = 0; jj < n; jj++) {
-        prefetch_row_ahead<kF16>(t, base, stride, j0 + jj, n_rows);
+        prefetch_row_ahead<kF16>(t, base, stride, j0 + jj, n_rows, into_l1);
         const void * src = (const uint8_t *) base + (size_t) t.row(j0 + jj) * stride;
         for (int d = 0; d < t.head_dim; d += 8) _mm256_storeu_ps(buf + (size_t) jj * t.head_dim + d, load_row8<kF16>(src, d));
     }
@@ -174,6 +179,7 @@ void attention_impl(const AttnTask & t, float * scratch) {
     std::fill(m_run, m_run + (size_t) Q * G, -INFINITY);
     std::fill(l_run, l_run + (size_t) Q * G, 0.0f);
     const int64_t n_kv_last = std::min(t.n_kv + Q - 1, t.row_end);  // rows the last query sees, to the chunk's end
+    const bool into_l1 = attention_prefetch_into_l1();  // where rows a block ahead are prefetched
     // f16 keys are converted once per block for a run of queries; a lone query converts them in
     // registers as it goes (a pass through kbuf would only add a store and a load), and f32 keys
     // are read in place
@@ -183,14 +189,14 @@ void attention_impl(const AttnTask & t, float * scratch) {
 
     for (int64_t j0 = t.row_begin; j0 < n_kv_last; j0 += kBlock) {
         const int nb_all = (int) std::min<int64_t>(kBlock, n_kv_last - j0);
-        if (convert_keys) convert_rows<kKF16>(t, t.k, t.k_stride, j0, nb_all, n_kv_last, kbuf);
+        if (convert_keys) convert_rows<kKF16>(t, t.k, t.k_stride, j0, nb_all, n_kv_last, into_l1, kbuf);
         const float * vrows = vbuf;
         int v_row_floats = hd;
         if (v_in_place) {
             vrows = (const float *) ((const uint8_t *) t.v + (size_t) j0 * t.v_stride);
             v_row_floats = (int) (t.v_stride / sizeof(float));
         } else {
-            convert_rows<kVF16>(t, t.v, t.v_stride, j0, nb_all, n_kv_last, vbuf);
+            convert_rows<kVF16>(t, t.v, t.v_stride, j0, nb_all, n_kv_last, into_l1, vbuf);
         }
         for (int qi = 0; qi < Q; qi++) {
             const int nb = (int) std::min<int64_t>(kBlock, std::min(t.n_kv + qi, t.row_end) - j0);
@@ -204,7 +210,7 @@ void attention_impl(const AttnTask & t, float * scratch) {
             // rows, 2 threads from 4.0 to 4.4 ms a layer (at head_dim 64 from 1.33 to 1.08)
             auto key_row = [&](int jj) -> const void * {
                 if (convert_keys) return kbuf + (size_t) jj * hd;
-                prefetch_row_ahead<kKF16>(t, t.k, t.k_stride, j0 + jj, n_kv_last);
+                prefetch_row_ahead<kKF16>(t, t.k, t.k_stride, j0 + jj, n_kv_last, into_l1);
                 return (const uint8_t *) t.k + (size_t) t.row(j0 + jj) * t.k_stride;
             };
             int jj = 0;

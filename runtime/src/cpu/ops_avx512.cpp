@@ -19,8 +19,6 @@
 
 #include <immintrin.h>
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
 
@@ -37,29 +35,14 @@ namespace {
 
 constexpr int kBlock = 64;     // cache rows per block (attention_scratch_floats sizes for it)
 constexpr int kMaxHeadDim = 128;  // a row of value accumulators (head_dim / 16 vectors) a head stays in registers
-// While a block is computed, the rows of the block this far ahead are prefetched, a few lines
-// with each 16 rows the transposes load: a block's rows, loaded in a burst when its transposes
-// start, otherwise leave memory idle through the block's arithmetic. bench_attention, f16 cache
-// from DRAM, 2 threads, 16k rows, AMD EPYC Zen 5: decode 1.10 -> 0.60 ms a layer at Qwen2-0.5B
-// shapes. All of a block's prefetches at once when it starts (one burst instead of the other)
-// were slower than none; two blocks ahead measured +8% at head_dim 128 and -2% at 64.
+// While a block is computed, the rows of the block this far ahead are prefetched (into L1 or L2:
+// attention_prefetch_into_l1, cpu/ops.h), a few lines with each 16 rows the transposes load: a
+// block's rows, loaded in a burst when its transposes start, otherwise leave memory idle through
+// the block's arithmetic. bench_attention, f16 cache from DRAM, 2 threads, 16k rows, AMD EPYC Zen
+// 5 (into L1): decode 1.10 -> 0.60 ms a layer at Qwen2-0.5B shapes. All of a block's prefetches
+// at once when it starts (one burst instead of the other) were slower than none; two blocks ahead
+// measured +8% at head_dim 128 and -2% at 64.
 constexpr int kPrefetchBlocks = 1;
-
-// Into L1 or into L2. A block's working set (its transposed keys and converted values, 16 KiB
-// each at head_dim 64) and the next block's rows are ~48 KiB: on Zen 5's 48 KiB L1 prefetching
-// into L1 won (L2 was slower at every length), while on Zen 4's 32 KiB L1 the prefetched rows
-// were evicted before use: there, into L2, bench_attention (1 / 2 threads, 16k rows) decoding
-// took 2.47-2.59 -> 1.20-1.28 ms / 1.32-1.36 -> 0.71-0.76 a layer at SmolLM2-135M shapes, 6.5
-// -> 5.7 at Qwen2-7B's (1 thread), and verifying 5 tokens 4.3-4.5 -> 3.1-3.2 at SmolLM2's. So
-// the L1 data cache's size decides, once.
-bool prefetch_into_l1() {
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-    static const bool into_l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE) >= 48 * 1024;
-    return into_l1;
-#else
-    return true;  // the size unknown: the choice measured first (Zen 5)
-#endif
-}
 
 // exp8 of ops_avx2.cpp on 16 lanes, operation for operation.
 inline __m512 exp16(__m512 x) {
@@ -204,7 +187,7 @@ void attention_impl(const AttnTask & t, float * scratch) {
     std::fill(m_run, m_run + (size_t) Q * G, -INFINITY);
     std::fill(l_run, l_run + (size_t) Q * G, 0.0f);
     const int64_t n_kv_last = std::min(t.n_kv + Q - 1, t.row_end);  // rows the last query sees, to the chunk's end
-    const bool into_l1 = prefetch_into_l1();
+    const bool into_l1 = attention_prefetch_into_l1();  // see cpu/ops.h
     constexpr size_t k_elem = kKF16 ? 2 : 4, v_elem = kVF16 ? 2 : 4;
 
     for (int64_t j0 = t.row_begin; j0 < n_kv_last; j0 += kBlock) {
