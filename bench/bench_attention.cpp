@@ -10,7 +10,8 @@
 //
 // Built by CMake with the tests (build/bench_attention):
 //   bench_attention [model [threads...]]      model: qwen2-0.5b (default), qwen2-7b or smollm2-135m (the real
-//                                             pair's target, bench/bench_real_pair.py); threads 1 2
+//                                             pair's target, bench/bench_real_pair.py); threads 1 2;
+//                                             SPARROW_BENCH_LENGTHS=256,1024 picks the context lengths
 
 #include "backend.h"
 #include "bench_util.h"
@@ -69,8 +70,22 @@ int main(int argc, char ** argv) {
     std::vector<int> threads;
     for (int i = 2; i < argc; i++) threads.push_back(std::atoi(argv[i]));
     if (threads.empty()) threads = {1, 2};
-    const int64_t lengths[] = {256, 1024, 4096, 16384, 25600};
-    const int64_t max_kv = 25600, n_verify = 5;
+    // SPARROW_BENCH_LENGTHS=256,1024 measures those context lengths only (and fills only as much cache)
+    std::vector<int64_t> lengths = {256, 1024, 4096, 16384, 25600};
+    if (const char * list = std::getenv("SPARROW_BENCH_LENGTHS")) {
+        lengths.clear();
+        for (const char * p = list; *p;) {
+            char * end = nullptr;
+            const long long n = std::strtoll(p, &end, 10);
+            if (end == p || n < 5 || n > (1 << 20)) {  // at least the verify batch
+                std::fprintf(stderr, "SPARROW_BENCH_LENGTHS: expected lengths 5..1048576 separated by commas, got \"%s\"\n", list);
+                return 2;
+            }
+            lengths.push_back(n);
+            p = *end == ',' ? end + 1 : end;
+        }
+    }
+    const int64_t max_kv = *std::max_element(lengths.begin(), lengths.end()), n_verify = 5;
     const int64_t kv_cols = (int64_t) shape.n_head_kv * shape.head_dim, q_cols = (int64_t) shape.n_head * shape.head_dim;
 
     std::mt19937 rng(1);
