@@ -166,7 +166,7 @@ int bench_model(const std::vector<int> & thread_counts) {
     constexpr int kLayers = 30, kDim = 576, kKv = 192, kFfn = 1536, kVocab = 49152, kPasses = 30;
     const char * rows_env = std::getenv("SPARROW_BENCH_ROWS");  // a verify's rows (default 6: 5 drafts)
     const int verify_rows = rows_env != nullptr && atoi(rows_env) > 0 ? std::min(atoi(rows_env), 64) : 6;
-    const DType types[] = {DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1};
+    const DType types[] = {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1};
     std::printf("# %s; bench_quant model: SmolLM2-135M's products, %d layers + head; kernels %s\n",
                 bench::cpu_model().c_str(), kLayers, simd_level());
     std::printf("threads  type   1 row ms  GB/s   %d rows ms  GB/s   %d rows / 1 (paired)\n", verify_rows, verify_rows);

@@ -1,6 +1,9 @@
-// features.cpp - the CPU's SIMD level, capped by SPARROW_SIMD (see features.h).
+// features.cpp - the CPU's SIMD level, capped by SPARROW_SIMD, and its L1 data cache (see features.h).
 #include "cpu/features.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -47,6 +50,15 @@ SimdLevel simd_level_available() {
         return (int) cap < (int) cpu ? cap : cpu;
     }();
     return level;
+}
+
+long l1_data_cache_bytes() {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    static const long bytes = std::max(0L, sysconf(_SC_LEVEL1_DCACHE_SIZE));
+    return bytes;
+#else
+    return 0;
+#endif
 }
 
 }  // namespace sparrow

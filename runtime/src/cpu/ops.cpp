@@ -4,8 +4,6 @@
 #include "cpu/features.h"
 #include "quant.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -41,15 +39,8 @@ size_t attention_scratch_floats(int n_group, int head_dim, int n_queries) {
 }
 
 bool attention_prefetch_into_l1() {
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-    static const bool into_l1 = [] {
-        const long l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-        return l1d <= 0 || l1d >= 48 * 1024;
-    }();
-    return into_l1;
-#else
-    return true;
-#endif
+    const long l1d = l1_data_cache_bytes();
+    return l1d == 0 || l1d >= 48 * 1024;
 }
 
 void attention_finish(const AttnTask & t, int qi, int g, const float * acc, float m, float l) {
