@@ -221,8 +221,7 @@ def cpu_model() -> str:
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
         name = fields.get("model name")
-        details += [f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields]
-        details = [d.replace("cpu family", "family") for d in details]
+        details += [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model")) if key in fields]
     except OSError:
         pass
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):  # the kernel's list of core 0's caches
