@@ -221,10 +221,12 @@ def cpu_model() -> str:
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
         name = fields.get("model name")
-        details += [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model")) if key in fields]
+        labels = (("cpu family", "family"), ("model", "model"))
+        details += [f"{label} {fields[key]}" for key, label in labels if key in fields]
     except OSError:
         pass
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):  # the kernel's list of core 0's caches
+    # the L1 data cache, from the kernel's list of core 0's caches
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
             if (index / "level").read_text().strip() == "1" and (index / "type").read_text().strip() == "Data":
                 details.append(f"L1d {(index / 'size').read_text().strip().replace('K', ' KiB')}")
