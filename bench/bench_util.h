@@ -11,7 +11,7 @@ namespace bench {
 // "AMD EPYC (family 25, model 17, L1d 32 KiB)": /proc/cpuinfo's model name, family and model, and
 // the L1 data cache's size, since a speed holds for the CPU it was measured on (virtual machines
 // often hide the model name's number; the family and model tell Zen 4 from Zen 5, and the L1's
-// size decides how some kernels prefetch: cpu/features.h's l1_data_cache_bytes).
+// size decides how some kernels prefetch: cpu/features.h's small_l1_data_cache).
 inline std::string cpu_model() {
     std::FILE * f = std::fopen("/proc/cpuinfo", "r");
     if (!f) return "unknown CPU";

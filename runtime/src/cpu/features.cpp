@@ -3,7 +3,6 @@
 
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -52,12 +51,15 @@ SimdLevel simd_level_available() {
     return level;
 }
 
-long l1_data_cache_bytes() {
+bool small_l1_data_cache() {
 #if defined(_SC_LEVEL1_DCACHE_SIZE)
-    static const long bytes = std::max(0L, sysconf(_SC_LEVEL1_DCACHE_SIZE));
-    return bytes;
+    static const bool small = [] {
+        const long bytes = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+        return bytes > 0 && bytes < 48 * 1024;
+    }();
+    return small;
 #else
-    return 0;
+    return false;
 #endif
 }
 

@@ -15,9 +15,10 @@ enum class SimdLevel { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 // AVX512_BF16 on top of that for Avx512Bf16 (bf16 weights multiplied by vdpbf16ps).
 SimdLevel simd_level_available();
 
-// The L1 data cache's size in bytes, 0 where the system does not say. Some kernels prefetch
-// differently by it: on the CPUs measured it tells a Zen 5 (48 KiB) from a Zen 4 (32 KiB), whose
-// memory streams behave differently (cpu/ops.h, cpu/matmul_avx512.cpp).
-long l1_data_cache_bytes();
+// Whether the L1 data cache is known to hold under 48 KiB. Some kernels prefetch differently by
+// it: on the CPUs measured it tells a Zen 4 (32 KiB) from a Zen 5 (48 KiB), whose memory streams
+// behave differently (cpu/ops.h, cpu/matmul_avx512.cpp). Where the size is unknown, false: the
+// choices measured first (on the Zen 5) stand.
+bool small_l1_data_cache();
 
 }  // namespace sparrow

@@ -207,10 +207,9 @@ void panel_bf16(int64_t k, const void * packed, size_t ws, int64_t nr, const voi
 // products at one row (bench_quant model) from 34.5-34.9 to 24.5-25.2 ms at 1 thread and 19.8-27.4
 // to 13.0-13.3 at 2 (6 rows unchanged), and plain decoding of the real pair's f32 file from
 // 27.2-29.0 to 37.2-37.3 tokens/s at 1 thread and 46.5-49.6 to 64.7-68.9 at 2. The L1 data
-// cache's size tells the two apart (the same test as the attention's prefetch, cpu/ops.h).
+// cache's size tells the two apart (small_l1_data_cache, the test the attention's prefetch uses).
 void mul_mat_f32(int64_t k, const void * w, size_t ws, int64_t nr, const void * x, size_t xs, int64_t nc, float * y, int64_t ys) {
-    static const bool one_row_ahead = l1_data_cache_bytes() != 0 && l1_data_cache_bytes() < 48 * 1024;
-    if (one_row_ahead) drive<FloatKern<LoadF32, 4, true>>(k, w, ws, nr, x, xs, nc, y, ys);
+    if (small_l1_data_cache()) drive<FloatKern<LoadF32, 4, true>>(k, w, ws, nr, x, xs, nc, y, ys);
     else drive<FloatKern<LoadF32>>(k, w, ws, nr, x, xs, nc, y, ys);
 }
 // (The CPU backend's weight store packs f16 / bf16 matrices into panels at AVX-512, panel_f16

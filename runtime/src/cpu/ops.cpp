@@ -38,10 +38,7 @@ size_t attention_scratch_floats(int n_group, int head_dim, int n_queries) {
            (size_t) n_queries * n_group * ((size_t) head_dim + 2) + 64;
 }
 
-bool attention_prefetch_into_l1() {
-    const long l1d = l1_data_cache_bytes();
-    return l1d == 0 || l1d >= 48 * 1024;
-}
+bool attention_prefetch_into_l1() { return !small_l1_data_cache(); }
 
 void attention_finish(const AttnTask & t, int qi, int g, const float * acc, float m, float l) {
     const int hd = t.head_dim;

@@ -79,7 +79,7 @@ size_t attention_scratch_floats(int n_group, int head_dim, int n_queries = 1);
 // shapes, 16k rows, 1 / 2 threads: AVX-512 decode 2.47-2.59 -> 1.20-1.28 / 1.32-1.36 -> 0.71-0.76
 // ms a layer, 5-token verify 4.3-4.5 -> 3.1-3.2 at 1 thread (Qwen2-7B's shapes: decode 6.5 ->
 // 5.7); the AVX2 kernel's decode 2.0-2.1 -> 1.33-1.48 / 1.10-1.59 -> 0.73-0.74. So the L1 data
-// cache's size decides, once: L1 from 48 KiB (or where the size is unknown: the first measured).
+// cache's size decides (cpu/features.h small_l1_data_cache): into L2 below 48 KiB.
 bool attention_prefetch_into_l1();
 
 // a * b rounded to float on its own, so that the compiler cannot fuse it into the add that
