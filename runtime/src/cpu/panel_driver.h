@@ -9,6 +9,7 @@
 // file's instantiations, compiled with that file's instruction set, to itself.
 #pragma once
 
+#include "cpu/features.h"
 #include "cpu/panels.h"
 
 #include <immintrin.h>
@@ -28,6 +29,7 @@ struct Job {
     size_t quant, meta;  // bytes per block of each region
     size_t pb;           // bytes per panel
     size_t sum_bytes;    // summary bytes per activation row
+    bool into_l1;        // the software prefetch's level (see kPrefetchBytes)
 };
 
 // Pointers for activation row c, and for its outputs of rows [part * rows_per_part, ...) of a panel.
@@ -51,10 +53,20 @@ inline float * out_of(const Job & j, int64_t c, const uint8_t * panel, int first
 // inlined early, as the pair's was not) free of effects and deleted it, prefetches and all (the
 // pair tile ran without any: its 6-row q8_0 product from memory took 2.2 times one row, not 1.0).
 constexpr size_t kPrefetchBytes = 6144;
+// Into L1 where the L1 data cache is 48 KiB or more (the Zen 5 measured above), into L2 below
+// (cpu/features.h small_l1_data_cache): on a Zen 4 (32 KiB) the lines brought into L1 were gone
+// before use, and into L2, bench_quant model (SmolLM2-135M's products), 1 thread: q4_1 one row
+// 5.7-5.8 -> 3.0-3.5 ms, six rows 6.7 -> 6.0; q8_0 six rows 11.5 -> 6.0-6.1. The choice sits
+// inside each loop, not around two loops: written as two loops, GCC 12 dropped the prefetches of
+// both (cpu/ops_avx2.cpp says the same of the attention's).
+__attribute__((always_inline)) inline void prefetch_line(const Job & j, const void * p) {
+    if (j.into_l1) _mm_prefetch((const char *) p, _MM_HINT_T0);
+    else _mm_prefetch((const char *) p, _MM_HINT_T1);
+}
 __attribute__((always_inline)) inline void prefetch_block(const Job & j, const uint8_t * panel, const uint8_t * meta, int64_t b) {
     const uint8_t * q = panel + b * j.quant + kPrefetchBytes;
-    for (size_t i = 0; i < j.quant; i += 64) _mm_prefetch((const char *) (q + i), _MM_HINT_T0);
-    _mm_prefetch((const char *) (meta + b * j.meta + kPrefetchBytes / 4), _MM_HINT_T0);
+    for (size_t i = 0; i < j.quant; i += 64) prefetch_line(j, q + i);
+    prefetch_line(j, meta + b * j.meta + kPrefetchBytes / 4);
 }
 
 // The same for a tile of two panels read side by side (a pair at pair_panel): each stream half
@@ -67,15 +79,15 @@ __attribute__((always_inline)) inline void prefetch_pair_block(const Job & j, co
     const size_t to_next_pair = at < quant_bytes ? 0 : 2 * j.pb - quant_bytes;
     for (int s = 0; s < 2; s++) {
         const uint8_t * q = pair_panel + s * j.pb + at + to_next_pair;
-        for (size_t i = 0; i < j.quant; i += 64) _mm_prefetch((const char *) (q + i), _MM_HINT_T0);
-        _mm_prefetch((const char *) (pair_panel + (2 + s) * j.pb + quant_bytes + b * j.meta), _MM_HINT_T0);
+        for (size_t i = 0; i < j.quant; i += 64) prefetch_line(j, q + i);
+        prefetch_line(j, pair_panel + (2 + s) * j.pb + quant_bytes + b * j.meta);
     }
 }
 
 // A job's geometry for product p.
 inline Job job_of(const PanelProduct & p) {
     const panel::Geometry g = panel::geometry(p.type);
-    return {p, p.k / g.block, g.quant, g.meta, panel_bytes(p.type, p.k), summary_bytes(p.type, p.k)};
+    return {p, p.k / g.block, g.quant, g.meta, panel_bytes(p.type, p.k), summary_bytes(p.type, p.k), !small_l1_data_cache()};
 }
 
 // Kern::tile<1> .. tile<Kern::kCols>, indexed by activation rows - 1, as function pointers Fn.
