@@ -17,8 +17,8 @@ SimdLevel simd_level_available();
 
 // Whether the L1 data cache is known to hold under 48 KiB. Some kernels prefetch differently by
 // it: on the CPUs measured it tells a Zen 4 (32 KiB) from a Zen 5 (48 KiB), whose memory streams
-// behave differently (cpu/ops.h, cpu/matmul_avx512.cpp). Where the size is unknown, false: the
-// choices measured first (on the Zen 5) stand.
+// behave differently (cpu/ops.h, cpu/matmul_avx512.cpp, cpu/panel_driver.h). Where the size is
+// unknown, false: the choices measured first (on the Zen 5) stand.
 bool small_l1_data_cache();
 
 }  // namespace sparrow

@@ -56,9 +56,11 @@ constexpr size_t kPrefetchBytes = 6144;
 // Into L1 where the L1 data cache is 48 KiB or more (the Zen 5 measured above), into L2 below
 // (cpu/features.h small_l1_data_cache): on a Zen 4 (32 KiB) the lines brought into L1 were gone
 // before use, and into L2, bench_quant model (SmolLM2-135M's products), 1 thread: q4_1 one row
-// 5.7-5.8 -> 3.0-3.5 ms, six rows 6.7 -> 6.0; q8_0 six rows 11.5 -> 6.0-6.1. The choice sits
-// inside each loop, not around two loops: written as two loops, GCC 12 dropped the prefetches of
-// both (cpu/ops_avx2.cpp says the same of the attention's).
+// 5.7-5.8 -> 3.0-3.5 ms, six rows 6.7 -> 6.0; q8_0 six rows 11.5 -> 6.0-6.1 (its one row, which
+// does not prefetch, unchanged); the AVX2 panels (SPARROW_SIMD=avx2) one row 10-20% faster, six
+// rows as before. (The float tiles' near prefetch, cpu/matmul_avx512.cpp, gained nothing from L2
+// there.) The choice sits inside each loop, not around two loops: written as two loops, GCC 12
+// dropped the prefetches of both (cpu/ops_avx2.cpp says the same of the attention's).
 __attribute__((always_inline)) inline void prefetch_line(const Job & j, const void * p) {
     if (j.into_l1) _mm_prefetch((const char *) p, _MM_HINT_T0);
     else _mm_prefetch((const char *) p, _MM_HINT_T1);
