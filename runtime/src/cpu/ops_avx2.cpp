@@ -11,6 +11,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 
 #include "cpu/ops.h"
+#include "cpu/prefetch.h"
 #include "cpu/simd_avx2.h"
 
 #include <immintrin.h>
@@ -142,11 +143,7 @@ inline void prefetch_row_ahead(const AttnTask & t, const void * base, size_t str
     if (j + kBlock >= n_rows) return;
     const char * row = (const char *) base + (size_t) t.row(j + kBlock) * stride;
     const int bytes = t.head_dim * (kF16 ? 2 : 4);
-    // the choice inside the loop: with a loop in each branch GCC 12 dropped every prefetch of both
-    for (int b = 0; b < bytes; b += 64) {
-        if (into_l1) _mm_prefetch(row + b, _MM_HINT_T0);
-        else _mm_prefetch(row + b, _MM_HINT_T1);
-    }
+    for (int b = 0; b < bytes; b += 64) prefetch_line(row + b, into_l1);
 }
 
 // Rows [j0, j0 + n) of a KV head's cache converted to f32 into buf (n x head_dim). f16 -> f32

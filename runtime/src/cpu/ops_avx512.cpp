@@ -16,6 +16,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 
 #include "cpu/ops.h"
+#include "cpu/prefetch.h"
 
 #include <immintrin.h>
 
@@ -207,13 +208,8 @@ void attention_impl(const AttnTask & t, float * scratch) {
                         const size_t row = (size_t) t.row(ahead + i);
                         const char * k_line = (const char *) t.k + row * t.k_stride + (size_t) d0 * k_elem;
                         const char * v_line = (const char *) t.v + row * t.v_stride + (size_t) d0 * v_elem;
-                        if (into_l1) {
-                            _mm_prefetch(k_line, _MM_HINT_T0);
-                            _mm_prefetch(v_line, _MM_HINT_T0);
-                        } else {
-                            _mm_prefetch(k_line, _MM_HINT_T1);
-                            _mm_prefetch(v_line, _MM_HINT_T1);
-                        }
+                        prefetch_line(k_line, into_l1);
+                        prefetch_line(v_line, into_l1);
                     }
                 }
                 if (whole) {

@@ -11,6 +11,7 @@
 
 #include "cpu/features.h"
 #include "cpu/panels.h"
+#include "cpu/prefetch.h"
 
 #include <immintrin.h>
 
@@ -59,16 +60,11 @@ constexpr size_t kPrefetchBytes = 6144;
 // 5.7-5.8 -> 3.0-3.5 ms, six rows 6.7 -> 6.0; q8_0 six rows 11.5 -> 6.0-6.1 (its one row, which
 // does not prefetch, unchanged); the AVX2 panels (SPARROW_SIMD=avx2) one row 10-20% faster, six
 // rows as before. (The float tiles' near prefetch, cpu/matmul_avx512.cpp, gained nothing from L2
-// there.) The choice sits inside each loop, not around two loops: written as two loops, GCC 12
-// dropped the prefetches of both (cpu/ops_avx2.cpp says the same of the attention's).
-__attribute__((always_inline)) inline void prefetch_line(const Job & j, const void * p) {
-    if (j.into_l1) _mm_prefetch((const char *) p, _MM_HINT_T0);
-    else _mm_prefetch((const char *) p, _MM_HINT_T1);
-}
+// there.) The level is chosen per line (cpu/prefetch.h says why).
 __attribute__((always_inline)) inline void prefetch_block(const Job & j, const uint8_t * panel, const uint8_t * meta, int64_t b) {
     const uint8_t * q = panel + b * j.quant + kPrefetchBytes;
-    for (size_t i = 0; i < j.quant; i += 64) prefetch_line(j, q + i);
-    prefetch_line(j, meta + b * j.meta + kPrefetchBytes / 4);
+    for (size_t i = 0; i < j.quant; i += 64) prefetch_line(q + i, j.into_l1);
+    prefetch_line(meta + b * j.meta + kPrefetchBytes / 4, j.into_l1);
 }
 
 // The same for a tile of two panels read side by side (a pair at pair_panel): each stream half
@@ -81,8 +77,8 @@ __attribute__((always_inline)) inline void prefetch_pair_block(const Job & j, co
     const size_t to_next_pair = at < quant_bytes ? 0 : 2 * j.pb - quant_bytes;
     for (int s = 0; s < 2; s++) {
         const uint8_t * q = pair_panel + s * j.pb + at + to_next_pair;
-        for (size_t i = 0; i < j.quant; i += 64) prefetch_line(j, q + i);
-        prefetch_line(j, pair_panel + (2 + s) * j.pb + quant_bytes + b * j.meta);
+        for (size_t i = 0; i < j.quant; i += 64) prefetch_line(q + i, j.into_l1);
+        prefetch_line(pair_panel + (2 + s) * j.pb + quant_bytes + b * j.meta, j.into_l1);
     }
 }
 
