@@ -33,6 +33,7 @@ resumes; the time each step took is kept in steps.json and printed:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -120,6 +121,8 @@ def train_draft(args, gguf: Path, hf: Path, out: Path) -> None:
            "--bf16", args.bf16]
     if args.init_from:
         cmd += ["--init-from", str(args.cache / args.init_from)]
+    if args.draft_ffn:
+        cmd += ["--draft-ffn", str(args.draft_ffn)]
     # outside the checkout, whose sparrow_py has no compiled runtime: the installed one runs; with
     # torch's threads (compare_llamacpp pins OpenMP to 1 thread for the timed runs in this process)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
@@ -285,6 +288,9 @@ def main() -> int:
                     help="`sparrow train --target-temperature`: distil the target sharpened (0: its greedy token)")
     ap.add_argument("--init-from", metavar="DRAFT", help="a draft folder in --cache (e.g. draft-6000p-4000s) to go "
                                                          "on training, on --train-prompts, for --steps more steps")
+    ap.add_argument("--draft-ffn", type=int, default=0, metavar="N",
+                    help="`sparrow train --draft-ffn`: the draft's FFN width (0: the target's, or --init-from's); "
+                         "wider than --init-from's widens that draft")
     ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                     help="bf16 autocast in training (auto: on CUDA and on a CPU with bf16 units; on: also on other CPUs, emulated)")
     ap.add_argument("--target-type", default="source", choices=("source", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
@@ -331,10 +337,14 @@ def main() -> int:
         folder = folder.with_name(f"{folder.name}-bs{args.batch_size}")
     if args.loss_fraction != 1.0:
         folder = folder.with_name(f"{folder.name}-lf{args.loss_fraction:g}")
+    if args.draft_ffn:
+        folder = folder.with_name(f"{folder.name}-ffn{args.draft_ffn}")
     if args.init_from:
         if not (args.cache / args.init_from / "model.safetensors").exists():
             sys.exit(f"--init-from: no trained draft at {args.cache / args.init_from}")
         folder = folder.with_name(f"{folder.name}-from-{args.init_from.removeprefix('draft-')}")
+    if len(folder.name) > 200:  # a long lineage of --init-from: within a file name's 255 bytes, still unique
+        folder = folder.with_name(f"{folder.name[:180]}-{hashlib.sha1(folder.name.encode()).hexdigest()[:10]}")
     draft = folder.with_name(f"{folder.name}-{args.draft_type}.gguf")
     step(args.cache, f"train {folder.name}", (folder / "model.safetensors").exists(),
          lambda: train_draft(args, gguf, hf, folder))

@@ -24,7 +24,9 @@ def setup(tmp_path_factory, tiny_qwen2_dir):
     root = tmp_path_factory.mktemp("parity")
     target_path = root / "target.gguf"
     convert(tiny_qwen2_dir, target_path, outtype="f32", progress=False)
-    draft_path = make_draft(tiny_qwen2_dir, root / "draft", window=6, anchors=3, glimpses=4, seed=3, scale=0.1)
+    # an FFN wider than the target's (96): the runtime must size it from the draft's own GGUF
+    draft_path = make_draft(tiny_qwen2_dir, root / "draft", window=6, anchors=3, glimpses=4, seed=3, scale=0.1,
+                            intermediate_size=160)
     module = load_draft(root / "draft").eval()
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
     embed = hf.get_input_embeddings().weight.detach()

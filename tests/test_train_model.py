@@ -231,3 +231,34 @@ def test_config_checks():
         with pytest.raises(DraftConfigError, match=msg):
             c.check_fits(other)
     assert DraftConfig.from_dict(c.to_dict()) == c
+    assert DraftConfig.for_target(shape, glimpses=0).intermediate_size == 40  # the target's FFN by default
+    assert DraftConfig.for_target(shape, glimpses=0, intermediate_size=96).intermediate_size == 96
+    with pytest.raises(DraftConfigError, match="intermediate_size"):
+        make_config(intermediate_size=0).validate()
+
+
+def test_widened_ffn_computes_the_same_draft_and_still_learns():
+    """widen_ffn: every output of the MTP forward equal to the narrow draft's (the new units' down_proj
+    columns are zero), yet the new units get gradient (down's columns at once), and narrowing is refused."""
+    from sparrow_py.train.trainer import widen_ffn
+
+    config = make_config(draft_vocab_size=20)
+    narrow = make_model(config)
+    wide = widen_ffn(narrow, 3 * config.intermediate_size)
+    assert wide.config.intermediate_size == 3 * config.intermediate_size
+    assert torch.equal(wide.d2t, narrow.d2t) and torch.equal(wide.target_head, narrow.target_head)
+    assert wide.gate_proj.weight[config.intermediate_size:].abs().sum() > 0  # random rows, not zeros
+    M, steps, anchor_start, n_glimpses = 9, 2, 2, 3
+    taps, tokens, positions, glimpses, gpos = random_inputs(config, M, steps, anchor_start, n_glimpses)
+    args = (taps, tokens, positions, torch.tensor([M]), torch.tensor([anchor_start]), steps, glimpses, gpos,
+            torch.ones(1, n_glimpses, dtype=torch.bool))
+    with torch.no_grad():
+        want_logits, want_h = narrow.forward_mtp(*args)
+    got_logits, got_h = wide.forward_mtp(*args)
+    for s in range(steps + 1):
+        assert_close_to_scale(got_logits[s], want_logits[s], tol=1e-6)
+        assert_close_to_scale(got_h[s], want_h[s], tol=1e-6)
+    sum(x.float().square().sum() for x in got_logits).backward()
+    assert wide.down_proj.weight.grad[:, config.intermediate_size:].abs().sum() > 0
+    with pytest.raises(DraftConfigError, match="widened, not narrowed"):
+        widen_ffn(narrow, config.intermediate_size - 1)

@@ -486,6 +486,40 @@ def test_cli_train_init_from_keeps_the_draft_and_its_vocabulary(tiny_qwen2_dir, 
     assert "--init-from" in capsys.readouterr().err
 
 
+def test_cli_train_init_from_widens_the_ffn(tiny_qwen2_dir, tmp_path, capsys):
+    """--draft-ffn with --init-from: the draft's weights in the first units, zero down_proj columns
+    for the new ones (learning rate 0 keeps what the widening made); without the flag a widened
+    draft goes on at its own width; narrowing is refused."""
+    from safetensors.torch import load_file
+
+    from sparrow_py.cli import main
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
+    common = ["train", "--target", str(tiny_qwen2_dir), "--mtp-steps", "1", "--glimpses", "0", "--window", "16",
+              "--anchors", "4", "--max-new-tokens", "12", "--draft-vocab", "48", "--quiet", "--data", str(data),
+              "--cache-dir", str(tmp_path / "features")]
+    assert main([*common, "--out", str(tmp_path / "a"), "--steps", "2", "--lr", "3e-3"]) == 0
+    n = DraftConfig.load(tmp_path / "a").intermediate_size
+    assert main([*common, "--out", str(tmp_path / "b"), "--steps", "1", "--lr", "0", "--draft-ffn", str(2 * n),
+                 "--init-from", str(tmp_path / "a")]) == 0
+    assert DraftConfig.load(tmp_path / "b").intermediate_size == 2 * n
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    for k in a:
+        if k in ("gate_proj.weight", "up_proj.weight"):
+            assert torch.equal(b[k][:n], a[k]) and b[k][n:].abs().sum() > 0, k
+        elif k == "down_proj.weight":
+            assert torch.equal(b[k][:, :n], a[k]) and not b[k][:, n:].any()
+        else:
+            assert torch.equal(a[k], b[k]), k
+    assert main([*common, "--out", str(tmp_path / "c"), "--steps", "1", "--init-from", str(tmp_path / "b")]) == 0
+    assert DraftConfig.load(tmp_path / "c").intermediate_size == 2 * n
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "d"), "--steps", "1", "--draft-ffn", str(n),
+                 "--init-from", str(tmp_path / "b")]) == 1
+    assert "widened, not narrowed" in capsys.readouterr().err
+
+
 def test_target_without_chat_template(tiny_qwen2_dir, tmp_path, capsys):
     """A clear error that names the fix (it was a transformers traceback), and --raw-prompts."""
     import shutil

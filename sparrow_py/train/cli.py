@@ -66,6 +66,10 @@ def add_train_commands(sub) -> None:
     g.add_argument("--window", type=int, default=256, help="W, recent text positions attended (0 = all; default 256)")
     g.add_argument("--draft-vocab", type=int, default=0, help="reduced draft vocabulary: the N most frequent "
                                                               "tokens of the data (0 = target's head; default 0)")
+    g.add_argument("--draft-ffn", type=int, default=None, metavar="N",
+                   help="the draft layer's FFN width (default: the target's, or with --init-from that draft's). "
+                        "With --init-from a wider N widens that draft: its new units start with zero output "
+                        "weights, so training starts from exactly the draft it was")
     t = p.add_argument_group("training")
     t.add_argument("--mtp-steps", type=int, default=3, help="k, steps unrolled on the draft's own hidden state "
                                                             "(default 3)")
@@ -183,6 +187,9 @@ def _train(args) -> int:
     if not args.target_temperature >= 0:
         print("sparrow train: error: --target-temperature must be 0 or more", file=sys.stderr)
         return 1
+    if args.draft_ffn is not None and args.draft_ffn < 1:
+        print("sparrow train: error: --draft-ffn must be at least 1", file=sys.stderr)
+        return 1
     if not 0 < args.loss_fraction <= 1:
         print("sparrow train: error: --loss-fraction must be above 0 and at most 1", file=sys.stderr)
         return 1
@@ -194,7 +201,8 @@ def _train(args) -> int:
                         raw_prompts=args.raw_prompts)
         taps = [int(x) for x in args.taps.split(",")] if args.taps else None
         config = DraftConfig.for_target(target.shape, taps=taps, ivsb_layer=args.ivsb_layer, glimpses=args.glimpses,
-                                        anchors=args.anchors, window=args.window, draft_vocab_size=args.draft_vocab)
+                                        anchors=args.anchors, window=args.window, draft_vocab_size=args.draft_vocab,
+                                        intermediate_size=args.draft_ffn or 0)
     except DraftConfigError as e:
         print(f"sparrow train: error: {e}", file=sys.stderr)
         return 1
@@ -225,7 +233,7 @@ def _train(args) -> int:
         print("sparrow train: error: no usable training samples", file=sys.stderr)
         return 1
     if args.init_from:
-        model = _initial_draft(args.init_from, config, target)
+        model = _initial_draft(args.init_from, config, target, args.draft_ffn)
         if model is None:
             return 1
     else:
@@ -257,11 +265,13 @@ def _train(args) -> int:
     return 0
 
 
-def _initial_draft(folder, config, target):
+def _initial_draft(folder, config, target, ffn=None):
     """The exported draft at `folder`, attached to `target`, if it is the draft these flags describe
-    (its vocabulary is kept: the head's rows are trained for those tokens); None after an error."""
+    (its vocabulary is kept: the head's rows are trained for those tokens), widened to an FFN of
+    `ffn` units when that is given; None after an error."""
     from .export import load_draft
     from .model import DraftConfig, DraftConfigError
+    from .trainer import widen_ffn
 
     try:
         have = DraftConfig.load(folder)
@@ -269,16 +279,22 @@ def _initial_draft(folder, config, target):
         print(f"sparrow train: error: --init-from {folder}: {e}", file=sys.stderr)
         return None
     want, got = config.to_dict(), have.to_dict()
+    want.pop("intermediate_size")  # --draft-ffn: kept or widened below
     differ = [f"{k} {got.get(k)!r} (the flags give {want[k]!r})" for k in want if got.get(k) != want[k]]
     if differ:
         print(f"sparrow train: error: --init-from {folder} is another draft: " + "; ".join(differ) +
               ". Pass the draft flags it was trained with.", file=sys.stderr)
         return None
+    if ffn is not None and ffn < have.intermediate_size:
+        print(f"sparrow train: error: --draft-ffn {ffn} is below the FFN width of --init-from {folder} "
+              f"({have.intermediate_size}): a draft can be widened, not narrowed", file=sys.stderr)
+        return None
     try:
-        return load_draft(folder, target)
+        model = load_draft(folder, target)
     except Exception as e:  # a missing or damaged model.safetensors: safetensors' and torch's own errors
         print(f"sparrow train: error: --init-from {folder}: cannot read its weights: {e}", file=sys.stderr)
         return None
+    return model if ffn is None or ffn == have.intermediate_size else widen_ffn(model, ffn)
 
 
 def _eval_draft(args) -> int:

@@ -91,6 +91,8 @@ class DraftConfig:
             raise DraftConfigError(f"draft_vocab_size {self.draft_vocab_size} is outside 0..{self.vocab_size}")
         if H <= 0:
             raise DraftConfigError("hidden_size must be positive")
+        if self.intermediate_size <= 0:
+            raise DraftConfigError(f"intermediate_size {self.intermediate_size} must be positive")
 
     # --- (de)serialisation: config.json of an exported draft folder ---
     def to_dict(self) -> dict[str, Any]:
@@ -118,10 +120,13 @@ class DraftConfig:
     # --- building from, and checking against, a target ---
     @classmethod
     def for_target(cls, target: "TargetShape", *, taps: list[int] | None = None, ivsb_layer: int | None = None,
-                   glimpses: int = 8, anchors: int = 32, window: int = 256, draft_vocab_size: int = 0) -> "DraftConfig":
+                   glimpses: int = 8, anchors: int = 32, window: int = 256, draft_vocab_size: int = 0,
+                   intermediate_size: int = 0) -> "DraftConfig":
+        """intermediate_size 0: the target's FFN width."""
         L = target.num_layers
         cfg = cls(target_arch=target.arch, target_num_layers=L, vocab_size=target.vocab_size,
-                  hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
+                  hidden_size=target.hidden_size,
+                  intermediate_size=intermediate_size or target.intermediate_size,
                   num_attention_heads=target.num_attention_heads, num_key_value_heads=target.num_key_value_heads,
                   head_dim=target.head_dim, rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
                   taps=list(taps) if taps is not None else default_taps(L),

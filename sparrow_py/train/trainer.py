@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .data import collate, load_sample, sample_to_rows
 from .evaluate import evaluate
 from .export import save_draft
-from .model import SparrowDraft
+from .model import DraftConfigError, SparrowDraft
 
 
 @dataclass
@@ -205,9 +205,9 @@ def lr_at(step: int, total: int, opt: TrainOptions) -> float:
 
 def init_from_target(model: SparrowDraft, target) -> None:
     """A sensible start: fc averages the taps; norms, o_proj and the MLP come from the target's last
-    layer; q/k/v read the hidden half with the target's last-layer weights (the embedding half
-    stays small and random); the final norm is the target's; a reduced head starts as the
-    target's rows for the draft vocabulary."""
+    layer (into a draft FFN of another width as place_mlp puts them); q/k/v read the hidden half
+    with the target's last-layer weights (the embedding half stays small and random); the final
+    norm is the target's; a reduced head starts as the target's rows for the draft vocabulary."""
     c = model.config
     H, nT = c.hidden_size, len(c.taps)
     sd = target.last_layer().state_dict()
@@ -217,8 +217,10 @@ def init_from_target(model: SparrowDraft, target) -> None:
             w = sd.get(f"self_attn.{name}.weight")
             if w is not None and w.shape == dst.weight[:, H:].shape:
                 dst.weight[:, H:].copy_(w.float())
-        for src, dst in (("self_attn.o_proj.weight", model.o_proj.weight), ("mlp.gate_proj.weight", model.gate_proj.weight),
-                         ("mlp.up_proj.weight", model.up_proj.weight), ("mlp.down_proj.weight", model.down_proj.weight),
+        mlp = [sd.get(f"mlp.{name}_proj.weight") for name in ("gate", "up", "down")]
+        if all(w is not None for w in mlp):
+            place_mlp(model, *(w.float() for w in mlp))
+        for src, dst in (("self_attn.o_proj.weight", model.o_proj.weight),
                          ("input_layernorm.weight", model.embed_norm.weight),
                          ("input_layernorm.weight", model.hidden_norm.weight),
                          ("post_attention_layernorm.weight", model.ffn_norm.weight)):
@@ -227,6 +229,37 @@ def init_from_target(model: SparrowDraft, target) -> None:
         model.output_norm.weight.copy_(target.lm.norm.weight.float())
         if model.lm_head is not None:
             model.lm_head.weight.copy_(model.target_head[model.d2t])
+
+
+def place_mlp(model: SparrowDraft, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+    """Put an MLP of width n (gate, up [n, H]; down [H, n]) into the draft's of width m. Its first
+    min(n, m) units get those weights; units past n keep their random gate and up rows but get
+    zero down_proj columns, so a wider draft computes exactly what the narrower MLP computed and
+    still learns (down's gradient there is nonzero, and through it gate's and up's)."""
+    n, m = gate.shape[0], model.config.intermediate_size
+    k = min(n, m)
+    with torch.no_grad():
+        model.gate_proj.weight[:k].copy_(gate[:k])
+        model.up_proj.weight[:k].copy_(up[:k])
+        model.down_proj.weight[:, :k].copy_(down[:, :k])
+        model.down_proj.weight[:, k:].zero_()
+
+
+def widen_ffn(model: SparrowDraft, intermediate_size: int) -> SparrowDraft:
+    """The same draft with an FFN of intermediate_size >= its own: every other weight (and the
+    target's, when attached) carried over, the MLP placed by place_mlp, so its outputs are unchanged."""
+    c = model.config
+    if intermediate_size < c.intermediate_size:
+        raise DraftConfigError(f"FFN width {intermediate_size} is below the draft's {c.intermediate_size}: a draft "
+                               "can be widened, not narrowed")
+    wide = SparrowDraft(replace(c, intermediate_size=intermediate_size))
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(("gate_proj.", "up_proj.", "down_proj."))}
+    missing, unexpected = wide.load_state_dict(own, strict=False)
+    assert not unexpected and all(k.startswith(("gate_proj.", "up_proj.", "down_proj.")) for k in missing)
+    place_mlp(wide, model.gate_proj.weight, model.up_proj.weight, model.down_proj.weight)
+    if model.target_head.numel():
+        wide.set_target_weights(model.target_embed, model.target_head)
+    return wide
 
 
 def choose_draft_vocab(files: list[Path], vocab_size: int, n: int) -> torch.Tensor:
