@@ -343,7 +343,9 @@ def main() -> int:
         if not (args.cache / args.init_from / "model.safetensors").exists():
             sys.exit(f"--init-from: no trained draft at {args.cache / args.init_from}")
         folder = folder.with_name(f"{folder.name}-from-{args.init_from.removeprefix('draft-')}")
-    if len(folder.name) > 200:  # a long lineage of --init-from: within a file name's 255 bytes, still unique
+    # a long lineage of --init-from: the draft's .gguf name (the folder's and "-q4_0.gguf") within a file
+    # name's 255 bytes, still unique; names that fit are left as they are (drafts already trained keep theirs)
+    if len(folder.name) > 240:
         folder = folder.with_name(f"{folder.name[:180]}-{hashlib.sha1(folder.name.encode()).hexdigest()[:10]}")
     draft = folder.with_name(f"{folder.name}-{args.draft_type}.gguf")
     step(args.cache, f"train {folder.name}", (folder / "model.safetensors").exists(),
