@@ -285,16 +285,18 @@ def _initial_draft(folder, config, target, ffn=None):
         print(f"sparrow train: error: --init-from {folder} is another draft: " + "; ".join(differ) +
               ". Pass the draft flags it was trained with.", file=sys.stderr)
         return None
-    if ffn is not None and ffn < have.intermediate_size:
-        print(f"sparrow train: error: --draft-ffn {ffn} is below the FFN width of --init-from {folder} "
-              f"({have.intermediate_size}): a draft can be widened, not narrowed", file=sys.stderr)
-        return None
     try:
         model = load_draft(folder, target)
     except Exception as e:  # a missing or damaged model.safetensors: safetensors' and torch's own errors
         print(f"sparrow train: error: --init-from {folder}: cannot read its weights: {e}", file=sys.stderr)
         return None
-    return model if ffn is None or ffn == have.intermediate_size else widen_ffn(model, ffn)
+    if ffn is None or ffn == have.intermediate_size:
+        return model
+    try:
+        return widen_ffn(model, ffn)
+    except DraftConfigError as e:  # narrower than the draft
+        print(f"sparrow train: error: --draft-ffn {ffn}, --init-from {folder}: {e}", file=sys.stderr)
+        return None
 
 
 def _eval_draft(args) -> int:

@@ -253,9 +253,10 @@ def widen_ffn(model: SparrowDraft, intermediate_size: int) -> SparrowDraft:
         raise DraftConfigError(f"FFN width {intermediate_size} is below the draft's {c.intermediate_size}: a draft "
                                "can be widened, not narrowed")
     wide = SparrowDraft(replace(c, intermediate_size=intermediate_size))
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(("gate_proj.", "up_proj.", "down_proj."))}
-    missing, unexpected = wide.load_state_dict(own, strict=False)
-    assert not unexpected and all(k.startswith(("gate_proj.", "up_proj.", "down_proj.")) for k in missing)
+    mlp = ("gate_proj.", "up_proj.", "down_proj.")
+    missing, unexpected = wide.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(mlp)},
+                                               strict=False)
+    assert not unexpected and all(k.startswith(mlp) for k in missing)
     place_mlp(wide, model.gate_proj.weight, model.up_proj.weight, model.down_proj.weight)
     if model.target_head.numel():
         wide.set_target_weights(model.target_embed, model.target_head)
