@@ -123,6 +123,8 @@ def train_draft(args, gguf: Path, hf: Path, out: Path) -> None:
         cmd += ["--init-from", str(args.cache / args.init_from)]
     if args.draft_ffn:
         cmd += ["--draft-ffn", str(args.draft_ffn)]
+    if args.draft_layers:
+        cmd += ["--draft-layers", str(args.draft_layers)]
     # outside the checkout, whose sparrow_py has no compiled runtime: the installed one runs; with
     # torch's threads (compare_llamacpp pins OpenMP to 1 thread for the timed runs in this process)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
@@ -291,6 +293,9 @@ def main() -> int:
     ap.add_argument("--draft-ffn", type=int, default=0, metavar="N",
                     help="`sparrow train --draft-ffn`: the draft's FFN width (0: the target's, or --init-from's); "
                          "wider than --init-from's widens that draft")
+    ap.add_argument("--draft-layers", type=int, default=0, metavar="N",
+                    help="`sparrow train --draft-layers`: the draft's decoder layers (0: one, or --init-from's); "
+                         "more than --init-from's deepens that draft")
     ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                     help="bf16 autocast in training (auto: on CUDA and on a CPU with bf16 units; on: also on other CPUs, emulated)")
     ap.add_argument("--target-type", default="source", choices=("source", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
@@ -339,6 +344,8 @@ def main() -> int:
         folder = folder.with_name(f"{folder.name}-lf{args.loss_fraction:g}")
     if args.draft_ffn:
         folder = folder.with_name(f"{folder.name}-ffn{args.draft_ffn}")
+    if args.draft_layers:
+        folder = folder.with_name(f"{folder.name}-L{args.draft_layers}")
     if args.init_from:
         if not (args.cache / args.init_from / "model.safetensors").exists():
             sys.exit(f"--init-from: no trained draft at {args.cache / args.init_from}")

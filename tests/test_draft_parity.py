@@ -15,8 +15,8 @@ from sparrow_py.draft_session import DraftSession
 from draft_util import make_draft
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_qwen2_dir):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-layer", "two-layer"])
+def setup(request, tmp_path_factory, tiny_qwen2_dir):
     from transformers import AutoModelForCausalLM
 
     from sparrow_py.train.export import load_draft
@@ -24,9 +24,10 @@ def setup(tmp_path_factory, tiny_qwen2_dir):
     root = tmp_path_factory.mktemp("parity")
     target_path = root / "target.gguf"
     convert(tiny_qwen2_dir, target_path, outtype="f32", progress=False)
-    # an FFN wider than the target's (96): the runtime must size it from the draft's own GGUF
+    # an FFN wider than the target's (96): the runtime must size it from the draft's own GGUF; with
+    # two layers, the second random (not the identity it starts as in training)
     draft_path = make_draft(tiny_qwen2_dir, root / "draft", window=6, anchors=3, glimpses=4, seed=3, scale=0.1,
-                            intermediate_size=160)
+                            intermediate_size=160, num_layers=request.param)
     module = load_draft(root / "draft").eval()
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
     embed = hf.get_input_embeddings().weight.detach()
@@ -107,6 +108,23 @@ def test_draft_session_bad_input(setup):
     with pytest.raises(sp.SparrowError, match="draft"):
         with sp.Engine(str(target_path), n_threads=1) as target:
             DraftSession(target, target_path)  # a target is not a draft
+
+
+def test_draft_layer_count_must_match_its_tensors(setup, tmp_path):
+    """block_count says how many blk.i the draft has: one layer more than its tensors, or more
+    layers than the runtime takes, is a clear error, not a crash."""
+    from gguf_edit import copy_gguf
+
+    target_path, draft_path, module = setup
+    n = module.config.num_layers
+    cases = [({"sparrow-draft.block_count": n + 1}, f"blk.{n}"), ({"sparrow-draft.block_count": 17}, "17 layers"),
+             ({"sparrow-draft.block_count": 0}, "0 layers")]
+    with sp.Engine(str(target_path), n_threads=1) as target:
+        for kv, message in cases:
+            bad = tmp_path / "bad.gguf"
+            copy_gguf(draft_path, bad, replace_kv=kv)
+            with pytest.raises(sp.SparrowError, match=message):
+                DraftSession(target, bad)
 
 
 def test_quantized_draft_tracks_the_f32_draft(setup, tmp_path):

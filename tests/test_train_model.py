@@ -235,6 +235,27 @@ def test_config_checks():
     assert DraftConfig.for_target(shape, glimpses=0, intermediate_size=96).intermediate_size == 96
     with pytest.raises(DraftConfigError, match="intermediate_size"):
         make_config(intermediate_size=0).validate()
+    with pytest.raises(DraftConfigError, match="num_layers"):
+        make_config(num_layers=0).validate()
+    assert DraftConfig.for_target(shape, glimpses=0).num_layers == 1
+    assert DraftConfig.from_dict({k: v for k, v in c.to_dict().items() if k != "num_layers"}).num_layers == 1
+
+
+def assert_same_mtp_outputs(reference: SparrowDraft, model: SparrowDraft) -> list[torch.Tensor]:
+    """Every MTP step's logits and hidden states of model equal to reference's (1e-6 of scale) on
+    one set of random inputs; returns model's logits, with their graph."""
+    config = reference.config
+    M, steps, anchor_start, n_glimpses = 9, 2, 2, 3
+    taps, tokens, positions, glimpses, gpos = random_inputs(config, M, steps, anchor_start, n_glimpses)
+    args = (taps, tokens, positions, torch.tensor([M]), torch.tensor([anchor_start]), steps, glimpses, gpos,
+            torch.ones(1, n_glimpses, dtype=torch.bool))
+    with torch.no_grad():
+        want_logits, want_h = reference.forward_mtp(*args)
+    got_logits, got_h = model.forward_mtp(*args)
+    for s in range(steps + 1):
+        assert_close_to_scale(got_logits[s], want_logits[s], tol=1e-6)
+        assert_close_to_scale(got_h[s], want_h[s], tol=1e-6)
+    return got_logits
 
 
 def test_widened_ffn_computes_the_same_draft_and_still_learns():
@@ -248,17 +269,44 @@ def test_widened_ffn_computes_the_same_draft_and_still_learns():
     assert wide.config.intermediate_size == 3 * config.intermediate_size
     assert torch.equal(wide.d2t, narrow.d2t) and torch.equal(wide.target_head, narrow.target_head)
     assert wide.gate_proj.weight[config.intermediate_size:].abs().sum() > 0  # random rows, not zeros
-    M, steps, anchor_start, n_glimpses = 9, 2, 2, 3
-    taps, tokens, positions, glimpses, gpos = random_inputs(config, M, steps, anchor_start, n_glimpses)
-    args = (taps, tokens, positions, torch.tensor([M]), torch.tensor([anchor_start]), steps, glimpses, gpos,
-            torch.ones(1, n_glimpses, dtype=torch.bool))
-    with torch.no_grad():
-        want_logits, want_h = narrow.forward_mtp(*args)
-    got_logits, got_h = wide.forward_mtp(*args)
-    for s in range(steps + 1):
-        assert_close_to_scale(got_logits[s], want_logits[s], tol=1e-6)
-        assert_close_to_scale(got_h[s], want_h[s], tol=1e-6)
+    got_logits = assert_same_mtp_outputs(narrow, wide)
     sum(x.float().square().sum() for x in got_logits).backward()
     assert wide.down_proj.weight.grad[:, config.intermediate_size:].abs().sum() > 0
     with pytest.raises(DraftConfigError, match="widened, not narrowed"):
         widen_ffn(narrow, config.intermediate_size - 1)
+
+
+@pytest.mark.parametrize("kw,anchor_start,n_glimpses", [
+    (dict(num_layers=2), 3, 3),                              # glimpses, anchors, a window smaller than M
+    (dict(num_layers=3, glimpses=0, anchors=0, window=0, draft_vocab_size=20), 0, 0),
+])
+def test_deeper_draft_step_by_step_equals_full_forward(kw, anchor_start, n_glimpses):
+    """Layers above the first (random, not the identity they start as): the step-by-step cache, one
+    slot of every layer's K/V per entry, gives what the masked full forward gives."""
+    test_step_by_step_equals_full_forward(kw, anchor_start, n_glimpses)
+
+
+def test_deepened_draft_computes_the_same_draft_and_still_learns():
+    """deepen: a layer on top starts as the identity (every MTP output equal to the shallower
+    draft's), yet gets gradient (its o_proj at once); cutting layers is refused; widening a deeper
+    draft widens every layer's FFN and keeps its outputs too."""
+    from sparrow_py.train.trainer import deepen, widen_ffn
+
+    config = make_config(draft_vocab_size=20)
+    shallow = make_model(config)
+    deep = deepen(shallow, 2)
+    assert deep.config.num_layers == 2 and list(deep.layers) == ["1"]
+    assert torch.equal(deep.d2t, shallow.d2t) and torch.equal(deep.target_head, shallow.target_head)
+    assert not deep.layers["1"].o_proj.weight.any() and deep.layers["1"].q_proj.weight.abs().sum() > 0
+    got_logits = assert_same_mtp_outputs(shallow, deep)
+    sum(x.float().square().sum() for x in got_logits).backward()
+    assert deep.layers["1"].o_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(DraftConfigError, match="deepened, not cut"):
+        deepen(deep, 1)
+
+    with torch.no_grad():  # a trained upper layer (not the identity), then widened
+        for p in deep.layers["1"].parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    wide = widen_ffn(deep, 2 * config.intermediate_size)
+    assert not wide.layers["1"].down_proj.weight[:, config.intermediate_size:].any()
+    assert_same_mtp_outputs(deep, wide)

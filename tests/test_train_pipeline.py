@@ -349,11 +349,12 @@ def test_evaluation_accounting(text_target, text_features):
     assert stats.forwards + sum(stats.accepted) - len(samples) <= stats.tokens <= stats.forwards + sum(stats.accepted)
 
 
-@pytest.mark.parametrize("draft_vocab,outtype", [(0, "f32"), (40, "f32"), (0, "f16")])
-def test_export_gguf_round_trip(text_target, tmp_path, draft_vocab, outtype):
+@pytest.mark.parametrize("draft_vocab,outtype,layers", [(0, "f32", 1), (40, "f32", 1), (0, "f16", 1), (40, "f16", 3)])
+def test_export_gguf_round_trip(text_target, tmp_path, draft_vocab, outtype, layers):
     from sparrow_py.convert import convert
 
-    config = DraftConfig.for_target(text_target.shape, glimpses=4, anchors=8, window=32, draft_vocab_size=draft_vocab)
+    config = DraftConfig.for_target(text_target.shape, glimpses=4, anchors=8, window=32, draft_vocab_size=draft_vocab,
+                                    num_layers=layers)
     model = new_draft(config, text_target)
     if draft_vocab:
         with torch.no_grad():
@@ -375,7 +376,7 @@ def test_export_gguf_round_trip(text_target, tmp_path, draft_vocab, outtype):
                    "sparrow-draft.taps": config.taps, "sparrow-draft.ivsb_layer": config.ivsb_layer,
                    "sparrow-draft.glimpses": 4, "sparrow-draft.anchors": 8, "sparrow-draft.window": 32,
                    "sparrow-draft.attention.head_count": 4, "sparrow-draft.attention.head_count_kv": 2,
-                   "sparrow-draft.rope.freq_base": 1e6, "sparrow-draft.block_count": 1}
+                   "sparrow-draft.rope.freq_base": 1e6, "sparrow-draft.block_count": layers}
     for k, v in expect_keys.items():
         assert field(k) == v, k
     tensors = {t.name: t for t in r.tensors}
@@ -388,6 +389,16 @@ def test_export_gguf_round_trip(text_target, tmp_path, draft_vocab, outtype):
              "glimpse_proj.weight": "glimpse_proj.weight"}
     if draft_vocab:
         names.update({"output.weight": "lm_head.weight", "d2t": "d2t"})
+    for i in range(1, layers):  # the layers above the first, llama.cpp's per-block names
+        names.update({f"blk.{i}.attn_norm.weight": f"layers.{i}.attn_norm.weight",
+                      f"blk.{i}.attn_q.weight": f"layers.{i}.q_proj.weight",
+                      f"blk.{i}.attn_k.weight": f"layers.{i}.k_proj.weight",
+                      f"blk.{i}.attn_v.weight": f"layers.{i}.v_proj.weight",
+                      f"blk.{i}.attn_output.weight": f"layers.{i}.o_proj.weight",
+                      f"blk.{i}.ffn_norm.weight": f"layers.{i}.ffn_norm.weight",
+                      f"blk.{i}.ffn_gate.weight": f"layers.{i}.gate_proj.weight",
+                      f"blk.{i}.ffn_up.weight": f"layers.{i}.up_proj.weight",
+                      f"blk.{i}.ffn_down.weight": f"layers.{i}.down_proj.weight"})
     assert set(tensors) == set(names)
     state = model.state_dict()
     for gname, tname in names.items():
@@ -486,6 +497,15 @@ def test_cli_train_init_from_keeps_the_draft_and_its_vocabulary(tiny_qwen2_dir, 
     assert "--init-from" in capsys.readouterr().err
 
 
+def small_train_args(target_dir, tmp_path) -> list[str]:
+    """`sparrow train` on three prompts of a tiny target, short answers, one shared feature cache."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
+    return ["train", "--target", str(target_dir), "--mtp-steps", "1", "--glimpses", "0", "--window", "16",
+            "--anchors", "4", "--max-new-tokens", "12", "--draft-vocab", "48", "--quiet", "--data", str(data),
+            "--cache-dir", str(tmp_path / "features")]
+
+
 def test_cli_train_init_from_widens_the_ffn(tiny_qwen2_dir, tmp_path, capsys):
     """--draft-ffn with --init-from: the draft's weights in the first units, zero down_proj columns
     for the new ones (learning rate 0 keeps what the widening made); without the flag a widened
@@ -494,11 +514,7 @@ def test_cli_train_init_from_widens_the_ffn(tiny_qwen2_dir, tmp_path, capsys):
 
     from sparrow_py.cli import main
 
-    data = tmp_path / "p.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
-    common = ["train", "--target", str(tiny_qwen2_dir), "--mtp-steps", "1", "--glimpses", "0", "--window", "16",
-              "--anchors", "4", "--max-new-tokens", "12", "--draft-vocab", "48", "--quiet", "--data", str(data),
-              "--cache-dir", str(tmp_path / "features")]
+    common = small_train_args(tiny_qwen2_dir, tmp_path)
     assert main([*common, "--out", str(tmp_path / "a"), "--steps", "2", "--lr", "3e-3"]) == 0
     n = DraftConfig.load(tmp_path / "a").intermediate_size
     assert main([*common, "--out", str(tmp_path / "b"), "--steps", "1", "--lr", "0", "--draft-ffn", str(2 * n),
@@ -518,6 +534,33 @@ def test_cli_train_init_from_widens_the_ffn(tiny_qwen2_dir, tmp_path, capsys):
     assert main([*common, "--out", str(tmp_path / "d"), "--steps", "1", "--draft-ffn", str(n),
                  "--init-from", str(tmp_path / "b")]) == 1
     assert "widened, not narrowed" in capsys.readouterr().err
+
+
+def test_cli_train_init_from_deepens_the_draft(tiny_qwen2_dir, tmp_path, capsys):
+    """--draft-layers with --init-from: the draft's weights kept, a layer on top with zero o_proj and
+    down_proj (learning rate 0 keeps what deepening made); fewer layers are refused."""
+    from safetensors.torch import load_file
+
+    from sparrow_py.cli import main
+
+    common = small_train_args(tiny_qwen2_dir, tmp_path)
+    assert main([*common, "--out", str(tmp_path / "a"), "--steps", "2", "--lr", "3e-3"]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--steps", "1", "--lr", "0", "--draft-layers", "2",
+                 "--init-from", str(tmp_path / "a")]) == 0
+    assert DraftConfig.load(tmp_path / "b").num_layers == 2
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert set(b) - set(a) == {f"layers.1.{n}.weight" for n in ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "ffn_norm", "gate_proj", "up_proj", "down_proj")}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not b["layers.1.o_proj.weight"].any() and not b["layers.1.down_proj.weight"].any()
+    assert b["layers.1.q_proj.weight"].abs().sum() > 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "c"), "--steps", "1", "--draft-layers", "1",
+                 "--init-from", str(tmp_path / "b")]) == 1
+    assert "deepened, not cut" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "c"), "--steps", "1", "--draft-layers", "0"]) == 1
+    assert "--draft-layers must be at least 1" in capsys.readouterr().err
 
 
 def test_target_without_chat_template(tiny_qwen2_dir, tmp_path, capsys):

@@ -13,6 +13,12 @@ src/models/eagle3.cpp loader and gguf-py TENSOR_NAMES), plus glimpse_proj:
     d2t                        [N] i64     draft id -> absolute target id (llama.cpp's set_rows index)
     glimpse_proj.weight        [H, H]
 
+and for each layer i >= 1 of a deeper draft (num_layers in config.json; block_count):
+
+    blk.i.attn_norm.weight     [H]         RMSNorm of the layer below's output h
+    blk.i.attn_q/k/v.weight    [*, H]
+    blk.i.attn_output.weight, blk.i.ffn_norm.weight, blk.i.ffn_gate/up/down.weight
+
 Shapes above are numpy (row-major) shapes, i.e. torch's (out, in); GGUF lists them reversed.
 Keys: the usual per-arch hyper-parameters under sparrow-draft.* plus the spec v1 knobs (taps,
 ivsb_layer, glimpses, anchors, window) and the target it fits (sparrow-draft.target.*).
@@ -74,6 +80,27 @@ DRAFT_TENSORS: dict[str, str] = {
 }
 _OPTIONAL = {"lm_head.weight", "d2t"}
 
+# a layer above the first: torch name under layers.<i>. -> GGUF name under blk.<i>.
+UPPER_LAYER_TENSORS: dict[str, str] = {
+    "attn_norm.weight": "attn_norm.weight",
+    "q_proj.weight": "attn_q.weight",
+    "k_proj.weight": "attn_k.weight",
+    "v_proj.weight": "attn_v.weight",
+    "o_proj.weight": "attn_output.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "gate_proj.weight": "ffn_gate.weight",
+    "up_proj.weight": "ffn_up.weight",
+    "down_proj.weight": "ffn_down.weight",
+}
+
+
+def draft_tensor_names(num_layers: int) -> dict[str, str]:
+    """torch state_dict name -> GGUF name, for a draft of num_layers decoder layers."""
+    names = dict(DRAFT_TENSORS)
+    for i in range(1, num_layers):
+        names.update({f"layers.{i}.{src}": f"blk.{i}.{dst}" for src, dst in UPPER_LAYER_TENSORS.items()})
+    return names
+
 
 def is_draft_folder(folder: Path) -> bool:
     try:
@@ -109,10 +136,14 @@ def convert_draft(folder: Path, outfile: Path, outtype: str = "f32", progress: b
     if not st.is_file():
         raise ConvertError(f"{folder}: model.safetensors not found")
     weights = load_file(str(st))
-    unknown = sorted(set(weights) - set(DRAFT_TENSORS))
+    num_layers = int(config.get("num_layers", 1))
+    if not 1 <= num_layers <= 16:
+        raise ConvertError(f"{folder / 'config.json'}: num_layers {num_layers} is outside 1..16")
+    names = draft_tensor_names(num_layers)
+    unknown = sorted(set(weights) - set(names))
     if unknown:
         raise ConvertError(f"{st}: unexpected tensors {', '.join(unknown)}")
-    missing = sorted(set(DRAFT_TENSORS) - set(weights) - _OPTIONAL)
+    missing = sorted(set(names) - set(weights) - _OPTIONAL)
     if missing:
         raise ConvertError(f"{st}: missing tensors {', '.join(missing)}")
     if ("lm_head.weight" in weights) != ("d2t" in weights):
@@ -126,6 +157,9 @@ def convert_draft(folder: Path, outfile: Path, outtype: str = "f32", progress: b
               "q_proj.weight": (config["num_attention_heads"] * config["head_dim"], 2 * H),
               "k_proj.weight": (config["num_key_value_heads"] * config["head_dim"], 2 * H),
               "glimpse_proj.weight": (H, H)}
+    for i in range(1, num_layers):
+        expect[f"layers.{i}.q_proj.weight"] = (config["num_attention_heads"] * config["head_dim"], H)
+        expect[f"layers.{i}.k_proj.weight"] = (config["num_key_value_heads"] * config["head_dim"], H)
     for name, shape in expect.items():
         if tuple(weights[name].shape) != tuple(shape):
             raise ConvertError(f"{st}: {name} has shape {tuple(weights[name].shape)}, config says {tuple(shape)}")
@@ -142,7 +176,7 @@ def convert_draft(folder: Path, outfile: Path, outtype: str = "f32", progress: b
     w.add_uint32(k(DraftKeys.VOCAB_SIZE), n_vocab)
     w.add_uint32(k(DraftKeys.DRAFT_VOCAB_SIZE), n_draft)
     w.add_uint32(k(DraftKeys.EMBEDDING_LENGTH), H)
-    w.add_uint32(k(DraftKeys.BLOCK_COUNT), 1)
+    w.add_uint32(k(DraftKeys.BLOCK_COUNT), num_layers)
     w.add_uint32(k(DraftKeys.FEED_FORWARD_LENGTH), int(config["intermediate_size"]))
     w.add_uint32(k(DraftKeys.HEAD_COUNT), int(config["num_attention_heads"]))
     w.add_uint32(k(DraftKeys.HEAD_COUNT_KV), int(config["num_key_value_heads"]))
@@ -159,7 +193,7 @@ def convert_draft(folder: Path, outfile: Path, outtype: str = "f32", progress: b
     w.add_file_type(quantize.file_type(outtype))
 
     n_params = 0
-    for src, dst in DRAFT_TENSORS.items():
+    for src, dst in names.items():
         if src not in weights:
             continue
         a = weights[src]
@@ -182,4 +216,4 @@ def convert_draft(folder: Path, outfile: Path, outtype: str = "f32", progress: b
     w.write_tensors_to_file(progress=False)
     w.close()
     partial.replace(outfile)
-    return DraftSummary(outfile, sum(1 for s in DRAFT_TENSORS if s in weights), n_params, outtype)
+    return DraftSummary(outfile, sum(1 for s in names if s in weights), n_params, outtype)

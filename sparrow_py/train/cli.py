@@ -70,6 +70,10 @@ def add_train_commands(sub) -> None:
                    help="the draft layer's FFN width (default: the target's, or with --init-from that draft's). "
                         "With --init-from a wider N widens that draft: its new units start with zero output "
                         "weights, so training starts from exactly the draft it was")
+    g.add_argument("--draft-layers", type=int, default=None, metavar="N",
+                   help="the draft's decoder layers (default 1, or with --init-from that draft's). With "
+                        "--init-from more layers deepen that draft: the new ones go on top as the identity "
+                        "(zero output weights), so training starts from exactly the draft it was")
     t = p.add_argument_group("training")
     t.add_argument("--mtp-steps", type=int, default=3, help="k, steps unrolled on the draft's own hidden state "
                                                             "(default 3)")
@@ -190,6 +194,9 @@ def _train(args) -> int:
     if args.draft_ffn is not None and args.draft_ffn < 1:
         print("sparrow train: error: --draft-ffn must be at least 1", file=sys.stderr)
         return 1
+    if args.draft_layers is not None and args.draft_layers < 1:
+        print("sparrow train: error: --draft-layers must be at least 1", file=sys.stderr)
+        return 1
     if not 0 < args.loss_fraction <= 1:
         print("sparrow train: error: --loss-fraction must be above 0 and at most 1", file=sys.stderr)
         return 1
@@ -202,7 +209,7 @@ def _train(args) -> int:
         taps = [int(x) for x in args.taps.split(",")] if args.taps else None
         config = DraftConfig.for_target(target.shape, taps=taps, ivsb_layer=args.ivsb_layer, glimpses=args.glimpses,
                                         anchors=args.anchors, window=args.window, draft_vocab_size=args.draft_vocab,
-                                        intermediate_size=args.draft_ffn or 0)
+                                        intermediate_size=args.draft_ffn or 0, num_layers=args.draft_layers or 1)
     except DraftConfigError as e:
         print(f"sparrow train: error: {e}", file=sys.stderr)
         return 1
@@ -233,7 +240,7 @@ def _train(args) -> int:
         print("sparrow train: error: no usable training samples", file=sys.stderr)
         return 1
     if args.init_from:
-        model = _initial_draft(args.init_from, config, target, args.draft_ffn)
+        model = _initial_draft(args.init_from, config, target, args.draft_ffn, args.draft_layers)
         if model is None:
             return 1
     else:
@@ -265,13 +272,13 @@ def _train(args) -> int:
     return 0
 
 
-def _initial_draft(folder, config, target, ffn=None):
+def _initial_draft(folder, config, target, ffn=None, layers=None):
     """The exported draft at `folder`, attached to `target`, if it is the draft these flags describe
     (its vocabulary is kept: the head's rows are trained for those tokens), widened to an FFN of
-    `ffn` units when that is given; None after an error."""
+    `ffn` units and deepened to `layers` decoder layers when those are given; None after an error."""
     from .export import load_draft
     from .model import DraftConfig, DraftConfigError
-    from .trainer import widen_ffn
+    from .trainer import deepen, widen_ffn
 
     try:
         have = DraftConfig.load(folder)
@@ -280,6 +287,7 @@ def _initial_draft(folder, config, target, ffn=None):
         return None
     want, got = config.to_dict(), have.to_dict()
     want.pop("intermediate_size")  # --draft-ffn: kept or widened below
+    want.pop("num_layers")         # --draft-layers: kept or deepened below
     differ = [f"{k} {got.get(k)!r} (the flags give {want[k]!r})" for k in want if got.get(k) != want[k]]
     if differ:
         print(f"sparrow train: error: --init-from {folder} is another draft: " + "; ".join(differ) +
@@ -290,13 +298,16 @@ def _initial_draft(folder, config, target, ffn=None):
     except Exception as e:  # a missing or damaged model.safetensors: safetensors' and torch's own errors
         print(f"sparrow train: error: --init-from {folder}: cannot read its weights: {e}", file=sys.stderr)
         return None
-    if ffn is None or ffn == have.intermediate_size:
-        return model
     try:
-        return widen_ffn(model, ffn)
-    except DraftConfigError as e:  # narrower than the draft
-        print(f"sparrow train: error: --draft-ffn {ffn}, --init-from {folder}: {e}", file=sys.stderr)
+        if ffn is not None and ffn != have.intermediate_size:
+            model = widen_ffn(model, ffn)
+        if layers is not None and layers != have.num_layers:
+            model = deepen(model, layers)
+    except DraftConfigError as e:  # narrower or shallower than the draft
+        flags = (f"--draft-ffn {ffn}, " if ffn is not None else "") + (f"--draft-layers {layers}, " if layers else "")
+        print(f"sparrow train: error: {flags}--init-from {folder}: {e}", file=sys.stderr)
         return None
+    return model
 
 
 def _eval_draft(args) -> int:

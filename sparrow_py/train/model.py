@@ -9,9 +9,18 @@ One decoder layer, EAGLE-3 style, that reads the target's hidden states:
     h_t     = r_t + down(silu(gate(ffn_norm(r_t))) * up(ffn_norm(r_t)))
     logits  = head(output_norm(h_t))                             target's frozen head, or reduced head + d2t
 
+With num_layers > 1, plain pre-norm decoder layers follow, each on the one below's output h:
+
+    h'_t    = h_t + o_proj'(attn(q'(n), k'(n), v'(n)))         n = attn_norm'(h_t), the same VATA mask
+    h_t    <- h'_t + down'(silu(gate'(ffn_norm'(h'_t))) * up'(ffn_norm'(h'_t)))
+
+and the last layer's h_t feeds the head. A layer added on top starts as the identity (its o_proj
+and down_proj are zero), so a deeper draft can start from a trained shallower one.
+
 h_t (before the final norm) replaces g at the next drafted position. Glimpses are G vectors
 pooled from the target's ivsb_layer outputs at visual positions; each enters the KV once as
-x = concat(0, hidden_norm(glimpse_proj(pool))) at the position of its segment's first visual token.
+x = concat(0, hidden_norm(glimpse_proj(pool))) at the position of its segment's first visual token
+(in a layer above the first, as n = attn_norm'(glimpse_proj(pool))).
 
 Two ways to run the same math, which tests/test_train_model.py holds equal to 1e-5:
   forward_mtp()  training over whole sequences, k MTP steps unrolled, VATA as a dense mask;
@@ -48,7 +57,7 @@ class DraftConfig:
     target_num_layers: int           # L
     vocab_size: int                  # V, the target's vocabulary
     hidden_size: int                 # H (the target's; the draft works at the same width)
-    # --- the draft layer (GQA like the target's) ---
+    # --- the draft layers (GQA like the target's) ---
     intermediate_size: int
     num_attention_heads: int
     num_key_value_heads: int
@@ -63,6 +72,7 @@ class DraftConfig:
     window: int = 256                # W; 0 = unbounded (EAGLE-3)
     draft_vocab_size: int = 0        # N; 0 or V = the target's full head (no d2t)
     target_tie_word_embeddings: bool = True
+    num_layers: int = 1              # decoder layers (the first reads concat(E[y], g); the others h)
 
     @property
     def reduced_vocab(self) -> bool:
@@ -93,6 +103,8 @@ class DraftConfig:
             raise DraftConfigError("hidden_size must be positive")
         if self.intermediate_size <= 0:
             raise DraftConfigError(f"intermediate_size {self.intermediate_size} must be positive")
+        if not 1 <= self.num_layers <= 16:
+            raise DraftConfigError(f"num_layers {self.num_layers} is outside 1..16")
 
     # --- (de)serialisation: config.json of an exported draft folder ---
     def to_dict(self) -> dict[str, Any]:
@@ -121,7 +133,7 @@ class DraftConfig:
     @classmethod
     def for_target(cls, target: "TargetShape", *, taps: list[int] | None = None, ivsb_layer: int | None = None,
                    glimpses: int = 8, anchors: int = 32, window: int = 256, draft_vocab_size: int = 0,
-                   intermediate_size: int = 0) -> "DraftConfig":
+                   intermediate_size: int = 0, num_layers: int = 1) -> "DraftConfig":
         """intermediate_size 0: the target's FFN width."""
         L = target.num_layers
         cfg = cls(target_arch=target.arch, target_num_layers=L, vocab_size=target.vocab_size,
@@ -132,7 +144,7 @@ class DraftConfig:
                   taps=list(taps) if taps is not None else default_taps(L),
                   ivsb_layer=default_ivsb_layer(L) if ivsb_layer is None else ivsb_layer,
                   glimpses=glimpses, anchors=anchors, window=window, draft_vocab_size=draft_vocab_size,
-                  target_tie_word_embeddings=target.tie_word_embeddings)
+                  target_tie_word_embeddings=target.tie_word_embeddings, num_layers=num_layers)
         cfg.validate()
         return cfg
 
@@ -280,6 +292,7 @@ class DraftCache:
 
     Committed entries carry the target's real features; the chain holds the entries drafted from
     the draft's own hidden states since the last commit and is dropped by drop_speculative().
+    An entry's K and V are [num_layers, n_kv_heads, head_dim]: every layer's, one slot for all.
     Nothing here depends on the number of visual tokens.
     """
 
@@ -333,9 +346,29 @@ class DraftCache:
 
 # --- the module -----------------------------------------------------------------------------
 
+class DraftBlock(nn.Module):
+    """A draft layer above the first (GGUF blk.i, i >= 1): a pre-norm decoder layer on the layer
+    below's output h, with the same attention shape and FFN width as the first."""
+
+    def __init__(self, c: DraftConfig):
+        super().__init__()
+        H = c.hidden_size
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.attn_norm = RMSNorm(H, c.rms_norm_eps)
+        self.q_proj = nn.Linear(H, q_dim, bias=False)
+        self.k_proj = nn.Linear(H, kv_dim, bias=False)
+        self.v_proj = nn.Linear(H, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, H, bias=False)
+        self.ffn_norm = RMSNorm(H, c.rms_norm_eps)
+        self.gate_proj = nn.Linear(H, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, H, bias=False)
+
+
 class SparrowDraft(nn.Module):
     """The spec v1 draft. Parameters are the draft's own; E and the full head are frozen buffers
-    taken from the target (set_target_weights) and are never saved with the draft."""
+    taken from the target (set_target_weights) and are never saved with the draft. The first
+    layer's weights sit on the module itself (q_proj, ...), the layers above in `layers` ("1", ...)."""
 
     def __init__(self, config: DraftConfig):
         super().__init__()
@@ -356,6 +389,7 @@ class SparrowDraft(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, H, bias=False)
         self.output_norm = RMSNorm(H, c.rms_norm_eps)
         self.glimpse_proj = nn.Linear(H, H, bias=False)
+        self.layers = nn.ModuleDict({str(i): DraftBlock(c) for i in range(1, c.num_layers)})
         if c.reduced_vocab:
             self.lm_head = nn.Linear(H, c.draft_vocab_size, bias=False)   # trained; GGUF "output"
             self.register_buffer("d2t", torch.arange(c.draft_vocab_size, dtype=torch.long))  # draft id -> target id
@@ -374,6 +408,18 @@ class SparrowDraft(nn.Module):
                     self.down_proj, self.glimpse_proj):
             with torch.no_grad():
                 lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * std)
+        # the layers above start as the identity: their o_proj and down_proj are zero (see widen_ffn
+        # and deepen in trainer.py for why a change of shape keeps the outputs)
+        for block in self.layers.values():
+            with torch.no_grad():
+                for lin in (block.q_proj, block.k_proj, block.v_proj, block.gate_proj, block.up_proj):
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * std)
+                block.o_proj.weight.zero_()
+                block.down_proj.weight.zero_()
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The layers in order: the module itself (its first layer's weights), then `layers`."""
+        return [self, *self.layers.values()]
 
     def set_target_weights(self, embed: torch.Tensor, head: torch.Tensor) -> None:
         """E [V, H] and the LM head W [V, H] of the target (frozen; tied models pass E twice)."""
@@ -389,26 +435,34 @@ class SparrowDraft(nn.Module):
         """g = fc(concat(taps)); taps [..., len(taps)*H]."""
         return self.fc(taps.to(self.fc.weight.dtype))
 
-    def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
+    def _qkv(self, x: torch.Tensor, positions: torch.Tensor, layer: nn.Module):
+        """q, k, v of `layer` (one of decoder_layers()) on its input x, RoPE'd at positions."""
         c = self.config
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
-        q = self.q_proj(x).unflatten(-1, (c.num_attention_heads, c.head_dim))
-        k = self.k_proj(x).unflatten(-1, (c.num_key_value_heads, c.head_dim))
-        v = self.v_proj(x).unflatten(-1, (c.num_key_value_heads, c.head_dim))
+        q = layer.q_proj(x).unflatten(-1, (c.num_attention_heads, c.head_dim))
+        k = layer.k_proj(x).unflatten(-1, (c.num_key_value_heads, c.head_dim))
+        v = layer.v_proj(x).unflatten(-1, (c.num_key_value_heads, c.head_dim))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _layer_input(self, tokens: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    def _layer_input(self, layer: nn.Module, tokens: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """What `layer`'s q/k/v read: concat(embed_norm(E[y]), hidden_norm(g)) in the first layer,
+        attn_norm(h) of the layer below's output h in the others."""
+        if layer is not self:
+            return layer.attn_norm(g)
         e = F.embedding(tokens, self.target_embed).to(g.dtype)
         return torch.cat([self.embed_norm(e), self.hidden_norm(g)], dim=-1)
 
-    def _glimpse_input(self, pooled: torch.Tensor) -> torch.Tensor:
+    def _glimpse_inputs(self, pooled: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's input for the glimpses: the first layer's concat(0, hidden_norm(p)), the
+        others' attn_norm(p), p = glimpse_proj(pooled) standing in for a glimpse's state."""
         p = self.glimpse_proj(pooled.to(self.glimpse_proj.weight.dtype))
-        return torch.cat([torch.zeros_like(p), self.hidden_norm(p)], dim=-1)
+        first = torch.cat([torch.zeros_like(p), self.hidden_norm(p)], dim=-1)
+        return [first] + [block.attn_norm(p) for block in self.layers.values()]
 
-    def _finish(self, attn_out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        r = g + self.o_proj(attn_out)
-        n = self.ffn_norm(r)
-        return r + self.down_proj(F.silu(self.gate_proj(n)) * self.up_proj(n))
+    def _finish(self, layer: nn.Module, attn_out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        r = g + layer.o_proj(attn_out)
+        n = layer.ffn_norm(r)
+        return r + layer.down_proj(F.silu(layer.gate_proj(n)) * layer.up_proj(n))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits (N = draft_vocab_size if reduced, else V) from the pre-norm state h."""
@@ -466,8 +520,9 @@ class SparrowDraft(nn.Module):
         entry_valid = j[None, :] < n_entries[:, None]                      # [B, M]
         a0 = anchor_start[:, None, None]
 
+        layers = self.decoder_layers()
         if glimpses is not None and glimpses.shape[1] > 0:
-            gk, gv = self._qkv_glimpses(glimpses, glimpse_positions)
+            gk, gv = self._qkv_glimpses(glimpses, glimpse_positions)     # per layer
             g_vis = glimpse_valid[:, None, :].expand(B, M, -1)
         else:
             gk = gv = None
@@ -490,31 +545,37 @@ class SparrowDraft(nn.Module):
             return out
 
         g_dense = dense(self.fuse_taps(taps[entry_valid]), entry_valid)   # step s's input state
-        ks, vs = [], []          # step-0 K/V, then each chain step's K/V
+        ks = [[] for _ in layers]   # per layer: step-0 K/V, then each chain step's K/V
+        vs = [[] for _ in layers]
         all_logits, all_h = [], []
         for s in range(steps + 1):
             rows = entry_valid if s == 0 else out_rows[s]
-            x = self._layer_input(tokens[:, :, s][rows], g_dense[rows])
-            q, k, v = self._qkv(x, (positions + s)[rows])
-            q, k, v = dense(q, rows), dense(k, rows), dense(v, rows)
-            ks.append(k)
-            vs.append(v)
             q_idx = (j + s)[None, :, None]                                 # [1, M, 1]
             # committed entries j' <= j0
             k0 = j[None, None, :]
             vis0 = vata_visible(q_idx, k0, a0, c.anchors, c.window) & (k0 <= j[None, :, None]) & entry_valid[:, None, :]
-            vis_parts, k_parts, v_parts = [vis0], [ks[0]], [vs[0]]
-            if gk is not None:
-                vis_parts.insert(0, g_vis)
-                k_parts.insert(0, gk)
-                v_parts.insert(0, gv)
-            # chain entries r = 1..s: each query's own, at its own row of ks[r]
+            # chain entries r = 1..s: each query's own, at its own row of ks[l][r]
             r = torch.arange(1, s + 1, device=dev)
             chain_vis = vata_visible(q_idx, (j[:, None] + r)[None], a0, c.anchors, c.window)   # [B, M, s]
-            out = attend_chain(q, torch.cat(k_parts, 1), torch.cat(v_parts, 1), torch.cat(vis_parts, 2),
-                               torch.stack(ks[1:], 2) if s else k.new_zeros(B, M, 0, *k.shape[2:]),
-                               torch.stack(vs[1:], 2) if s else v.new_zeros(B, M, 0, *v.shape[2:]), chain_vis)
-            h_dense = dense(self._finish(out[out_rows[s]], g_dense[out_rows[s]]), out_rows[s])
+            h_dense = g_dense
+            for li, layer in enumerate(layers):
+                x = self._layer_input(layer, tokens[:, :, s][rows], h_dense[rows])
+                q, k, v = self._qkv(x, (positions + s)[rows], layer)
+                q, k, v = dense(q, rows), dense(k, rows), dense(v, rows)
+                ks[li].append(k)
+                vs[li].append(v)
+                vis_parts, k_parts, v_parts = [vis0], [ks[li][0]], [vs[li][0]]
+                if gk is not None:
+                    vis_parts.insert(0, g_vis)
+                    k_parts.insert(0, gk[li])
+                    v_parts.insert(0, gv[li])
+                out = attend_chain(q, torch.cat(k_parts, 1), torch.cat(v_parts, 1), torch.cat(vis_parts, 2),
+                                   torch.stack(ks[li][1:], 2) if s else k.new_zeros(B, M, 0, *k.shape[2:]),
+                                   torch.stack(vs[li][1:], 2) if s else v.new_zeros(B, M, 0, *v.shape[2:]), chain_vis)
+                # the last layer's output where a logit needs it; below it, every row whose
+                # keys the next layer needs (at step 0 all entries)
+                fin = out_rows[s] if li == len(layers) - 1 else rows
+                h_dense = dense(self._finish(layer, out[fin], h_dense[fin]), fin)
             g_dense = h_dense
             all_h.append(h_dense)
             all_logits.append(self.logits(h_dense if logit_rows is None else h_dense[logit_rows[:, :, s]]))
@@ -522,18 +583,23 @@ class SparrowDraft(nn.Module):
 
     forward = forward_mtp  # nn.Module.__call__ (and DDP) run the training path
 
-    def _qkv_glimpses(self, pooled: torch.Tensor, positions: torch.Tensor):
-        _, k, v = self._qkv(self._glimpse_input(pooled), positions)
-        return k, v
+    def _qkv_glimpses(self, pooled: torch.Tensor, positions: torch.Tensor) -> tuple[list, list]:
+        """The glimpses' keys and values, one [B, G, n_kv, hd] per layer."""
+        ks, vs = [], []
+        for layer, x in zip(self.decoder_layers(), self._glimpse_inputs(pooled)):
+            _, k, v = self._qkv(x, positions, layer)
+            ks.append(k)
+            vs.append(v)
+        return ks, vs
 
     # --- (b) inference: one entry at a time ---
     def add_glimpses(self, cache: DraftCache, pooled: torch.Tensor, positions: torch.Tensor) -> None:
         """Enter the G pooled glimpses [G, H] (positions [G]) into the cache, once, after prefill."""
         if pooled.shape[0] == 0:
             return
-        k, v = self._qkv_glimpses(pooled[None], positions[None])
-        cache.glimpse_k.extend(k[0])
-        cache.glimpse_v.extend(v[0])
+        ks, vs = self._qkv_glimpses(pooled[None], positions[None])
+        cache.glimpse_k.extend(torch.stack([k[0] for k in ks], 1))   # [G, layers, n_kv, hd]
+        cache.glimpse_v.extend(torch.stack([v[0] for v in vs], 1))
 
     def step(self, cache: DraftCache, token: int, g: torch.Tensor, position: int,
              speculative: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -542,12 +608,19 @@ class SparrowDraft(nn.Module):
         position `position`. Adds the entry to the cache and returns (logits [N], h [H])."""
         dev = g.device
         index = cache.next_index
-        x = self._layer_input(torch.tensor([[token]], device=dev), g.reshape(1, 1, -1))
-        q, k, v = self._qkv(x, torch.tensor([[position]], device=dev))
-        cache.add(index, k[0, 0], v[0, 0], speculative)
-        kk, vv, visible = cache.keys(index, dev)
-        out = attend(q, kk[None], vv[None], visible[None, None])
-        h = self._finish(out, g.reshape(1, 1, -1))
+        tok, pos = torch.tensor([[token]], device=dev), torch.tensor([[position]], device=dev)
+        layers = self.decoder_layers()
+        h = g.reshape(1, 1, -1)
+        for li, layer in enumerate(layers):
+            q, k, v = self._qkv(self._layer_input(layer, tok, h), pos, layer)
+            if li == 0:   # the entry's slot, filled a layer at a time (a layer's keys need the one below)
+                k_all = k.new_zeros(len(layers), *k.shape[2:])
+                v_all = v.new_zeros(len(layers), *v.shape[2:])
+                cache.add(index, k_all, v_all, speculative)
+            k_all[li], v_all[li] = k[0, 0], v[0, 0]
+            kk, vv, visible = cache.keys(index, dev)
+            out = attend(q, kk[None, :, li], vv[None, :, li], visible[None, None])
+            h = self._finish(layer, out, h)
         return self.logits(h)[0, 0], h[0, 0]
 
 

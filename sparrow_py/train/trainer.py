@@ -231,18 +231,34 @@ def init_from_target(model: SparrowDraft, target) -> None:
             model.lm_head.weight.copy_(model.target_head[model.d2t])
 
 
-def place_mlp(model: SparrowDraft, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-    """Put an MLP of width n (gate, up [n, H]; down [H, n]) into the draft's of width m. Its first
-    min(n, m) units get those weights; units past n keep their random gate and up rows but get
-    zero down_proj columns, so a wider draft computes exactly what the narrower MLP computed and
-    still learns (down's gradient there is nonzero, and through it gate's and up's)."""
-    n, m = gate.shape[0], model.config.intermediate_size
+def place_mlp(layer: torch.nn.Module, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+    """Put an MLP of width n (gate, up [n, H]; down [H, n]) into `layer` (one of a draft's
+    decoder_layers()), of width m. Its first min(n, m) units get those weights; units past n keep
+    their random gate and up rows but get zero down_proj columns, so a wider draft computes exactly
+    what the narrower MLP computed and still learns (down's gradient there is nonzero, and through
+    it gate's and up's)."""
+    n, m = gate.shape[0], layer.gate_proj.weight.shape[0]
     k = min(n, m)
     with torch.no_grad():
-        model.gate_proj.weight[:k].copy_(gate[:k])
-        model.up_proj.weight[:k].copy_(up[:k])
-        model.down_proj.weight[:, :k].copy_(down[:, :k])
-        model.down_proj.weight[:, k:].zero_()
+        layer.gate_proj.weight[:k].copy_(gate[:k])
+        layer.up_proj.weight[:k].copy_(up[:k])
+        layer.down_proj.weight[:, :k].copy_(down[:, :k])
+        layer.down_proj.weight[:, k:].zero_()
+
+
+_MLP = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+
+def _reshaped(model: SparrowDraft, config, keep) -> SparrowDraft:
+    """A draft of `config` holding model's weights for every state-dict key keep(key) accepts (the
+    others stay as SparrowDraft initialises them), and the target's weights when attached."""
+    new = SparrowDraft(config)
+    kept = {k: v for k, v in model.state_dict().items() if keep(k)}
+    missing, unexpected = new.load_state_dict(kept, strict=False)
+    assert not unexpected and not kept.keys() & set(missing), (missing, unexpected)
+    if model.target_head.numel():
+        new.set_target_weights(model.target_embed, model.target_head)
+    return new
 
 
 def widen_ffn(model: SparrowDraft, intermediate_size: int) -> SparrowDraft:
@@ -252,15 +268,21 @@ def widen_ffn(model: SparrowDraft, intermediate_size: int) -> SparrowDraft:
     if intermediate_size < c.intermediate_size:
         raise DraftConfigError(f"FFN width {intermediate_size} is below the draft's {c.intermediate_size}: a draft "
                                "can be widened, not narrowed")
-    wide = SparrowDraft(replace(c, intermediate_size=intermediate_size))
-    mlp = ("gate_proj.", "up_proj.", "down_proj.")
-    missing, unexpected = wide.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(mlp)},
-                                               strict=False)
-    assert not unexpected and all(k.startswith(mlp) for k in missing)
-    place_mlp(wide, model.gate_proj.weight, model.up_proj.weight, model.down_proj.weight)
-    if model.target_head.numel():
-        wide.set_target_weights(model.target_embed, model.target_head)
+    wide = _reshaped(model, replace(c, intermediate_size=intermediate_size), lambda k: not k.endswith(_MLP))
+    for old, new in zip(model.decoder_layers(), wide.decoder_layers()):
+        place_mlp(new, old.gate_proj.weight, old.up_proj.weight, old.down_proj.weight)
     return wide
+
+
+def deepen(model: SparrowDraft, num_layers: int) -> SparrowDraft:
+    """The same draft with num_layers >= its own decoder layers: the new ones go on top as the
+    identity (SparrowDraft starts them with zero o_proj and down_proj), so it computes exactly what
+    it did, and they learn (o_proj's and down_proj's gradients are nonzero, through them the rest)."""
+    c = model.config
+    if num_layers < c.num_layers:
+        raise DraftConfigError(f"{num_layers} layers is below the draft's {c.num_layers}: a draft can be deepened, "
+                               "not cut")
+    return _reshaped(model, replace(c, num_layers=num_layers), lambda k: True)
 
 
 def choose_draft_vocab(files: list[Path], vocab_size: int, n: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ struct DraftHparams {
     int32_t n_vocab = 0;             // the target's vocabulary
     int32_t n_draft_vocab = 0;       // the draft head's (== n_vocab without d2t)
     int32_t n_embd = 0;
+    int32_t n_layer = 1;             // decoder layers (eagle3: 1)
     int32_t n_head = 0, n_head_kv = 0, head_dim = 0, n_ff = 0;
     float rms_eps = 1e-6f;
     RopeParams rope;
@@ -34,8 +35,15 @@ struct DraftHparams {
     int32_t n_glimpses = 0, n_anchors = 0, window = 0;  // G, S, W (W = 0: unbounded)
 };
 
+// One decoder layer. The first reads concat(embd_norm(E[y]), hidden_norm(g)) (2H wide, no
+// attn_norm of its own); each one above reads attn_norm(h) of the layer below's output h.
+struct DraftLayer {
+    Tensor attn_norm, wq, wk, wv, wo, ffn_norm, ffn_gate, ffn_up, ffn_down;
+};
+
 struct DraftWeights {
-    Tensor fc, embd_norm, hidden_norm, wq, wk, wv, wo, ffn_norm, ffn_gate, ffn_up, ffn_down, output_norm;
+    Tensor fc, embd_norm, hidden_norm, output_norm;
+    std::vector<DraftLayer> layers;  // n_layer of them
     Tensor output;                   // reduced-vocabulary head; empty: the target's head
     Tensor glimpse_proj;             // empty for eagle3 files
     const int64_t * d2t = nullptr;   // draft id -> target id (reduced vocabulary only)
@@ -104,7 +112,7 @@ private:
     const LMWeights & target_;
     int64_t ring_capacity_, spec_capacity_, n_slots_;
     int64_t anchor_start_ = 0, n_committed_ = 0, n_glimpses_ = 0, ring_used_ = 0;
-    Tensor k_, v_;                           // [n_slots][kv_dim]: glimpses | anchors | ring | speculative
+    std::vector<Tensor> k_, v_;              // per layer [n_slots][kv_dim]: glimpses | anchors | ring | speculative
     Tensor states_;                          // [1 + spec capacity][H]: hidden states drafting reads back
     std::vector<int64_t> slot_index_;        // draft entry index held by each slot (-1: empty)
     std::vector<int64_t> spec_slots_;        // slot of each speculative entry
@@ -119,6 +127,7 @@ private:
                      float * logits);
     void ensure_scratch(int64_t n);
     void free_scratch();
+    void free_kv();
 };
 
 }  // namespace sparrow

@@ -5,8 +5,11 @@
 //   x       = concat(embd_norm(E[y]), hidden_norm(g))
 //   r       = g + attn_output(attention(q(x), k(x), v(x)))   VATA visibility, NEOX RoPE
 //   h       = r + ffn_down(silu(ffn_gate(ffn_norm(r))) * ffn_up(ffn_norm(r)))
+//   h       = r' + ffn'(r'), r' = h + attn'(attn_norm'(h))   each layer above the first, if any
 //   logits  = head(output_norm(h))                 the target's head, or output + d2t
-// A glimpse enters the KV as x = concat(0, hidden_norm(glimpse_proj(pooled))).
+// A glimpse enters the KV as x = concat(0, hidden_norm(glimpse_proj(pooled))), and in a layer
+// above the first as attn_norm'(glimpse_proj(pooled)). Every layer has its own K/V in the same
+// slots, under the same visibility.
 //
 // KV slots: [glimpses G | anchors S | ring | speculative]. The ring holds W entries plus one
 // commit chunk, so that a chunk of entries committed together never overwrites an entry that a
@@ -50,12 +53,21 @@ bool draft_supports_arch(const std::string & arch) { return arch == kArchDraft |
 
 namespace {
 
-// The decoder layer's shape and RoPE, under "<arch>." (the same keys in both formats); head_dim
-// defaults to H / heads where attention.key_length is absent.
-void read_layer_shape(const GGUFFile & f, const char * arch, RopeMode rope_mode, DraftHparams & hp) {
+// sparrow-draft files of more layers than this are refused (the trainer makes 1..16)
+constexpr int64_t kMaxDraftLayers = 16;
+
+// The decoder layers' count and shape and RoPE, under "<arch>." (the same keys in both formats);
+// head_dim defaults to H / heads where attention.key_length is absent. max_layers: 1 for eagle3
+// files (llama.cpp's drafts have one), kMaxDraftLayers for ours.
+void read_layer_shape(const GGUFFile & f, const char * arch, RopeMode rope_mode, int64_t max_layers, DraftHparams & hp) {
     auto k = [arch](const char * suffix) { return std::string(arch) + "." + suffix; };
     hp.n_embd = read_positive(f, k("embedding_length"), 1 << 16);
-    if (f.get_int(k("block_count"), 1) != 1) fail(SPARROW_ERR_UNSUPPORTED, "only single-layer drafts are supported");
+    const int64_t n_layer = f.get_int(k("block_count"), 1);
+    if (n_layer < 1 || n_layer > max_layers) {
+        fail(SPARROW_ERR_UNSUPPORTED, format("%s drafts of %lld layers are not supported (1..%lld are)", arch, (long long) n_layer,
+                                             (long long) max_layers));
+    }
+    hp.n_layer = (int32_t) n_layer;
     hp.n_ff = read_positive(f, k("feed_forward_length"), 1 << 20);
     hp.n_head = read_positive(f, k("attention.head_count"), 4096);
     hp.n_head_kv = read_positive(f, k("attention.head_count_kv"), 4096);
@@ -86,7 +98,7 @@ void read_sparrow_hparams(const GGUFFile & f, DraftHparams & hp) {
     hp.n_vocab = read_positive(f, key("vocab_size"), 1 << 24);
     hp.n_draft_vocab = read_positive(f, key("draft_vocab_size"), hp.n_vocab);
     (void) f.get_int(key("attention.key_length"));  // required here (spec v1 writes it): fails if missing
-    read_layer_shape(f, kArchDraft, RopeMode::Neox, hp);
+    read_layer_shape(f, kArchDraft, RopeMode::Neox, kMaxDraftLayers, hp);
     for (int64_t t : f.get_int_array(key("taps"))) {
         if (t < 0 || t > hp.target_n_layer) fail(SPARROW_ERR_FORMAT, format("draft tap %lld is outside 0..%d", (long long) t, hp.target_n_layer));
         hp.taps.push_back((int32_t) t);
@@ -115,7 +127,7 @@ void read_eagle3_hparams(const GGUFFile & f, DraftHparams & hp) {
     hp.target_arch.clear();
     hp.target_n_layer = 0;
     hp.target_n_embd = read_positive(f, k("target_hidden_size"), 1 << 16);
-    read_layer_shape(f, kArchEagle3, RopeMode::Norm, hp);
+    read_layer_shape(f, kArchEagle3, RopeMode::Norm, 1, hp);
     for (int64_t t : f.get_int_array(k("target_layers"))) {
         if (t < 0 || t > 4096) fail(SPARROW_ERR_FORMAT, format("draft tap %lld is out of range", (long long) t));
         hp.taps.push_back((int32_t) t);
@@ -151,14 +163,21 @@ void draft_load(const GGUFFile & f, DraftHparams & hp, DraftWeights & w) {
     w.fc = bind_tensor(f, "fc.weight", (int64_t) hp.taps.size() * H, H, true);
     w.embd_norm = bind_tensor(f, "blk.0.attn_norm.weight", H, 1, true, true);
     w.hidden_norm = bind_tensor(f, "blk.0.attn_norm_2.weight", H, 1, true, true);
-    w.wq = bind_tensor(f, "blk.0.attn_q.weight", 2 * H, q_dim, true);
-    w.wk = bind_tensor(f, "blk.0.attn_k.weight", 2 * H, kv_dim, true);
-    w.wv = bind_tensor(f, "blk.0.attn_v.weight", 2 * H, kv_dim, true);
-    w.wo = bind_tensor(f, "blk.0.attn_output.weight", q_dim, H, true);
-    w.ffn_norm = bind_tensor(f, "blk.0.ffn_norm.weight", H, 1, true, true);
-    w.ffn_gate = bind_tensor(f, "blk.0.ffn_gate.weight", H, hp.n_ff, true);
-    w.ffn_up = bind_tensor(f, "blk.0.ffn_up.weight", H, hp.n_ff, true);
-    w.ffn_down = bind_tensor(f, "blk.0.ffn_down.weight", hp.n_ff, H, true);
+    w.layers.resize((size_t) hp.n_layer);
+    for (int32_t i = 0; i < hp.n_layer; ++i) {
+        DraftLayer & L = w.layers[(size_t) i];
+        auto name = [i](const char * suffix) { return format("blk.%d.%s.weight", i, suffix); };
+        const int64_t in = i == 0 ? 2 * H : H;  // the first layer reads concat(E[y], g)
+        if (i > 0) L.attn_norm = bind_tensor(f, name("attn_norm"), H, 1, true, true);
+        L.wq = bind_tensor(f, name("attn_q"), in, q_dim, true);
+        L.wk = bind_tensor(f, name("attn_k"), in, kv_dim, true);
+        L.wv = bind_tensor(f, name("attn_v"), in, kv_dim, true);
+        L.wo = bind_tensor(f, name("attn_output"), q_dim, H, true);
+        L.ffn_norm = bind_tensor(f, name("ffn_norm"), H, 1, true, true);
+        L.ffn_gate = bind_tensor(f, name("ffn_gate"), H, hp.n_ff, true);
+        L.ffn_up = bind_tensor(f, name("ffn_up"), H, hp.n_ff, true);
+        L.ffn_down = bind_tensor(f, name("ffn_down"), hp.n_ff, H, true);
+    }
     w.output_norm = bind_tensor(f, "output_norm.weight", H, 1, true, true);
     w.glimpse_proj = bind_tensor(f, "glimpse_proj.weight", H, H, hp.n_glimpses > 0);
     const bool reduced = hp.n_draft_vocab < hp.n_vocab;
@@ -179,10 +198,14 @@ void draft_load(const GGUFFile & f, DraftHparams & hp, DraftWeights & w) {
 
 DraftWeights draft_prepare_weights(WeightStore & store, const DraftWeights & views) {
     DraftWeights w = views;  // d2t stays a host view into the file: it maps ids on the host
-    for (Tensor * t : {&w.fc, &w.wq, &w.wk, &w.wv, &w.wo, &w.ffn_gate, &w.ffn_up, &w.ffn_down, &w.output, &w.glimpse_proj}) {
-        *t = store.matmul_weight(*t);
+    for (Tensor * t : {&w.fc, &w.output, &w.glimpse_proj}) *t = store.matmul_weight(*t);
+    for (Tensor * t : {&w.embd_norm, &w.hidden_norm, &w.output_norm}) *t = store.weight(*t);
+    for (DraftLayer & L : w.layers) {
+        for (Tensor * t : {&L.wq, &L.wk, &L.wv, &L.wo, &L.ffn_gate, &L.ffn_up, &L.ffn_down}) *t = store.matmul_weight(*t);
+        for (Tensor * t : {&L.attn_norm, &L.ffn_norm}) {
+            if (t->data) *t = store.weight(*t);  // the first layer has no attn_norm
+        }
     }
-    for (Tensor * t : {&w.embd_norm, &w.hidden_norm, &w.ffn_norm, &w.output_norm}) *t = store.weight(*t);
     return w;
 }
 
@@ -211,27 +234,36 @@ DraftState::DraftState(Backend & be, const DraftHparams & hp, const DraftWeights
     spec_capacity_ = std::max(1, max_speculative);
     n_slots_ = hp.n_glimpses + hp.n_anchors + ring_capacity_ + spec_capacity_;
     const int64_t kv_dim = (int64_t) hp.n_head_kv * hp.head_dim;
-    k_ = Tensor::matrix(DType::F32, kv_dim, n_slots_, nullptr);
-    v_ = k_;
+    const Tensor kv = Tensor::matrix(DType::F32, kv_dim, n_slots_, nullptr);
+    k_.assign((size_t) hp.n_layer, kv);
+    v_.assign((size_t) hp.n_layer, kv);
     // row 0: the last committed entry's hidden state; row 1 + j: speculative entry j's
     states_ = Tensor::matrix(DType::F32, hp.n_embd, spec_capacity_ + 1, nullptr);
     try {
-        k_.data = be_.alloc(k_.nbytes());
-        v_.data = be_.alloc(v_.nbytes());
+        for (int32_t l = 0; l < hp.n_layer; ++l) {
+            k_[l].data = be_.alloc(k_[l].nbytes());
+            v_[l].data = be_.alloc(v_[l].nbytes());
+        }
         states_.data = be_.alloc(states_.nbytes());
     } catch (...) {
-        for (void * p : {k_.data, v_.data}) {
-            if (p) be_.free(p);
-        }
+        free_kv();
         throw;
     }
     reset(0);
 }
 
+void DraftState::free_kv() {
+    for (std::vector<Tensor> * kv : {&k_, &v_}) {
+        for (Tensor & t : *kv) {
+            if (t.data) be_.free(t.data);
+            t.data = nullptr;
+        }
+    }
+}
+
 DraftState::~DraftState() {
     free_scratch();
-    be_.free(k_.data);
-    be_.free(v_.data);
+    free_kv();
     be_.free(states_.data);
 }
 
@@ -357,11 +389,17 @@ void DraftState::add_glimpses(const float * pooled, const int32_t * positions, i
     std::vector<float> zeros((size_t) (n * H), 0.0f);
     be_.from_host(zero.data, zeros.data(), zeros.size() * sizeof(float));
     be_.concat_cols(zero, pn, x);
-    be_.matmul(w_.wk, x, k, nullptr);
-    be_.matmul(w_.wv, x, v, nullptr);
-    be_.rope(k, hp_.n_head_kv, hp_.head_dim, positions, hp_.rope);
-    be_.store_rows(k, k_, n_glimpses_);
-    be_.store_rows(v, v_, n_glimpses_);
+    Tensor hn = hn_.row_slice(0, n);
+    for (int32_t l = 0; l < hp_.n_layer; ++l) {
+        const DraftLayer & L = w_.layers[(size_t) l];
+        if (l > 0) be_.rms_norm(p, L.attn_norm, hp_.rms_eps, hn);  // p stands in for a glimpse's state
+        const Tensor & in = l == 0 ? x : hn;
+        be_.matmul(L.wk, in, k, nullptr);
+        be_.matmul(L.wv, in, v, nullptr);
+        be_.rope(k, hp_.n_head_kv, hp_.head_dim, positions, hp_.rope);
+        be_.store_rows(k, k_[l], n_glimpses_);
+        be_.store_rows(v, v_[l], n_glimpses_);
+    }
     for (int64_t i = 0; i < n; ++i) slot_index_[n_glimpses_ + i] = -2;  // glimpses: visible to every query
     n_glimpses_ += n;
 }
@@ -437,17 +475,7 @@ void DraftState::run_entries(const DraftEntry * entries, int64_t n, const float 
         be_.rms_norm(gin, w_.hidden_norm, hp_.rms_eps, gn);
         be_.concat_cols(e, gn, x);
 
-        Tensor q = q_.row_slice(0, cn), k = k_new_.row_slice(0, cn), v = v_new_.row_slice(0, cn);
-        const MatmulOut qkv[3] = {{&w_.wq, &q, nullptr}, {&w_.wk, &k, nullptr}, {&w_.wv, &v, nullptr}};
-        be_.matmul_group(x, qkv, 3);
-        be_.rope(q, hp_.n_head, hp_.head_dim, pos_.data(), hp_.rope);
-        be_.rope(k, hp_.n_head_kv, hp_.head_dim, pos_.data(), hp_.rope);
-        for (int64_t i = 0; i < cn; ++i) {
-            be_.store_rows(k.row_slice(i, 1), k_, slot[i]);
-            be_.store_rows(v.row_slice(i, 1), v_, slot[i]);
-        }
-
-        // visibility of every slot for every query of the chunk
+        // visibility of every slot for every query of the chunk (the same in every layer)
         const int64_t spec_base = hp_.n_glimpses + hp_.n_anchors + ring_capacity_;
         mask_.assign((size_t) (cn * n_slots_), 0);
         for (int64_t i = 0; i < cn; ++i) {
@@ -468,17 +496,34 @@ void DraftState::run_entries(const DraftEntry * entries, int64_t n, const float 
         ap.scale = 1.0f / std::sqrt((float) hp_.head_dim);
         ap.n_kv = n_slots_;
         ap.mask = mask_.data();
+
+        Tensor q = q_.row_slice(0, cn), k = k_new_.row_slice(0, cn), v = v_new_.row_slice(0, cn);
         Tensor attn = attn_.row_slice(0, cn), r = r_.row_slice(0, cn), hn = hn_.row_slice(0, cn);
         Tensor gate = gate_.row_slice(0, cn), up = up_.row_slice(0, cn), hh = h_.row_slice(0, cn);
-        be_.attention(q, k_, v_, ap, attn);
-        be_.matmul(w_.wo, attn, r, nullptr);
-        be_.add(gin, r, r);  // the residual stream is g
-        be_.rms_norm(r, w_.ffn_norm, hp_.rms_eps, hn);
-        const MatmulOut gate_up[2] = {{&w_.ffn_gate, &gate, nullptr}, {&w_.ffn_up, &up, nullptr}};
-        be_.matmul_group(hn, gate_up, 2);
-        be_.swiglu(gate, up, gate);
-        be_.matmul(w_.ffn_down, gate, hh, nullptr);
-        be_.add(r, hh, hh);
+        for (int32_t l = 0; l < hp_.n_layer; ++l) {
+            const DraftLayer & L = w_.layers[(size_t) l];
+            // the first layer reads x with g as its residual stream; the others attn_norm(h), h
+            if (l > 0) be_.rms_norm(hh, L.attn_norm, hp_.rms_eps, hn);
+            const Tensor & in = l == 0 ? x : hn;
+            const Tensor & resid = l == 0 ? gin : hh;
+            const MatmulOut qkv[3] = {{&L.wq, &q, nullptr}, {&L.wk, &k, nullptr}, {&L.wv, &v, nullptr}};
+            be_.matmul_group(in, qkv, 3);
+            be_.rope(q, hp_.n_head, hp_.head_dim, pos_.data(), hp_.rope);
+            be_.rope(k, hp_.n_head_kv, hp_.head_dim, pos_.data(), hp_.rope);
+            for (int64_t i = 0; i < cn; ++i) {
+                be_.store_rows(k.row_slice(i, 1), k_[l], slot[i]);
+                be_.store_rows(v.row_slice(i, 1), v_[l], slot[i]);
+            }
+            be_.attention(q, k_[l], v_[l], ap, attn);
+            be_.matmul(L.wo, attn, r, nullptr);
+            be_.add(resid, r, r);
+            be_.rms_norm(r, L.ffn_norm, hp_.rms_eps, hn);
+            const MatmulOut gate_up[2] = {{&L.ffn_gate, &gate, nullptr}, {&L.ffn_up, &up, nullptr}};
+            be_.matmul_group(hn, gate_up, 2);
+            be_.swiglu(gate, up, gate);
+            be_.matmul(L.ffn_down, gate, hh, nullptr);
+            be_.add(r, hh, hh);
+        }
         if (h) be_.to_host(h + c0 * H, hh.data, (size_t) (cn * H) * sizeof(float));
         // keep the states later speculative entries read: the last committed one's, every
         // speculative one's (they stay in backend memory)
