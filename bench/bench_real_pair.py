@@ -344,7 +344,7 @@ def main() -> int:
         folder = folder.with_name(f"{folder.name}-lf{args.loss_fraction:g}")
     if args.draft_ffn:
         folder = folder.with_name(f"{folder.name}-ffn{args.draft_ffn}")
-    if args.draft_layers:
+    if args.draft_layers > 1:  # one layer is the default's draft: the same folder
         folder = folder.with_name(f"{folder.name}-L{args.draft_layers}")
     if args.init_from:
         if not (args.cache / args.init_from / "model.safetensors").exists():

@@ -42,6 +42,7 @@ logger = logging.getLogger("sparrow.convert")
 
 ARCH_DRAFT = "sparrow-draft"
 DRAFT_MODEL_TYPE = "sparrow-draft"   # config.json "model_type" of a draft folder (sparrow_py.train.model)
+MAX_DRAFT_LAYERS = 16                # block_count the runtime loads (its kMaxDraftLayers; model.py's bound)
 
 
 class DraftKeys(Keys):
@@ -137,8 +138,8 @@ def convert_draft(folder: Path, outfile: Path, outtype: str = "f32", progress: b
         raise ConvertError(f"{folder}: model.safetensors not found")
     weights = load_file(str(st))
     num_layers = int(config.get("num_layers", 1))
-    if not 1 <= num_layers <= 16:
-        raise ConvertError(f"{folder / 'config.json'}: num_layers {num_layers} is outside 1..16")
+    if not 1 <= num_layers <= MAX_DRAFT_LAYERS:
+        raise ConvertError(f"{folder / 'config.json'}: num_layers {num_layers} is outside 1..{MAX_DRAFT_LAYERS}")
     names = draft_tensor_names(num_layers)
     unknown = sorted(set(weights) - set(names))
     if unknown:

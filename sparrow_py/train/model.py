@@ -44,6 +44,9 @@ from torch import nn
 # tell a draft folder from a Hugging Face model folder.
 DRAFT_MODEL_TYPE = "sparrow-draft"
 DRAFT_ARCHITECTURE = "SparrowDraft"
+# The most decoder layers a draft may have (sparrow_py.convert.draft and the runtime's
+# kMaxDraftLayers hold the same bound).
+MAX_DRAFT_LAYERS = 16
 
 
 class DraftConfigError(ValueError):
@@ -103,8 +106,8 @@ class DraftConfig:
             raise DraftConfigError("hidden_size must be positive")
         if self.intermediate_size <= 0:
             raise DraftConfigError(f"intermediate_size {self.intermediate_size} must be positive")
-        if not 1 <= self.num_layers <= 16:
-            raise DraftConfigError(f"num_layers {self.num_layers} is outside 1..16")
+        if not 1 <= self.num_layers <= MAX_DRAFT_LAYERS:
+            raise DraftConfigError(f"num_layers {self.num_layers} is outside 1..{MAX_DRAFT_LAYERS}")
 
     # --- (de)serialisation: config.json of an exported draft folder ---
     def to_dict(self) -> dict[str, Any]:

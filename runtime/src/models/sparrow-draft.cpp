@@ -53,7 +53,7 @@ bool draft_supports_arch(const std::string & arch) { return arch == kArchDraft |
 
 namespace {
 
-// sparrow-draft files of more layers than this are refused (the trainer makes 1..16)
+// sparrow-draft files of more layers than this are refused (MAX_DRAFT_LAYERS of the trainer and converter)
 constexpr int64_t kMaxDraftLayers = 16;
 
 // The decoder layers' count and shape and RoPE, under "<arch>." (the same keys in both formats);
