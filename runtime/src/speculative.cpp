@@ -429,6 +429,10 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     // ---- draft the tree, level by level, expanding the top_k best nodes of each level ----
     const double t_draft0 = now_ms();
     std::vector<TreeNode> nodes;
+    // the order nodes join the verified set: score, then index (a parent before its children)
+    auto verified_before = [&](int32_t a, int32_t b) {
+        return nodes[(size_t) a].score > nodes[(size_t) b].score || (nodes[(size_t) a].score == nodes[(size_t) b].score && a < b);
+    };
     std::vector<std::vector<TokenProb>> q_at;  // q at the lead (index 0) and at each expanded node (spec_id + 1)
     const bool timed = !s.prompt_pending;
     run_pending(ctx, total > 1);
@@ -442,20 +446,18 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
             std::iota(level.begin(), level.end(), (int32_t) level_begin);
             std::sort(level.begin(), level.end(), [&](int32_t a, int32_t b) { return nodes[a].score > nodes[b].score; });
             level.resize(std::min<size_t>(level.size(), (size_t) expand_limit));
-            // A node with n_nodes better ones already (in the verified set's order: score, then
-            // index) has no child among the n_nodes verified: a child scores no higher than its
-            // parent and comes after it. Not expanding it changes nothing but the draft's work.
-            // With the one-pass top_k above: the real pair's trees of 6 and 8 nodes (f32 file, 2
-            // threads, the same acceptance) drafted in 0.06-0.09 decodes instead of 0.15-0.17.
+            // A node with n_nodes better ones already (verified_before) has no child among the
+            // n_nodes verified: a child scores no higher than its parent and comes after it. Not
+            // expanding it changes nothing but the draft's work. With the one-pass top_k above:
+            // the real pair's trees of 6 and 8 nodes (f32 file, 2 threads, the same acceptance)
+            // drafted in 0.06-0.09 decodes instead of 0.15-0.17.
             if (nodes.size() > (size_t) n_nodes) {
-                auto before = [&](int32_t a, int32_t b) {
-                    return nodes[a].score > nodes[b].score || (nodes[a].score == nodes[b].score && a < b);
-                };
                 std::vector<int32_t> all(nodes.size());
                 std::iota(all.begin(), all.end(), 0);
-                std::nth_element(all.begin(), all.begin() + (n_nodes - 1), all.end(), before);
+                std::nth_element(all.begin(), all.begin() + (n_nodes - 1), all.end(), verified_before);
                 const int32_t last_verified = all[(size_t) n_nodes - 1];
-                level.erase(std::remove_if(level.begin(), level.end(), [&](int32_t ni) { return before(last_verified, ni); }),
+                level.erase(std::remove_if(level.begin(), level.end(),
+                                           [&](int32_t ni) { return verified_before(last_verified, ni); }),
                             level.end());
             }
             if (level.empty()) break;
@@ -491,7 +493,7 @@ void tree_round(sparrow_context & ctx, std::vector<int32_t> & produced) {
     // ---- keep the total - 1 best nodes; a node's ancestors always score higher, add them anyway
     std::vector<int32_t> order(nodes.size());
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return nodes[a].score > nodes[b].score; });
+    std::sort(order.begin(), order.end(), verified_before);
     std::vector<uint8_t> chosen(nodes.size(), 0);
     std::vector<int32_t> pick(nodes.size(), -1);  // the order nodes joined the verified set, ancestors first
     int32_t n_chosen = 0;
